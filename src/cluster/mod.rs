@@ -1,0 +1,191 @@
+//! A PostgreSQL cluster endpoint: where it is, how to authenticate, and SQL sessions to it.
+//!
+//! Invariants:
+//! - The password lives in a [`Secret`] and is never formatted into logs, errors or metrics.
+//! - TLS behaviour is the same for SQL sessions and the replication connection
+//!   (see [`tls`]); `host` starting with `/` means a unix socket directory, as in libpq.
+
+pub mod tls;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret value: prints as `***` in every `Debug`/`Display`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// libpq's sslmode values that switchyard supports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// Connection settings for one cluster (the source, or a named target).
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Secret>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl Endpoint {
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// `user@host:port/dbname` for logs and errors: never includes the password.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+
+    /// Opens a SQL session and drives its connection on the runtime.
+    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, ClusterError> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name(&self.application_name)
+            .connect_timeout(self.connect_timeout);
+        if let Some(pw) = &self.password {
+            cfg.password(pw.expose());
+        }
+        let describe = self.describe();
+        let tls = if self.is_unix_socket() {
+            None
+        } else {
+            tls::client_config(self.sslmode, self.sslrootcert.as_deref())?
+        };
+        let connect_err = |source| ClusterError::Connect {
+            endpoint: describe.clone(),
+            source,
+        };
+        let client = match tls {
+            None => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, conn) = cfg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(connect_err)?;
+                tokio::spawn(drive(conn, describe.clone()));
+                client
+            }
+            Some(config) => {
+                cfg.ssl_mode(match self.sslmode {
+                    SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                    _ => tokio_postgres::config::SslMode::Require,
+                });
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+                let (client, conn) = cfg.connect(connector).await.map_err(connect_err)?;
+                tokio::spawn(drive(conn, describe.clone()));
+                client
+            }
+        };
+        Ok(client)
+    }
+}
+
+async fn drive<F>(conn: F, endpoint: String)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(error) = conn.await {
+        tracing::debug!(%endpoint, %error, "sql connection closed");
+    }
+}
+
+/// Errors talking SQL to a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl ClusterError {
+    pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {
+        let context = context.into();
+        move |source| ClusterError::Sql { context, source }
+    }
+
+    /// The server's SQLSTATE, when the server answered with an error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ClusterError::Connect { source, .. } | ClusterError::Sql { source, .. } => {
+                source.code().map(|c| c.code())
+            }
+            ClusterError::Tls(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "*** ***");
+        let ep = Endpoint {
+            host: "db".into(),
+            port: 5432,
+            user: "u".into(),
+            dbname: "d".into(),
+            password: Some(s),
+            sslmode: SslMode::Prefer,
+            sslrootcert: None,
+            application_name: "switchyard".into(),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let dbg = format!("{ep:?} {}", ep.describe());
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+}

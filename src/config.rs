@@ -1,0 +1,441 @@
+//! Configuration: a TOML file (see `config/switchyard.toml`), then environment overrides.
+//!
+//! Invariants:
+//! - Unknown keys are errors: a typo must not silently fall back to a default.
+//! - Passwords come only from an environment variable or a file, never from the TOML
+//!   itself, and are held as [`Secret`] from the moment they are read.
+//! - Every name that will reach SQL is validated here (see [`crate::sql`]), so a bad name is
+//!   a config error at start-up, not a SQL error mid-move.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cluster::{Endpoint, Secret, SslMode};
+use crate::sql::{check_name, NameError, QualifiedName};
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("config {field}: {source}")]
+    Name {
+        field: String,
+        #[source]
+        source: NameError,
+    },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    source: FileEndpoint,
+    #[serde(default)]
+    replication: FileReplication,
+    #[serde(default)]
+    state: FileState,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    dbname: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    sslmode: Option<SslMode>,
+    sslrootcert: Option<PathBuf>,
+    application_name: Option<String>,
+    connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplication {
+    slot: Option<String>,
+    publication: Option<String>,
+    #[serde(default)]
+    tables: Vec<String>,
+    proto_version: Option<u32>,
+    streaming: Option<bool>,
+    status_interval_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
+    max_buffered_bytes: Option<usize>,
+    reconnect_initial_backoff_ms: Option<u64>,
+    reconnect_max_backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileState {
+    dir: Option<PathBuf>,
+}
+
+/// Replication settings for the one slot switchyard consumes.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    pub slot: String,
+    pub publication: String,
+    /// Tables the publication must contain; empty means "use the publication as it is".
+    pub tables: Vec<QualifiedName>,
+    /// `None`: the highest version the server supports.
+    pub proto_version: Option<u32>,
+    pub streaming: bool,
+    pub status_interval: Duration,
+    pub max_message_bytes: usize,
+    pub max_buffered_bytes: usize,
+    pub reconnect_initial_backoff: Duration,
+    pub reconnect_max_backoff: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            slot: "switchyard".into(),
+            publication: "switchyard".into(),
+            tables: Vec::new(),
+            proto_version: None,
+            streaming: true,
+            status_interval: Duration::from_secs(1),
+            max_message_bytes: 256 << 20,
+            max_buffered_bytes: 64 << 20,
+            reconnect_initial_backoff: Duration::from_millis(100),
+            reconnect_max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: Endpoint,
+    pub replication: ReplicationConfig,
+    pub state_dir: PathBuf,
+}
+
+/// Where environment overrides come from; a function so tests need not touch the process env.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path, &ProcessEnv)
+    }
+
+    /// Parses `text` (read from `path`, used for messages and relative paths) and applies
+    /// `SWITCHYARD_SOURCE_*` overrides from `env`.
+    pub fn from_toml(text: &str, path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let source = endpoint(file.source, env)?;
+        let replication = replication(file.replication)?;
+        let state_dir = file.state.dir.unwrap_or_else(|| PathBuf::from("state"));
+        Ok(Config {
+            source,
+            replication,
+            state_dir,
+        })
+    }
+}
+
+fn endpoint(f: FileEndpoint, env: &dyn Env) -> Result<Endpoint, ConfigError> {
+    let over = |key: &str| env.var(&format!("SWITCHYARD_SOURCE_{key}"));
+    let host = over("HOST")
+        .or(f.host)
+        .unwrap_or_else(|| "localhost".into());
+    let port = match over("PORT") {
+        Some(p) => p
+            .parse()
+            .map_err(|_| invalid("SWITCHYARD_SOURCE_PORT", format!("{p:?} is not a port")))?,
+        None => f.port.unwrap_or(5432),
+    };
+    let user = over("USER")
+        .or(f.user)
+        .ok_or_else(|| invalid("source.user", "missing"))?;
+    let dbname = over("DBNAME")
+        .or(f.dbname)
+        .ok_or_else(|| invalid("source.dbname", "missing"))?;
+    let sslmode = match over("SSLMODE") {
+        Some(m) => parse_sslmode(&m)?,
+        None => f.sslmode.unwrap_or_default(),
+    };
+    let sslrootcert = over("SSLROOTCERT").map(PathBuf::from).or(f.sslrootcert);
+    if matches!(sslmode, SslMode::VerifyCa) && sslrootcert.is_none() {
+        return Err(invalid(
+            "source.sslrootcert",
+            "sslmode verify-ca needs sslrootcert (the CA that signed the server certificate)",
+        ));
+    }
+    let password = password(f.password_env.as_deref(), f.password_file.as_deref(), env)?;
+    Ok(Endpoint {
+        host,
+        port,
+        user,
+        dbname,
+        password,
+        sslmode,
+        sslrootcert,
+        application_name: f.application_name.unwrap_or_else(|| "switchyard".into()),
+        connect_timeout: Duration::from_millis(f.connect_timeout_ms.unwrap_or(10_000)),
+    })
+}
+
+fn parse_sslmode(text: &str) -> Result<SslMode, ConfigError> {
+    Ok(match text {
+        "disable" => SslMode::Disable,
+        "prefer" => SslMode::Prefer,
+        "require" => SslMode::Require,
+        "verify-ca" => SslMode::VerifyCa,
+        "verify-full" => SslMode::VerifyFull,
+        other => {
+            return Err(invalid(
+                "sslmode",
+                format!("{other:?}: expected disable, prefer, require, verify-ca or verify-full"),
+            ))
+        }
+    })
+}
+
+fn password(
+    var: Option<&str>,
+    file: Option<&Path>,
+    env: &dyn Env,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(pw) = env.var("SWITCHYARD_SOURCE_PASSWORD") {
+        return Ok(Some(Secret::new(pw)));
+    }
+    match (var, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            "source.password_env",
+            "set either password_env or password_file, not both",
+        )),
+        (Some(var), None) => env
+            .var(var)
+            .map(|v| Some(Secret::new(v)))
+            .ok_or_else(|| invalid("source.password_env", format!("variable {var} is not set"))),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "source.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            // A trailing newline is what every editor and `echo` leave behind.
+            Ok(Some(Secret::new(text.trim_end_matches(['\n', '\r']))))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn replication(f: FileReplication) -> Result<ReplicationConfig, ConfigError> {
+    let d = ReplicationConfig::default();
+    let named = |field: &str, v: Option<String>, default: String| {
+        let v = v.unwrap_or(default);
+        check_name(&v).map_err(|source| ConfigError::Name {
+            field: field.to_owned(),
+            source,
+        })?;
+        Ok::<_, ConfigError>(v)
+    };
+    let slot = named("replication.slot", f.slot, d.slot)?;
+    // Slot names are restricted by the server to [a-z0-9_]; say so before it does.
+    if !slot
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(invalid(
+            "replication.slot",
+            format!("{slot:?}: slot names may contain only lower-case letters, digits and _"),
+        ));
+    }
+    let publication = named("replication.publication", f.publication, d.publication)?;
+    let tables = f
+        .tables
+        .iter()
+        .map(|t| {
+            QualifiedName::parse(t).map_err(|source| ConfigError::Name {
+                field: "replication.tables".into(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(v) = f.proto_version {
+        if !(1..=4).contains(&v) {
+            return Err(invalid(
+                "replication.proto_version",
+                format!("{v}: pgoutput protocol versions are 1 to 4"),
+            ));
+        }
+    }
+    let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+    let cfg = ReplicationConfig {
+        slot,
+        publication,
+        tables,
+        proto_version: f.proto_version,
+        streaming: f.streaming.unwrap_or(d.streaming),
+        status_interval: ms(f.status_interval_ms, d.status_interval),
+        max_message_bytes: f.max_message_bytes.unwrap_or(d.max_message_bytes),
+        max_buffered_bytes: f.max_buffered_bytes.unwrap_or(d.max_buffered_bytes),
+        reconnect_initial_backoff: ms(f.reconnect_initial_backoff_ms, d.reconnect_initial_backoff),
+        reconnect_max_backoff: ms(f.reconnect_max_backoff_ms, d.reconnect_max_backoff),
+    };
+    if cfg.status_interval.is_zero() || cfg.status_interval > Duration::from_secs(30) {
+        return Err(invalid(
+            "replication.status_interval_ms",
+            "must be between 1 and 30000 (below the server's wal_sender_timeout)",
+        ));
+    }
+    if cfg.max_message_bytes < 1024 {
+        return Err(invalid("replication.max_message_bytes", "must be at least 1024"));
+    }
+    if cfg.max_buffered_bytes < 1024 || cfg.max_buffered_bytes > u32::MAX as usize {
+        return Err(invalid(
+            "replication.max_buffered_bytes",
+            "must be between 1024 and 4294967295",
+        ));
+    }
+    if cfg.reconnect_initial_backoff.is_zero()
+        || cfg.reconnect_max_backoff < cfg.reconnect_initial_backoff
+    {
+        return Err(invalid(
+            "replication.reconnect_max_backoff_ms",
+            "backoffs must be positive and max >= initial",
+        ));
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct MapEnv(HashMap<String, String>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+    }
+    fn env(pairs: &[(&str, &str)]) -> MapEnv {
+        MapEnv(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+    fn load(text: &str, e: &MapEnv) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"), e)
+    }
+
+    const MINIMAL: &str = "[source]\nuser = \"u\"\ndbname = \"app\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load(MINIMAL, &env(&[])).unwrap();
+        assert_eq!(c.source.host, "localhost");
+        assert_eq!(c.source.port, 5432);
+        assert_eq!(c.replication.slot, "switchyard");
+        assert!(c.replication.streaming);
+        assert!(c.source.password.is_none());
+    }
+
+    #[test]
+    fn example_config_in_repo_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = load(&text, &env(&[("SWITCHYARD_SOURCE_PASSWORD", "pw")])).unwrap();
+        assert!(!c.replication.tables.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let e = env(&[
+            ("SWITCHYARD_SOURCE_HOST", "/tmp/sock"),
+            ("SWITCHYARD_SOURCE_PORT", "6543"),
+            ("SWITCHYARD_SOURCE_PASSWORD", "s3cret"),
+        ]);
+        let c = load(MINIMAL, &e).unwrap();
+        assert_eq!(c.source.host, "/tmp/sock");
+        assert_eq!(c.source.port, 6543);
+        assert_eq!(c.source.password.as_ref().unwrap().expose(), "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn password_from_named_variable_and_file() {
+        let text = format!("{MINIMAL}password_env = \"PGPW\"\n");
+        let c = load(&text, &env(&[("PGPW", "abc")])).unwrap();
+        assert_eq!(c.source.password.unwrap().expose(), "abc");
+        let err = load(&text, &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("PGPW is not set"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "filepw\n").unwrap();
+        let text = format!("{MINIMAL}password_file = {:?}\n", f.display().to_string());
+        let c = load(&text, &env(&[])).unwrap();
+        assert_eq!(c.source.password.unwrap().expose(), "filepw");
+    }
+
+    #[test]
+    fn bad_configs_are_clear_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("[source]\nuser='u'\n", "source.dbname"),
+            ("[source]\nuser='u'\ndbname='d'\nbogus=1\n", "unknown field"),
+            ("[source]\nuser='u'\ndbname='d'\npassword='x'\n", "unknown field"),
+            ("[source]\nuser='u'\ndbname='d'\nsslmode='sometimes'\n", "sslmode"),
+            ("[source]\nuser='u'\ndbname='d'\n[replication]\nslot='Bad-Slot'\n", "slot"),
+            ("[source]\nuser='u'\ndbname='d'\n[replication]\ntables=['orders']\n", "schema.table"),
+            ("[source]\nuser='u'\ndbname='d'\n[replication]\nproto_version=9\n", "1 to 4"),
+            ("[source]\nuser='u'\ndbname='d'\n[replication]\npublication=\"a\\u0000b\"\n", "NUL"),
+            ("[source]\nuser='u'\ndbname='d'\n[replication]\nstatus_interval_ms=0\n", "status_interval"),
+            ("[source]\nuser='u'\ndbname='d'\nsslmode='verify-ca'\n", "sslrootcert"),
+            ("not toml at all [", "test.toml"),
+        ];
+        for (text, needle) in cases {
+            let err = load(text, &env(&[])).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

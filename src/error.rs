@@ -1,0 +1,115 @@
+//! The crate error and the one place errors are classified for retry decisions.
+//!
+//! Invariants:
+//! - Every layer has its own error enum; this type only wraps them, keeping `#[source]`
+//!   chains intact for logs (`error = %err`).
+//! - [`Error::classify`] is the single policy: transient (retry the connection or step),
+//!   tenant-fatal (quarantine one tenant, keep the pipeline), fatal (stop, confirm nothing
+//!   further). Callers never match on error text.
+
+use crate::cluster::ClusterError;
+use crate::config::ConfigError;
+use crate::decode::{DecodeError, RelationError};
+use crate::source::SourceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Relation(#[from] RelationError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the pipeline reacts to an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry with backoff: network, restarts, lock timeouts.
+    Transient,
+    /// Only the affected tenant stops (e.g. its target rejects its rows); others go on.
+    TenantFatal,
+    /// The whole pipeline stops: data could be lost or corrupted by going on.
+    Fatal,
+}
+
+impl ErrorClass {
+    /// What an operator should do, for logs and the registry.
+    pub fn hint(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "retrying automatically",
+            ErrorClass::TenantFatal => "the tenant is paused; fix the cause and resume it",
+            ErrorClass::Fatal => "switchyard stopped; fix the cause and restart it",
+        }
+    }
+}
+
+impl Error {
+    pub fn classify(&self) -> ErrorClass {
+        match self {
+            Error::Config(_) => ErrorClass::Fatal,
+            Error::Source(e) if e.is_transient() => ErrorClass::Transient,
+            Error::Source(_) => ErrorClass::Fatal,
+            Error::Cluster(ClusterError::Tls(_)) => ErrorClass::Fatal,
+            Error::Cluster(e) => match e.sqlstate() {
+                // Connection problems, shutdowns, serialization failures, lock timeouts.
+                None => ErrorClass::Transient,
+                Some(code)
+                    if code.starts_with("08")
+                        || code.starts_with("57P")
+                        || matches!(code, "40001" | "40P01" | "55P03" | "53300") =>
+                {
+                    ErrorClass::Transient
+                }
+                Some(code) if code.starts_with("28") => ErrorClass::Fatal,
+                // Constraint or data errors on a target concern that tenant's rows only.
+                Some(_) => ErrorClass::TenantFatal,
+            },
+            // A message we cannot read might be any tenant's change: never skip it.
+            Error::Decode(_) | Error::Relation(_) => ErrorClass::Fatal,
+            Error::Io { .. } => ErrorClass::Fatal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ServerNotice;
+
+    #[test]
+    fn classification_covers_each_layer() {
+        let transient = Error::Source(SourceError::Closed);
+        assert_eq!(transient.classify(), ErrorClass::Transient);
+        let missing = Error::Source(SourceError::SlotMissing { slot: "s".into() });
+        assert_eq!(missing.classify(), ErrorClass::Fatal);
+        let auth = Error::Source(SourceError::Server {
+            context: "auth".into(),
+            notice: ServerNotice {
+                code: "28P01".into(),
+                ..Default::default()
+            },
+        });
+        assert_eq!(auth.classify(), ErrorClass::Fatal);
+        let cfg = Error::Config(ConfigError::Invalid {
+            field: "x".into(),
+            reason: "y".into(),
+        });
+        assert_eq!(cfg.classify(), ErrorClass::Fatal);
+        assert_eq!(
+            Error::Cluster(ClusterError::Tls("x".into())).classify(),
+            ErrorClass::Fatal
+        );
+        assert!(!ErrorClass::TenantFatal.hint().is_empty());
+    }
+}

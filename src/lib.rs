@@ -1,0 +1,19 @@
+//! switchyard: moves SaaS tenants live between PostgreSQL locations with no lost writes.
+//!
+//! ```text
+//!   source ──► decode ──► route ──► apply
+//!     │                               │
+//!     └──── feedback ◄── checkpoint ◄─┘     (registry, cutover, telemetry beside them)
+//! ```
+//!
+//! The pipeline reads one logical replication slot (`source`), decodes pgoutput itself
+//! (`decode`), and only confirms a position to the source once it is durable downstream.
+
+pub mod decode;
+pub mod lsn;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod source;
+pub mod sql;
+pub mod tail;

@@ -1,0 +1,160 @@
+//! The `switchyard` command: parses arguments, wires the pieces, reports errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::config::Config;
+use switchyard::lsn::Lsn;
+use switchyard::source::{self, ReplicationStream, StreamSettings};
+use switchyard::tail::{Output, Renderer};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Moves SaaS tenants live between PostgreSQL locations with no lost writes")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the source's prerequisites; each failure comes with its fix.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every decoded change of the slot as one JSON object per line.
+    Tail {
+        /// Confirm printed positions to the source (advances the slot).
+        #[arg(long)]
+        ack: bool,
+        /// Create the publication and slot if they do not exist.
+        #[arg(long)]
+        create_slot: bool,
+        /// Start position (the server never goes before the slot's confirmed position).
+        #[arg(long, value_parser = parse_lsn)]
+        from: Option<Lsn>,
+    },
+}
+
+fn parse_lsn(s: &str) -> Result<Lsn, String> {
+    s.parse().map_err(|e: switchyard::lsn::ParseLsnError| e.to_string())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Check { json } => {
+            let report = source::check::run(&config).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_text());
+            }
+            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Command::Tail { ack, create_slot, from } => {
+            tail(config, ack, create_slot, from.unwrap_or(Lsn::INVALID)).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Result<()> {
+    let repl = &config.replication;
+    let client = config.source.connect_sql().await?;
+    if create {
+        source::slot::ensure_publication(&client, &repl.publication, &repl.tables).await?;
+    } else if source::slot::publication_tables(&client, &repl.publication).await?.is_none() {
+        anyhow::bail!(
+            "publication {:?} does not exist; run with --create-slot or create it",
+            repl.publication
+        );
+    }
+    let slot = source::slot::ensure_slot(&client, &repl.slot, create).await?;
+    drop(client);
+    let start = from.max(slot.confirmed_flush.unwrap_or(Lsn::INVALID));
+    let mut stream = ReplicationStream::start(StreamSettings {
+        endpoint: config.source.clone(),
+        replication: repl.clone(),
+        ack,
+        start,
+    })
+    .await?;
+    eprintln!(
+        "tailing slot {:?} from {start} (protocol v{}, ack {})",
+        repl.slot,
+        stream.proto_version(),
+        if ack { "on" } else { "off" }
+    );
+    let mut renderer = Renderer::new();
+    let mut out = Output::new(std::io::stdout());
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let result = loop {
+        let event = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+            ev = stream.recv() => ev,
+        };
+        match event {
+            Ok(Some(ev)) => {
+                let line = renderer.render(&ev);
+                if let Err(e) = out.write(&line) {
+                    // A closed stdout (e.g. `| head`) ends tail; nothing past it is confirmed.
+                    break if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e.into()) };
+                }
+                if let Some(lsn) = line.durable_after {
+                    stream.mark_durable(lsn);
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(anyhow::Error::from(e)),
+        }
+    };
+    stream.shutdown().await;
+    result
+}

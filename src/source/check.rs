@@ -1,0 +1,351 @@
+//! `switchyard check`: are the source's prerequisites met? Each failure carries the exact fix.
+//!
+//! Invariants:
+//! - Read-only: checking never creates, alters or drops anything.
+//! - Every failed item names the setting or object and the SQL (or config) that fixes it.
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::connection::ReplicationConnection;
+use super::slot;
+use crate::config::Config;
+use crate::sql::{quote_ident, quote_literal, QualifiedName};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Item {
+    pub check: String,
+    pub status: Status,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub items: Vec<Item>,
+}
+
+impl Report {
+    fn push(&mut self, check: impl Into<String>, status: Status, detail: impl Into<String>, fix: Option<String>) {
+        self.items.push(Item {
+            check: check.into(),
+            status,
+            detail: detail.into(),
+            fix,
+        });
+    }
+
+    pub fn passed(&self) -> bool {
+        self.items.iter().all(|i| i.status != Status::Fail)
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        for i in &self.items {
+            let tag = match i.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            out.push_str(&format!("{tag} {}: {}\n", i.check, i.detail));
+            if let Some(fix) = &i.fix {
+                out.push_str(&format!("     fix: {fix}\n"));
+            }
+        }
+        let fails = self.items.iter().filter(|i| i.status == Status::Fail).count();
+        out.push_str(&if fails == 0 {
+            "all prerequisites met\n".to_string()
+        } else {
+            format!("{fails} prerequisite(s) not met\n")
+        });
+        out
+    }
+}
+
+/// Runs every check against the configured source.
+pub async fn run(config: &Config) -> Report {
+    let mut report = Report::default();
+    let ep = &config.source;
+    let client = match ep.connect_sql().await {
+        Ok(c) => {
+            report.push("connect", Status::Ok, format!("connected to {}", ep.describe()), None);
+            c
+        }
+        Err(e) => {
+            report.push(
+                "connect",
+                Status::Fail,
+                e.to_string(),
+                Some("check source.host/port/user/dbname, the password variable or file, sslmode, and that pg_hba.conf admits this role".into()),
+            );
+            return report;
+        }
+    };
+    if let Err(e) = checks(&client, config, &mut report).await {
+        report.push("query", Status::Fail, e.to_string(), None);
+    }
+    replication_login(config, &mut report).await;
+    report
+}
+
+async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+        .await?
+        .get(0))
+}
+
+async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let repl = &config.replication;
+    let wal_level = setting(client, "wal_level").await?;
+    if wal_level == "logical" {
+        r.push("wal_level", Status::Ok, "logical", None);
+    } else {
+        r.push(
+            "wal_level",
+            Status::Fail,
+            format!("is {wal_level}; logical decoding needs logical"),
+            Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into()),
+        );
+    }
+
+    let slot = slot::slot_info(client, &repl.slot).await?;
+    let max_slots: i64 = setting(client, "max_replication_slots").await?.parse().unwrap_or(0);
+    let used_slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await?
+        .get(0);
+    if slot.is_some() || used_slots < max_slots {
+        r.push(
+            "max_replication_slots",
+            Status::Ok,
+            format!("{used_slots} of {max_slots} in use"),
+            None,
+        );
+    } else {
+        r.push(
+            "max_replication_slots",
+            Status::Fail,
+            format!("all {max_slots} slots are in use and none is ours"),
+            Some(format!("ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL", max_slots + 2)),
+        );
+    }
+    let max_senders: i64 = setting(client, "max_wal_senders").await?.parse().unwrap_or(0);
+    let senders: i64 = client
+        .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+        .await?
+        .get(0);
+    if senders < max_senders {
+        r.push("max_wal_senders", Status::Ok, format!("{senders} of {max_senders} in use"), None);
+    } else {
+        r.push(
+            "max_wal_senders",
+            Status::Fail,
+            format!("{senders} of {max_senders} in use: no walsender left for switchyard"),
+            Some(format!("ALTER SYSTEM SET max_wal_senders = {}; then restart PostgreSQL", max_senders + 2)),
+        );
+    }
+
+    let role = client
+        .query_one(
+            "SELECT rolname::text, rolreplication, rolsuper, \
+                    has_database_privilege(current_database(), 'CREATE') \
+               FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (rolname, can_replicate, is_super, can_create): (String, bool, bool, bool) =
+        (role.get(0), role.get(1), role.get(2), role.get(3));
+    if can_replicate || is_super {
+        let detail = if is_super {
+            "superuser (works, but a role WITH REPLICATION is enough)"
+        } else {
+            "has REPLICATION"
+        };
+        r.push("role", Status::Ok, format!("{rolname} {detail}"), None);
+    } else {
+        r.push(
+            "role",
+            Status::Fail,
+            format!("{rolname} lacks the REPLICATION attribute"),
+            Some(format!("ALTER ROLE {} WITH REPLICATION;", quote_ident(&rolname))),
+        );
+    }
+
+    match &slot {
+        None => r.push(
+            "slot",
+            Status::Ok,
+            format!("{:?} does not exist yet; it is created on first start", repl.slot),
+            None,
+        ),
+        Some(s) if s.wal_status.as_deref() == Some("lost") => r.push(
+            "slot",
+            Status::Fail,
+            format!("{:?} is invalidated (wal_status lost)", repl.slot),
+            Some(format!(
+                "SELECT pg_drop_replication_slot({}); and restart the moves (data since the slot's position is gone); raise max_slot_wal_keep_size",
+                quote_literal(&repl.slot)
+            )),
+        ),
+        Some(s) if s.plugin.as_deref() != Some("pgoutput") => r.push(
+            "slot",
+            Status::Fail,
+            format!("{:?} uses plugin {:?}, not pgoutput", repl.slot, s.plugin),
+            Some("choose another replication.slot name".into()),
+        ),
+        Some(s) => r.push(
+            "slot",
+            Status::Ok,
+            format!(
+                "{:?} exists (confirmed {}, wal_status {})",
+                repl.slot,
+                s.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                s.wal_status.as_deref().unwrap_or("-")
+            ),
+            None,
+        ),
+    }
+
+    let published = slot::publication_tables(client, &repl.publication).await?;
+    match slot::publication_fix(&repl.publication, published.as_deref(), &repl.tables) {
+        None => r.push(
+            "publication",
+            Status::Ok,
+            format!("{:?} contains every configured table", repl.publication),
+            None,
+        ),
+        Some(fix) if can_create && published.is_none() => r.push(
+            "publication",
+            Status::Ok,
+            format!("{:?} does not exist yet; it is created on first start", repl.publication),
+            Some(fix),
+        ),
+        Some(fix) => r.push(
+            "publication",
+            Status::Fail,
+            match published {
+                None => format!("{:?} does not exist and {rolname} cannot create it", repl.publication),
+                Some(_) => format!("{:?} lacks configured tables", repl.publication),
+            },
+            Some(format!("{fix}; (run as the tables' owner)")),
+        ),
+    }
+
+    for table in &repl.tables {
+        check_table(client, table, r).await?;
+    }
+    Ok(())
+}
+
+async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> Result<(), tokio_postgres::Error> {
+    let name = format!("table {table}");
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
+                    has_table_privilege(c.oid, 'SELECT'), c.relkind::text \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    let Some(row) = row else {
+        r.push(name, Status::Fail, "does not exist", Some("fix replication.tables or create the table".into()));
+        return Ok(());
+    };
+    let (ident, has_pk, has_ident_index, can_select, kind): (String, bool, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if kind != "r" && kind != "p" {
+        r.push(&name, Status::Fail, format!("is not a table (relkind {kind})"), None);
+        return Ok(());
+    }
+    if !can_select {
+        r.push(
+            &name,
+            Status::Fail,
+            "no SELECT privilege (needed to copy existing rows)",
+            Some(format!("GRANT SELECT ON {} TO <switchyard role>;", table.quoted())),
+        );
+    }
+    let add_pk = format!(
+        "ALTER TABLE {} ADD PRIMARY KEY (<key columns>); or, if no key exists, ALTER TABLE {} REPLICA IDENTITY FULL;",
+        table.quoted(),
+        table.quoted()
+    );
+    match (ident.as_str(), has_pk, has_ident_index) {
+        ("d", true, _) => r.push(&name, Status::Ok, "replica identity DEFAULT with primary key", None),
+        ("d", false, _) => r.push(
+            &name,
+            Status::Fail,
+            "no primary key: UPDATE and DELETE would carry no row identity",
+            Some(add_pk),
+        ),
+        ("i", _, true) => r.push(&name, Status::Ok, "replica identity USING INDEX", None),
+        ("i", _, false) => r.push(&name, Status::Fail, "replica identity index is missing", Some(add_pk)),
+        ("f", _, _) => r.push(
+            &name,
+            Status::Warn,
+            "replica identity FULL: works, but every UPDATE/DELETE logs the whole old row",
+            if has_pk {
+                Some(format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT;", table.quoted()))
+            } else {
+                None
+            },
+        ),
+        _ => r.push(
+            &name,
+            Status::Fail,
+            "replica identity NOTHING: UPDATE and DELETE cannot be replicated",
+            Some(if has_pk {
+                format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT;", table.quoted())
+            } else {
+                add_pk
+            }),
+        ),
+    }
+    Ok(())
+}
+
+/// The replication login is separate from SQL: pg_hba.conf or a missing REPLICATION
+/// attribute can refuse it even when SQL works.
+async fn replication_login(config: &Config, r: &mut Report) {
+    let result = async {
+        let mut conn = ReplicationConnection::connect(&config.source, config.replication.max_message_bytes).await?;
+        let info = conn.identify_system().await?;
+        let tls = conn.is_tls();
+        conn.close().await;
+        Ok::<_, super::SourceError>((info, tls))
+    }
+    .await;
+    match result {
+        Ok((info, tls)) => r.push(
+            "replication connection",
+            Status::Ok,
+            format!(
+                "IDENTIFY_SYSTEM: system {} timeline {} at {}{}",
+                info.system_id,
+                info.timeline,
+                info.xlog_pos,
+                if tls { " (TLS)" } else { "" }
+            ),
+            None,
+        ),
+        Err(e) => r.push(
+            "replication connection",
+            Status::Fail,
+            e.to_string(),
+            Some("the role needs REPLICATION and pg_hba.conf must admit it to this database".into()),
+        ),
+    }
+}
