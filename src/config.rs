@@ -326,7 +326,10 @@ fn replication(f: FileReplication) -> Result<ReplicationConfig, ConfigError> {
         ));
     }
     if cfg.max_message_bytes < 1024 {
-        return Err(invalid("replication.max_message_bytes", "must be at least 1024"));
+        return Err(invalid(
+            "replication.max_message_bytes",
+            "must be at least 1024",
+        ));
     }
     if cfg.max_buffered_bytes < 1024 || cfg.max_buffered_bytes > u32::MAX as usize {
         return Err(invalid(
@@ -423,14 +426,38 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("[source]\nuser='u'\n", "source.dbname"),
             ("[source]\nuser='u'\ndbname='d'\nbogus=1\n", "unknown field"),
-            ("[source]\nuser='u'\ndbname='d'\npassword='x'\n", "unknown field"),
-            ("[source]\nuser='u'\ndbname='d'\nsslmode='sometimes'\n", "sslmode"),
-            ("[source]\nuser='u'\ndbname='d'\n[replication]\nslot='Bad-Slot'\n", "slot"),
-            ("[source]\nuser='u'\ndbname='d'\n[replication]\ntables=['orders']\n", "schema.table"),
-            ("[source]\nuser='u'\ndbname='d'\n[replication]\nproto_version=9\n", "1 to 4"),
-            ("[source]\nuser='u'\ndbname='d'\n[replication]\npublication=\"a\\u0000b\"\n", "NUL"),
-            ("[source]\nuser='u'\ndbname='d'\n[replication]\nstatus_interval_ms=0\n", "status_interval"),
-            ("[source]\nuser='u'\ndbname='d'\nsslmode='verify-ca'\n", "sslrootcert"),
+            (
+                "[source]\nuser='u'\ndbname='d'\npassword='x'\n",
+                "unknown field",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\nsslmode='sometimes'\n",
+                "sslmode",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\n[replication]\nslot='Bad-Slot'\n",
+                "slot",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\n[replication]\ntables=['orders']\n",
+                "schema.table",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\n[replication]\nproto_version=9\n",
+                "1 to 4",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\n[replication]\npublication=\"a\\u0000b\"\n",
+                "NUL",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\n[replication]\nstatus_interval_ms=0\n",
+                "status_interval",
+            ),
+            (
+                "[source]\nuser='u'\ndbname='d'\nsslmode='verify-ca'\n",
+                "sslrootcert",
+            ),
             ("not toml at all [", "test.toml"),
         ];
         for (text, needle) in cases {

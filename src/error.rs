@@ -95,10 +95,10 @@ mod tests {
         assert_eq!(missing.classify(), ErrorClass::Fatal);
         let auth = Error::Source(SourceError::Server {
             context: "auth".into(),
-            notice: ServerNotice {
+            notice: Box::new(ServerNotice {
                 code: "28P01".into(),
                 ..Default::default()
-            },
+            }),
         });
         assert_eq!(auth.classify(), ErrorClass::Fatal);
         let cfg = Error::Config(ConfigError::Invalid {

@@ -9,11 +9,13 @@
 //! The pipeline reads one logical replication slot (`source`), decodes pgoutput itself
 //! (`decode`), and only confirms a position to the source once it is durable downstream.
 
-pub mod decode;
-pub mod lsn;
+pub mod checkpoint;
 pub mod cluster;
 pub mod config;
+pub mod decode;
 pub mod error;
+pub mod lsn;
 pub mod source;
 pub mod sql;
 pub mod tail;
+pub mod tenant;

@@ -123,7 +123,18 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        for bad in ["", "/", "1/", "/1", "1", "G/1", "1/2/3", "123456789/0", "-1/0", " 1/0"] {
+        for bad in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "1",
+            "G/1",
+            "1/2/3",
+            "123456789/0",
+            "-1/0",
+            " 1/0",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} should be refused");
         }
     }

@@ -11,10 +11,20 @@ use switchyard::source::{self, ReplicationStream, StreamSettings};
 use switchyard::tail::{Output, Renderer};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Moves SaaS tenants live between PostgreSQL locations with no lost writes")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Moves SaaS tenants live between PostgreSQL locations with no lost writes"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, global = true, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SWITCHYARD_CONFIG",
+        default_value = "config/switchyard.toml"
+    )]
     config: PathBuf,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -52,13 +62,16 @@ enum Command {
 }
 
 fn parse_lsn(s: &str) -> Result<Lsn, String> {
-    s.parse().map_err(|e: switchyard::lsn::ParseLsnError| e.to_string())
+    s.parse()
+        .map_err(|e: switchyard::lsn::ParseLsnError| e.to_string())
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -68,7 +81,10 @@ fn init_logs(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -94,9 +110,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report.render_text());
             }
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
-        Command::Tail { ack, create_slot, from } => {
+        Command::Tail {
+            ack,
+            create_slot,
+            from,
+        } => {
             tail(config, ack, create_slot, from.unwrap_or(Lsn::INVALID)).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -108,7 +132,10 @@ async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Res
     let client = config.source.connect_sql().await?;
     if create {
         source::slot::ensure_publication(&client, &repl.publication, &repl.tables).await?;
-    } else if source::slot::publication_tables(&client, &repl.publication).await?.is_none() {
+    } else if source::slot::publication_tables(&client, &repl.publication)
+        .await?
+        .is_none()
+    {
         anyhow::bail!(
             "publication {:?} does not exist; run with --create-slot or create it",
             repl.publication
@@ -145,7 +172,11 @@ async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Res
                 let line = renderer.render(&ev);
                 if let Err(e) = out.write(&line) {
                     // A closed stdout (e.g. `| head`) ends tail; nothing past it is confirmed.
-                    break if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e.into()) };
+                    break if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        Ok(())
+                    } else {
+                        Err(e.into())
+                    };
                 }
                 if let Some(lsn) = line.durable_after {
                     stream.mark_durable(lsn);

@@ -66,14 +66,16 @@ impl Renderer {
         let json = match &r.message {
             Message::Begin(b) => {
                 self.xid = Some(b.xid);
-                json!({"op": "begin", "lsn": lsn, "xid": b.xid, "final_lsn": b.final_lsn, "commit_time": b.commit_time})
+                json!({"op": "begin", "lsn": lsn, "xid": b.xid, "final_lsn": b.final_lsn, "commit_time": pg_time(b.commit_time)})
             }
             Message::Commit(c) => {
                 durable_after = Some(c.end_lsn);
                 let xid = self.xid.take();
-                json!({"op": "commit", "lsn": lsn, "xid": xid, "commit_lsn": c.commit_lsn, "end_lsn": c.end_lsn, "commit_time": c.commit_time})
+                json!({"op": "commit", "lsn": lsn, "xid": xid, "commit_lsn": c.commit_lsn, "end_lsn": c.end_lsn, "commit_time": pg_time(c.commit_time)})
             }
-            Message::Origin(o) => json!({"op": "origin", "lsn": lsn, "name": o.name, "commit_lsn": o.commit_lsn}),
+            Message::Origin(o) => {
+                json!({"op": "origin", "lsn": lsn, "name": o.name, "commit_lsn": o.commit_lsn})
+            }
             Message::Relation(rel) => {
                 let cols: Vec<Value> = rel
                     .columns
@@ -90,7 +92,9 @@ impl Renderer {
                 self.relations.apply(rel.clone());
                 v
             }
-            Message::Type(t) => json!({"op": "type", "lsn": lsn, "type_oid": t.type_oid, "name": format!("{}.{}", t.namespace, t.name)}),
+            Message::Type(t) => {
+                json!({"op": "type", "lsn": lsn, "type_oid": t.type_oid, "name": format!("{}.{}", t.namespace, t.name)})
+            }
             Message::Insert(i) => {
                 let (table, rel) = self.table(i.relation);
                 let (new, toast) = tuple_json(rel, &i.new, false);
@@ -107,7 +111,8 @@ impl Renderer {
             }
             Message::Delete(d) => {
                 let (table, rel) = self.table(d.relation);
-                let mut v = json!({"op": "delete", "lsn": lsn, "xid": d.xid.or(self.xid), "table": table});
+                let mut v =
+                    json!({"op": "delete", "lsn": lsn, "xid": d.xid.or(self.xid), "table": table});
                 old_json(&mut v, rel, &d.old);
                 v
             }
@@ -122,13 +127,17 @@ impl Renderer {
                 };
                 json!({"op": "message", "lsn": lsn, "xid": m.xid.or(if m.transactional() { self.xid } else { None }), "transactional": m.transactional(), "message_lsn": m.lsn, "prefix": m.prefix, "content": content})
             }
-            Message::StreamStart(s) => json!({"op": "stream_start", "lsn": lsn, "xid": s.xid, "first_segment": s.first_segment}),
+            Message::StreamStart(s) => {
+                json!({"op": "stream_start", "lsn": lsn, "xid": s.xid, "first_segment": s.first_segment})
+            }
             Message::StreamStop => json!({"op": "stream_stop", "lsn": lsn}),
             Message::StreamCommit(c) => {
                 durable_after = Some(c.end_lsn);
-                json!({"op": "stream_commit", "lsn": lsn, "xid": c.xid, "commit_lsn": c.commit_lsn, "end_lsn": c.end_lsn, "commit_time": c.commit_time})
+                json!({"op": "stream_commit", "lsn": lsn, "xid": c.xid, "commit_lsn": c.commit_lsn, "end_lsn": c.end_lsn, "commit_time": pg_time(c.commit_time)})
             }
-            Message::StreamAbort(a) => json!({"op": "stream_abort", "lsn": lsn, "xid": a.xid, "subxid": a.subxid}),
+            Message::StreamAbort(a) => {
+                json!({"op": "stream_abort", "lsn": lsn, "xid": a.xid, "subxid": a.subxid})
+            }
             Message::BeginPrepare(b) => {
                 self.xid = Some(b.xid);
                 json!({"op": "begin_prepare", "lsn": lsn, "xid": b.xid, "gid": b.gid, "prepare_lsn": b.prepare_lsn, "end_lsn": b.end_lsn})
@@ -137,7 +146,9 @@ impl Renderer {
                 self.xid = None;
                 json!({"op": "prepare", "lsn": lsn, "xid": p.xid, "gid": p.gid, "prepare_lsn": p.prepare_lsn, "end_lsn": p.end_lsn})
             }
-            Message::StreamPrepare(p) => json!({"op": "stream_prepare", "lsn": lsn, "xid": p.xid, "gid": p.gid, "prepare_lsn": p.prepare_lsn, "end_lsn": p.end_lsn}),
+            Message::StreamPrepare(p) => {
+                json!({"op": "stream_prepare", "lsn": lsn, "xid": p.xid, "gid": p.gid, "prepare_lsn": p.prepare_lsn, "end_lsn": p.end_lsn})
+            }
             Message::CommitPrepared(c) => {
                 durable_after = Some(c.end_lsn);
                 json!({"op": "commit_prepared", "lsn": lsn, "xid": c.xid, "gid": c.gid, "commit_lsn": c.commit_lsn, "end_lsn": c.end_lsn})
@@ -147,7 +158,10 @@ impl Renderer {
                 json!({"op": "rollback_prepared", "lsn": lsn, "xid": rb.xid, "gid": rb.gid, "end_lsn": rb.rollback_end_lsn})
             }
         };
-        Line { json, durable_after }
+        Line {
+            json,
+            durable_after,
+        }
     }
 }
 
@@ -169,7 +183,9 @@ fn tuple_json(rel: Option<&Relation>, t: &Tuple, keys_only: bool) -> (Value, Vec
         if keys_only && !col.is_some_and(|c| c.is_key()) {
             continue;
         }
-        let name = col.map(|c| c.name.clone()).unwrap_or_else(|| format!("${}", i + 1));
+        let name = col
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| format!("${}", i + 1));
         if matches!(d, Datum::UnchangedToast) {
             toast.push(name);
             continue;
@@ -188,6 +204,31 @@ fn old_json(v: &mut Value, rel: Option<&Relation>, old: &OldTuple) {
     if let Value::Object(m) = v {
         m.insert(field.into(), tuple);
     }
+}
+
+/// PostgreSQL protocol time (microseconds since 2000-01-01 UTC) as RFC 3339 UTC.
+pub fn pg_time(micros: i64) -> String {
+    const UNIX_DAYS_AT_PG_EPOCH: i64 = 10_957;
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400) + UNIX_DAYS_AT_PG_EPOCH;
+    let tod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), era-based.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -231,5 +272,23 @@ impl<W: Write> Output<W> {
             self.unflushed = 0;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_times_render_as_utc() {
+        assert_eq!(pg_time(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(pg_time(-1), "1999-12-31T23:59:59.999999Z");
+        // 2024-02-29 12:34:56.789 UTC
+        assert_eq!(pg_time(762_525_296_789_000), "2024-02-29T12:34:56.789000Z");
+    }
+
+    #[test]
+    fn hex_renders_bytes() {
+        assert_eq!(hex(&[0, 0xff, 0x10]), "00ff10");
     }
 }

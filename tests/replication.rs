@@ -207,7 +207,10 @@ async fn tail_prints_every_change_kind_and_type() -> Result<()> {
     let c = pg.client().await?;
     wait_for("tail's walsender", WAIT, || async {
         let r = c
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name='sy' AND active", &[])
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name='sy' AND active",
+                &[],
+            )
             .await?;
         Ok(r.map(|_| ()))
     })
@@ -280,7 +283,9 @@ SELECT pg_logical_emit_message(false, 'sy', 'done');
     assert_eq!(row1["big"].as_str().map(str::len), Some(9600));
     let row2 = &ins[1]["new"];
     assert_eq!(row2["id"], "2");
-    for col in ["i8", "t", "n", "j", "arr", "ts", "b", "flag", "u", "f", "big"] {
+    for col in [
+        "i8", "t", "n", "j", "arr", "ts", "b", "flag", "u", "f", "big",
+    ] {
         assert!(row2[col].is_null(), "{col} should be NULL: {row2}");
     }
 
@@ -315,22 +320,36 @@ SELECT pg_logical_emit_message(false, 'sy', 'done');
     // TRUNCATE options.
     let tr = ops(&lines, "truncate");
     assert_eq!(tr.len(), 2, "{tr:?}");
-    let cascade = tr.iter().find(|t| t["cascade"] == true).expect("cascade truncate");
+    let cascade = tr
+        .iter()
+        .find(|t| t["cascade"] == true)
+        .expect("cascade truncate");
     let tables: Vec<&str> = cascade["tables"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert!(tables.contains(&"public.parent") && tables.contains(&"public.child"), "{tables:?}");
-    assert!(tr.iter().any(|t| t["restart_identity"] == true && t["cascade"] == false));
+    assert!(
+        tables.contains(&"public.parent") && tables.contains(&"public.child"),
+        "{tables:?}"
+    );
+    assert!(tr
+        .iter()
+        .any(|t| t["restart_identity"] == true && t["cascade"] == false));
 
     // Logical messages, transactional inside begin/commit, the other standalone.
     let msgs = ops(&lines, "message");
-    let txn_msg = msgs.iter().find(|m| m["content"] == "in txn").expect("txn message");
+    let txn_msg = msgs
+        .iter()
+        .find(|m| m["content"] == "in txn")
+        .expect("txn message");
     assert_eq!(txn_msg["transactional"], true);
     assert!(txn_msg["xid"].is_u64());
-    let out_msg = msgs.iter().find(|m| m["content"] == "outside").expect("message");
+    let out_msg = msgs
+        .iter()
+        .find(|m| m["content"] == "outside")
+        .expect("message");
     assert_eq!(out_msg["transactional"], false);
 
     // Rolled back work never appears; prepared-and-committed does, rolled-back prepared not.
@@ -342,7 +361,11 @@ SELECT pg_logical_emit_message(false, 'sy', 'done');
     // The large transaction was streamed in blocks and committed once, minus the
     // rolled-back subtransaction.
     let starts = ops(&lines, "stream_start");
-    assert!(starts.len() >= 2, "expected several stream blocks, got {}", starts.len());
+    assert!(
+        starts.len() >= 2,
+        "expected several stream blocks, got {}",
+        starts.len()
+    );
     assert_eq!(starts[0]["first_segment"], true);
     let commits = ops(&lines, "stream_commit");
     assert_eq!(commits.len(), 1);
@@ -364,7 +387,10 @@ SELECT pg_logical_emit_message(false, 'sy', 'done');
     // Only what was streamed before the rollback is sent; the rest the server drops itself.
     let sub_ids = ids_of(&sub["subxid"]);
     assert!(!sub_ids.is_empty());
-    assert!(sub_ids.iter().all(|id| (5000..=5999).contains(id)), "{sub_ids:?}");
+    assert!(
+        sub_ids.iter().all(|id| (5000..=5999).contains(id)),
+        "{sub_ids:?}"
+    );
 
     // Each transaction is bracketed; commits carry increasing end LSNs.
     let ends: Vec<Lsn> = lines
@@ -403,18 +429,31 @@ async fn ack_confirms_printed_positions_and_idle_streams_advance() -> Result<()>
 
     // Without --ack the slot stays put however long we stream.
     let mut tail = Tail::spawn(&config, &[], &[]);
-    pg.psql("INSERT INTO parent DEFAULT VALUES; SELECT pg_logical_emit_message(false, 'sy', 'one');")?;
+    pg.psql(
+        "INSERT INTO parent DEFAULT VALUES; SELECT pg_logical_emit_message(false, 'sy', 'one');",
+    )?;
     tail.until("first marker", |v| is_marker(v, "one"))?;
     // A negative result needs a fixed window: ten feedback intervals of 200 ms.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(confirmed_flush(&c).await?, start, "tail without --ack moved the slot");
+    assert_eq!(
+        confirmed_flush(&c).await?,
+        start,
+        "tail without --ack moved the slot"
+    );
     tail.terminate();
-    assert_eq!(confirmed_flush(&c).await?, start, "shutdown without --ack moved the slot");
+    assert_eq!(
+        confirmed_flush(&c).await?,
+        start,
+        "shutdown without --ack moved the slot"
+    );
 
     // With --ack, the commit's end LSN is confirmed once printed.
     let mut tail = Tail::spawn(&config, &["--ack"], &[]);
     let lines = tail.until("replayed first marker", |v| is_marker(v, "one"))?;
-    let commit_end: Lsn = ops(&lines, "commit")[0]["end_lsn"].as_str().unwrap().parse()?;
+    let commit_end: Lsn = ops(&lines, "commit")[0]["end_lsn"]
+        .as_str()
+        .unwrap()
+        .parse()?;
     wait_for("confirmed_flush to reach the commit", WAIT, || async {
         Ok((confirmed_flush(&c).await? >= commit_end).then_some(()))
     })
@@ -427,9 +466,11 @@ async fn ack_confirms_printed_positions_and_idle_streams_advance() -> Result<()>
         .await?
         .get::<_, String>(0)
         .parse()?;
-    wait_for("an idle stream to confirm past unpublished WAL", WAIT, || async {
-        Ok((confirmed_flush(&c).await? >= target).then_some(()))
-    })
+    wait_for(
+        "an idle stream to confirm past unpublished WAL",
+        WAIT,
+        || async { Ok((confirmed_flush(&c).await? >= target).then_some(())) },
+    )
     .await?;
     let status = tail.terminate();
     assert!(status.success(), "{}", tail.stderr());
@@ -448,7 +489,10 @@ async fn consume_ids(
     let deadline = Instant::now() + WAIT * 2;
     while seen.get(&until_id).is_none() {
         if Instant::now() > deadline {
-            bail!("timed out waiting for id {until_id}; saw {} ids", seen.len());
+            bail!(
+                "timed out waiting for id {until_id}; saw {} ids",
+                seen.len()
+            );
         }
         let ev = tokio::time::timeout(WAIT, stream.recv())
             .await
@@ -526,7 +570,8 @@ async fn reconnects_after_walsender_kill_and_source_restart_without_loss_or_repl
     let c = pg.client().await?;
     let pid = walsender_pid(&c).await?;
     pg.psql(&insert(201, 400))?;
-    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?;
     pg.psql(&insert(401, 600))?;
     consume_ids(&mut stream, &mut seen, &mut restarts, 600).await?;
     assert!(restarts >= 1, "the stream should have reconnected");
@@ -536,7 +581,10 @@ async fn reconnects_after_walsender_kill_and_source_restart_without_loss_or_repl
     pg.restart()?;
     pg.psql(&insert(601, 800))?;
     consume_ids(&mut stream, &mut seen, &mut restarts, 800).await?;
-    assert!(restarts >= 2, "the stream should have reconnected after the crash");
+    assert!(
+        restarts >= 2,
+        "the stream should have reconnected after the crash"
+    );
 
     let missing: Vec<i64> = (1..=800).filter(|i| !seen.contains_key(i)).collect();
     let twice: Vec<(&i64, &usize)> = seen.iter().filter(|(_, n)| **n != 1).collect();
@@ -548,7 +596,10 @@ async fn reconnects_after_walsender_kill_and_source_restart_without_loss_or_repl
     stream.shutdown().await;
     let c = pg.client().await?;
     let confirmed = confirmed_flush(&c).await?;
-    assert!(confirmed <= durable, "confirmed {confirmed} ahead of durable {durable}");
+    assert!(
+        confirmed <= durable,
+        "confirmed {confirmed} ahead of durable {durable}"
+    );
     Ok(())
 }
 
@@ -569,7 +620,10 @@ async fn dropped_slot_is_a_clear_fatal_error() -> Result<()> {
     let status = tail.child.wait()?;
     assert!(!status.success());
     let err = tail.stderr();
-    assert!(err.contains("replication slot \"sy\" does not exist"), "{err}");
+    assert!(
+        err.contains("replication slot \"sy\" does not exist"),
+        "{err}"
+    );
     assert!(err.contains("--create-slot"), "{err}");
 
     // Dropped while we are disconnected: the reconnect fails loudly, nothing recreated.
@@ -578,15 +632,20 @@ async fn dropped_slot_is_a_clear_fatal_error() -> Result<()> {
     let mut stream = ReplicationStream::start(settings(&config)).await?;
     let c = pg.client().await?;
     let pid = walsender_pid(&c).await?;
-    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?;
     wait_for("the slot to become inactive", WAIT, || async {
         let r = c
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active", &[])
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
+                &[],
+            )
             .await?;
         Ok(r.map(|_| ()))
     })
     .await?;
-    c.execute("SELECT pg_drop_replication_slot('sy')", &[]).await?;
+    c.execute("SELECT pg_drop_replication_slot('sy')", &[])
+        .await?;
     let err = loop {
         match tokio::time::timeout(WAIT, stream.recv()).await? {
             Ok(Some(_)) => continue,
@@ -597,7 +656,10 @@ async fn dropped_slot_is_a_clear_fatal_error() -> Result<()> {
     assert!(matches!(err, SourceError::SlotMissing { .. }), "{err}");
     assert!(!err.is_transient());
     let exists = c
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy'", &[])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy'",
+            &[],
+        )
         .await?;
     assert!(exists.is_none(), "the slot must not be recreated");
     Ok(())
@@ -644,9 +706,15 @@ async fn large_streamed_transaction_keeps_memory_bounded() -> Result<()> {
     }
     let peak_mb = tail.peak_rss_kb() / 1024;
     assert_eq!(inserts, rows);
-    assert!(streamed, "the transaction should have arrived in stream blocks");
+    assert!(
+        streamed,
+        "the transaction should have arrived in stream blocks"
+    );
     // Bounded: the budget (8 MB) plus buffers and the runtime, whatever the txn size.
-    assert!(peak_mb < 100, "peak RSS {peak_mb} MB for a {mb} MB transaction");
+    assert!(
+        peak_mb < 100,
+        "peak RSS {peak_mb} MB for a {mb} MB transaction"
+    );
     eprintln!("large transaction: {mb} MB, {rows} rows, tail peak RSS {peak_mb} MB");
     tail.terminate();
     Ok(())
@@ -683,7 +751,9 @@ async fn tls_verify_full_and_scram_work_and_failures_are_clear() -> Result<()> {
         .await?
         .get(0);
     assert!(ssl, "the replication connection must be encrypted");
-    pg.psql("INSERT INTO parent DEFAULT VALUES; SELECT pg_logical_emit_message(false, 'sy', 'tls');")?;
+    pg.psql(
+        "INSERT INTO parent DEFAULT VALUES; SELECT pg_logical_emit_message(false, 'sy', 'tls');",
+    )?;
     let lines = tail.until("marker over TLS", |v| is_marker(v, "tls"))?;
     assert_eq!(rows_for(&lines, "insert", "public.parent").len(), 1);
     assert!(!tail.stderr().contains(&pw), "password leaked to logs");
@@ -695,20 +765,32 @@ async fn tls_verify_full_and_scram_work_and_failures_are_clear() -> Result<()> {
     stream.shutdown().await;
 
     let wrong = load_config(&path, &PwEnv("not-the-password".into()));
-    let err = ReplicationStream::start(settings(&wrong)).await.err().expect("wrong password");
+    let err = ReplicationStream::start(settings(&wrong))
+        .await
+        .err()
+        .expect("wrong password");
     assert!(err.to_string().contains("28P01"), "{err}");
     assert!(!err.is_transient());
     assert!(!err.to_string().contains("not-the-password"));
 
     let mut no_pw = config.clone();
     no_pw.source.password = None;
-    let err = ReplicationStream::start(settings(&no_pw)).await.err().expect("no password");
+    let err = ReplicationStream::start(settings(&no_pw))
+        .await
+        .err()
+        .expect("no password");
     assert!(err.to_string().contains("password"), "{err}");
 
     let mut plain = config.clone();
     plain.source.sslmode = switchyard::cluster::SslMode::Disable;
-    let err = ReplicationStream::start(settings(&plain)).await.err().expect("no TLS");
-    assert!(err.to_string().contains("no encryption") || err.to_string().contains("pg_hba"), "{err}");
+    let err = ReplicationStream::start(settings(&plain))
+        .await
+        .err()
+        .expect("no TLS");
+    assert!(
+        err.to_string().contains("no encryption") || err.to_string().contains("pg_hba"),
+        "{err}"
+    );
 
     // A server certificate from a CA we do not trust.
     let other_ca = dir.path().join("other-ca.crt");
@@ -718,7 +800,10 @@ async fn tls_verify_full_and_scram_work_and_failures_are_clear() -> Result<()> {
     std::fs::write(&other_ca, params.self_signed(&key)?.pem())?;
     let mut untrusted = config.clone();
     untrusted.source.sslrootcert = Some(other_ca);
-    let err = ReplicationStream::start(settings(&untrusted)).await.err().expect("untrusted CA");
+    let err = ReplicationStream::start(settings(&untrusted))
+        .await
+        .err()
+        .expect("untrusted CA");
     assert!(err.to_string().contains("TLS"), "{err}");
     assert!(!err.is_transient());
     Ok(())
@@ -732,10 +817,16 @@ async fn tls_require_fails_clearly_against_a_server_without_tls() -> Result<()> 
     let dir = tempfile::tempdir()?;
     let mut config = load_config(&write_config(dir.path(), &pg, "", ""), &NoEnv);
     config.source.sslmode = switchyard::cluster::SslMode::Require;
-    let err = ReplicationStream::start(settings(&config)).await.err().expect("TLS required");
+    let err = ReplicationStream::start(settings(&config))
+        .await
+        .err()
+        .expect("TLS required");
     assert!(err.to_string().contains("does not support TLS"), "{err}");
     config.source.sslmode = switchyard::cluster::SslMode::Prefer;
-    ReplicationStream::start(settings(&config)).await?.shutdown().await;
+    ReplicationStream::start(settings(&config))
+        .await?
+        .shutdown()
+        .await;
     Ok(())
 }
 
@@ -758,7 +849,12 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
     setup(&pg)?;
     pg.psql("CREATE TABLE public.no_pk (v text); GRANT SELECT ON public.no_pk TO switchyard;")?;
     let dir = tempfile::tempdir()?;
-    let good = write_config(dir.path(), &pg, "", "tables = [\"public.kinds\", \"public.parent\"]");
+    let good = write_config(
+        dir.path(),
+        &pg,
+        "",
+        "tables = [\"public.kinds\", \"public.parent\"]",
+    );
     let (ok, out) = run_check(&good);
     assert!(ok, "{out}");
     assert!(out.contains("ok   wal_level: logical"), "{out}");
@@ -775,11 +871,23 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
     );
     let (ok, out) = run_check(&bad);
     assert!(!ok, "{out}");
-    assert!(out.contains("FAIL table public.no_pk: no primary key"), "{out}");
-    assert!(out.contains("ALTER TABLE \"public\".\"no_pk\" ADD PRIMARY KEY"), "{out}");
-    assert!(out.contains("FAIL table public.nothing_ident: replica identity NOTHING"), "{out}");
+    assert!(
+        out.contains("FAIL table public.no_pk: no primary key"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ALTER TABLE \"public\".\"no_pk\" ADD PRIMARY KEY"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL table public.nothing_ident: replica identity NOTHING"),
+        "{out}"
+    );
     assert!(out.contains("REPLICA IDENTITY DEFAULT"), "{out}");
-    assert!(out.contains("FAIL table public.missing: does not exist"), "{out}");
+    assert!(
+        out.contains("FAIL table public.missing: does not exist"),
+        "{out}"
+    );
     assert!(out.contains("lacks configured tables"), "{out}");
 
     // A cluster without logical WAL and a role without REPLICATION.
@@ -794,8 +902,14 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
     let (ok, out) = run_check(&cfg);
     assert!(!ok, "{out}");
     assert!(out.contains("FAIL wal_level: is replica"), "{out}");
-    assert!(out.contains("ALTER SYSTEM SET wal_level = logical"), "{out}");
-    assert!(out.contains("ALTER ROLE \"switchyard\" WITH REPLICATION"), "{out}");
+    assert!(
+        out.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ALTER ROLE \"switchyard\" WITH REPLICATION"),
+        "{out}"
+    );
 
     // Unreachable source: a clear error, not a hang.
     let gone = dir.path().join("gone");
@@ -864,14 +978,54 @@ async fn slow_consumer_does_not_trip_wal_sender_timeout() -> Result<()> {
     let mut seen = BTreeMap::new();
     let mut restarts = 0;
     consume_ids(&mut stream, &mut seen, &mut restarts, 3001).await?;
-    assert_eq!(restarts, 0, "the walsender timed out while we applied back-pressure");
+    assert_eq!(
+        restarts, 0,
+        "the walsender timed out while we applied back-pressure"
+    );
     assert_eq!(seen.len(), 3001);
-    assert!(seen.values().all(|n| *n == 1), "duplicates after back-pressure");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "duplicates after back-pressure"
+    );
     let log = std::fs::read_to_string(pg.log_path())?;
     assert!(
         !log.contains("replication timeout"),
         "server log shows a replication timeout"
     );
     stream.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_without_tls_streams_as_a_non_superuser() -> Result<()> {
+    let pg = PgCluster::start_with(ClusterOptions {
+        scram: true,
+        ..Default::default()
+    })?;
+    setup(&pg)?;
+    let pw = pg.password().to_string();
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &pg, "password_env = \"SY_TEST_PW\"", "");
+    let mut tail = Tail::spawn(&path, &["--create-slot", "--ack"], &[("SY_TEST_PW", &pw)]);
+    let c = pg.client().await?;
+    let pid = walsender_pid(&c).await?;
+    let (user, superuser): (String, bool) = {
+        let r = c
+            .query_one(
+                "SELECT a.usename::text, r.rolsuper FROM pg_stat_activity a \
+                   JOIN pg_roles r ON r.rolname = a.usename WHERE a.pid = $1",
+                &[&pid],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(user, "switchyard");
+    assert!(!superuser);
+    pg.psql(
+        "INSERT INTO parent DEFAULT VALUES; SELECT pg_logical_emit_message(false, 'sy', 'scram');",
+    )?;
+    tail.until("marker over SCRAM", |v| is_marker(v, "scram"))?;
+    tail.terminate();
+    assert!(!tail.stderr().contains(&pw));
     Ok(())
 }

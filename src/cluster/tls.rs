@@ -41,12 +41,10 @@ pub fn client_config(
             if mode == SslMode::VerifyFull {
                 builder.with_root_certificates(roots).with_no_client_auth()
             } else {
-                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    roots,
-                    provider(),
-                )
-                .build()
-                .map_err(|e| ClusterError::Tls(format!("cannot build verifier: {e}")))?;
+                let inner =
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                        .build()
+                        .map_err(|e| ClusterError::Tls(format!("cannot build verifier: {e}")))?;
                 builder
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
@@ -148,13 +146,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Ok(ok) => Ok(ok),
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
             | Err(rustls::Error::InvalidCertificate(
@@ -294,7 +289,12 @@ mod tests {
 
     #[test]
     fn garbage_certificate_falls_back_without_panicking() {
-        for junk in [&[][..], &[0x30], &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff], &[0x06, 0x01]] {
+        for junk in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff],
+            &[0x06, 0x01],
+        ] {
             assert_eq!(signature_hash(junk), SignatureHash::Sha256);
         }
     }

@@ -859,7 +859,10 @@ mod tests {
             panic!("not a relation")
         };
         assert_eq!(rel.id, RelationId(16390));
-        assert_eq!((rel.namespace.as_str(), rel.name.as_str()), ("public", "orders"));
+        assert_eq!(
+            (rel.namespace.as_str(), rel.name.as_str()),
+            ("public", "orders")
+        );
         assert_eq!(rel.replica_identity, ReplicaIdentity::Full);
         assert_eq!(rel.columns.len(), 2);
         assert!(rel.columns[0].is_key());
@@ -990,7 +993,11 @@ mod tests {
         b.put_i16(-3);
         assert!(matches!(
             decode_with(V1, &b),
-            Err(DecodeError::InvalidField { field: "tuple column count", offset: 6, .. })
+            Err(DecodeError::InvalidField {
+                field: "tuple column count",
+                offset: 6,
+                ..
+            })
         ));
     }
 
@@ -1032,7 +1039,11 @@ mod tests {
         tr.put_u32(1);
         assert!(matches!(
             decode_with(V1, &tr),
-            Err(DecodeError::Truncated { field: "relation count", available: 4, .. })
+            Err(DecodeError::Truncated {
+                field: "relation count",
+                available: 4,
+                ..
+            })
         ));
 
         let mut neg = BytesMut::new();
@@ -1041,7 +1052,10 @@ mod tests {
         neg.put_u8(0);
         assert!(matches!(
             decode_with(V1, &neg),
-            Err(DecodeError::InvalidField { field: "relation count", .. })
+            Err(DecodeError::InvalidField {
+                field: "relation count",
+                ..
+            })
         ));
     }
 
@@ -1055,7 +1069,12 @@ mod tests {
         b.put_i16(0);
         assert!(matches!(
             decode_with(V1, &b),
-            Err(DecodeError::InvalidField { kind: "Relation", field: "replica identity", offset: 14, .. })
+            Err(DecodeError::InvalidField {
+                kind: "Relation",
+                field: "replica identity",
+                offset: 14,
+                ..
+            })
         ));
     }
 
@@ -1084,7 +1103,12 @@ mod tests {
         b.put_slice(b"no-terminator");
         assert!(matches!(
             decode_with(V1, &b),
-            Err(DecodeError::Truncated { kind: "Origin", field: "origin name", offset: 9, .. })
+            Err(DecodeError::Truncated {
+                kind: "Origin",
+                field: "origin name",
+                offset: 9,
+                ..
+            })
         ));
     }
 
@@ -1117,7 +1141,11 @@ mod tests {
         b.put_i16(0);
         assert!(matches!(
             decode_with(V1, &b),
-            Err(DecodeError::InvalidField { field: "new tuple marker", offset: 5, .. })
+            Err(DecodeError::InvalidField {
+                field: "new tuple marker",
+                offset: 5,
+                ..
+            })
         ));
 
         // Delete must carry an old tuple.
@@ -1128,7 +1156,10 @@ mod tests {
         d.put_i16(0);
         assert!(matches!(
             decode_with(V1, &d),
-            Err(DecodeError::InvalidField { field: "old tuple marker", .. })
+            Err(DecodeError::InvalidField {
+                field: "old tuple marker",
+                ..
+            })
         ));
 
         // Update: 'K' tuple followed by something other than 'N'.
@@ -1142,7 +1173,11 @@ mod tests {
         u.put_i16(0);
         assert!(matches!(
             decode_with(V1, &u),
-            Err(DecodeError::InvalidField { field: "new tuple marker", offset: 9, .. })
+            Err(DecodeError::InvalidField {
+                field: "new tuple marker",
+                offset: 9,
+                ..
+            })
         ));
 
         // Unknown datum kind.
@@ -1153,13 +1188,23 @@ mod tests {
         k.put_i16(1);
         k.put_u8(b'x');
         let err = decode_with(V1, &k).unwrap_err();
-        assert!(matches!(err, DecodeError::InvalidField { field: "column kind", offset: 8, .. }));
+        assert!(matches!(
+            err,
+            DecodeError::InvalidField {
+                field: "column kind",
+                offset: 8,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("'x'"), "{err}");
 
         // Stream Start first-segment flag must be 0 or 1.
         assert!(matches!(
             decode_with(V2, &[b'S', 0, 0, 0, 1, 2]),
-            Err(DecodeError::InvalidField { field: "first segment flag", .. })
+            Err(DecodeError::InvalidField {
+                field: "first segment flag",
+                ..
+            })
         ));
     }
 
@@ -1175,7 +1220,10 @@ mod tests {
         );
         assert!(matches!(
             d.decode(again.freeze()),
-            Err(DecodeError::StreamState { kind: "Stream Start", .. })
+            Err(DecodeError::StreamState {
+                kind: "Stream Start",
+                ..
+            })
         ));
         assert!(d.in_stream());
         assert_eq!(d.stream_xid(), Some(10));
@@ -1186,7 +1234,10 @@ mod tests {
         let mut d = Decoder::new(V2);
         assert!(matches!(
             d.decode(Bytes::from_static(b"E")),
-            Err(DecodeError::StreamState { kind: "Stream Stop", .. })
+            Err(DecodeError::StreamState {
+                kind: "Stream Stop",
+                ..
+            })
         ));
         assert!(!d.in_stream());
     }
@@ -1287,7 +1338,10 @@ mod tests {
         assert!(text.starts_with("Begin message truncated"), "{text}");
         assert!(text.contains("final LSN"), "{text}");
         let err = decode_with(V1, b"E").unwrap_err().to_string();
-        assert!(err.contains("Stream Stop") && err.contains("version 2"), "{err}");
+        assert!(
+            err.contains("Stream Stop") && err.contains("version 2"),
+            "{err}"
+        );
     }
 
     // ---- property tests ----
@@ -1331,7 +1385,10 @@ mod tests {
         }
 
         fn old_tuple() -> impl Strategy<Value = OldTuple> {
-            prop_oneof![tuple().prop_map(OldTuple::Key), tuple().prop_map(OldTuple::Full)]
+            prop_oneof![
+                tuple().prop_map(OldTuple::Key),
+                tuple().prop_map(OldTuple::Full)
+            ]
         }
 
         fn identity() -> impl Strategy<Value = ReplicaIdentity> {
@@ -1373,16 +1430,18 @@ mod tests {
                     identity(),
                     prop::collection::vec(column(), 0..6)
                 )
-                    .prop_map(|(xid, id, namespace, name, replica_identity, columns)| {
-                        Message::Relation(Relation {
-                            xid,
-                            id: RelationId(id),
-                            namespace,
-                            name,
-                            replica_identity,
-                            columns,
-                        })
-                    }),
+                    .prop_map(
+                        |(xid, id, namespace, name, replica_identity, columns)| {
+                            Message::Relation(Relation {
+                                xid,
+                                id: RelationId(id),
+                                namespace,
+                                name,
+                                replica_identity,
+                                columns,
+                            })
+                        }
+                    ),
                 (xid(), any::<u32>(), name(), name()).prop_map(
                     |(xid, type_oid, namespace, name)| Message::Type(TypeInfo {
                         xid,
@@ -1413,13 +1472,16 @@ mod tests {
                         old,
                     })
                 }),
-                (xid(), any::<u8>(), prop::collection::vec(any::<u32>(), 0..6)).prop_map(
-                    |(xid, options, ids)| Message::Truncate(Truncate {
+                (
+                    xid(),
+                    any::<u8>(),
+                    prop::collection::vec(any::<u32>(), 0..6)
+                )
+                    .prop_map(|(xid, options, ids)| Message::Truncate(Truncate {
                         xid,
                         options,
                         relations: ids.into_iter().map(RelationId).collect(),
-                    })
-                ),
+                    })),
                 (xid(), any::<u8>(), lsn(), name(), bytes(64)).prop_map(
                     |(xid, flags, lsn, prefix, content)| Message::Message(LogicalMessage {
                         xid,
@@ -1434,20 +1496,29 @@ mod tests {
         }
 
         fn origin() -> impl Strategy<Value = Message> {
-            (lsn(), name()).prop_map(|(commit_lsn, name)| Message::Origin(Origin { commit_lsn, name }))
+            (lsn(), name())
+                .prop_map(|(commit_lsn, name)| Message::Origin(Origin { commit_lsn, name }))
         }
 
         fn prepare() -> impl Strategy<Value = Prepare> {
-            (any::<u8>(), lsn(), lsn(), any::<i64>(), any::<u32>(), name()).prop_map(
-                |(flags, prepare_lsn, end_lsn, prepare_time, xid, gid)| Prepare {
-                    flags,
-                    prepare_lsn,
-                    end_lsn,
-                    prepare_time,
-                    xid,
-                    gid,
-                },
+            (
+                any::<u8>(),
+                lsn(),
+                lsn(),
+                any::<i64>(),
+                any::<u32>(),
+                name(),
             )
+                .prop_map(|(flags, prepare_lsn, end_lsn, prepare_time, xid, gid)| {
+                    Prepare {
+                        flags,
+                        prepare_lsn,
+                        end_lsn,
+                        prepare_time,
+                        xid,
+                        gid,
+                    }
+                })
         }
 
         /// Messages that only occur outside a streamed block and that `opts` can produce.
@@ -1518,7 +1589,14 @@ mod tests {
                 choices.push(prepare().prop_map(Message::Prepare).boxed());
                 choices.push(prepare().prop_map(Message::StreamPrepare).boxed());
                 choices.push(
-                    (any::<u8>(), lsn(), lsn(), any::<i64>(), any::<u32>(), name())
+                    (
+                        any::<u8>(),
+                        lsn(),
+                        lsn(),
+                        any::<i64>(),
+                        any::<u32>(),
+                        name(),
+                    )
                         .prop_map(|(flags, commit_lsn, end_lsn, commit_time, xid, gid)| {
                             Message::CommitPrepared(CommitPrepared {
                                 flags,
@@ -1541,19 +1619,17 @@ mod tests {
                         any::<u32>(),
                         name(),
                     )
-                        .prop_map(
-                            |(flags, pe, re, pt, rt, xid, gid)| {
-                                Message::RollbackPrepared(RollbackPrepared {
-                                    flags,
-                                    prepare_end_lsn: pe,
-                                    rollback_end_lsn: re,
-                                    prepare_time: pt,
-                                    rollback_time: rt,
-                                    xid,
-                                    gid,
-                                })
-                            },
-                        )
+                        .prop_map(|(flags, pe, re, pt, rt, xid, gid)| {
+                            Message::RollbackPrepared(RollbackPrepared {
+                                flags,
+                                prepare_end_lsn: pe,
+                                rollback_end_lsn: re,
+                                prepare_time: pt,
+                                rollback_time: rt,
+                                xid,
+                                gid,
+                            })
+                        })
                         .boxed(),
                 );
             }

@@ -25,7 +25,9 @@ use super::message::{Column, Datum, Relation, RelationId, Tuple};
 /// Why a row could not be interpreted with the cached relations.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RelationError {
-    #[error("change for relation {id}, which no Relation message has described on this connection")]
+    #[error(
+        "change for relation {id}, which no Relation message has described on this connection"
+    )]
     Unknown { id: RelationId },
 
     #[error(
@@ -82,7 +84,8 @@ pub struct RelationDiff {
 }
 
 /// Column descriptions paired with the values of one tuple, in column order.
-pub type ColumnValues<'a> = std::iter::Zip<std::slice::Iter<'a, Column>, std::slice::Iter<'a, Datum>>;
+pub type ColumnValues<'a> =
+    std::iter::Zip<std::slice::Iter<'a, Column>, std::slice::Iter<'a, Datum>>;
 
 #[derive(Clone, Debug, Default)]
 pub struct RelationCache {
@@ -144,7 +147,10 @@ impl RelationCache {
     }
 
     /// As [`RelationCache::columns`], with a relation already at hand.
-    pub fn pair<'a>(rel: &'a Relation, tuple: &'a Tuple) -> Result<ColumnValues<'a>, RelationError> {
+    pub fn pair<'a>(
+        rel: &'a Relation,
+        tuple: &'a Tuple,
+    ) -> Result<ColumnValues<'a>, RelationError> {
         if rel.columns.len() != tuple.0.len() {
             return Err(RelationError::ColumnCountMismatch {
                 id: rel.id,

@@ -35,7 +35,13 @@ pub struct Report {
 }
 
 impl Report {
-    fn push(&mut self, check: impl Into<String>, status: Status, detail: impl Into<String>, fix: Option<String>) {
+    fn push(
+        &mut self,
+        check: impl Into<String>,
+        status: Status,
+        detail: impl Into<String>,
+        fix: Option<String>,
+    ) {
         self.items.push(Item {
             check: check.into(),
             status,
@@ -61,7 +67,11 @@ impl Report {
                 out.push_str(&format!("     fix: {fix}\n"));
             }
         }
-        let fails = self.items.iter().filter(|i| i.status == Status::Fail).count();
+        let fails = self
+            .items
+            .iter()
+            .filter(|i| i.status == Status::Fail)
+            .count();
         out.push_str(&if fails == 0 {
             "all prerequisites met\n".to_string()
         } else {
@@ -77,7 +87,12 @@ pub async fn run(config: &Config) -> Report {
     let ep = &config.source;
     let client = match ep.connect_sql().await {
         Ok(c) => {
-            report.push("connect", Status::Ok, format!("connected to {}", ep.describe()), None);
+            report.push(
+                "connect",
+                Status::Ok,
+                format!("connected to {}", ep.describe()),
+                None,
+            );
             c
         }
         Err(e) => {
@@ -104,7 +119,11 @@ async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::
         .get(0))
 }
 
-async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn checks(
+    client: &Client,
+    config: &Config,
+    r: &mut Report,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let repl = &config.replication;
     let wal_level = setting(client, "wal_level").await?;
     if wal_level == "logical" {
@@ -119,7 +138,10 @@ async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), 
     }
 
     let slot = slot::slot_info(client, &repl.slot).await?;
-    let max_slots: i64 = setting(client, "max_replication_slots").await?.parse().unwrap_or(0);
+    let max_slots: i64 = setting(client, "max_replication_slots")
+        .await?
+        .parse()
+        .unwrap_or(0);
     let used_slots: i64 = client
         .query_one("SELECT count(*) FROM pg_replication_slots", &[])
         .await?
@@ -136,22 +158,76 @@ async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), 
             "max_replication_slots",
             Status::Fail,
             format!("all {max_slots} slots are in use and none is ours"),
-            Some(format!("ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL", max_slots + 2)),
+            Some(format!(
+                "ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL",
+                max_slots + 2
+            )),
         );
     }
-    let max_senders: i64 = setting(client, "max_wal_senders").await?.parse().unwrap_or(0);
+    let max_senders: i64 = setting(client, "max_wal_senders")
+        .await?
+        .parse()
+        .unwrap_or(0);
     let senders: i64 = client
         .query_one("SELECT count(*) FROM pg_stat_replication", &[])
         .await?
         .get(0);
     if senders < max_senders {
-        r.push("max_wal_senders", Status::Ok, format!("{senders} of {max_senders} in use"), None);
+        r.push(
+            "max_wal_senders",
+            Status::Ok,
+            format!("{senders} of {max_senders} in use"),
+            None,
+        );
     } else {
         r.push(
             "max_wal_senders",
             Status::Fail,
             format!("{senders} of {max_senders} in use: no walsender left for switchyard"),
-            Some(format!("ALTER SYSTEM SET max_wal_senders = {}; then restart PostgreSQL", max_senders + 2)),
+            Some(format!(
+                "ALTER SYSTEM SET max_wal_senders = {}; then restart PostgreSQL",
+                max_senders + 2
+            )),
+        );
+    }
+
+    let keep: i64 = setting(client, "max_slot_wal_keep_size")
+        .await?
+        .parse()
+        .unwrap_or(-1);
+    if keep < 0 {
+        r.push(
+            "max_slot_wal_keep_size",
+            Status::Warn,
+            "unlimited: a stalled slot can retain WAL until the disk is full",
+            Some("ALTER SYSTEM SET max_slot_wal_keep_size = '<a few times your peak WAL per hour>'; SELECT pg_reload_conf();".into()),
+        );
+    } else {
+        r.push(
+            "max_slot_wal_keep_size",
+            Status::Ok,
+            format!("{keep} MB"),
+            None,
+        );
+    }
+    let sender_timeout_ms: i64 = setting(client, "wal_sender_timeout")
+        .await?
+        .parse()
+        .unwrap_or(60_000);
+    let status_ms = repl.status_interval.as_millis() as i64;
+    if sender_timeout_ms > 0 && sender_timeout_ms < 3 * status_ms {
+        r.push(
+            "wal_sender_timeout",
+            Status::Fail,
+            format!("{sender_timeout_ms} ms is less than 3 × replication.status_interval_ms ({status_ms} ms)"),
+            Some(format!("lower replication.status_interval_ms to at most {}", sender_timeout_ms / 3)),
+        );
+    } else {
+        r.push(
+            "wal_sender_timeout",
+            Status::Ok,
+            format!("{sender_timeout_ms} ms"),
+            None,
         );
     }
 
@@ -177,7 +253,10 @@ async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), 
             "role",
             Status::Fail,
             format!("{rolname} lacks the REPLICATION attribute"),
-            Some(format!("ALTER ROLE {} WITH REPLICATION;", quote_ident(&rolname))),
+            Some(format!(
+                "ALTER ROLE {} WITH REPLICATION;",
+                quote_ident(&rolname)
+            )),
         );
     }
 
@@ -227,14 +306,20 @@ async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), 
         Some(fix) if can_create && published.is_none() => r.push(
             "publication",
             Status::Ok,
-            format!("{:?} does not exist yet; it is created on first start", repl.publication),
+            format!(
+                "{:?} does not exist yet; it is created on first start",
+                repl.publication
+            ),
             Some(fix),
         ),
         Some(fix) => r.push(
             "publication",
             Status::Fail,
             match published {
-                None => format!("{:?} does not exist and {rolname} cannot create it", repl.publication),
+                None => format!(
+                    "{:?} does not exist and {rolname} cannot create it",
+                    repl.publication
+                ),
                 Some(_) => format!("{:?} lacks configured tables", repl.publication),
             },
             Some(format!("{fix}; (run as the tables' owner)")),
@@ -247,7 +332,11 @@ async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), 
     Ok(())
 }
 
-async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> Result<(), tokio_postgres::Error> {
+async fn check_table(
+    client: &Client,
+    table: &QualifiedName,
+    r: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
     let name = format!("table {table}");
     let row = client
         .query_opt(
@@ -261,13 +350,23 @@ async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> 
         )
         .await?;
     let Some(row) = row else {
-        r.push(name, Status::Fail, "does not exist", Some("fix replication.tables or create the table".into()));
+        r.push(
+            name,
+            Status::Fail,
+            "does not exist",
+            Some("fix replication.tables or create the table".into()),
+        );
         return Ok(());
     };
     let (ident, has_pk, has_ident_index, can_select, kind): (String, bool, bool, bool, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     if kind != "r" && kind != "p" {
-        r.push(&name, Status::Fail, format!("is not a table (relkind {kind})"), None);
+        r.push(
+            &name,
+            Status::Fail,
+            format!("is not a table (relkind {kind})"),
+            None,
+        );
         return Ok(());
     }
     if !can_select {
@@ -275,7 +374,10 @@ async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> 
             &name,
             Status::Fail,
             "no SELECT privilege (needed to copy existing rows)",
-            Some(format!("GRANT SELECT ON {} TO <switchyard role>;", table.quoted())),
+            Some(format!(
+                "GRANT SELECT ON {} TO <switchyard role>;",
+                table.quoted()
+            )),
         );
     }
     let add_pk = format!(
@@ -284,7 +386,12 @@ async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> 
         table.quoted()
     );
     match (ident.as_str(), has_pk, has_ident_index) {
-        ("d", true, _) => r.push(&name, Status::Ok, "replica identity DEFAULT with primary key", None),
+        ("d", true, _) => r.push(
+            &name,
+            Status::Ok,
+            "replica identity DEFAULT with primary key",
+            None,
+        ),
         ("d", false, _) => r.push(
             &name,
             Status::Fail,
@@ -292,13 +399,21 @@ async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> 
             Some(add_pk),
         ),
         ("i", _, true) => r.push(&name, Status::Ok, "replica identity USING INDEX", None),
-        ("i", _, false) => r.push(&name, Status::Fail, "replica identity index is missing", Some(add_pk)),
+        ("i", _, false) => r.push(
+            &name,
+            Status::Fail,
+            "replica identity index is missing",
+            Some(add_pk),
+        ),
         ("f", _, _) => r.push(
             &name,
             Status::Warn,
             "replica identity FULL: works, but every UPDATE/DELETE logs the whole old row",
             if has_pk {
-                Some(format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT;", table.quoted()))
+                Some(format!(
+                    "ALTER TABLE {} REPLICA IDENTITY DEFAULT;",
+                    table.quoted()
+                ))
             } else {
                 None
             },
@@ -321,7 +436,9 @@ async fn check_table(client: &Client, table: &QualifiedName, r: &mut Report) -> 
 /// attribute can refuse it even when SQL works.
 async fn replication_login(config: &Config, r: &mut Report) {
     let result = async {
-        let mut conn = ReplicationConnection::connect(&config.source, config.replication.max_message_bytes).await?;
+        let mut conn =
+            ReplicationConnection::connect(&config.source, config.replication.max_message_bytes)
+                .await?;
         let info = conn.identify_system().await?;
         let tls = conn.is_tls();
         conn.close().await;
@@ -345,7 +462,9 @@ async fn replication_login(config: &Config, r: &mut Report) {
             "replication connection",
             Status::Fail,
             e.to_string(),
-            Some("the role needs REPLICATION and pg_hba.conf must admit it to this database".into()),
+            Some(
+                "the role needs REPLICATION and pg_hba.conf must admit it to this database".into(),
+            ),
         ),
     }
 }

@@ -96,12 +96,15 @@ impl ReplicationConnection {
         endpoint: &Endpoint,
         max_message_bytes: usize,
     ) -> Result<Self, SourceError> {
-        tokio::time::timeout(endpoint.connect_timeout, Self::connect_inner(endpoint, max_message_bytes))
-            .await
-            .map_err(|_| SourceError::Timeout {
-                what: format!("connecting to {}", endpoint.describe()),
-                after: endpoint.connect_timeout,
-            })?
+        tokio::time::timeout(
+            endpoint.connect_timeout,
+            Self::connect_inner(endpoint, max_message_bytes),
+        )
+        .await
+        .map_err(|_| SourceError::Timeout {
+            what: format!("connecting to {}", endpoint.describe()),
+            after: endpoint.connect_timeout,
+        })?
     }
 
     async fn connect_inner(
@@ -130,17 +133,23 @@ impl ReplicationConnection {
                 Some(config) => {
                     let mut req = BytesMut::new();
                     frontend::ssl_request(&mut req);
-                    s.write_all(&req).await.map_err(io_err("sending SSLRequest to"))?;
+                    s.write_all(&req)
+                        .await
+                        .map_err(io_err("sending SSLRequest to"))?;
                     let mut answer = [0u8; 1];
                     s.read_exact(&mut answer)
                         .await
                         .map_err(io_err("reading SSLRequest answer from"))?;
                     match answer[0] {
                         b'S' => {
-                            let name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
-                                .map_err(|e| {
-                                    SourceError::Tls(format!("bad host name {:?}: {e}", endpoint.host))
-                                })?;
+                            let name =
+                                rustls::pki_types::ServerName::try_from(endpoint.host.clone())
+                                    .map_err(|e| {
+                                        SourceError::Tls(format!(
+                                            "bad host name {:?}: {e}",
+                                            endpoint.host
+                                        ))
+                                    })?;
                             let connector =
                                 tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
                             let tls = connector.connect(name, s).await.map_err(|e| {
@@ -336,14 +345,17 @@ impl ReplicationConnection {
         match wire::parse_notice(body) {
             Ok(notice) => SourceError::Server {
                 context: context.to_owned(),
-                notice,
+                notice: Box::new(notice),
             },
             Err(e) => e.into(),
         }
     }
 
     /// Runs a replication command or simple query; returns its data rows as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, SourceError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)
             .map_err(|e| SourceError::Protocol(format!("cannot encode query: {e}")))?;
@@ -510,7 +522,10 @@ fn sql_head(sql: &str) -> &str {
 
 /// "15.4 (Debian 15.4-1)" → 150004; "9.6.2" → 90602. Unknown → 0 (treated as oldest).
 fn parse_server_version(text: &str) -> u32 {
-    let num = text.split(|c: char| !c.is_ascii_digit() && c != '.').next().unwrap_or("");
+    let num = text
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .next()
+        .unwrap_or("");
     let mut parts = num.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let major = parts.next().unwrap_or(0);
     let minor = parts.next().unwrap_or(0);
@@ -527,7 +542,10 @@ mod tests {
 
     #[test]
     fn server_versions() {
-        assert_eq!(parse_server_version("15.20 (Debian 15.20-0+deb12u1)"), 150020);
+        assert_eq!(
+            parse_server_version("15.20 (Debian 15.20-0+deb12u1)"),
+            150020
+        );
         assert_eq!(parse_server_version("16beta1"), 160000);
         assert_eq!(parse_server_version("9.6.2"), 90602);
         assert_eq!(parse_server_version("garbage"), 0);

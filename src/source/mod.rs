@@ -51,7 +51,7 @@ pub enum SourceError {
     #[error("{context}: {notice}")]
     Server {
         context: String,
-        notice: ServerNotice,
+        notice: Box<ServerNotice>,
     },
     #[error("replication slot {slot:?} does not exist; it was dropped or never created. switchyard never recreates a slot on its own, because changes made while it was missing would be silently lost. Fix: re-create it deliberately (`switchyard tail --create-slot`, or start the moves again)")]
     SlotMissing { slot: String },
@@ -83,9 +83,10 @@ impl SourceError {
                     .code()
                     .map(|c| is_transient_sqlstate(c.code()))
                     .unwrap_or(true),
-                crate::cluster::ClusterError::Sql { source, .. } => {
-                    source.code().map(|c| is_transient_sqlstate(c.code())).unwrap_or(true)
-                }
+                crate::cluster::ClusterError::Sql { source, .. } => source
+                    .code()
+                    .map(|c| is_transient_sqlstate(c.code()))
+                    .unwrap_or(true),
                 crate::cluster::ClusterError::Tls(_) => false,
             },
             _ => false,
@@ -102,7 +103,10 @@ impl SourceError {
                         slot: slot.to_owned(),
                     }
                 } else if msg.contains("invalidated")
-                    || notice.detail.as_deref().is_some_and(|d| d.contains("invalidated"))
+                    || notice
+                        .detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("invalidated"))
                     || msg.contains("cannot read from logical replication slot")
                 {
                     SourceError::SlotInvalidated {
@@ -126,7 +130,11 @@ impl SourceError {
 /// connections (53300), and "object in use" (55006: the slot is still active for a
 /// walsender that has not noticed its client is gone).
 fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "55006" | "40001")
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "55006" | "40001"
+        )
 }
 
 #[cfg(test)]
@@ -136,13 +144,13 @@ mod tests {
     fn server(code: &str, msg: &str, detail: Option<&str>) -> SourceError {
         SourceError::Server {
             context: "START_REPLICATION".into(),
-            notice: ServerNotice {
+            notice: Box::new(ServerNotice {
                 severity: "ERROR".into(),
                 code: code.into(),
                 message: msg.into(),
                 detail: detail.map(str::to_owned),
                 hint: None,
-            },
+            }),
         }
     }
 
@@ -163,11 +171,17 @@ mod tests {
 
     #[test]
     fn transient_classification() {
-        assert!(server("57P01", "terminating connection due to administrator command", None)
-            .is_transient());
-        assert!(server("55006", "replication slot \"s\" is active for PID 1", None)
-            .for_slot("s")
-            .is_transient());
+        assert!(server(
+            "57P01",
+            "terminating connection due to administrator command",
+            None
+        )
+        .is_transient());
+        assert!(
+            server("55006", "replication slot \"s\" is active for PID 1", None)
+                .for_slot("s")
+                .is_transient()
+        );
         assert!(!server("28P01", "password authentication failed", None).is_transient());
         assert!(SourceError::Closed.is_transient());
         assert!(!SourceError::Auth("x".into()).is_transient());

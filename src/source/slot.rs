@@ -75,7 +75,9 @@ pub async fn ensure_slot(
                 // Another process created it between our look and our create: fine.
                 Err(e) if e.code().map(|c| c.code()) == Some("42710") => {}
                 Err(e) => {
-                    return Err(ClusterError::sql(format!("creating replication slot {slot:?}"))(e).into())
+                    return Err(
+                        ClusterError::sql(format!("creating replication slot {slot:?}"))(e).into(),
+                    )
                 }
             }
             let mut info = slot_info(client, slot)
@@ -137,7 +139,10 @@ pub async fn publication_tables(
     publication: &str,
 ) -> Result<Option<Vec<QualifiedName>>, SourceError> {
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await
         .map_err(ClusterError::sql("reading pg_publication"))?
         .is_some();
@@ -175,7 +180,10 @@ pub fn publication_fix(
         .collect();
     let list = |ts: &[&QualifiedName]| ts.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
     match existing {
-        None if wanted.is_empty() => Some(format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(publication))),
+        None if wanted.is_empty() => Some(format!(
+            "CREATE PUBLICATION {} FOR ALL TABLES",
+            quote_ident(publication)
+        )),
         None => Some(format!(
             "CREATE PUBLICATION {} FOR TABLE {}",
             quote_ident(publication),

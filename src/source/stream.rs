@@ -55,7 +55,10 @@ pub enum SourceEvent {
     Message(Received),
     /// The connection was re-established, resuming at `resume_from`. Any transaction that
     /// was open before this event will be sent again from its start: drop it.
-    Restarted { resume_from: Lsn, attempt: u32 },
+    Restarted {
+        resume_from: Lsn,
+        attempt: u32,
+    },
 }
 
 enum Item {
@@ -148,15 +151,16 @@ async fn open(
     resume: Lsn,
 ) -> Result<(ReplicationConnection, SystemInfo, DecoderOptions), SourceError> {
     let repl = &settings.replication;
-    let mut conn = ReplicationConnection::connect(&settings.endpoint, repl.max_message_bytes).await?;
+    let mut conn =
+        ReplicationConnection::connect(&settings.endpoint, repl.max_message_bytes).await?;
     let system = conn.identify_system().await?;
     let max = conn.max_proto_version();
     let proto_version = match repl.proto_version {
         Some(v) if v > max => {
             return Err(SourceError::Protocol(format!(
-                "replication.proto_version = {v} but this server (version {}) supports at most {max}",
-                conn.server_version_num()
-            )))
+            "replication.proto_version = {v} but this server (version {}) supports at most {max}",
+            conn.server_version_num()
+        )))
         }
         Some(v) => v,
         None => max,
@@ -232,7 +236,9 @@ impl Task {
                     }
                 }
                 Err(err) => {
-                    let _ = self.tx.send(Item::Failed(err.for_slot(&self.settings.replication.slot)));
+                    let _ = self
+                        .tx
+                        .send(Item::Failed(err.for_slot(&self.settings.replication.slot)));
                     return;
                 }
             }
@@ -297,8 +303,12 @@ impl Task {
         loop {
             // Handle what is already buffered, until a message has to wait for budget.
             while pending.is_none() {
-                let Some(frame) = conn.buffered_frame()? else { break };
-                let Some(msg) = conn.copy_message(frame)? else { continue };
+                let Some(frame) = conn.buffered_frame()? else {
+                    break;
+                };
+                let Some(msg) = conn.copy_message(frame)? else {
+                    continue;
+                };
                 match msg {
                     CopyMessage::Keepalive { wal_end, reply } => {
                         self.feedback.on_keepalive(Lsn(wal_end));
@@ -312,13 +322,17 @@ impl Task {
                         wal_end,
                         payload,
                     } => {
-                        let cost = budget_cost(payload.len(), self.settings.replication.max_buffered_bytes);
-                        let message = self.decoder.decode(payload).map_err(|source| {
-                            SourceError::Decode {
-                                lsn: Lsn(wal_start),
-                                source,
-                            }
-                        })?;
+                        let cost = budget_cost(
+                            payload.len(),
+                            self.settings.replication.max_buffered_bytes,
+                        );
+                        let message =
+                            self.decoder
+                                .decode(payload)
+                                .map_err(|source| SourceError::Decode {
+                                    lsn: Lsn(wal_start),
+                                    source,
+                                })?;
                         let (wal_start, wal_end) = (Lsn(wal_start), Lsn(wal_end));
                         match self.budget.clone().try_acquire_many_owned(cost) {
                             Ok(permit) => {
@@ -401,7 +415,9 @@ impl Task {
             message,
             _budget: permit,
         };
-        self.tx.send(Item::Event(SourceEvent::Message(received))).is_ok()
+        self.tx
+            .send(Item::Event(SourceEvent::Message(received)))
+            .is_ok()
     }
 
     async fn send_status(

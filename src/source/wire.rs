@@ -251,7 +251,13 @@ pub fn parse_copy_data(body: Bytes) -> Result<CopyMessage, WireError> {
 }
 
 /// Standby status update ('r'): what we have received, and what is durable downstream.
-pub fn standby_status(write: u64, flush: u64, apply: u64, now_pg_micros: i64, reply: bool) -> Bytes {
+pub fn standby_status(
+    write: u64,
+    flush: u64,
+    apply: u64,
+    now_pg_micros: i64,
+    reply: bool,
+) -> Bytes {
     let mut b = BytesMut::with_capacity(34);
     b.extend_from_slice(b"r");
     b.extend_from_slice(&write.to_be_bytes());
@@ -346,7 +352,10 @@ mod tests {
             }
         );
         for bad in [&b""[..], b"w123", b"k1", b"z"] {
-            assert!(parse_copy_data(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+            assert!(
+                parse_copy_data(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

@@ -1,0 +1,135 @@
+//! Who moves where: tenant and target identifiers.
+//!
+//! Invariants:
+//! - A [`TenantId`] is the tenant key's value as text (the tenant column's value in shared
+//!   tables, or the schema name for schema-per-tenant sources); it is never empty and never
+//!   contains NUL, so it can always be bound as a SQL parameter and used as a storage key.
+//! - A [`TargetId`] names a configured target; it follows the same rules as a SQL name.
+//! - Neither is ever formatted into SQL text: values are bound, names go through
+//!   [`crate::sql::quote_ident`].
+
+use std::fmt;
+
+use crate::sql::{check_name, NameError};
+
+/// Why a tenant id is unusable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TenantIdError {
+    #[error("tenant id is empty")]
+    Empty,
+    #[error("tenant id {0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("tenant id is {0} bytes long; at most 1024 are allowed")]
+    TooLong(usize),
+}
+
+/// The value identifying one tenant.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub fn new(value: impl Into<String>) -> Result<Self, TenantIdError> {
+        let value = value.into();
+        if value.is_empty() {
+            return Err(TenantIdError::Empty);
+        }
+        if value.contains('\0') {
+            return Err(TenantIdError::Nul(value));
+        }
+        if value.len() > 1024 {
+            return Err(TenantIdError::TooLong(value.len()));
+        }
+        Ok(TenantId(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = TenantIdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        TenantId::new(value)
+    }
+}
+
+impl From<TenantId> for String {
+    fn from(id: TenantId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The name of a configured target location.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct TargetId(String);
+
+impl TargetId {
+    pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+        let value = value.into();
+        check_name(&value)?;
+        Ok(TargetId(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TargetId {
+    type Error = NameError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        TargetId::new(value)
+    }
+}
+
+impl From<TargetId> for String {
+    fn from(id: TargetId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for TargetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_ids_accept_any_text_but_empty_nul_or_huge() {
+        assert!(TenantId::new("acme").is_ok());
+        assert!(TenantId::new("42").is_ok());
+        assert!(TenantId::new("robert'); DROP TABLE students;--").is_ok());
+        assert_eq!(TenantId::new(""), Err(TenantIdError::Empty));
+        assert!(matches!(TenantId::new("a\0b"), Err(TenantIdError::Nul(_))));
+        assert!(matches!(
+            TenantId::new("x".repeat(1025)),
+            Err(TenantIdError::TooLong(1025))
+        ));
+    }
+
+    #[test]
+    fn ids_round_trip_through_serde_with_validation() {
+        let t: TenantId = serde_json::from_str("\"acme\"").unwrap();
+        assert_eq!(serde_json::to_string(&t).unwrap(), "\"acme\"");
+        assert!(serde_json::from_str::<TenantId>("\"\"").is_err());
+        assert!(serde_json::from_str::<TargetId>("\"shard2\"").is_ok());
+        assert!(serde_json::from_str::<TargetId>(&format!("\"{}\"", "x".repeat(64))).is_err());
+    }
+}
