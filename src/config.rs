@@ -1,4 +1,5 @@
-//! Configuration: a TOML file (see `config/switchyard.toml`), then environment overrides.
+//! Configuration: a TOML file (see `config/switchyard.toml`), then environment overrides
+//! (`SWITCHYARD_SOURCE_*` for the source, `SWITCHYARD_TARGET_<NAME>_*` for a target).
 //!
 //! Invariants:
 //! - Unknown keys are errors: a typo must not silently fall back to a default.
@@ -7,6 +8,7 @@
 //! - Every name that will reach SQL is validated here (see [`crate::sql`]), so a bad name is
 //!   a config error at start-up, not a SQL error mid-move.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use serde::Deserialize;
 
 use crate::cluster::{Endpoint, Secret, SslMode};
 use crate::sql::{check_name, NameError, QualifiedName};
+use crate::tenant::TargetId;
 
 /// Errors in the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +58,32 @@ struct FileConfig {
     replication: FileReplication,
     #[serde(default)]
     state: FileState,
+    #[serde(default)]
+    targets: BTreeMap<String, FileTarget>,
+    #[serde(default)]
+    tenancy: FileTenancy,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTarget {
+    /// The target is the source cluster itself (moves into another schema of it).
+    #[serde(default)]
+    same_as_source: bool,
+    #[serde(flatten)]
+    endpoint: FileEndpoint,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTenancy {
+    mode: Option<TenancyMode>,
+    tenant_column: Option<String>,
+    #[serde(default)]
+    columns: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileEndpoint {
     host: Option<String>,
@@ -128,12 +154,56 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// How tenants are laid out in the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenancyMode {
+    /// Shared tables with a tenant column.
+    #[default]
+    Shared,
+    /// One schema per tenant: the schema name is the tenant id.
+    Schema,
+}
+
+/// Where the tenant key lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenancy {
+    pub mode: TenancyMode,
+    /// The tenant column of shared tables, unless overridden per table.
+    pub tenant_column: String,
+    /// Per-table tenant columns (e.g. `public.tenants` keyed by `id`).
+    pub columns: BTreeMap<QualifiedName, String>,
+}
+
+impl Default for Tenancy {
+    fn default() -> Self {
+        Tenancy {
+            mode: TenancyMode::Shared,
+            tenant_column: "tenant_id".into(),
+            columns: BTreeMap::new(),
+        }
+    }
+}
+
+impl Tenancy {
+    /// The tenant column of a shared table.
+    pub fn column_of(&self, table: &QualifiedName) -> &str {
+        self.columns
+            .get(table)
+            .map(String::as_str)
+            .unwrap_or(&self.tenant_column)
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub source: Endpoint,
     pub replication: ReplicationConfig,
     pub state_dir: PathBuf,
+    /// Named target locations; a target may be the source cluster itself.
+    pub targets: BTreeMap<TargetId, Endpoint>,
+    pub tenancy: Tenancy,
 }
 
 /// Where environment overrides come from; a function so tests need not touch the process env.
@@ -166,34 +236,92 @@ impl Config {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
-        let source = endpoint(file.source, env)?;
+        let source = endpoint(file.source, "SOURCE", "source", env)?;
         let replication = replication(file.replication)?;
         let state_dir = file.state.dir.unwrap_or_else(|| PathBuf::from("state"));
+        let mut targets = BTreeMap::new();
+        for (name, t) in file.targets {
+            let field = format!("targets.{name}");
+            let id = TargetId::new(name.clone()).map_err(|source| ConfigError::Name {
+                field: field.clone(),
+                source,
+            })?;
+            let env_key = format!("TARGET_{}", name.to_ascii_uppercase().replace('-', "_"));
+            let ep = if t.same_as_source {
+                let mut ep = source.clone();
+                if let Some(db) = t.endpoint.dbname {
+                    ep.dbname = db;
+                }
+                ep
+            } else {
+                endpoint(t.endpoint, &env_key, &field, env)?
+            };
+            targets.insert(id, ep);
+        }
+        let tenancy = tenancy(file.tenancy)?;
         Ok(Config {
             source,
             replication,
             state_dir,
+            targets,
+            tenancy,
         })
     }
 }
 
-fn endpoint(f: FileEndpoint, env: &dyn Env) -> Result<Endpoint, ConfigError> {
-    let over = |key: &str| env.var(&format!("SWITCHYARD_SOURCE_{key}"));
+fn tenancy(f: FileTenancy) -> Result<Tenancy, ConfigError> {
+    let d = Tenancy::default();
+    let tenant_column = f.tenant_column.unwrap_or(d.tenant_column);
+    check_name(&tenant_column).map_err(|source| ConfigError::Name {
+        field: "tenancy.tenant_column".into(),
+        source,
+    })?;
+    let mut columns = BTreeMap::new();
+    for (table, column) in f.columns {
+        let q = QualifiedName::parse(&table).map_err(|source| ConfigError::Name {
+            field: "tenancy.columns".into(),
+            source,
+        })?;
+        check_name(&column).map_err(|source| ConfigError::Name {
+            field: format!("tenancy.columns.{table}"),
+            source,
+        })?;
+        columns.insert(q, column);
+    }
+    Ok(Tenancy {
+        mode: f.mode.unwrap_or_default(),
+        tenant_column,
+        columns,
+    })
+}
+
+/// Reads one endpoint; `env_key` names its override variables (`SWITCHYARD_<KEY>_HOST`…)
+/// and `field` its place in the file for messages.
+fn endpoint(
+    f: FileEndpoint,
+    env_key: &str,
+    field: &str,
+    env: &dyn Env,
+) -> Result<Endpoint, ConfigError> {
+    let over = |key: &str| env.var(&format!("SWITCHYARD_{env_key}_{key}"));
     let host = over("HOST")
         .or(f.host)
         .unwrap_or_else(|| "localhost".into());
     let port = match over("PORT") {
-        Some(p) => p
-            .parse()
-            .map_err(|_| invalid("SWITCHYARD_SOURCE_PORT", format!("{p:?} is not a port")))?,
+        Some(p) => p.parse().map_err(|_| {
+            invalid(
+                &format!("SWITCHYARD_{env_key}_PORT"),
+                format!("{p:?} is not a port"),
+            )
+        })?,
         None => f.port.unwrap_or(5432),
     };
     let user = over("USER")
         .or(f.user)
-        .ok_or_else(|| invalid("source.user", "missing"))?;
+        .ok_or_else(|| invalid(&format!("{field}.user"), "missing"))?;
     let dbname = over("DBNAME")
         .or(f.dbname)
-        .ok_or_else(|| invalid("source.dbname", "missing"))?;
+        .ok_or_else(|| invalid(&format!("{field}.dbname"), "missing"))?;
     let sslmode = match over("SSLMODE") {
         Some(m) => parse_sslmode(&m)?,
         None => f.sslmode.unwrap_or_default(),
@@ -201,11 +329,17 @@ fn endpoint(f: FileEndpoint, env: &dyn Env) -> Result<Endpoint, ConfigError> {
     let sslrootcert = over("SSLROOTCERT").map(PathBuf::from).or(f.sslrootcert);
     if matches!(sslmode, SslMode::VerifyCa) && sslrootcert.is_none() {
         return Err(invalid(
-            "source.sslrootcert",
+            &format!("{field}.sslrootcert"),
             "sslmode verify-ca needs sslrootcert (the CA that signed the server certificate)",
         ));
     }
-    let password = password(f.password_env.as_deref(), f.password_file.as_deref(), env)?;
+    let password = password(
+        f.password_env.as_deref(),
+        f.password_file.as_deref(),
+        env_key,
+        field,
+        env,
+    )?;
     Ok(Endpoint {
         host,
         port,
@@ -238,24 +372,31 @@ fn parse_sslmode(text: &str) -> Result<SslMode, ConfigError> {
 fn password(
     var: Option<&str>,
     file: Option<&Path>,
+    env_key: &str,
+    field: &str,
     env: &dyn Env,
 ) -> Result<Option<Secret>, ConfigError> {
-    if let Some(pw) = env.var("SWITCHYARD_SOURCE_PASSWORD") {
+    if let Some(pw) = env.var(&format!("SWITCHYARD_{env_key}_PASSWORD")) {
         return Ok(Some(Secret::new(pw)));
     }
     match (var, file) {
         (Some(_), Some(_)) => Err(invalid(
-            "source.password_env",
+            &format!("{field}.password_env"),
             "set either password_env or password_file, not both",
         )),
         (Some(var), None) => env
             .var(var)
             .map(|v| Some(Secret::new(v)))
-            .ok_or_else(|| invalid("source.password_env", format!("variable {var} is not set"))),
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{field}.password_env"),
+                    format!("variable {var} is not set"),
+                )
+            }),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 invalid(
-                    "source.password_file",
+                    &format!("{field}.password_file"),
                     format!("cannot read {}: {e}", path.display()),
                 )
             })?;
@@ -387,7 +528,9 @@ mod tests {
     fn example_config_in_repo_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        let c = load(&text, &env(&[("SWITCHYARD_SOURCE_PASSWORD", "pw")])).unwrap();
+        let e = env(&[("SWITCHYARD_SOURCE_PASSWORD", "pw"), ("SWITCHYARD_SHARD2_PASSWORD", "pw2")]);
+        let c = load(&text, &e).unwrap();
+        assert_eq!(c.targets.len(), 2);
         assert!(!c.replication.tables.is_empty());
     }
 
@@ -419,6 +562,37 @@ mod tests {
         let text = format!("{MINIMAL}password_file = {:?}\n", f.display().to_string());
         let c = load(&text, &env(&[])).unwrap();
         assert_eq!(c.source.password.unwrap().expose(), "filepw");
+    }
+
+    #[test]
+    fn targets_and_tenancy() {
+        let text = format!(
+            "{MINIMAL}\n[targets.local]\nsame_as_source = true\n\
+             [targets.shard-2]\nhost = \"10.0.0.2\"\nuser = \"mover\"\ndbname = \"shard\"\n\
+             password_env = \"SHARD_PW\"\n\
+             [tenancy]\ntenant_column = \"account_id\"\n[tenancy.columns]\n\"public.accounts\" = \"id\"\n"
+        );
+        let e = env(&[("SHARD_PW", "x"), ("SWITCHYARD_TARGET_SHARD_2_PORT", "6000")]);
+        let c = load(&text, &e).unwrap();
+        let local = &c.targets[&TargetId::new("local").unwrap()];
+        assert_eq!(local.dbname, "app");
+        let shard = &c.targets[&TargetId::new("shard-2").unwrap()];
+        assert_eq!((shard.host.as_str(), shard.port), ("10.0.0.2", 6000));
+        assert_eq!(shard.password.as_ref().unwrap().expose(), "x");
+        assert_eq!(c.tenancy.mode, TenancyMode::Shared);
+        let accounts = QualifiedName::parse("public.accounts").unwrap();
+        let orders = QualifiedName::parse("public.orders").unwrap();
+        assert_eq!(c.tenancy.column_of(&accounts), "id");
+        assert_eq!(c.tenancy.column_of(&orders), "account_id");
+
+        let bad = format!("{MINIMAL}[targets.t]\nhost = \"h\"\n");
+        let err = load(&bad, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("targets.t.user"), "{err}");
+        let bad = format!("{MINIMAL}[targets.t]\nuser = \"u\"\ndbname = \"d\"\nbogus = 1\n");
+        let err = load(&bad, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let bad = format!("{MINIMAL}[tenancy]\nmode = \"rows\"\n");
+        assert!(load(&bad, &env(&[])).is_err());
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod source;
 pub mod sql;
 pub mod tail;
 pub mod tenant;
+pub mod provision;

@@ -21,4 +21,4 @@ mod relation;
 
 pub use message::*;
 pub use parse::{DecodeError, Decoder, DecoderOptions};
-pub use relation::{RelationCache, RelationError};
+pub use relation::{ColumnValues, RelationCache, RelationChange, RelationDiff, RelationError};

@@ -1,7 +1,7 @@
 //! The pgoutput decoder: one XLogData payload in, one [`Message`] out.
 //!
 //! Invariants:
-//! - Never panics on input. Every read goes through [`Reader`], which checks bounds before it
+//! - Never panics on input. Every read goes through `Reader`, which checks bounds before it
 //!   touches a byte; there is no indexing, no `unwrap` on input and no unchecked arithmetic
 //!   on wire values.
 //! - No allocation sized by the sender alone: a count read from the wire is checked against
