@@ -384,15 +384,12 @@ fn password(
             &format!("{field}.password_env"),
             "set either password_env or password_file, not both",
         )),
-        (Some(var), None) => env
-            .var(var)
-            .map(|v| Some(Secret::new(v)))
-            .ok_or_else(|| {
-                invalid(
-                    &format!("{field}.password_env"),
-                    format!("variable {var} is not set"),
-                )
-            }),
+        (Some(var), None) => env.var(var).map(|v| Some(Secret::new(v))).ok_or_else(|| {
+            invalid(
+                &format!("{field}.password_env"),
+                format!("variable {var} is not set"),
+            )
+        }),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 invalid(
@@ -528,7 +525,10 @@ mod tests {
     fn example_config_in_repo_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        let e = env(&[("SWITCHYARD_SOURCE_PASSWORD", "pw"), ("SWITCHYARD_SHARD2_PASSWORD", "pw2")]);
+        let e = env(&[
+            ("SWITCHYARD_SOURCE_PASSWORD", "pw"),
+            ("SWITCHYARD_SHARD2_PASSWORD", "pw2"),
+        ]);
         let c = load(&text, &e).unwrap();
         assert_eq!(c.targets.len(), 2);
         assert!(!c.replication.tables.is_empty());
@@ -572,7 +572,10 @@ mod tests {
              password_env = \"SHARD_PW\"\n\
              [tenancy]\ntenant_column = \"account_id\"\n[tenancy.columns]\n\"public.accounts\" = \"id\"\n"
         );
-        let e = env(&[("SHARD_PW", "x"), ("SWITCHYARD_TARGET_SHARD_2_PORT", "6000")]);
+        let e = env(&[
+            ("SHARD_PW", "x"),
+            ("SWITCHYARD_TARGET_SHARD_2_PORT", "6000"),
+        ]);
         let c = load(&text, &e).unwrap();
         let local = &c.targets[&TargetId::new("local").unwrap()];
         assert_eq!(local.dbname, "app");

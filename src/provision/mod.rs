@@ -41,8 +41,13 @@ pub enum ProvisionError {
         what: String,
         schema: String,
     },
-    #[error("target table {target} exists with different columns ({detail}); refusing to touch it")]
-    Mismatch { target: QualifiedName, detail: String },
+    #[error(
+        "target table {target} exists with different columns ({detail}); refusing to touch it"
+    )]
+    Mismatch {
+        target: QualifiedName,
+        detail: String,
+    },
     #[error("{table}: column type {type_name} is a domain or composite from schema {schema:?}; create it on the target first")]
     UnsupportedType {
         table: QualifiedName,
@@ -147,21 +152,42 @@ impl TableDef {
 pub struct Placement {
     pub same_cluster: bool,
     pub tables: BTreeMap<QualifiedName, QualifiedName>,
+    /// Source schemas that move wholesale (schema-per-tenant), with their new names: types
+    /// in them follow the tables. Shared schemas such as `public` stay where they are.
+    pub schema_renames: BTreeMap<String, String>,
 }
 
 impl Placement {
-    /// Every table into one target schema, keeping table names.
+    /// Shared tables into one target schema, keeping table names; shared schemas stay.
     pub fn into_schema(tables: &[QualifiedName], schema: &str, same_cluster: bool) -> Self {
         Placement {
             same_cluster,
             tables: tables
                 .iter()
-                .map(|t| (t.clone(), QualifiedName {
-                    schema: schema.to_owned(),
-                    name: t.name.clone(),
-                }))
+                .map(|t| {
+                    (
+                        t.clone(),
+                        QualifiedName {
+                            schema: schema.to_owned(),
+                            name: t.name.clone(),
+                        },
+                    )
+                })
                 .collect(),
+            schema_renames: BTreeMap::new(),
         }
+    }
+
+    /// A tenant's own schema, wholesale, into `to` (schema-per-tenant sources).
+    pub fn schema_to_schema(
+        tables: &[QualifiedName],
+        from: &str,
+        to: &str,
+        same_cluster: bool,
+    ) -> Self {
+        let mut p = Placement::into_schema(tables, to, same_cluster);
+        p.schema_renames.insert(from.to_owned(), to.to_owned());
+        p
     }
 
     fn validate(&self) -> Result<(), ProvisionError> {
@@ -179,10 +205,6 @@ impl Placement {
             }
         }
         Ok(())
-    }
-
-    fn moved_schemas(&self) -> BTreeSet<&str> {
-        self.tables.keys().map(|t| t.schema.as_str()).collect()
     }
 
     fn target_schemas(&self) -> BTreeSet<&str> {
@@ -289,7 +311,9 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
         };
         let (default, generated) = if generated == "s" {
             (None, expr)
-        } else if owned_sequence.is_some() && expr.as_deref().is_some_and(|e| e.starts_with("nextval(")) {
+        } else if owned_sequence.is_some()
+            && expr.as_deref().is_some_and(|e| e.starts_with("nextval("))
+        {
             // Re-made against the target's own sequence.
             (None, None)
         } else {
@@ -376,7 +400,9 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
         let tail = def
             .find(" USING ")
             .map(|i| def[i..].to_owned())
-            .ok_or_else(|| ProvisionError::Placement(format!("unexpected index definition {def:?}")))?;
+            .ok_or_else(|| {
+                ProvisionError::Placement(format!("unexpected index definition {def:?}"))
+            })?;
         indexes.push(IndexDef {
             name: r.get(0),
             unique: r.get(1),
@@ -429,10 +455,25 @@ pub enum Step {
     Schema(String),
     Enum(EnumDef),
     Sequence(SequenceDef),
-    Table { name: QualifiedName, sql: String, columns: Vec<(String, String)> },
-    SequenceOwner { sequence: QualifiedName, table: QualifiedName, column: String },
-    Constraint { table: QualifiedName, name: String, sql: String },
-    Index { sql: String },
+    Table {
+        name: QualifiedName,
+        sql: String,
+        columns: Vec<(String, String)>,
+    },
+    SequenceOwner {
+        sequence: QualifiedName,
+        table: QualifiedName,
+        column: String,
+    },
+    Constraint {
+        table: QualifiedName,
+        name: String,
+        sql: String,
+    },
+    Index {
+        index: QualifiedName,
+        sql: String,
+    },
 }
 
 /// The ordered DDL that creates `tables` at their placement, plus warnings for what is
@@ -451,20 +492,15 @@ fn mentions_schema(text: &str, schema: &str) -> bool {
 /// Builds the plan. Pure: unit-tested without a database.
 pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, ProvisionError> {
     placement.validate()?;
-    let moved_schemas = placement.moved_schemas();
-    // Schemas that move wholesale are the ones whose names must not leak into rendered
-    // text on another cluster; on the same cluster they still exist, so references work.
+    // A renamed schema's name must not leak into rendered text on another cluster (it will
+    // not exist there); on the same cluster it still exists, so such references still work.
     let guard = |table: &QualifiedName, what: &str, text: &str| -> Result<(), ProvisionError> {
-        for s in &moved_schemas {
-            let renamed = placement
-                .tables
-                .iter()
-                .any(|(src, dst)| src.schema == *s && dst.schema != *s);
-            if !placement.same_cluster && renamed && mentions_schema(text, s) {
+        for (from, to) in &placement.schema_renames {
+            if !placement.same_cluster && from != to && mentions_schema(text, from) {
                 return Err(ProvisionError::SchemaReference {
                     table: table.clone(),
                     what: what.to_owned(),
-                    schema: (*s).to_owned(),
+                    schema: from.clone(),
                 });
             }
         }
@@ -474,19 +510,17 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
     for s in placement.target_schemas() {
         p.steps.push(Step::Schema(s.to_owned()));
     }
-    // Types first: enums that live in a moved schema follow it; others keep their name.
+    // Types first: enums in a renamed schema follow it; others keep their name.
     let mut enums: BTreeMap<QualifiedName, QualifiedName> = BTreeMap::new();
     for t in tables {
-        let target = &placement.tables[&t.name];
         for c in &t.columns {
             if let Some(e) = &c.enum_type {
-                let dst = if moved_schemas.contains(e.name.schema.as_str()) && e.name.schema != target.schema {
-                    QualifiedName {
-                        schema: target.schema.clone(),
+                let dst = match placement.schema_renames.get(&e.name.schema) {
+                    Some(to) => QualifiedName {
+                        schema: to.clone(),
                         name: e.name.name.clone(),
-                    }
-                } else {
-                    e.name.clone()
+                    },
+                    None => e.name.clone(),
                 };
                 let needs_create = !placement.same_cluster || dst != e.name;
                 if needs_create && !enums.contains_key(&e.name) {
@@ -513,7 +547,11 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
             let type_sql = match &c.enum_type {
                 Some(e) => enums[&e.name].quoted(),
                 None => {
-                    guard(&t.name, &format!("the type of column {}", c.name), &c.type_sql)?;
+                    guard(
+                        &t.name,
+                        &format!("the type of column {}", c.name),
+                        &c.type_sql,
+                    )?;
                     c.type_sql.clone()
                 }
             };
@@ -574,7 +612,8 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
             .filter(|s| matches!(s, Step::SequenceOwner { table, .. } if table == target))
             .cloned()
             .collect();
-        p.steps.retain(|s| !matches!(s, Step::SequenceOwner { table, .. } if table == target));
+        p.steps
+            .retain(|s| !matches!(s, Step::SequenceOwner { table, .. } if table == target));
         p.steps.push(step);
         p.steps.extend(owners);
     }
@@ -618,6 +657,10 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
         for i in &t.indexes {
             guard(&t.name, &format!("index {}", i.name), &i.tail)?;
             p.steps.push(Step::Index {
+                index: QualifiedName {
+                    schema: target.schema.clone(),
+                    name: i.name.clone(),
+                },
                 sql: format!(
                     "CREATE {}INDEX IF NOT EXISTS {} ON {}{}",
                     if i.unique { "UNIQUE " } else { "" },
@@ -629,13 +672,29 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
         }
     }
     // Foreign keys after every other constraint.
-    let (fks, rest): (Vec<Step>, Vec<Step>) = p.steps.into_iter().partition(|s| {
-        matches!(s, Step::Constraint { sql, .. } if sql.contains(" FOREIGN KEY "))
-    });
+    let (fks, rest): (Vec<Step>, Vec<Step>) = p
+        .steps
+        .into_iter()
+        .partition(|s| matches!(s, Step::Constraint { sql, .. } if sql.contains(" FOREIGN KEY ")));
     p.steps = rest;
     p.steps.extend(fks);
     dedup_schemas(&mut p.steps);
     Ok(p)
+}
+
+async fn relation_exists(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &QualifiedName,
+) -> Result<bool, ProvisionError> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .map_err(ClusterError::sql("checking for a relation"))?
+        .is_some())
 }
 
 fn dedup_schemas(steps: &mut Vec<Step>) {
@@ -657,7 +716,10 @@ fn fk_action(code: char) -> &'static str {
 }
 
 fn idents(cols: &[String]) -> String {
-    cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+    cols.iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn fk_sql(fk: &ForeignKeyDef, referenced: &QualifiedName) -> String {
@@ -685,7 +747,7 @@ fn fk_sql(fk: &ForeignKeyDef, referenced: &QualifiedName) -> String {
 }
 
 /// Runs `plan` on the target in one transaction, creating only what is missing.
-/// Returns how many objects were created.
+/// Returns how many objects were created (0 when everything already existed).
 pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionError> {
     let tx = client
         .transaction()
@@ -697,7 +759,14 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
     let mut created = 0;
     for step in &plan.steps {
         let (sql, exists) = match step {
-            Step::Schema(s) => (format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(s)), false),
+            Step::Schema(s) => {
+                let exists = tx
+                    .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[s])
+                    .await
+                    .map_err(ClusterError::sql("checking for a schema"))?
+                    .is_some();
+                (format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(s)), exists)
+            }
             Step::Enum(e) => {
                 let exists = tx
                     .query_opt(
@@ -723,7 +792,7 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
                     s.cache,
                     if s.cycle { " CYCLE" } else { " NO CYCLE" }
                 ),
-                false,
+                relation_exists(&tx, &s.name).await?,
             ),
             Step::Table { name, sql, columns } => {
                 let existing = tx
@@ -757,15 +826,35 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
                 }
                 (sql.clone(), !existing.is_empty())
             }
-            Step::SequenceOwner { sequence, table, column } => (
-                format!(
-                    "ALTER SEQUENCE {} OWNED BY {}.{}",
-                    sequence.quoted(),
-                    table.quoted(),
-                    quote_ident(column)
-                ),
-                false,
-            ),
+            Step::SequenceOwner {
+                sequence,
+                table,
+                column,
+            } => {
+                let owned = tx
+                    .query_opt(
+                        "SELECT 1 FROM pg_depend d \
+                           JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace sn ON sn.oid = s.relnamespace \
+                           JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace \
+                           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid \
+                          WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'a' \
+                            AND sn.nspname = $1 AND s.relname = $2 \
+                            AND tn.nspname = $3 AND t.relname = $4 AND a.attname = $5",
+                        &[&sequence.schema, &sequence.name, &table.schema, &table.name, column],
+                    )
+                    .await
+                    .map_err(ClusterError::sql("checking a sequence owner"))?
+                    .is_some();
+                (
+                    format!(
+                        "ALTER SEQUENCE {} OWNED BY {}.{}",
+                        sequence.quoted(),
+                        table.quoted(),
+                        quote_ident(column)
+                    ),
+                    owned,
+                )
+            }
             Step::Constraint { table, name, sql } => {
                 let exists = tx
                     .query_opt(
@@ -779,7 +868,7 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
                     .is_some();
                 (sql.clone(), exists)
             }
-            Step::Index { sql } => (sql.clone(), false),
+            Step::Index { index, sql } => (sql.clone(), relation_exists(&tx, index).await?),
         };
         if exists {
             continue;
@@ -841,7 +930,12 @@ mod tests {
         amount.default = Some("0".into());
         TableDef {
             name: q("public.orders"),
-            columns: vec![id, col("tenant_id", "integer"), col("user_id", "integer"), amount],
+            columns: vec![
+                id,
+                col("tenant_id", "integer"),
+                col("user_id", "integer"),
+                amount,
+            ],
             constraints: vec![
                 pk("id"),
                 ConstraintDef {
@@ -897,9 +991,9 @@ mod tests {
                 Step::Schema(s) => format!("schema {s}"),
                 Step::Enum(e) => format!("enum {}", e.name),
                 Step::Sequence(s) => format!("sequence {}", s.name),
-                Step::Table { sql, .. } | Step::Constraint { sql, .. } | Step::Index { sql } => {
-                    sql.clone()
-                }
+                Step::Table { sql, .. }
+                | Step::Constraint { sql, .. }
+                | Step::Index { sql, .. } => sql.clone(),
                 Step::SequenceOwner { sequence, .. } => format!("owner {sequence}"),
             })
             .collect()
@@ -921,7 +1015,10 @@ mod tests {
         assert!(same.warnings.is_empty());
         // Foreign keys come after every table and other constraint.
         let first_fk = sql.iter().position(|s| s.contains("FOREIGN KEY")).unwrap();
-        let last_table = sql.iter().rposition(|s| s.starts_with("CREATE TABLE")).unwrap();
+        let last_table = sql
+            .iter()
+            .rposition(|s| s.starts_with("CREATE TABLE"))
+            .unwrap();
         let last_pk = sql.iter().rposition(|s| s.contains("PRIMARY KEY")).unwrap();
         assert!(first_fk > last_table && first_fk > last_pk, "{sql:#?}");
 
@@ -933,11 +1030,24 @@ mod tests {
 
     #[test]
     fn owned_sequences_are_recreated_in_the_target_schema() {
-        let p = plan(&[orders()], &Placement::into_schema(&[q("public.orders")], "acme", true)).unwrap();
+        let p = plan(
+            &[orders()],
+            &Placement::into_schema(&[q("public.orders")], "acme", true),
+        )
+        .unwrap();
         let sql = sql_of(&p);
-        let seq = sql.iter().position(|s| s == "sequence acme.orders_id_seq").unwrap();
-        let table = sql.iter().position(|s| s.starts_with("CREATE TABLE")).unwrap();
-        let owner = sql.iter().position(|s| s == "owner acme.orders_id_seq").unwrap();
+        let seq = sql
+            .iter()
+            .position(|s| s == "sequence acme.orders_id_seq")
+            .unwrap();
+        let table = sql
+            .iter()
+            .position(|s| s.starts_with("CREATE TABLE"))
+            .unwrap();
+        let owner = sql
+            .iter()
+            .position(|s| s == "owner acme.orders_id_seq")
+            .unwrap();
         assert!(seq < table && table < owner, "{sql:#?}");
         assert!(sql[table].contains(
             "\"id\" bigint DEFAULT nextval('\"acme\".\"orders_id_seq\"'::regclass) NOT NULL"
@@ -954,7 +1064,10 @@ mod tests {
         t.columns[0].name = "id\"); DROP TABLE y; --".into();
         let placement = Placement::into_schema(&[t.name.clone()], "evil\"schema", true);
         let p = plan(&[t], &placement).unwrap();
-        let table = sql_of(&p).into_iter().find(|s| s.starts_with("CREATE TABLE")).unwrap();
+        let table = sql_of(&p)
+            .into_iter()
+            .find(|s| s.starts_with("CREATE TABLE"))
+            .unwrap();
         assert!(table.starts_with(
             "CREATE TABLE IF NOT EXISTS \"evil\"\"schema\".\"users\"\"; DROP TABLE x; --\" (\"id\"\"); DROP TABLE y; --\" integer"
         ), "{table}");
@@ -965,30 +1078,36 @@ mod tests {
         let mut t = users();
         t.name = q("tenant_a.users");
         t.columns[1].default = Some("tenant_a.next_tenant()".into());
-        let placement = Placement {
-            same_cluster: false,
-            tables: [(q("tenant_a.users"), q("acme.users"))].into(),
-        };
+        let placement =
+            Placement::schema_to_schema(&[q("tenant_a.users")], "tenant_a", "acme", false);
         let err = plan(std::slice::from_ref(&t), &placement).unwrap_err();
-        assert!(matches!(err, ProvisionError::SchemaReference { .. }), "{err}");
+        assert!(
+            matches!(err, ProvisionError::SchemaReference { .. }),
+            "{err}"
+        );
         // Keeping the schema name makes the same text valid on the target.
-        let keep = Placement {
-            same_cluster: false,
-            tables: [(q("tenant_a.users"), q("tenant_a.users"))].into(),
-        };
+        let keep =
+            Placement::schema_to_schema(&[q("tenant_a.users")], "tenant_a", "tenant_a", false);
         assert!(plan(&[t], &keep).is_ok());
     }
 
     #[test]
     fn bad_placements_are_refused() {
         let t = users();
-        let onto_itself = Placement::into_schema(&[t.name.clone()], "public", true);
-        assert!(matches!(plan(std::slice::from_ref(&t), &onto_itself), Err(ProvisionError::Placement(_))));
+        let onto_itself = Placement::into_schema(std::slice::from_ref(&t.name), "public", true);
+        assert!(matches!(
+            plan(std::slice::from_ref(&t), &onto_itself),
+            Err(ProvisionError::Placement(_))
+        ));
         let clash = Placement {
             same_cluster: false,
             tables: [(q("a.t"), q("x.t")), (q("b.t"), q("x.t"))].into(),
+            schema_renames: BTreeMap::new(),
         };
-        assert!(matches!(plan(&[], &clash), Err(ProvisionError::Placement(_))));
+        assert!(matches!(
+            plan(&[], &clash),
+            Err(ProvisionError::Placement(_))
+        ));
     }
 
     #[test]
@@ -1007,10 +1126,8 @@ mod tests {
         });
         t.columns.push(mood);
         t.columns.push(global);
-        let placement = Placement {
-            same_cluster: false,
-            tables: [(q("tenant_a.users"), q("acme.users"))].into(),
-        };
+        let placement =
+            Placement::schema_to_schema(&[q("tenant_a.users")], "tenant_a", "acme", false);
         let p = plan(&[t], &placement).unwrap();
         let sql = sql_of(&p);
         assert!(sql.contains(&"enum acme.mood".to_string()), "{sql:#?}");
