@@ -62,6 +62,14 @@ struct FileConfig {
     targets: BTreeMap<String, FileTarget>,
     #[serde(default)]
     tenancy: FileTenancy,
+    #[serde(default)]
+    registry: FileRegistry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRegistry {
+    schema: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +212,8 @@ pub struct Config {
     /// Named target locations; a target may be the source cluster itself.
     pub targets: BTreeMap<TargetId, Endpoint>,
     pub tenancy: Tenancy,
+    /// Schema of the registry tables in the control database (the source database).
+    pub registry_schema: String,
 }
 
 /// Where environment overrides come from; a function so tests need not touch the process env.
@@ -259,12 +269,18 @@ impl Config {
             targets.insert(id, ep);
         }
         let tenancy = tenancy(file.tenancy)?;
+        let registry_schema = file.registry.schema.unwrap_or_else(|| "switchyard".into());
+        check_name(&registry_schema).map_err(|source| ConfigError::Name {
+            field: "registry.schema".into(),
+            source,
+        })?;
         Ok(Config {
             source,
             replication,
             state_dir,
             targets,
             tenancy,
+            registry_schema,
         })
     }
 }

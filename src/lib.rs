@@ -16,6 +16,7 @@ pub mod decode;
 pub mod error;
 pub mod lsn;
 pub mod provision;
+pub mod registry;
 pub mod source;
 pub mod sql;
 pub mod tail;

@@ -7,8 +7,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
 use switchyard::lsn::Lsn;
+use switchyard::registry::{CutoverMode, Registry};
 use switchyard::source::{self, ReplicationStream, StreamSettings};
 use switchyard::tail::{Output, Renderer};
+use switchyard::tenant::{TargetId, TenantId};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +60,20 @@ enum Command {
         /// Start position (the server never goes before the slot's confirmed position).
         #[arg(long, value_parser = parse_lsn)]
         from: Option<Lsn>,
+    },
+    /// Request a tenant move: writes a row into the registry's moves table.
+    Move {
+        /// The tenant id (the tenant column's value, or the schema for schema-per-tenant).
+        tenant: String,
+        /// A target named in the configuration's [targets].
+        #[arg(long)]
+        to: String,
+        /// Target schema (default: the tenant id).
+        #[arg(long)]
+        schema: Option<String>,
+        /// Cut over automatically as soon as the tenant is in sync.
+        #[arg(long)]
+        auto: bool,
     },
 }
 
@@ -115,6 +131,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Command::Move {
+            tenant,
+            to,
+            schema,
+            auto,
+        } => {
+            let tenant = TenantId::new(tenant)?;
+            let target = TargetId::new(to)?;
+            if !config.targets.contains_key(&target) {
+                let known: Vec<String> = config.targets.keys().map(|t| t.to_string()).collect();
+                anyhow::bail!(
+                    "target {:?} is not configured; known targets: {}",
+                    target.as_str(),
+                    known.join(", ")
+                );
+            }
+            let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
+            let registry = Registry::new(config.registry_schema.clone())?;
+            let mut client = config.source.connect_sql().await?;
+            registry.install(&mut client).await?;
+            let mode = if auto {
+                CutoverMode::Auto
+            } else {
+                CutoverMode::Manual
+            };
+            let id = registry
+                .request_move(&client, &tenant, &target, &schema, mode)
+                .await?;
+            println!(
+                "move {id} requested: tenant {tenant} to {target} schema {schema} ({} cutover)",
+                mode.as_str()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Tail {
             ack,

@@ -570,8 +570,37 @@ async fn reconnects_after_walsender_kill_and_source_restart_without_loss_or_repl
     let c = pg.client().await?;
     let pid = walsender_pid(&c).await?;
     pg.psql(&insert(201, 400))?;
+    // Let the walsender send them (they sit unconsumed in our queue), then kill it: the
+    // reconnect must not ask for them again, nor lose them.
+    let written: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    wait_for("the walsender to send the second batch", WAIT, || async {
+        let r = c
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication WHERE pid = $1 AND sent_lsn >= $2::text::pg_lsn",
+                &[&pid, &written],
+            )
+            .await?;
+        Ok(r.map(|_| ()))
+    })
+    .await?;
     c.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await?;
+    // Consume nothing until the stream has reconnected, so the resume point cannot
+    // benefit from our consumer catching up in the meantime.
+    wait_for("a new walsender after the kill", WAIT, || async {
+        let r = c
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND active \
+                   AND active_pid <> $1",
+                &[&pid],
+            )
+            .await?;
+        Ok(r.map(|_| ()))
+    })
+    .await?;
     pg.psql(&insert(401, 600))?;
     consume_ids(&mut stream, &mut seen, &mut restarts, 600).await?;
     assert!(restarts >= 1, "the stream should have reconnected");

@@ -88,6 +88,13 @@ impl Feedback {
         self.ack && !self.in_block && durable >= self.delivered_end
     }
 
+    /// End of the last transaction handed to the consumer. Everything before it is in
+    /// the consumer's hands (queued or processed), so a reconnect resumes here: earlier
+    /// would deliver those transactions twice, later would skip some.
+    pub fn delivered(&self) -> Lsn {
+        self.delivered_end
+    }
+
     pub fn received(&self) -> Lsn {
         self.received
     }

@@ -13,8 +13,10 @@
 //! - Feedback keeps flowing while the consumer applies back-pressure: the task stops reading
 //!   the socket, not answering it.
 //! - A missing or invalidated slot is fatal and is never recreated here.
-//! - Reconnects resume from the durable position; the consumer is told with
-//!   [`SourceEvent::Restarted`] so it can drop a partially received transaction.
+//! - Reconnects resume after the last transaction handed to the consumer (it is queued or
+//!   processed, never lost: the channel survives the connection); the consumer is told
+//!   with [`SourceEvent::Restarted`] so it can drop a partially received transaction,
+//!   which the server sends again from its start.
 
 pub mod check;
 pub mod connection;

@@ -249,7 +249,13 @@ impl Task {
                     return;
                 }
                 backoff = (backoff * 2).min(self.settings.replication.reconnect_max_backoff);
-                let resume = self.durable.get().max(self.settings.start);
+                // Not just `durable`: transactions already queued for the consumer will be
+                // processed, so asking the server for them again would duplicate them.
+                let resume = self
+                    .durable
+                    .get()
+                    .max(self.feedback.delivered())
+                    .max(self.settings.start);
                 match open(&self.settings, resume).await {
                     Ok((c, _, opts)) => {
                         conn = c;

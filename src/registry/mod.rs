@@ -1,0 +1,536 @@
+//! The registry: operator-facing tables in a control database (default: the source database,
+//! schema `switchyard`). Operators INSERT move requests and read progress; applications read
+//! routes.
+//!
+//! ```text
+//!   switchyard.moves   one row per move request: tenant, target, target schema, cutover mode,
+//!                      state, progress, lag, last error     (INSERT → NOTIFY switchyard_moves)
+//!   switchyard.routes  tenant → location (source or a target, and schema); changed only by a
+//!                      cutover, with a version that increments on every flip
+//! ```
+//!
+//! Invariants:
+//! - The DDL is idempotent (`install` may run at every start) and runs in one transaction.
+//! - At most one unfinished move per tenant, enforced by a partial unique index, so two
+//!   operators cannot start competing moves.
+//! - State changes go through [`MoveState::can_become`]; the UPDATE also checks the current
+//!   state in its WHERE clause, so a concurrent change is detected, not overwritten.
+//! - Tenant ids and names are always bound parameters; the schema name is a fixed identifier.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tokio_postgres::Client;
+
+use crate::cluster::ClusterError;
+use crate::sql::{check_name, quote_ident, NameError};
+use crate::tenant::{TargetId, TenantId};
+
+/// The notification channel raised when a move row is inserted or changed by an operator.
+pub const CHANNEL: &str = "switchyard_moves";
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("tenant {tenant} already has an unfinished move (id {id}, state {state})")]
+    AlreadyMoving {
+        tenant: TenantId,
+        id: i64,
+        state: MoveState,
+    },
+    #[error("move {id} is {actual}, not {expected}: someone else changed it")]
+    Conflict {
+        id: i64,
+        expected: MoveState,
+        actual: MoveState,
+    },
+    #[error("move {id}: {from} cannot become {to}")]
+    Transition {
+        id: i64,
+        from: MoveState,
+        to: MoveState,
+    },
+    #[error("move {0} does not exist")]
+    UnknownMove(i64),
+    #[error("registry row {id} holds an invalid {field}: {detail}")]
+    BadRow {
+        id: i64,
+        field: &'static str,
+        detail: String,
+    },
+    #[error("invalid registry schema name: {0}")]
+    Name(#[from] NameError),
+}
+
+/// The life of a move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveState {
+    Requested,
+    Provisioning,
+    Copying,
+    /// In sync: backfill done, the stream keeps the target current.
+    Streaming,
+    CuttingOver,
+    CutOver,
+    Cleaned,
+    /// Stopped by a tenant-fatal error; `last_error` says why. May be resumed.
+    Failed,
+    /// Paused by an operator or by DDL on a moved table; may be resumed.
+    Paused,
+    Cancelled,
+    RolledBack,
+}
+
+impl MoveState {
+    pub const ALL: [MoveState; 11] = [
+        MoveState::Requested,
+        MoveState::Provisioning,
+        MoveState::Copying,
+        MoveState::Streaming,
+        MoveState::CuttingOver,
+        MoveState::CutOver,
+        MoveState::Cleaned,
+        MoveState::Failed,
+        MoveState::Paused,
+        MoveState::Cancelled,
+        MoveState::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveState::Requested => "requested",
+            MoveState::Provisioning => "provisioning",
+            MoveState::Copying => "copying",
+            MoveState::Streaming => "streaming",
+            MoveState::CuttingOver => "cutting_over",
+            MoveState::CutOver => "cut_over",
+            MoveState::Cleaned => "cleaned",
+            MoveState::Failed => "failed",
+            MoveState::Paused => "paused",
+            MoveState::Cancelled => "cancelled",
+            MoveState::RolledBack => "rolled_back",
+        }
+    }
+
+    /// Finished moves no longer hold the tenant: a new move may be requested.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MoveState::Cleaned | MoveState::Cancelled | MoveState::RolledBack
+        )
+    }
+
+    /// Whether the pipeline needs changes of this tenant (and so holds the slot for it).
+    pub fn consumes_stream(self) -> bool {
+        matches!(
+            self,
+            MoveState::Provisioning
+                | MoveState::Copying
+                | MoveState::Streaming
+                | MoveState::CuttingOver
+                | MoveState::CutOver
+        )
+    }
+
+    /// The allowed transitions. Everything else is a bug or a race, and is refused.
+    pub fn can_become(self, to: MoveState) -> bool {
+        use MoveState::*;
+        match (self, to) {
+            (Requested, Provisioning) => true,
+            (Provisioning, Copying) => true,
+            (Copying, Streaming) => true,
+            (Streaming, CuttingOver) => true,
+            // An aborted cutover attempt returns to streaming and retries later.
+            (CuttingOver, Streaming | CutOver) => true,
+            (CutOver, Cleaned | RolledBack) => true,
+            // Failure or pause can strike any active state; resume restarts provisioning,
+            // which is idempotent and continues from the recorded cursors.
+            (Provisioning | Copying | Streaming | CuttingOver, Failed | Paused) => true,
+            (Failed | Paused, Provisioning) => true,
+            // Cancel only before the cutover: afterwards the tenant lives at the target.
+            (Requested | Provisioning | Copying | Streaming | Failed | Paused, Cancelled) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for MoveState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MoveState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MoveState::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown move state {s:?}"))
+    }
+}
+
+/// Manual: an operator runs `switchyard cutover`. Auto: cut over as soon as in sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CutoverMode {
+    Manual,
+    Auto,
+}
+
+impl CutoverMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CutoverMode::Manual => "manual",
+            CutoverMode::Auto => "auto",
+        }
+    }
+}
+
+/// A move request as stored.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Move {
+    pub id: i64,
+    pub tenant: TenantId,
+    pub target: TargetId,
+    pub target_schema: String,
+    pub cutover_mode: CutoverMode,
+    pub state: MoveState,
+    pub rows_copied: i64,
+    pub rows_total: Option<i64>,
+    pub lag_bytes: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// The registry in one control database.
+pub struct Registry {
+    schema: String,
+}
+
+impl Registry {
+    pub fn new(schema: impl Into<String>) -> Result<Self, RegistryError> {
+        let schema = schema.into();
+        check_name(&schema)?;
+        Ok(Registry { schema })
+    }
+
+    fn t(&self, table: &str) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
+    }
+
+    /// The DDL, as one idempotent script.
+    pub fn ddl(&self) -> String {
+        let schema = quote_ident(&self.schema);
+        let moves = self.t("moves");
+        let routes = self.t("routes");
+        let states = MoveState::ALL
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let finished = MoveState::ALL
+            .iter()
+            .filter(|s| s.is_finished())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let notify_fn = self.t("notify_moves");
+        format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {moves} (
+  id bigserial PRIMARY KEY,
+  tenant text NOT NULL CHECK (tenant <> ''),
+  target text NOT NULL,
+  target_schema text NOT NULL CHECK (target_schema <> '' AND length(target_schema) < 64),
+  cutover_mode text NOT NULL DEFAULT 'manual' CHECK (cutover_mode IN ('manual', 'auto')),
+  state text NOT NULL DEFAULT 'requested' CHECK (state IN ({states})),
+  rows_copied bigint NOT NULL DEFAULT 0,
+  rows_total bigint,
+  lag_bytes bigint,
+  lag_seconds double precision,
+  last_error text,
+  requested_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz);
+CREATE UNIQUE INDEX IF NOT EXISTS moves_one_unfinished_per_tenant
+  ON {moves} (tenant) WHERE state NOT IN ({finished});
+CREATE TABLE IF NOT EXISTS {routes} (
+  tenant text PRIMARY KEY,
+  location text NOT NULL,
+  schema_name text NOT NULL,
+  version bigint NOT NULL DEFAULT 1,
+  updated_at timestamptz NOT NULL DEFAULT now());
+CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('{CHANNEL}', NEW.id::text);
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS moves_notify ON {moves};
+CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state ON {moves}
+  FOR EACH ROW EXECUTE FUNCTION {notify_fn}();"
+        )
+    }
+
+    /// Creates or updates the registry objects, in one transaction.
+    pub async fn install(&self, client: &mut Client) -> Result<(), RegistryError> {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ClusterError::sql("starting the registry install"))?;
+        // Serialize concurrent installers (two daemons starting at once).
+        tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('switchyard registry'))")
+            .await
+            .map_err(ClusterError::sql("locking the registry install"))?;
+        tx.batch_execute(&self.ddl())
+            .await
+            .map_err(ClusterError::sql("installing the registry"))?;
+        tx.commit()
+            .await
+            .map_err(ClusterError::sql("committing the registry install"))?;
+        Ok(())
+    }
+
+    /// Records a move request (what `switchyard move` does; operators may INSERT directly).
+    pub async fn request_move(
+        &self,
+        client: &Client,
+        tenant: &TenantId,
+        target: &TargetId,
+        target_schema: &str,
+        mode: CutoverMode,
+    ) -> Result<i64, RegistryError> {
+        check_name(target_schema)?;
+        let sql = format!(
+            "INSERT INTO {} (tenant, target, target_schema, cutover_mode) VALUES ($1, $2, $3, $4) RETURNING id",
+            self.t("moves")
+        );
+        match client
+            .query_one(
+                &sql,
+                &[
+                    &tenant.as_str(),
+                    &target.as_str(),
+                    &target_schema,
+                    &mode.as_str(),
+                ],
+            )
+            .await
+        {
+            Ok(row) => Ok(row.get(0)),
+            Err(e) if e.code().map(|c| c.code()) == Some("23505") => {
+                let existing = self
+                    .active_for(client, tenant)
+                    .await?
+                    .ok_or_else(|| ClusterError::sql("requesting a move")(e))?;
+                Err(RegistryError::AlreadyMoving {
+                    tenant: tenant.clone(),
+                    id: existing.id,
+                    state: existing.state,
+                })
+            }
+            Err(e) => Err(ClusterError::sql("requesting a move")(e).into()),
+        }
+    }
+
+    fn select(&self) -> String {
+        format!(
+            "SELECT id, tenant, target, target_schema, cutover_mode, state, rows_copied, rows_total, \
+                    lag_bytes, last_error FROM {}",
+            self.t("moves")
+        )
+    }
+
+    fn parse(row: &tokio_postgres::Row) -> Result<Move, RegistryError> {
+        let id: i64 = row.get(0);
+        let bad = |field: &'static str, detail: String| RegistryError::BadRow { id, field, detail };
+        let mode: String = row.get(4);
+        let state: String = row.get(5);
+        Ok(Move {
+            id,
+            tenant: TenantId::new(row.get::<_, String>(1))
+                .map_err(|e| bad("tenant", e.to_string()))?,
+            target: TargetId::new(row.get::<_, String>(2))
+                .map_err(|e| bad("target", e.to_string()))?,
+            target_schema: row.get(3),
+            cutover_mode: match mode.as_str() {
+                "auto" => CutoverMode::Auto,
+                "manual" => CutoverMode::Manual,
+                other => return Err(bad("cutover_mode", other.to_owned())),
+            },
+            state: state.parse().map_err(|e: String| bad("state", e))?,
+            rows_copied: row.get(6),
+            rows_total: row.get(7),
+            lag_bytes: row.get(8),
+            last_error: row.get(9),
+        })
+    }
+
+    pub async fn get(&self, client: &Client, id: i64) -> Result<Move, RegistryError> {
+        let row = client
+            .query_opt(&format!("{} WHERE id = $1", self.select()), &[&id])
+            .await
+            .map_err(ClusterError::sql("reading a move"))?
+            .ok_or(RegistryError::UnknownMove(id))?;
+        Self::parse(&row)
+    }
+
+    pub async fn active_for(
+        &self,
+        client: &Client,
+        tenant: &TenantId,
+    ) -> Result<Option<Move>, RegistryError> {
+        let finished: Vec<&str> = MoveState::ALL
+            .iter()
+            .filter(|s| s.is_finished())
+            .map(|s| s.as_str())
+            .collect();
+        let row = client
+            .query_opt(
+                &format!("{} WHERE tenant = $1 AND state <> ALL($2)", self.select()),
+                &[&tenant.as_str(), &finished],
+            )
+            .await
+            .map_err(ClusterError::sql("reading a tenant's move"))?;
+        row.map(|r| Self::parse(&r)).transpose()
+    }
+
+    /// Every move, newest first.
+    pub async fn list(&self, client: &Client) -> Result<Vec<Move>, RegistryError> {
+        let rows = client
+            .query(&format!("{} ORDER BY id DESC", self.select()), &[])
+            .await
+            .map_err(ClusterError::sql("listing moves"))?;
+        rows.iter().map(Self::parse).collect()
+    }
+
+    /// Moves `id` from `from` to `to`, recording `error` (cleared when `None`).
+    pub async fn transition(
+        &self,
+        client: &Client,
+        id: i64,
+        from: MoveState,
+        to: MoveState,
+        error: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        if !from.can_become(to) {
+            return Err(RegistryError::Transition { id, from, to });
+        }
+        let sql = format!(
+            "UPDATE {} SET state = $3, last_error = $4, updated_at = now(), \
+                    finished_at = CASE WHEN $5 THEN now() ELSE finished_at END \
+              WHERE id = $1 AND state = $2",
+            self.t("moves")
+        );
+        let n = client
+            .execute(
+                &sql,
+                &[&id, &from.as_str(), &to.as_str(), &error, &to.is_finished()],
+            )
+            .await
+            .map_err(ClusterError::sql("changing a move's state"))?;
+        if n == 1 {
+            return Ok(());
+        }
+        let actual = self.get(client, id).await?.state;
+        Err(RegistryError::Conflict {
+            id,
+            expected: from,
+            actual,
+        })
+    }
+
+    /// Where the tenant lives now, as applications should read it.
+    pub async fn route(
+        &self,
+        client: &Client,
+        tenant: &TenantId,
+    ) -> Result<Option<(String, String, i64)>, RegistryError> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT location, schema_name, version FROM {} WHERE tenant = $1",
+                    self.t("routes")
+                ),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("reading a route"))?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_as_text() {
+        for s in MoveState::ALL {
+            assert_eq!(s.as_str().parse::<MoveState>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert!("moving".parse::<MoveState>().is_err());
+    }
+
+    #[test]
+    fn the_happy_path_is_allowed_in_order_only() {
+        use MoveState::*;
+        let path = [
+            Requested,
+            Provisioning,
+            Copying,
+            Streaming,
+            CuttingOver,
+            CutOver,
+            Cleaned,
+        ];
+        for w in path.windows(2) {
+            assert!(w[0].can_become(w[1]), "{} -> {}", w[0], w[1]);
+            // The one way back: an aborted cutover returns to streaming.
+            let abort = (w[1], w[0]) == (CuttingOver, Streaming);
+            assert_eq!(w[1].can_become(w[0]), abort, "{} -> {}", w[1], w[0]);
+        }
+        assert!(!Requested.can_become(Streaming), "no skipping the copy");
+        assert!(!Copying.can_become(CutOver), "no cutover before sync");
+    }
+
+    #[test]
+    fn cancel_only_before_cutover_and_finished_is_final() {
+        use MoveState::*;
+        for s in MoveState::ALL {
+            let allowed = s.can_become(Cancelled);
+            let before_cutover = matches!(
+                s,
+                Requested | Provisioning | Copying | Streaming | Failed | Paused
+            );
+            assert_eq!(allowed, before_cutover, "{s} -> cancelled");
+            if s.is_finished() {
+                for to in MoveState::ALL {
+                    assert!(!s.can_become(to), "{s} is final but may become {to}");
+                }
+            }
+        }
+        assert!(
+            CuttingOver.can_become(Streaming),
+            "an aborted cutover retries"
+        );
+        assert!(Failed.can_become(Provisioning), "a failed move can resume");
+    }
+
+    #[test]
+    fn ddl_quotes_the_schema_and_lists_every_state() {
+        let r = Registry::new("ops\"registry").unwrap();
+        let ddl = r.ddl();
+        assert!(ddl.contains("CREATE SCHEMA IF NOT EXISTS \"ops\"\"registry\""));
+        for s in MoveState::ALL {
+            assert!(ddl.contains(&format!("'{}'", s.as_str())));
+        }
+        assert!(Registry::new("").is_err());
+    }
+}
