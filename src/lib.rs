@@ -17,6 +17,7 @@ pub mod error;
 pub mod lsn;
 pub mod provision;
 pub mod registry;
+pub mod route;
 pub mod source;
 pub mod sql;
 pub mod tail;

@@ -876,16 +876,31 @@ fn run_check(config: &Path) -> (bool, String) {
 async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
     let pg = PgCluster::start()?;
     setup(&pg)?;
-    pg.psql("CREATE TABLE public.no_pk (v text); GRANT SELECT ON public.no_pk TO switchyard;")?;
+    pg.psql(
+        "CREATE TABLE public.no_pk (v text);
+         CREATE TABLE public.t_good (tenant_id int NOT NULL, id int, PRIMARY KEY (tenant_id, id));
+         CREATE TABLE public.t_not_in_pk (tenant_id int NOT NULL, id int PRIMARY KEY);
+         CREATE TABLE public.t_nullable (tenant_id int, id int);
+         ALTER TABLE public.t_nullable REPLICA IDENTITY FULL;
+         ALTER PUBLICATION sy_pub ADD TABLE public.t_good;
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO switchyard;",
+    )?;
     let dir = tempfile::tempdir()?;
+    // kinds has no tenant_id: its tenant column is configured per table.
     let good = write_config(
         dir.path(),
         &pg,
         "",
-        "tables = [\"public.kinds\", \"public.parent\"]",
+        "tables = [\"public.kinds\", \"public.t_good\"]\n\
+         [tenancy.columns]\n\"public.kinds\" = \"id\"",
     );
     let (ok, out) = run_check(&good);
     assert!(ok, "{out}");
+    assert!(out.contains("ok   tenant column public.kinds.id"), "{out}");
+    assert!(
+        out.contains("ok   tenant column public.t_good.tenant_id"),
+        "{out}"
+    );
     assert!(out.contains("ok   wal_level: logical"), "{out}");
     assert!(out.contains("switchyard has REPLICATION"), "{out}");
     assert!(out.contains("ok   replication connection"), "{out}");
@@ -896,10 +911,26 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
         &bad,
         &pg,
         "",
-        "tables = [\"public.no_pk\", \"public.nothing_ident\", \"public.missing\"]",
+        "tables = [\"public.no_pk\", \"public.nothing_ident\", \"public.missing\", \
+         \"public.t_not_in_pk\", \"public.t_nullable\"]",
     );
     let (ok, out) = run_check(&bad);
     assert!(!ok, "{out}");
+    assert!(
+        out.contains(
+            "FAIL tenant column public.t_not_in_pk.tenant_id: not part of the replica identity"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("PRIMARY KEY (\"tenant_id\", id)"), "{out}");
+    assert!(
+        out.contains("FAIL tenant column public.t_nullable.tenant_id: nullable"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL tenant column public.no_pk.tenant_id: missing"),
+        "{out}"
+    );
     assert!(
         out.contains("FAIL table public.no_pk: no primary key"),
         "{out}"

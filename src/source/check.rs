@@ -328,6 +328,9 @@ async fn checks(
 
     for table in &repl.tables {
         check_table(client, table, r).await?;
+        if config.tenancy.mode == crate::config::TenancyMode::Shared {
+            check_tenant_column(client, table, config.tenancy.column_of(table), r).await?;
+        }
     }
     Ok(())
 }
@@ -428,6 +431,68 @@ async fn check_table(
                 add_pk
             }),
         ),
+    }
+    Ok(())
+}
+
+/// Shared tables: the tenant column must exist and be part of the replica identity, or
+/// deletes would not say which tenant's row they remove.
+async fn check_tenant_column(
+    client: &Client,
+    table: &QualifiedName,
+    column: &str,
+    r: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let name = format!("tenant column {table}.{column}");
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text, a.attnotnull, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
+                              AND ((c.relreplident = 'd' AND i.indisprimary) \
+                                OR (c.relreplident = 'i' AND i.indisreplident)) \
+                              AND a.attnum = ANY (i.indkey)) \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3 AND NOT a.attisdropped \
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name, &column],
+        )
+        .await?;
+    let Some(row) = row else {
+        r.push(
+            name,
+            Status::Fail,
+            "missing: the table has no such column",
+            Some(format!(
+                "set tenancy.columns.\"{table}\" to the table's tenant column, or leave the table out"
+            )),
+        );
+        return Ok(());
+    };
+    let (ident, not_null, in_index): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if ident != "f" && !in_index {
+        r.push(
+            &name,
+            Status::Fail,
+            "not part of the replica identity: deletes would not say whose row they remove",
+            Some(format!(
+                "make the primary key include {col} (e.g. PRIMARY KEY ({col}, id)), or ALTER TABLE {} REPLICA IDENTITY FULL;",
+                table.quoted(),
+                col = crate::sql::quote_ident(column)
+            )),
+        );
+    } else if !not_null {
+        r.push(
+            &name,
+            Status::Fail,
+            "nullable: a row without a tenant cannot be routed",
+            Some(format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL;",
+                table.quoted(),
+                crate::sql::quote_ident(column)
+            )),
+        );
+    } else {
+        r.push(&name, Status::Ok, "in the replica identity, NOT NULL", None);
     }
     Ok(())
 }
