@@ -447,9 +447,10 @@ mod tests {
 
     #[test]
     fn schema_per_tenant_uses_the_namespace() {
-        let mut tenancy = Tenancy::default();
-        tenancy.mode = TenancyMode::Schema;
-        let mut r = Router::new(tenancy);
+        let mut r = Router::new(Tenancy {
+            mode: TenancyMode::Schema,
+            ..Tenancy::default()
+        });
         r.start(
             TenantId::new("tenant_a").unwrap(),
             Destination {
