@@ -9,6 +9,7 @@
 //! The pipeline reads one logical replication slot (`source`), decodes pgoutput itself
 //! (`decode`), and only confirms a position to the source once it is durable downstream.
 
+pub mod apply;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;

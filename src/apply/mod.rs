@@ -1,0 +1,60 @@
+//! Apply: routed changes → target transactions.
+//!
+//! Invariants (of what is built so far):
+//! - [`statement`] turns one routed row operation into one parameterized statement; values are
+//!   bound as text and cast to the target column type, never formatted into SQL.
+//! - [`execute`] runs a statement and enforces its expected row count, so a target that
+//!   diverged from the source for a key is reported, not silently repaired.
+
+pub mod statement;
+
+use crate::cluster::ClusterError;
+pub use statement::{build, Statement, StatementError, TargetColumn, TargetTable};
+
+/// Errors while applying to a target.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Statement(#[from] StatementError),
+    #[error(
+        "target diverged from the source: `{sql}` affected {actual} rows, expected {expected}"
+    )]
+    Divergence {
+        sql: String,
+        expected: u64,
+        actual: u64,
+    },
+}
+
+/// Runs `st` on `client` (typically inside the batch's transaction) and checks its row count.
+pub async fn execute(
+    client: &impl tokio_postgres::GenericClient,
+    st: &Statement,
+) -> Result<u64, ApplyError> {
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = st
+        .params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let types = vec![tokio_postgres::types::Type::TEXT; st.params.len()];
+    let prepared = client
+        .prepare_typed(&st.sql, &types)
+        .await
+        .map_err(ClusterError::sql(format!("preparing `{}`", st.sql)))?;
+    let n = client
+        .execute(&prepared, &params)
+        .await
+        .map_err(ClusterError::sql(format!("running `{}`", st.sql)))?;
+    if let Some(expected) = st.expect_rows {
+        if n != expected {
+            return Err(ApplyError::Divergence {
+                sql: st.sql.clone(),
+                expected,
+                actual: n,
+            });
+        }
+    }
+    Ok(n)
+}

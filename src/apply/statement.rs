@@ -1,0 +1,388 @@
+//! One routed row operation → one parameterized SQL statement for the target.
+//!
+//! Invariants:
+//! - Values travel as text parameters, cast with `CAST($n AS <target column type>)`: the text
+//!   pgoutput sends is the type's own output form, so the type's input function reads it back
+//!   exactly, whatever the type (numeric, arrays, ranges, json, enums).
+//! - Identifiers are quoted; no value is ever formatted into the SQL text.
+//! - Unchanged-TOAST columns are never written: an UPDATE leaves them as they are.
+//! - Strict by design: INSERT does not upsert, UPDATE and DELETE must hit exactly one row.
+//!   Anything else means the target diverged from the source for that key, which the caller
+//!   reports as a tenant-fatal error rather than papering over.
+
+use crate::decode::{Datum, Tuple};
+use crate::route::RowOp;
+use crate::sql::{quote_ident, QualifiedName};
+
+/// A target column as the statement builder needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetColumn {
+    pub name: String,
+    /// `format_type` of the target column, e.g. `numeric(12,2)` or `"acme"."mood"`.
+    pub type_sql: String,
+    /// Part of the target's primary key.
+    pub primary_key: bool,
+    /// Part of the source's replica identity (from the Relation message's key flags).
+    pub identity: bool,
+}
+
+/// The target table: columns in source column order (pgoutput tuples use that order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetTable {
+    pub name: QualifiedName,
+    pub columns: Vec<TargetColumn>,
+    /// For a shared table moved out: the tenant column, scoping TRUNCATE to the tenant.
+    pub tenant_column: Option<String>,
+}
+
+/// A statement ready to run, and how many rows it must affect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Option<String>>,
+    /// `Some(1)` for row operations; `None` where any count is fine (TRUNCATE).
+    pub expect_rows: Option<u64>,
+}
+
+/// Why an operation cannot be turned into SQL.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StatementError {
+    #[error("{table}: tuple has {actual} columns, target has {expected}")]
+    Shape {
+        table: String,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("{table}: column {column:?} is not valid UTF-8 text")]
+    NotText { table: String, column: String },
+    #[error("{table}: column {column:?} arrived in binary form; switchyard streams text")]
+    Binary { table: String, column: String },
+    #[error("{table}: no key value to find the row by ({detail})")]
+    NoKey { table: String, detail: String },
+}
+
+struct Params {
+    values: Vec<Option<String>>,
+}
+
+impl Params {
+    fn push(&mut self, value: Option<String>, type_sql: &str) -> String {
+        self.values.push(value);
+        format!("CAST(${} AS {})", self.values.len(), type_sql)
+    }
+}
+
+fn text(table: &TargetTable, i: usize, d: &Datum) -> Result<Option<String>, StatementError> {
+    let column = || table.columns[i].name.clone();
+    match d {
+        Datum::Null => Ok(None),
+        Datum::Text(b) => std::str::from_utf8(b)
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| StatementError::NotText {
+                table: table.name.to_string(),
+                column: column(),
+            }),
+        Datum::Binary(_) => Err(StatementError::Binary {
+            table: table.name.to_string(),
+            column: column(),
+        }),
+        Datum::UnchangedToast => unreachable!("callers skip unchanged TOAST columns"),
+    }
+}
+
+fn check_shape(table: &TargetTable, t: &Tuple) -> Result<(), StatementError> {
+    if t.0.len() != table.columns.len() {
+        return Err(StatementError::Shape {
+            table: table.name.to_string(),
+            expected: table.columns.len(),
+            actual: t.0.len(),
+        });
+    }
+    Ok(())
+}
+
+/// WHERE clause locating the row: by the target primary key when `source` has all its
+/// values, else by the replica identity columns (NULL-safe).
+fn locate(table: &TargetTable, source: &Tuple, p: &mut Params) -> Result<String, StatementError> {
+    let usable = |i: usize| matches!(source.0.get(i), Some(Datum::Text(_)));
+    let pk: Vec<usize> = (0..table.columns.len())
+        .filter(|&i| table.columns[i].primary_key)
+        .collect();
+    let cols: Vec<usize> = if !pk.is_empty() && pk.iter().all(|&i| usable(i)) {
+        pk
+    } else {
+        (0..table.columns.len())
+            .filter(|&i| table.columns[i].identity)
+            .filter(|&i| !matches!(source.0.get(i), Some(Datum::UnchangedToast)))
+            .collect()
+    };
+    if cols.iter().all(|&i| !usable(i)) {
+        return Err(StatementError::NoKey {
+            table: table.name.to_string(),
+            detail: "neither primary key nor replica identity values are present".into(),
+        });
+    }
+    let mut conds = Vec::with_capacity(cols.len());
+    for i in cols {
+        let c = &table.columns[i];
+        let v = text(table, i, &source.0[i])?;
+        let cast = p.push(v, &c.type_sql);
+        conds.push(format!(
+            "{} IS NOT DISTINCT FROM {cast}",
+            quote_ident(&c.name)
+        ));
+    }
+    Ok(conds.join(" AND "))
+}
+
+fn set_list(table: &TargetTable, new: &Tuple, p: &mut Params) -> Result<String, StatementError> {
+    let mut sets = Vec::new();
+    for (i, d) in new.0.iter().enumerate() {
+        if matches!(d, Datum::UnchangedToast) {
+            continue;
+        }
+        let c = &table.columns[i];
+        let v = text(table, i, d)?;
+        let cast = p.push(v, &c.type_sql);
+        sets.push(format!("{} = {cast}", quote_ident(&c.name)));
+    }
+    Ok(sets.join(", "))
+}
+
+/// Builds the statement for `op` on `table`; `tenant` scopes a TRUNCATE of a shared table.
+pub fn build(
+    table: &TargetTable,
+    op: &RowOp<'_>,
+    tenant: &str,
+) -> Result<Statement, StatementError> {
+    let mut p = Params { values: Vec::new() };
+    let target = table.name.quoted();
+    let sql = match op {
+        RowOp::Upsert { new, update: false } => {
+            check_shape(table, new)?;
+            let mut cols = Vec::new();
+            let mut vals = Vec::new();
+            for (i, d) in new.0.iter().enumerate() {
+                // An INSERT never carries unchanged TOAST; skip defensively rather than NULL it.
+                if matches!(d, Datum::UnchangedToast) {
+                    continue;
+                }
+                let c = &table.columns[i];
+                cols.push(quote_ident(&c.name));
+                let v = text(table, i, d)?;
+                vals.push(p.push(v, &c.type_sql));
+            }
+            format!(
+                "INSERT INTO {target} ({}) VALUES ({})",
+                cols.join(", "),
+                vals.join(", ")
+            )
+        }
+        RowOp::Upsert { new, update: true } => {
+            check_shape(table, new)?;
+            let sets = set_list(table, new, &mut p)?;
+            let cond = locate(table, new, &mut p)?;
+            format!("UPDATE {target} SET {sets} WHERE {cond}")
+        }
+        RowOp::Rekey { old, new } => {
+            check_shape(table, old)?;
+            check_shape(table, new)?;
+            let sets = set_list(table, new, &mut p)?;
+            let cond = locate(table, old, &mut p)?;
+            format!("UPDATE {target} SET {sets} WHERE {cond}")
+        }
+        RowOp::Delete { old } => {
+            check_shape(table, old)?;
+            let cond = locate(table, old, &mut p)?;
+            format!("DELETE FROM {target} WHERE {cond}")
+        }
+        RowOp::Truncate => {
+            let sql = match &table.tenant_column {
+                Some(col) => {
+                    let ty = table
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == col)
+                        .map(|c| c.type_sql.clone())
+                        .unwrap_or_else(|| "text".into());
+                    let cast = p.push(Some(tenant.to_owned()), &ty);
+                    format!("DELETE FROM {target} WHERE {} = {cast}", quote_ident(col))
+                }
+                None => format!("DELETE FROM {target}"),
+            };
+            return Ok(Statement {
+                sql,
+                params: p.values,
+                expect_rows: None,
+            });
+        }
+    };
+    Ok(Statement {
+        sql,
+        params: p.values,
+        expect_rows: Some(1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn table() -> TargetTable {
+        let col = |name: &str, ty: &str, pk: bool| TargetColumn {
+            name: name.into(),
+            type_sql: ty.into(),
+            primary_key: pk,
+            identity: pk,
+        };
+        TargetTable {
+            name: QualifiedName::parse("acme.orders").unwrap(),
+            columns: vec![
+                col("tenant_id", "integer", true),
+                col("id", "bigint", true),
+                col("note", "text", false),
+                col("big", "text", false),
+            ],
+            tenant_column: Some("tenant_id".into()),
+        }
+    }
+
+    fn t(vals: &[Datum]) -> Tuple {
+        Tuple(vals.to_vec())
+    }
+    fn s(v: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    #[test]
+    fn insert_binds_every_value_with_a_cast() {
+        let new = t(&[s("7"), s("1"), s("it's"), Datum::Null]);
+        let st = build(
+            &table(),
+            &RowOp::Upsert {
+                new: &new,
+                update: false,
+            },
+            "7",
+        )
+        .unwrap();
+        assert_eq!(
+            st.sql,
+            "INSERT INTO \"acme\".\"orders\" (\"tenant_id\", \"id\", \"note\", \"big\") VALUES \
+             (CAST($1 AS integer), CAST($2 AS bigint), CAST($3 AS text), CAST($4 AS text))"
+        );
+        assert_eq!(
+            st.params,
+            vec![
+                Some("7".into()),
+                Some("1".into()),
+                Some("it's".into()),
+                None
+            ]
+        );
+        assert_eq!(st.expect_rows, Some(1));
+    }
+
+    #[test]
+    fn update_leaves_unchanged_toast_alone_and_finds_the_row_by_key() {
+        let new = t(&[s("7"), s("1"), s("n2"), Datum::UnchangedToast]);
+        let st = build(
+            &table(),
+            &RowOp::Upsert {
+                new: &new,
+                update: true,
+            },
+            "7",
+        )
+        .unwrap();
+        assert!(!st.sql.contains("\"big\""), "{}", st.sql);
+        assert!(st.sql.ends_with(
+            "WHERE \"tenant_id\" IS NOT DISTINCT FROM CAST($4 AS integer) AND \"id\" IS NOT DISTINCT FROM CAST($5 AS bigint)"
+        ), "{}", st.sql);
+    }
+
+    #[test]
+    fn rekey_and_delete_use_the_old_key() {
+        let old = t(&[s("7"), s("1"), Datum::Null, Datum::Null]);
+        let new = t(&[s("7"), s("2"), s("x"), Datum::UnchangedToast]);
+        let st = build(
+            &table(),
+            &RowOp::Rekey {
+                old: &old,
+                new: &new,
+            },
+            "7",
+        )
+        .unwrap();
+        assert_eq!(st.params[1], Some("2".into()));
+        assert_eq!(st.params[4], Some("1".into()), "WHERE uses the old id");
+        let st = build(&table(), &RowOp::Delete { old: &old }, "7").unwrap();
+        assert!(st.sql.starts_with("DELETE FROM \"acme\".\"orders\" WHERE"));
+        assert_eq!(st.params, vec![Some("7".into()), Some("1".into())]);
+    }
+
+    #[test]
+    fn truncate_of_a_shared_table_is_scoped_to_the_tenant() {
+        let st = build(&table(), &RowOp::Truncate, "7").unwrap();
+        assert_eq!(
+            st.sql,
+            "DELETE FROM \"acme\".\"orders\" WHERE \"tenant_id\" = CAST($1 AS integer)"
+        );
+        assert_eq!(st.expect_rows, None);
+        let mut own = table();
+        own.tenant_column = None;
+        assert_eq!(
+            build(&own, &RowOp::Truncate, "7").unwrap().sql,
+            "DELETE FROM \"acme\".\"orders\""
+        );
+    }
+
+    #[test]
+    fn bad_tuples_are_errors() {
+        let short = t(&[s("7")]);
+        assert!(matches!(
+            build(&table(), &RowOp::Delete { old: &short }, "7"),
+            Err(StatementError::Shape { .. })
+        ));
+        let bin = t(&[
+            s("7"),
+            Datum::Binary(Bytes::from_static(b"\x01")),
+            s("x"),
+            Datum::Null,
+        ]);
+        assert!(matches!(
+            build(
+                &table(),
+                &RowOp::Upsert {
+                    new: &bin,
+                    update: false
+                },
+                "7"
+            ),
+            Err(StatementError::Binary { .. })
+        ));
+        let bad_utf8 = t(&[
+            s("7"),
+            s("1"),
+            Datum::Text(Bytes::from_static(b"\xff")),
+            Datum::Null,
+        ]);
+        assert!(matches!(
+            build(
+                &table(),
+                &RowOp::Upsert {
+                    new: &bad_utf8,
+                    update: false
+                },
+                "7"
+            ),
+            Err(StatementError::NotText { .. })
+        ));
+        let no_key = t(&[Datum::Null, Datum::Null, s("x"), Datum::Null]);
+        assert!(matches!(
+            build(&table(), &RowOp::Delete { old: &no_key }, "7"),
+            Err(StatementError::NoKey { .. })
+        ));
+    }
+}
