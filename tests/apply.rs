@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use support::{wait_for, PgCluster};
+use support::{wait_for_row, PgCluster};
 use switchyard::apply::{self, ApplyError, TargetColumn, TargetTable};
 use switchyard::config::{Config, Env, Tenancy};
 use switchyard::decode::{Message, RelationCache};
@@ -259,18 +259,12 @@ async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Re
 
     let durable = stream.durable();
     stream.shutdown().await;
-    wait_for(
+    wait_for_row(
+        &s,
         "the slot to be released",
         Duration::from_secs(30),
-        || async {
-            let r = s
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
-                    &[],
-                )
-                .await?;
-            Ok(r.map(|_| ()))
-        },
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
+        &[],
     )
     .await?;
     let confirmed: String = s

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use support::{wait_for, ClusterOptions, PgCluster};
+use support::{wait_for, wait_for_row, ClusterOptions, PgCluster};
 use switchyard::config::{Config, Env};
 use switchyard::decode::{Datum, Message};
 use switchyard::lsn::Lsn;
@@ -205,15 +205,13 @@ async fn tail_prints_every_change_kind_and_type() -> Result<()> {
     let mut tail = Tail::spawn(&config, &["--create-slot", "--ack"], &[]);
     // The slot exists once tail is streaming; changes before that would not be in it.
     let c = pg.client().await?;
-    wait_for("tail's walsender", WAIT, || async {
-        let r = c
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name='sy' AND active",
-                &[],
-            )
-            .await?;
-        Ok(r.map(|_| ()))
-    })
+    wait_for_row(
+        &c,
+        "tail's walsender",
+        WAIT,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name='sy' AND active",
+        &[],
+    )
     .await?;
 
     pg.psql(
@@ -576,30 +574,26 @@ async fn reconnects_after_walsender_kill_and_source_restart_without_loss_or_repl
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
         .get(0);
-    wait_for("the walsender to send the second batch", WAIT, || async {
-        let r = c
-            .query_opt(
-                "SELECT 1 FROM pg_stat_replication WHERE pid = $1 AND sent_lsn >= $2::text::pg_lsn",
-                &[&pid, &written],
-            )
-            .await?;
-        Ok(r.map(|_| ()))
-    })
+    wait_for_row(
+        &c,
+        "the walsender to send the second batch",
+        WAIT,
+        "SELECT 1 FROM pg_stat_replication WHERE pid = $1 AND sent_lsn >= $2::text::pg_lsn",
+        &[&pid, &written],
+    )
     .await?;
     c.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await?;
     // Consume nothing until the stream has reconnected, so the resume point cannot
     // benefit from our consumer catching up in the meantime.
-    wait_for("a new walsender after the kill", WAIT, || async {
-        let r = c
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND active \
+    wait_for_row(
+        &c,
+        "a new walsender after the kill",
+        WAIT,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND active \
                    AND active_pid <> $1",
-                &[&pid],
-            )
-            .await?;
-        Ok(r.map(|_| ()))
-    })
+        &[&pid],
+    )
     .await?;
     pg.psql(&insert(401, 600))?;
     consume_ids(&mut stream, &mut seen, &mut restarts, 600).await?;
@@ -663,15 +657,13 @@ async fn dropped_slot_is_a_clear_fatal_error() -> Result<()> {
     let pid = walsender_pid(&c).await?;
     c.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await?;
-    wait_for("the slot to become inactive", WAIT, || async {
-        let r = c
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
-                &[],
-            )
-            .await?;
-        Ok(r.map(|_| ()))
-    })
+    wait_for_row(
+        &c,
+        "the slot to become inactive",
+        WAIT,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
+        &[],
+    )
     .await?;
     c.execute("SELECT pg_drop_replication_slot('sy')", &[])
         .await?;

@@ -737,6 +737,20 @@ where
     bail!("timed out after {timeout:?} waiting for {what}")
 }
 
+/// Waits until `sql` (with `params`) returns at least one row on `client`.
+pub async fn wait_for_row(
+    client: &tokio_postgres::Client,
+    what: &str,
+    timeout: Duration,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<()> {
+    wait_for(what, timeout, || async {
+        Ok(client.query_opt(sql, params).await?.map(|_| ()))
+    })
+    .await
+}
+
 /// Directory of the PostgreSQL server binaries; see the module docs.
 pub fn pg_bindir() -> Result<&'static Path> {
     static BINDIR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
