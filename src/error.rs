@@ -7,9 +7,14 @@
 //!   tenant-fatal (quarantine one tenant, keep the pipeline), fatal (stop, confirm nothing
 //!   further). Callers never match on error text.
 
+use crate::apply::ApplyError;
+use crate::checkpoint::CheckpointError;
 use crate::cluster::ClusterError;
 use crate::config::ConfigError;
 use crate::decode::{DecodeError, RelationError};
+use crate::provision::ProvisionError;
+use crate::registry::RegistryError;
+use crate::route::RouteError;
 use crate::source::SourceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,16 @@ pub enum Error {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Relation(#[from] RelationError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -54,27 +69,48 @@ impl ErrorClass {
     }
 }
 
+/// SQL errors: connection trouble, shutdowns, serialization failures and lock timeouts are
+/// worth a retry; authentication is fatal; anything else concerns the rows at hand.
+fn classify_cluster(e: &ClusterError) -> ErrorClass {
+    match e {
+        ClusterError::Tls(_) => ErrorClass::Fatal,
+        _ => match e.sqlstate() {
+            None => ErrorClass::Transient,
+            Some(code)
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || matches!(code, "40001" | "40P01" | "55P03" | "53300") =>
+            {
+                ErrorClass::Transient
+            }
+            Some(code) if code.starts_with("28") => ErrorClass::Fatal,
+            Some(_) => ErrorClass::TenantFatal,
+        },
+    }
+}
+
 impl Error {
     pub fn classify(&self) -> ErrorClass {
         match self {
             Error::Config(_) => ErrorClass::Fatal,
+            Error::Checkpoint(_) => ErrorClass::Fatal,
+            Error::Registry(RegistryError::Cluster(e)) => classify_cluster(e),
+            // Someone changed the row meanwhile: re-read and decide again.
+            Error::Registry(RegistryError::Conflict { .. }) => ErrorClass::Transient,
+            Error::Registry(RegistryError::AlreadyMoving { .. } | RegistryError::BadRow { .. }) => {
+                ErrorClass::TenantFatal
+            }
+            Error::Registry(_) => ErrorClass::Fatal,
+            Error::Provision(ProvisionError::Cluster(e)) => match classify_cluster(e) {
+                ErrorClass::Transient => ErrorClass::Transient,
+                _ => ErrorClass::TenantFatal,
+            },
+            Error::Provision(_) | Error::Route(_) => ErrorClass::TenantFatal,
+            Error::Apply(ApplyError::Cluster(e)) => classify_cluster(e),
+            Error::Apply(_) => ErrorClass::TenantFatal,
             Error::Source(e) if e.is_transient() => ErrorClass::Transient,
             Error::Source(_) => ErrorClass::Fatal,
-            Error::Cluster(ClusterError::Tls(_)) => ErrorClass::Fatal,
-            Error::Cluster(e) => match e.sqlstate() {
-                // Connection problems, shutdowns, serialization failures, lock timeouts.
-                None => ErrorClass::Transient,
-                Some(code)
-                    if code.starts_with("08")
-                        || code.starts_with("57P")
-                        || matches!(code, "40001" | "40P01" | "55P03" | "53300") =>
-                {
-                    ErrorClass::Transient
-                }
-                Some(code) if code.starts_with("28") => ErrorClass::Fatal,
-                // Constraint or data errors on a target concern that tenant's rows only.
-                Some(_) => ErrorClass::TenantFatal,
-            },
+            Error::Cluster(e) => classify_cluster(e),
             // A message we cannot read might be any tenant's change: never skip it.
             Error::Decode(_) | Error::Relation(_) => ErrorClass::Fatal,
             Error::Io { .. } => ErrorClass::Fatal,
@@ -111,5 +147,21 @@ mod tests {
             ErrorClass::Fatal
         );
         assert!(!ErrorClass::TenantFatal.hint().is_empty());
+        let divergence = Error::Apply(ApplyError::Divergence {
+            sql: "UPDATE".into(),
+            expected: 1,
+            actual: 0,
+        });
+        assert_eq!(divergence.classify(), ErrorClass::TenantFatal);
+        let route = Error::Route(RouteError::BadTenantValue {
+            table: "t".into(),
+            column: "c".into(),
+        });
+        assert_eq!(route.classify(), ErrorClass::TenantFatal);
+        let corrupt = Error::Checkpoint(CheckpointError::Corrupt {
+            key: "k".into(),
+            detail: "d".into(),
+        });
+        assert_eq!(corrupt.classify(), ErrorClass::Fatal);
     }
 }

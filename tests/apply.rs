@@ -8,13 +8,16 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use support::{wait_for_row, PgCluster};
-use switchyard::apply::{self, ApplyError, TargetColumn, TargetTable};
+use switchyard::apply::{
+    self, ApplyError, SourceTxn, Statement, TargetColumn, TargetTable, TargetWriter,
+};
 use switchyard::config::{Config, Env, Tenancy};
-use switchyard::decode::{Message, RelationCache};
+use switchyard::decode::{Datum, Message, RelationCache, Tuple};
 use switchyard::lsn::Lsn;
 use switchyard::provision::{self, Placement};
-use switchyard::route::{Destination, Router};
+use switchyard::route::{Destination, Router, RowOp};
 use switchyard::source::{ReplicationStream, SourceEvent, StreamSettings};
 use switchyard::sql::QualifiedName;
 use switchyard::tenant::{TargetId, TenantId};
@@ -278,5 +281,112 @@ async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Re
         confirmed.parse::<Lsn>()? <= durable,
         "confirmed past the last applied commit"
     );
+    Ok(())
+}
+
+fn row_insert(table: &TargetTable, tenant: &str, id: i32, note: &str) -> Result<Statement> {
+    let new = Tuple(vec![
+        Datum::Text(Bytes::copy_from_slice(tenant.as_bytes())),
+        Datum::Text(Bytes::copy_from_slice(id.to_string().as_bytes())),
+        Datum::Text(Bytes::copy_from_slice(note.as_bytes())),
+        Datum::Null,
+        Datum::Null,
+        Datum::Null,
+    ]);
+    Ok(apply::build(
+        table,
+        &RowOp::Upsert {
+            new: &new,
+            update: false,
+        },
+        tenant,
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(SCHEMA)?;
+    let s = src.client().await?;
+    let mut d = dst.client().await?;
+    let tables = [QualifiedName::parse("public.orders")?];
+    let defs = provision::read_tables(&s, &tables).await?;
+    provision::apply(
+        &mut d,
+        &provision::plan(&defs, &Placement::into_schema(&tables, "acme", false))?,
+    )
+    .await?;
+    let target = TargetId::new("shard2")?;
+    let acme = TenantId::new("7")?;
+    let globex = TenantId::new("8")?;
+    let name = QualifiedName::parse("acme.orders")?;
+    let identity = [true, true, false, false, false, false];
+
+    let mut w =
+        TargetWriter::with_client(target.clone(), dst.client().await?, "switchyard").await?;
+    let table = w.table(&name, &identity, Some("tenant_id")).await?.clone();
+    let txn = |end: u64, parts: Vec<(TenantId, Vec<Statement>)>| SourceTxn {
+        end_lsn: Lsn(end),
+        parts,
+    };
+    let batch1 = vec![
+        txn(
+            100,
+            vec![(acme.clone(), vec![row_insert(&table, "7", 1, "a")?])],
+        ),
+        txn(
+            200,
+            vec![
+                (acme.clone(), vec![row_insert(&table, "7", 2, "b")?]),
+                (globex.clone(), vec![row_insert(&table, "8", 1, "c")?]),
+            ],
+        ),
+    ];
+    assert_eq!(w.commit(&batch1).await?, Lsn(200));
+    assert_eq!(w.applied(&acme), Lsn(200));
+
+    // "Crash": a new writer learns the positions from the target itself, and a replay of
+    // batch 1 plus new work applies only the new work (plain INSERTs would fail otherwise).
+    drop(w);
+    let mut w =
+        TargetWriter::with_client(target.clone(), dst.client().await?, "switchyard").await?;
+    assert_eq!(w.applied(&acme), Lsn(200));
+    assert_eq!(w.applied(&globex), Lsn(200));
+    let mut replay = batch1.clone();
+    replay.push(txn(
+        300,
+        vec![(acme.clone(), vec![row_insert(&table, "7", 3, "d")?])],
+    ));
+    assert_eq!(w.commit(&replay).await?, Lsn(300));
+    let count: i64 = d
+        .query_one("SELECT count(*) FROM acme.orders", &[])
+        .await?
+        .get(0);
+    assert_eq!(count, 4);
+    assert_eq!(w.applied(&acme), Lsn(300));
+    assert_eq!(w.applied(&globex), Lsn(200), "globex had nothing after 200");
+
+    // A failing batch rolls back whole: no rows, no position.
+    let bad = vec![
+        txn(
+            400,
+            vec![(acme.clone(), vec![row_insert(&table, "7", 4, "e")?])],
+        ),
+        txn(
+            500,
+            vec![(acme.clone(), vec![row_insert(&table, "7", 1, "dup")?])],
+        ),
+    ];
+    let err = w.commit(&bad).await.unwrap_err();
+    assert!(err.to_string().contains("orders_pkey"), "{err}");
+    let count: i64 = d
+        .query_one("SELECT count(*) FROM acme.orders", &[])
+        .await?
+        .get(0);
+    assert_eq!(count, 4, "a failed batch left rows behind");
+    assert_eq!(w.applied(&acme), Lsn(300));
+    let stored = w.load_applied().await?;
+    assert_eq!(stored.get(&acme), Some(&Lsn(300)));
     Ok(())
 }

@@ -5,11 +5,16 @@
 //!   bound as text and cast to the target column type, never formatted into SQL.
 //! - [`execute`] runs a statement and enforces its expected row count, so a target that
 //!   diverged from the source for a key is reported, not silently repaired.
+//! - [`progress::DurableTracker`] decides what may be confirmed to the source: the minimum
+//!   over targets of what they have durably committed.
 
+pub mod progress;
 pub mod statement;
+pub mod writer;
 
 use crate::cluster::ClusterError;
 pub use statement::{build, Statement, StatementError, TargetColumn, TargetTable};
+pub use writer::{SourceTxn, TargetWriter};
 
 /// Errors while applying to a target.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +23,8 @@ pub enum ApplyError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Statement(#[from] StatementError),
+    #[error("target state is inconsistent: {0}")]
+    Corrupt(String),
     #[error(
         "target diverged from the source: `{sql}` affected {actual} rows, expected {expected}"
     )]

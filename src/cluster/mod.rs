@@ -133,7 +133,7 @@ where
 /// Errors talking SQL to a cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot connect to {endpoint}: {source}")]
+    #[error("cannot connect to {endpoint}: {}", describe(.source))]
     Connect {
         endpoint: String,
         #[source]
@@ -141,12 +141,39 @@ pub enum ClusterError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe(.source))]
     Sql {
         context: String,
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+/// tokio-postgres prints server errors as just "db error"; operators need the server's own
+/// words: severity, SQLSTATE, message, detail and hint.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" (detail: {d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!(" (hint: {h})"));
+            }
+            s
+        }
+        None => {
+            // Walk the chain: the I/O or TLS cause is what says what went wrong.
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(e);
+            while let Some(c) = cur {
+                s.push_str(&format!(": {c}"));
+                cur = c.source();
+            }
+            s
+        }
+    }
 }
 
 impl ClusterError {
