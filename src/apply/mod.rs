@@ -9,6 +9,7 @@
 //!   over targets of what they have durably committed.
 
 pub mod progress;
+pub mod spill;
 pub mod statement;
 pub mod writer;
 
