@@ -338,7 +338,7 @@ mod tests {
         }) = b.txns.get_mut(&3)
         {
             writer.flush().unwrap();
-            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
             f.set_len(5).unwrap();
         }
         assert!(matches!(b.commit(3), Err(SpillError::Corrupt { .. })));
