@@ -614,15 +614,29 @@ async fn reconnects_after_walsender_kill_and_source_restart_without_loss_or_repl
     assert!(missing.is_empty(), "lost ids: {missing:?}");
     assert!(twice.is_empty(), "replayed ids: {twice:?}");
 
-    // What was confirmed is what the consumer marked durable, never more.
-    let durable = stream.durable();
+    // A fresh stream from the slot (as after a process restart) starts after everything the
+    // consumer acknowledged: nothing up to 800 comes back, and nothing new is missing.
     stream.shutdown().await;
     let c = pg.client().await?;
-    let confirmed = confirmed_flush(&c).await?;
+    wait_for_row(
+        &c,
+        "the slot to be released",
+        WAIT,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
+        &[],
+    )
+    .await?;
+    let mut stream = ReplicationStream::start(settings(&config)).await?;
+    pg.psql(&insert(801, 810))?;
+    let mut after = BTreeMap::new();
+    consume_ids(&mut stream, &mut after, &mut restarts, 810).await?;
+    let replayed: Vec<&i64> = after.keys().filter(|id| **id <= 800).collect();
     assert!(
-        confirmed <= durable,
-        "confirmed {confirmed} ahead of durable {durable}"
+        replayed.is_empty(),
+        "acknowledged ids replayed: {replayed:?}"
     );
+    assert_eq!(after.len(), 10);
+    stream.shutdown().await;
     Ok(())
 }
 
@@ -1079,5 +1093,61 @@ async fn scram_without_tls_streams_as_a_non_superuser() -> Result<()> {
     tail.until("marker over SCRAM", |v| is_marker(v, "scram"))?;
     tail.terminate();
     assert!(!tail.stderr().contains(&pw));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_a_clear_fatal_error() -> Result<()> {
+    // A tiny WAL allowance so the idle slot is invalidated by the next checkpoints.
+    let pg = PgCluster::start_with(ClusterOptions {
+        extra_conf: vec![
+            ("max_slot_wal_keep_size".into(), "1MB".into()),
+            ("min_wal_size".into(), "32MB".into()),
+            ("max_wal_size".into(), "64MB".into()),
+        ],
+        ..Default::default()
+    })?;
+    setup(&pg)?;
+    pg.psql("SELECT pg_create_logical_replication_slot('sy', 'pgoutput')")?;
+    let c = pg.client().await?;
+    wait_for("the slot to be invalidated", WAIT, || async {
+        // Each round writes and switches a few WAL segments, then checkpoints, which is
+        // when the server invalidates slots that hold more than their allowance.
+        c.batch_execute(
+            "INSERT INTO unpublished (v) SELECT repeat('x', 500) FROM generate_series(1, 5000);
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await?;
+        let status: Option<String> = c
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'sy'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((status.as_deref() == Some("lost")).then_some(()))
+    })
+    .await?;
+
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &pg, "", "");
+    let mut tail = Tail::spawn(&path, &[], &[]);
+    let status = tail.child.wait()?;
+    assert!(!status.success());
+    let err = tail.stderr();
+    assert!(err.contains("has been invalidated"), "{err}");
+    assert!(err.contains("max_slot_wal_keep_size"), "{err}");
+
+    // The library refuses it too, and never recreates it.
+    let config = load_config(&path, &NoEnv);
+    let err = ReplicationStream::start(settings(&config))
+        .await
+        .err()
+        .expect("an invalidated slot cannot stream");
+    assert!(matches!(err, SourceError::SlotInvalidated { .. }), "{err}");
+    assert!(!err.is_transient());
+    let (check_ok, out) = run_check(&path);
+    assert!(!check_ok);
+    assert!(out.contains("FAIL slot: \"sy\" is invalidated"), "{out}");
     Ok(())
 }
