@@ -19,6 +19,8 @@
 //! - Key order is PostgreSQL's: integers numerically, text in the "C" collation (byte order),
 //!   which the chunk query requests explicitly.
 
+pub mod chunk;
+
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
 

@@ -1,0 +1,275 @@
+//! The SQL side of a backfill chunk: the keyset SELECT and the watermark messages.
+//!
+//! Invariants:
+//! - Chunk queries order and compare keys exactly as [`super::KeyValue`] does: integers
+//!   numerically, text with `COLLATE "C"`; a key type outside that set is refused up front.
+//! - Every value is a bound text parameter cast to the column's type; names are quoted.
+//! - Rows come back as text (`col::text`), the same form pgoutput sends, so chunk rows and
+//!   stream rows go through the same apply path.
+//! - Watermarks are transactional logical messages with prefix [`WATERMARK_PREFIX`]: their
+//!   place in the stream is their commit's place, which is what brackets the SELECT.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ChunkSpec, Cursor, Key, KeyKind, KeyValue};
+use crate::sql::{quote_ident, QualifiedName};
+
+pub const WATERMARK_PREFIX: &str = "switchyard.watermark";
+
+/// What a chunk query needs to know about a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkTable {
+    pub source: QualifiedName,
+    /// Writable columns in source order (what pgoutput sends).
+    pub columns: Vec<String>,
+    /// Primary key: (index into `columns`, kind), in key order.
+    pub key: Vec<(usize, KeyKind)>,
+    /// Shared tables: the tenant column and its SQL type; `None` for schema-per-tenant.
+    pub tenant: Option<(String, String)>,
+}
+
+/// Which watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mark {
+    Low,
+    High,
+}
+
+/// The content of a watermark message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub tenant: String,
+    pub table: String,
+    pub chunk: u64,
+    pub mark: Mark,
+}
+
+impl Watermark {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a watermark is plain data")
+    }
+
+    /// `None` for other prefixes or content that is not ours.
+    pub fn parse(prefix: &str, content: &[u8]) -> Option<Watermark> {
+        if prefix != WATERMARK_PREFIX {
+            return None;
+        }
+        serde_json::from_slice(content).ok()
+    }
+}
+
+/// The SQL that writes a watermark into the WAL (run in its own short transaction).
+pub const EMIT_SQL: &str = "SELECT pg_logical_emit_message(true, 'switchyard.watermark', $1::text)";
+
+impl ChunkTable {
+    fn key_expr(&self, i: usize) -> String {
+        let (col, kind) = self.key[i];
+        // Qualified: a bare name in ORDER BY would pick the `col::text` output column and
+        // sort numbers as text.
+        let name = format!("src.{}", quote_ident(&self.columns[col]));
+        match kind {
+            KeyKind::Int => name,
+            KeyKind::Text => format!("{name} COLLATE \"C\""),
+        }
+    }
+
+    fn key_param(kind: KeyKind, n: usize) -> String {
+        match kind {
+            KeyKind::Int => format!("CAST(${n} AS bigint)"),
+            KeyKind::Text => format!("(${n}::text COLLATE \"C\")"),
+        }
+    }
+
+    fn key_text(v: &KeyValue) -> String {
+        match v {
+            KeyValue::Int(i) => i.to_string(),
+            KeyValue::Text(s) => s.clone(),
+        }
+    }
+
+    /// The chunk SELECT for `tenant` and `spec`, with its text parameters.
+    pub fn query(&self, tenant: &str, spec: &ChunkSpec) -> (String, Vec<Option<String>>) {
+        let cols = self
+            .columns
+            .iter()
+            .map(|c| format!("src.{}::text", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut conds = Vec::new();
+        if let Some((col, ty)) = &self.tenant {
+            params.push(Some(tenant.to_owned()));
+            conds.push(format!("src.{} = CAST($1 AS {ty})", quote_ident(col)));
+        }
+        let key_row = format!(
+            "({})",
+            (0..self.key.len())
+                .map(|i| self.key_expr(i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut limit = None;
+        match spec {
+            ChunkSpec::Range { after, limit: l } => {
+                limit = Some(*l);
+                if let Cursor::After(k) = after {
+                    let mut ps = Vec::new();
+                    for (i, v) in k.iter().enumerate() {
+                        params.push(Some(Self::key_text(v)));
+                        ps.push(Self::key_param(self.key[i].1, params.len()));
+                    }
+                    conds.push(format!("{key_row} > ({})", ps.join(", ")));
+                }
+            }
+            ChunkSpec::Keys(keys) => {
+                let mut tuples = Vec::new();
+                for k in keys {
+                    let mut ps = Vec::new();
+                    for (i, v) in k.iter().enumerate() {
+                        params.push(Some(Self::key_text(v)));
+                        ps.push(Self::key_param(self.key[i].1, params.len()));
+                    }
+                    tuples.push(format!("({})", ps.join(", ")));
+                }
+                if tuples.is_empty() {
+                    conds.push("false".into());
+                } else {
+                    conds.push(format!("{key_row} IN ({})", tuples.join(", ")));
+                }
+            }
+        }
+        let order = (0..self.key.len())
+            .map(|i| self.key_expr(i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sql = format!("SELECT {cols} FROM {} AS src", self.source.quoted());
+        if !conds.is_empty() {
+            sql.push_str(&format!(" WHERE {}", conds.join(" AND ")));
+        }
+        sql.push_str(&format!(" ORDER BY {order}"));
+        if let Some(l) = limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        (sql, params)
+    }
+
+    /// The key of a row (text values in `columns` order); `None` if a key value is NULL or
+    /// does not parse as its kind.
+    pub fn key_of(&self, values: &[Option<&str>]) -> Option<Key> {
+        self.key
+            .iter()
+            .map(|(i, kind)| {
+                values
+                    .get(*i)
+                    .copied()
+                    .flatten()
+                    .and_then(|t| kind.parse(t))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> ChunkTable {
+        ChunkTable {
+            source: QualifiedName::parse("public.orders").unwrap(),
+            columns: vec![
+                "tenant_id".into(),
+                "id".into(),
+                "code".into(),
+                "note".into(),
+            ],
+            key: vec![(0, KeyKind::Int), (1, KeyKind::Int), (2, KeyKind::Text)],
+            tenant: Some(("tenant_id".into(), "integer".into())),
+        }
+    }
+
+    #[test]
+    fn range_queries_use_row_comparison_in_key_order() {
+        let (sql, params) = table().query(
+            "7",
+            &ChunkSpec::Range {
+                after: Cursor::Start,
+                limit: 100,
+            },
+        );
+        assert_eq!(
+            sql,
+            "SELECT src.\"tenant_id\"::text, src.\"id\"::text, src.\"code\"::text, src.\"note\"::text \
+             FROM \"public\".\"orders\" AS src \
+             WHERE src.\"tenant_id\" = CAST($1 AS integer) \
+             ORDER BY src.\"tenant_id\", src.\"id\", src.\"code\" COLLATE \"C\" LIMIT 100"
+        );
+        assert_eq!(params, vec![Some("7".into())]);
+        let after = Cursor::After(vec![
+            KeyValue::Int(7),
+            KeyValue::Int(5),
+            KeyValue::Text("o'k".into()),
+        ]);
+        let (sql, params) = table().query("7", &ChunkSpec::Range { after, limit: 10 });
+        assert!(sql.contains(
+            "(src.\"tenant_id\", src.\"id\", src.\"code\" COLLATE \"C\") > (CAST($2 AS bigint), CAST($3 AS bigint), ($4::text COLLATE \"C\"))"
+        ), "{sql}");
+        assert_eq!(
+            params[3],
+            Some("o'k".into()),
+            "values are bound, never inlined"
+        );
+    }
+
+    #[test]
+    fn key_lists_and_empty_lists() {
+        let keys = [vec![
+            KeyValue::Int(7),
+            KeyValue::Int(1),
+            KeyValue::Text("a".into()),
+        ]]
+        .into();
+        let (sql, params) = table().query("7", &ChunkSpec::Keys(keys));
+        assert!(
+            sql.contains(
+                ") IN ((CAST($2 AS bigint), CAST($3 AS bigint), ($4::text COLLATE \"C\")))"
+            ),
+            "{sql}"
+        );
+        assert!(!sql.contains("LIMIT"));
+        assert_eq!(params.len(), 4);
+        let (sql, _) = table().query("7", &ChunkSpec::Keys(Default::default()));
+        assert!(sql.contains("AND false"));
+    }
+
+    #[test]
+    fn keys_parse_from_text_rows() {
+        let t = table();
+        assert_eq!(
+            t.key_of(&[Some("7"), Some("12"), Some("x"), None]),
+            Some(vec![
+                KeyValue::Int(7),
+                KeyValue::Int(12),
+                KeyValue::Text("x".into())
+            ])
+        );
+        assert_eq!(t.key_of(&[Some("7"), None, Some("x"), None]), None);
+        assert_eq!(t.key_of(&[Some("7"), Some("1.5"), Some("x"), None]), None);
+    }
+
+    #[test]
+    fn watermarks_round_trip_and_ignore_strangers() {
+        let w = Watermark {
+            tenant: "ac\"me".into(),
+            table: "public.orders".into(),
+            chunk: 3,
+            mark: Mark::High,
+        };
+        assert_eq!(
+            Watermark::parse(WATERMARK_PREFIX, w.to_json().as_bytes()),
+            Some(w.clone())
+        );
+        assert_eq!(Watermark::parse("other", w.to_json().as_bytes()), None);
+        assert_eq!(Watermark::parse(WATERMARK_PREFIX, b"{not json"), None);
+    }
+}
