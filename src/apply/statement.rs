@@ -57,6 +57,8 @@ pub enum StatementError {
     NotText { table: String, column: String },
     #[error("{table}: column {column:?} arrived in binary form; switchyard streams text")]
     Binary { table: String, column: String },
+    #[error("{table}: a row to insert lacks the unchanged TOAST value of {column:?}; it must be re-read from the source")]
+    ToastInInsert { table: String, column: String },
     #[error("{table}: no key value to find the row by ({detail})")]
     NoKey { table: String, detail: String },
 }
@@ -163,9 +165,14 @@ pub fn build(
             let mut cols = Vec::new();
             let mut vals = Vec::new();
             for (i, d) in new.0.iter().enumerate() {
-                // An INSERT never carries unchanged TOAST; skip defensively rather than NULL it.
+                // An UPDATE that moved a row to this tenant can arrive with unchanged TOAST;
+                // inserting without that value would silently lose it. The caller must have
+                // re-queued such a row for a re-read instead.
                 if matches!(d, Datum::UnchangedToast) {
-                    continue;
+                    return Err(StatementError::ToastInInsert {
+                        table: table.name.to_string(),
+                        column: table.columns[i].name.clone(),
+                    });
                 }
                 let c = &table.columns[i];
                 cols.push(quote_ident(&c.name));
@@ -378,6 +385,18 @@ mod tests {
                 "7"
             ),
             Err(StatementError::NotText { .. })
+        ));
+        let toast = t(&[s("7"), s("1"), s("x"), Datum::UnchangedToast]);
+        assert!(matches!(
+            build(
+                &table(),
+                &RowOp::Upsert {
+                    new: &toast,
+                    update: false
+                },
+                "7"
+            ),
+            Err(StatementError::ToastInInsert { .. })
         ));
         let no_key = t(&[Datum::Null, Datum::Null, s("x"), Datum::Null]);
         assert!(matches!(

@@ -117,6 +117,17 @@ pub enum Verdict {
     Skip,
 }
 
+/// What to do with a key-changing UPDATE during a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RekeyPlan {
+    /// Both keys are on the target's side of the cursor: apply the UPDATE.
+    Update,
+    /// The row leaves the copied range: delete the old key; a chunk will read the new one.
+    DeleteOld,
+    /// Nothing on the target to change (the new key, if copied, is re-queued for a re-read).
+    Skip,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BackfillError {
     #[error("watermark for chunk {got} while chunk {expected:?} is open")]
@@ -255,6 +266,30 @@ impl TableCopy {
             Verdict::Apply
         } else {
             Verdict::Skip
+        }
+    }
+
+    /// Marks a copied key as needing a re-read: its row is not on the target and the stream
+    /// could not supply it whole (a key change into the copied range, or a row arriving from
+    /// another tenant with unchanged TOAST values). Changes to it are skipped until re-read.
+    pub fn requeue(&mut self, key: &Key) {
+        if self.cursor.covers(key) {
+            self.requeued.insert(key.clone());
+        }
+    }
+
+    /// How to apply an UPDATE that changed the key from `old` to `new`.
+    pub fn rekey(&mut self, old: &Key, new: &Key) -> RekeyPlan {
+        let old_copied = self.change(old) == Verdict::Apply;
+        let new_copied = self.change(new) == Verdict::Apply;
+        match (old_copied, new_copied) {
+            (true, true) => RekeyPlan::Update,
+            (true, false) => RekeyPlan::DeleteOld,
+            (false, true) => {
+                self.requeue(new);
+                RekeyPlan::Skip
+            }
+            (false, false) => RekeyPlan::Skip,
         }
     }
 
@@ -398,6 +433,25 @@ mod tests {
     }
 
     #[test]
+    fn key_changes_across_the_cursor() {
+        let mut t = TableCopy::resume(Cursor::After(k(10)), BTreeSet::new());
+        assert_eq!(t.rekey(&k(1), &k(2)), RekeyPlan::Update);
+        assert_eq!(t.rekey(&k(3), &k(20)), RekeyPlan::DeleteOld);
+        assert_eq!(t.rekey(&k(30), &k(4)), RekeyPlan::Skip);
+        assert!(
+            t.requeued().contains(&k(4)),
+            "moved into the copied range: re-read it"
+        );
+        assert_eq!(t.change(&k(4)), Verdict::Skip);
+        assert_eq!(t.rekey(&k(30), &k(40)), RekeyPlan::Skip);
+        t.requeue(&k(50));
+        assert!(
+            !t.requeued().contains(&k(50)),
+            "not copied yet: nothing to re-read"
+        );
+    }
+
+    #[test]
     fn watermarks_out_of_order_are_errors() {
         let mut t = TableCopy::new();
         assert!(t.low(1).is_err(), "no chunk in flight");
@@ -420,6 +474,8 @@ mod tests {
     enum Step {
         Upsert(i64, u32),
         Delete(i64),
+        /// UPDATE of the key: the row moves from the first key to the second.
+        Rekey(i64, i64),
         /// The chunk SELECT runs now (if a window is open and has not read yet).
         Read,
         /// The stream reaches the next watermark (low if none open, else high after a read).
@@ -430,6 +486,7 @@ mod tests {
         prop_oneof![
             4 => (0i64..40, any::<u32>()).prop_map(|(k, v)| Step::Upsert(k, v)),
             2 => (0i64..40).prop_map(Step::Delete),
+            2 => (0i64..40, 0i64..40).prop_map(|(a, b)| Step::Rekey(a, b)),
             2 => Just(Step::Read),
             2 => Just(Step::Watermark),
         ]
@@ -471,6 +528,22 @@ mod tests {
                 match s {
                     Step::Upsert(key, v) => { source.insert(key, v); apply(&mut copy, &mut target, key, Some(v))?; }
                     Step::Delete(key) => { if source.remove(&key).is_some() { apply(&mut copy, &mut target, key, None)?; } }
+                    Step::Rekey(from, to) => {
+                        if from != to && source.contains_key(&from) && !source.contains_key(&to) {
+                            let v = source.remove(&from).unwrap();
+                            source.insert(to, v);
+                            match copy.rekey(&k(from), &k(to)) {
+                                RekeyPlan::Update => {
+                                    prop_assert!(target.remove(&from).is_some(), "strict rekey of {} found no row", from);
+                                    prop_assert!(target.insert(to, v).is_none(), "rekey onto existing {}", to);
+                                }
+                                RekeyPlan::DeleteOld => {
+                                    prop_assert!(target.remove(&from).is_some(), "strict delete of {} found no row", from);
+                                }
+                                RekeyPlan::Skip => {}
+                            }
+                        }
+                    }
                     Step::Read => {
                         if let (Some(c), false) = (in_flight, read_done) {
                             let spec = copy.window.as_ref().map(|w| w.spec.clone()).unwrap();
