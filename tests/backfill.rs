@@ -15,7 +15,7 @@ use bytes::Bytes;
 use support::PgCluster;
 use switchyard::apply::{self, SourceTxn, Statement, TargetWriter};
 use switchyard::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL, WATERMARK_PREFIX};
-use switchyard::backfill::{KeyKind, TableCopy, Verdict};
+use switchyard::backfill::{KeyKind, RekeyPlan, TableCopy, Verdict};
 use switchyard::config::{Config, Env, Tenancy};
 use switchyard::decode::{Datum, Message, RelationCache, Tuple};
 use switchyard::lsn::Lsn;
@@ -130,7 +130,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let w_client = src.client().await?;
     let w_stop = stop.clone();
-    let load = tokio::spawn(async move {
+    let mut load = tokio::spawn(async move {
         let mut i: i64 = 0;
         while !w_stop.load(Ordering::Relaxed) {
             i += 1;
@@ -140,9 +140,14 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                  UPDATE orders SET note = 'upd {i}' WHERE id = {id};
                  INSERT INTO orders VALUES (7, {new}, 'new {i}', NULL), (8, {new}, 'new {i}', NULL);
                  DELETE FROM orders WHERE id = {del};
+                 UPDATE orders SET id = id + 100000 WHERE tenant_id = 7 AND id = {rekey};
+                 UPDATE orders SET tenant_id = 7, id = id + 200000
+                  WHERE tenant_id = 8 AND id = {arrive};
                  COMMIT;",
                 new = 2000 + i,
                 del = (i * 104_729) % 1500 + 1,
+                rekey = (i * 6007) % 1500 + 1,
+                arrive = (i * 3001) % 1500 + 1,
             );
             w_client.batch_execute(&sql).await?;
             tokio::time::sleep(Duration::from_millis(3)).await;
@@ -154,7 +159,8 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
     let mut pending: Vec<Statement> = Vec::new();
     let mut chunk_rows: Vec<Vec<Option<String>>> = Vec::new();
     let mut in_flight: Option<u64> = None;
-    let mut marker_sent = false;
+    let mut writes: Option<i64> = None;
+    let mut marker_seen = false;
     let mut skipped = 0usize;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -200,12 +206,14 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                     s.execute(EMIT_SQL, &[&mark(Mark::High).to_json()]).await?;
                     in_flight = Some(chunk);
                 }
-                None if !marker_sent => {
+                None if writes.is_none() => {
+                    // Copy caught up: stop the writer, then mark the end of its writes. Its
+                    // last changes may still re-queue keys, so the loop goes on until the
+                    // marker has been seen and the copy is done.
                     stop.store(true, Ordering::Relaxed);
-                    load.is_finished();
+                    writes = Some((&mut load).await??);
                     s.batch_execute("SELECT pg_logical_emit_message(false, 'test', 'done')")
                         .await?;
-                    marker_sent = true;
                 }
                 None => {}
             }
@@ -242,13 +250,46 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                 };
                 let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
                 for op in routed {
-                    let key = match &op.op {
-                        RowOp::Upsert { new, .. } => key_of(&chunk_table, new),
-                        RowOp::Delete { old } => key_of(&chunk_table, old),
-                        other => bail!("this workload has no {other:?}"),
-                    }
-                    .context("a routed row without a key")?;
-                    if copy.change(&key) == Verdict::Skip {
+                    let apply_it = match &op.op {
+                        RowOp::Upsert { new, update } => {
+                            let key = key_of(&chunk_table, new).context("row without a key")?;
+                            let copied = copy.change(&key) == Verdict::Apply;
+                            let toast = new.0.iter().any(|d| matches!(d, Datum::UnchangedToast));
+                            if copied && !update && toast {
+                                // A row arriving from another tenant without its TOAST value:
+                                // only a re-read can supply it.
+                                copy.requeue(&key);
+                                false
+                            } else {
+                                copied
+                            }
+                        }
+                        RowOp::Delete { old } => {
+                            let key = key_of(&chunk_table, old).context("row without a key")?;
+                            copy.change(&key) == Verdict::Apply
+                        }
+                        RowOp::Rekey { old, new } => {
+                            let o = key_of(&chunk_table, old).context("old key")?;
+                            let n = key_of(&chunk_table, new).context("new key")?;
+                            match copy.rekey(&o, &n) {
+                                RekeyPlan::Update => true,
+                                RekeyPlan::DeleteOld => {
+                                    let table = writer
+                                        .table(&target_name, &identity, Some("tenant_id"))
+                                        .await?;
+                                    pending.push(apply::build(
+                                        table,
+                                        &RowOp::Delete { old },
+                                        tenant.as_str(),
+                                    )?);
+                                    false
+                                }
+                                RekeyPlan::Skip => false,
+                            }
+                        }
+                        RowOp::Truncate => bail!("this workload has no truncate"),
+                    };
+                    if !apply_it {
                         skipped += 1;
                         continue;
                     }
@@ -268,7 +309,8 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                             .table(&target_name, &identity, Some("tenant_id"))
                             .await?
                             .clone();
-                        for i in copy.high(w.chunk)? {
+                        let ins = copy.high(w.chunk)?;
+                        for i in ins {
                             let new = tuple(&chunk_rows[i]);
                             pending.push(apply::build(
                                 &table,
@@ -283,7 +325,12 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                     }
                 }
             }
-            Message::Message(m) if m.prefix == "test" => break,
+            Message::Message(m) if m.prefix == "test" => {
+                marker_seen = true;
+                if copy.is_done() && in_flight.is_none() && pending.is_empty() {
+                    break;
+                }
+            }
             Message::Commit(c) => {
                 if !pending.is_empty() {
                     writer
@@ -294,11 +341,16 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                         .await?;
                 }
                 stream.mark_durable(c.end_lsn);
+                // Done once the writer's last change has been seen and every re-read of
+                // what it touched has been committed.
+                if marker_seen && copy.is_done() && in_flight.is_none() {
+                    break;
+                }
             }
             _ => {}
         }
     }
-    let writes = load.await??;
+    let writes = writes.context("the writer was stopped")?;
     assert!(copy.is_done());
     assert!(
         writes > 20,
