@@ -9,25 +9,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use support::{wait_for_row, PgCluster};
-use switchyard::apply::{
-    self, ApplyError, SourceTxn, Statement, TargetColumn, TargetTable, TargetWriter,
-};
-use switchyard::config::{Config, Env, Tenancy};
+use support::pipeline::TwoClusters;
+use support::wait_for_row;
+use switchyard::apply::{self, ApplyError, SourceTxn, Statement, TargetTable, TargetWriter};
+use switchyard::config::Tenancy;
 use switchyard::decode::{Datum, Message, RelationCache, Tuple};
 use switchyard::lsn::Lsn;
-use switchyard::provision::{self, Placement};
 use switchyard::route::{Destination, Router, RowOp};
-use switchyard::source::{ReplicationStream, SourceEvent, StreamSettings};
+use switchyard::source::{ReplicationStream, SourceEvent};
 use switchyard::sql::QualifiedName;
 use switchyard::tenant::{TargetId, TenantId};
-
-struct NoEnv;
-impl Env for NoEnv {
-    fn var(&self, _: &str) -> Option<String> {
-        None
-    }
-}
 
 const SCHEMA: &str = "
 CREATE TABLE public.orders (
@@ -39,44 +30,12 @@ GRANT SELECT ON public.orders TO switchyard;
 SELECT pg_create_logical_replication_slot('sy', 'pgoutput');
 ";
 
-async fn target_table(
-    c: &impl tokio_postgres::GenericClient,
-    name: &QualifiedName,
-    identity: &[bool],
-) -> Result<TargetTable> {
-    let rows = c
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                    COALESCE(a.attnum = ANY (i.indkey), false) \
-               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid \
-               JOIN pg_namespace n ON n.oid = r.relnamespace \
-               LEFT JOIN pg_index i ON i.indrelid = r.oid AND i.indisprimary \
-              WHERE n.nspname = $1 AND r.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
-              ORDER BY a.attnum",
-            &[&name.schema, &name.name],
-        )
-        .await?;
-    Ok(TargetTable {
-        name: name.clone(),
-        columns: rows
-            .iter()
-            .zip(identity)
-            .map(|(r, id)| TargetColumn {
-                name: r.get(0),
-                type_sql: r.get(1),
-                primary_key: r.get(2),
-                identity: *id,
-            })
-            .collect(),
-        tenant_column: Some("tenant_id".into()),
-    })
-}
-
 /// Streams and applies one target transaction per source transaction until the marker
 /// message arrives. Returns the first apply error, if any.
 async fn pump(
     stream: &mut ReplicationStream,
     target: &mut tokio_postgres::Client,
+    meta: &mut TargetWriter,
     router: &Router,
     relations: &mut RelationCache,
     marker: &str,
@@ -132,8 +91,8 @@ async fn pump(
                     };
                     let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
                     for op in routed {
-                        let table = target_table(&txn, &op.table, &identity).await?;
-                        let st = apply::build(&table, &op.op, op.tenant.as_str())?;
+                        let table = meta.table(&op.table, &identity, Some("tenant_id")).await?;
+                        let st = apply::build(table, &op.op, op.tenant.as_str())?;
                         if let Err(e) = apply::execute(&txn, &st).await {
                             return Ok(Err(e));
                         }
@@ -159,37 +118,17 @@ const ROW_TEXT: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Result<()> {
-    let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
-    src.psql(SCHEMA)?;
-    let s = src.client().await?;
-    let mut d = dst.client().await?;
-    let tables = [QualifiedName::parse("public.orders")?];
-    let defs = provision::read_tables(&s, &tables).await?;
-    provision::apply(
-        &mut d,
-        &provision::plan(&defs, &Placement::into_schema(&tables, "acme", false))?,
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let s = two.src.client().await?;
+    let mut d = two.dst.client().await?;
+    let mut meta = TargetWriter::with_client(
+        TargetId::new("shard2")?,
+        two.dst.client().await?,
+        "switchyard",
     )
     .await?;
-
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"switchyard\"\ndbname = \"postgres\"\n\
-             sslmode = \"disable\"\n[replication]\nslot = \"sy\"\npublication = \"sy_pub\"\n",
-            src.port()
-        ),
-    )?;
-    let config = Config::from_toml(&std::fs::read_to_string(&path)?, &path, &NoEnv)?;
-    let mut stream = ReplicationStream::start(StreamSettings {
-        endpoint: config.source.clone(),
-        replication: config.replication.clone(),
-        ack: true,
-        start: Lsn::INVALID,
-    })
-    .await?;
+    let src = &two.src;
+    let mut stream = two.stream(true).await?;
     // Relation messages come once per connection: the cache outlives each pump call.
     let mut relations = RelationCache::new();
     let mut router = Router::new(Tenancy::default());
@@ -215,7 +154,15 @@ async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Re
                 DELETE FROM orders WHERE tenant_id = 8 AND id = 30; COMMIT;
          SELECT pg_logical_emit_message(false, 'sy', 'phase1');",
     )?;
-    pump(&mut stream, &mut d, &router, &mut relations, "phase1").await??;
+    pump(
+        &mut stream,
+        &mut d,
+        &mut meta,
+        &router,
+        &mut relations,
+        "phase1",
+    )
+    .await??;
     let want = rows(
         &s,
         &format!("{ROW_TEXT} public.orders WHERE tenant_id = 7 ORDER BY 1"),
@@ -234,7 +181,15 @@ async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Re
     src.psql("TRUNCATE orders; SELECT pg_logical_emit_message(false, 'sy', 'phase2');")?;
     d.batch_execute("INSERT INTO acme.orders (tenant_id, id) VALUES (99, 1)")
         .await?;
-    pump(&mut stream, &mut d, &router, &mut relations, "phase2").await??;
+    pump(
+        &mut stream,
+        &mut d,
+        &mut meta,
+        &router,
+        &mut relations,
+        "phase2",
+    )
+    .await??;
     assert_eq!(
         rows(&d, "SELECT tenant_id::text FROM acme.orders").await?,
         ["99"]
@@ -245,16 +200,31 @@ async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Re
         "INSERT INTO orders (tenant_id, id, note) VALUES (7, 1, 'x');
          SELECT pg_logical_emit_message(false, 'sy', 'phase3');",
     )?;
-    pump(&mut stream, &mut d, &router, &mut relations, "phase3").await??;
+    pump(
+        &mut stream,
+        &mut d,
+        &mut meta,
+        &router,
+        &mut relations,
+        "phase3",
+    )
+    .await??;
     d.batch_execute("DELETE FROM acme.orders WHERE tenant_id = 7")
         .await?;
     src.psql(
         "UPDATE orders SET note = 'y' WHERE tenant_id = 7 AND id = 1;
          SELECT pg_logical_emit_message(false, 'sy', 'phase4');",
     )?;
-    let err = pump(&mut stream, &mut d, &router, &mut relations, "phase4")
-        .await?
-        .expect_err("the update found no row");
+    let err = pump(
+        &mut stream,
+        &mut d,
+        &mut meta,
+        &router,
+        &mut relations,
+        "phase4",
+    )
+    .await?
+    .expect_err("the update found no row");
     assert!(
         matches!(err, ApplyError::Divergence { actual: 0, .. }),
         "{err}"
@@ -272,13 +242,7 @@ async fn a_moving_tenants_changes_reach_its_target_and_nothing_else_does() -> Re
         &[],
     )
     .await?;
-    let mut again = ReplicationStream::start(StreamSettings {
-        endpoint: config.source.clone(),
-        replication: config.replication.clone(),
-        ack: false,
-        start: Lsn::INVALID,
-    })
-    .await?;
+    let mut again = two.stream(false).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         anyhow::ensure!(
@@ -321,18 +285,8 @@ fn row_insert(table: &TargetTable, tenant: &str, id: i32, note: &str) -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts() -> Result<()> {
-    let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
-    src.psql(SCHEMA)?;
-    let s = src.client().await?;
-    let mut d = dst.client().await?;
-    let tables = [QualifiedName::parse("public.orders")?];
-    let defs = provision::read_tables(&s, &tables).await?;
-    provision::apply(
-        &mut d,
-        &provision::plan(&defs, &Placement::into_schema(&tables, "acme", false))?,
-    )
-    .await?;
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let (dst, d) = (&two.dst, two.dst.client().await?);
     let target = TargetId::new("shard2")?;
     let acme = TenantId::new("7")?;
     let globex = TenantId::new("8")?;

@@ -12,25 +12,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use support::PgCluster;
+use support::pipeline::TwoClusters;
 use switchyard::apply::{self, SourceTxn, Statement, TargetWriter};
 use switchyard::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL, WATERMARK_PREFIX};
 use switchyard::backfill::{KeyKind, RekeyPlan, TableCopy, Verdict};
-use switchyard::config::{Config, Env, Tenancy};
+use switchyard::config::Tenancy;
 use switchyard::decode::{Datum, Message, RelationCache, Tuple};
-use switchyard::lsn::Lsn;
-use switchyard::provision::{self, Placement};
 use switchyard::route::{Destination, Router, RowOp};
-use switchyard::source::{ReplicationStream, SourceEvent, StreamSettings};
+use switchyard::source::SourceEvent;
 use switchyard::sql::QualifiedName;
 use switchyard::tenant::{TargetId, TenantId};
-
-struct NoEnv;
-impl Env for NoEnv {
-    fn var(&self, _: &str) -> Option<String> {
-        None
-    }
-}
 
 const SCHEMA: &str = "
 CREATE TABLE public.orders (
@@ -72,37 +63,10 @@ fn key_of(table: &ChunkTable, t: &Tuple) -> Option<switchyard::backfill::Key> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
-    let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
-    src.psql(SCHEMA)?;
-    let s = src.client().await?;
-    let mut d = dst.client().await?;
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let (src, s, d) = (&two.src, two.src.client().await?, two.dst.client().await?);
     let tables = [QualifiedName::parse("public.orders")?];
-    let defs = provision::read_tables(&s, &tables).await?;
-    provision::apply(
-        &mut d,
-        &provision::plan(&defs, &Placement::into_schema(&tables, "acme", false))?,
-    )
-    .await?;
-
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"switchyard\"\ndbname = \"postgres\"\n\
-             sslmode = \"disable\"\n[replication]\nslot = \"sy\"\npublication = \"sy_pub\"\n",
-            src.port()
-        ),
-    )?;
-    let config = Config::from_toml(&std::fs::read_to_string(&path)?, &path, &NoEnv)?;
-    let mut stream = ReplicationStream::start(StreamSettings {
-        endpoint: config.source.clone(),
-        replication: config.replication.clone(),
-        ack: true,
-        start: Lsn::INVALID,
-    })
-    .await?;
+    let mut stream = two.stream(true).await?;
 
     let tenant = TenantId::new("7")?;
     let mut router = Router::new(Tenancy::default());
@@ -113,9 +77,12 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
             schema: "acme".into(),
         },
     );
-    let mut writer =
-        TargetWriter::with_client(TargetId::new("shard2")?, dst.client().await?, "switchyard")
-            .await?;
+    let mut writer = TargetWriter::with_client(
+        TargetId::new("shard2")?,
+        two.dst.client().await?,
+        "switchyard",
+    )
+    .await?;
     let target_name = QualifiedName::parse("acme.orders")?;
     let chunk_table = ChunkTable {
         source: tables[0].clone(),

@@ -30,6 +30,8 @@
 
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
 use std::fs;
