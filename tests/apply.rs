@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use support::pipeline::TwoClusters;
 use support::wait_for_row;
-use switchyard::apply::{self, ApplyError, SourceTxn, Statement, TargetTable, TargetWriter};
+use switchyard::apply::{self, ApplyError, SourceTxn, Statement, TargetTable, TargetWriter, Work};
 use switchyard::config::Tenancy;
 use switchyard::decode::{Datum, Message, RelationCache, Tuple};
 use switchyard::lsn::Lsn;
@@ -298,7 +298,10 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
     let table = w.table(&name, &identity, Some("tenant_id")).await?.clone();
     let txn = |end: u64, parts: Vec<(TenantId, Vec<Statement>)>| SourceTxn {
         end_lsn: Lsn(end),
-        parts,
+        parts: parts
+            .into_iter()
+            .map(|(t, sts)| (t, sts.into_iter().map(Work::from).collect()))
+            .collect(),
     };
     let batch1 = vec![
         txn(

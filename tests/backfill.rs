@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use support::pipeline::TwoClusters;
-use switchyard::apply::{self, SourceTxn, Statement, TargetWriter};
+use switchyard::apply::{self, CopyRows, SourceTxn, TargetWriter, Work};
 use switchyard::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL, WATERMARK_PREFIX};
 use switchyard::backfill::{KeyKind, RekeyPlan, TableCopy, Verdict};
 use switchyard::config::Tenancy;
@@ -37,18 +36,6 @@ SELECT pg_create_logical_replication_slot('sy', 'pgoutput');
 ";
 
 const ROWS: &str = "SELECT concat_ws('|', tenant_id, id, note, md5(big)) FROM";
-
-fn tuple(values: &[Option<String>]) -> Tuple {
-    Tuple(
-        values
-            .iter()
-            .map(|v| match v {
-                Some(s) => Datum::Text(Bytes::copy_from_slice(s.as_bytes())),
-                None => Datum::Null,
-            })
-            .collect(),
-    )
-}
 
 fn key_of(table: &ChunkTable, t: &Tuple) -> Option<switchyard::backfill::Key> {
     let texts: Vec<Option<&str>> =
@@ -123,7 +110,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
     });
 
     let mut relations = RelationCache::new();
-    let mut pending: Vec<Statement> = Vec::new();
+    let mut pending: Vec<Work> = Vec::new();
     let mut chunk_rows: Vec<Vec<Option<String>>> = Vec::new();
     let mut in_flight: Option<u64> = None;
     let mut writes: Option<i64> = None;
@@ -244,11 +231,14 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                                     let table = writer
                                         .table(&target_name, &identity, Some("tenant_id"))
                                         .await?;
-                                    pending.push(apply::build(
-                                        table,
-                                        &RowOp::Delete { old },
-                                        tenant.as_str(),
-                                    )?);
+                                    pending.push(
+                                        apply::build(
+                                            table,
+                                            &RowOp::Delete { old },
+                                            tenant.as_str(),
+                                        )?
+                                        .into(),
+                                    );
                                     false
                                 }
                                 RekeyPlan::Skip => false,
@@ -263,7 +253,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                     let table = writer
                         .table(&target_name, &identity, Some("tenant_id"))
                         .await?;
-                    pending.push(apply::build(table, &op.op, tenant.as_str())?);
+                    pending.push(apply::build(table, &op.op, tenant.as_str())?.into());
                 }
             }
             Message::Message(m) if m.prefix == WATERMARK_PREFIX => {
@@ -271,23 +261,18 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                 match w.mark {
                     Mark::Low => copy.low(w.chunk)?,
                     Mark::High => {
-                        let identity = [true, true, false, false];
-                        let table = writer
-                            .table(&target_name, &identity, Some("tenant_id"))
-                            .await?
-                            .clone();
-                        let ins = copy.high(w.chunk)?;
-                        for i in ins {
-                            let new = tuple(&chunk_rows[i]);
-                            pending.push(apply::build(
-                                &table,
-                                &RowOp::Upsert {
-                                    new: &new,
-                                    update: false,
-                                },
-                                tenant.as_str(),
-                            )?);
-                        }
+                        // The chunk's surviving rows go in with one COPY, at this point of
+                        // the stream, in the same target transaction as the watermark's.
+                        let rows: Vec<Vec<Option<String>>> = copy
+                            .high(w.chunk)?
+                            .into_iter()
+                            .map(|i| chunk_rows[i].clone())
+                            .collect();
+                        pending.push(Work::Copy(CopyRows {
+                            table: target_name.clone(),
+                            columns: chunk_table.columns.clone(),
+                            rows,
+                        }));
                         in_flight = None;
                     }
                 }

@@ -27,11 +27,63 @@ use crate::lsn::Lsn;
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
+/// One unit of work inside a target transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Work {
+    Statement(Statement),
+    /// Rows inserted with COPY (backfill chunks): values as text, NULL as `None`.
+    Copy(CopyRows),
+}
+
+impl From<Statement> for Work {
+    fn from(st: Statement) -> Work {
+        Work::Statement(st)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyRows {
+    pub table: QualifiedName,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl CopyRows {
+    /// COPY text format: tab-separated, `\N` for NULL, backslash escapes for the
+    /// separators, so any value (tabs, newlines, backslashes included) round-trips.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.rows.len() * 64);
+        for row in &self.rows {
+            for (i, v) in row.iter().enumerate() {
+                if i > 0 {
+                    out.push(b'\t');
+                }
+                match v {
+                    None => out.extend_from_slice(b"\\N"),
+                    Some(text) => {
+                        for &b in text.as_bytes() {
+                            match b {
+                                b'\\' => out.extend_from_slice(b"\\\\"),
+                                b'\t' => out.extend_from_slice(b"\\t"),
+                                b'\n' => out.extend_from_slice(b"\\n"),
+                                b'\r' => out.extend_from_slice(b"\\r"),
+                                b => out.push(b),
+                            }
+                        }
+                    }
+                }
+            }
+            out.push(b'\n');
+        }
+        out
+    }
+}
+
 /// One source transaction's work for this target, split by tenant.
 #[derive(Clone, Debug, Default)]
 pub struct SourceTxn {
     pub end_lsn: Lsn,
-    pub parts: Vec<(TenantId, Vec<Statement>)>,
+    pub parts: Vec<(TenantId, Vec<Work>)>,
 }
 
 pub struct TargetWriter {
@@ -195,13 +247,18 @@ impl TargetWriter {
             .map_err(ClusterError::sql("starting a target transaction"))?;
         let mut advanced: BTreeMap<TenantId, Lsn> = BTreeMap::new();
         for txn in batch {
-            for (tenant, statements) in &txn.parts {
+            for (tenant, work) in &txn.parts {
                 let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
                 if txn.end_lsn <= held {
                     continue;
                 }
-                for st in statements {
-                    execute(&tx, st).await?;
+                for w in work {
+                    match w {
+                        Work::Statement(st) => {
+                            execute(&tx, st).await?;
+                        }
+                        Work::Copy(c) => copy(&tx, c).await?,
+                    }
                 }
                 advanced.insert(tenant.clone(), txn.end_lsn);
             }
@@ -228,5 +285,63 @@ impl TargetWriter {
     /// Tenants with a recorded position.
     pub fn tenants(&self) -> BTreeSet<TenantId> {
         self.applied.keys().cloned().collect()
+    }
+}
+
+async fn copy(tx: &tokio_postgres::Transaction<'_>, rows: &CopyRows) -> Result<(), ApplyError> {
+    use futures_util::SinkExt;
+    if rows.rows.is_empty() {
+        return Ok(());
+    }
+    let cols = rows
+        .columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("COPY {} ({cols}) FROM STDIN", rows.table.quoted());
+    let sink = tx
+        .copy_in::<_, bytes::Bytes>(&sql)
+        .await
+        .map_err(ClusterError::sql(format!("starting {sql}")))?;
+    futures_util::pin_mut!(sink);
+    let data = rows.encode();
+    for chunk in data.chunks(256 * 1024) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .map_err(ClusterError::sql(format!("sending rows for {sql}")))?;
+    }
+    let n = sink
+        .finish()
+        .await
+        .map_err(ClusterError::sql(format!("finishing {sql}")))?;
+    if n != rows.rows.len() as u64 {
+        return Err(ApplyError::Divergence {
+            sql,
+            expected: rows.rows.len() as u64,
+            actual: n,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_every_separator() {
+        let rows = CopyRows {
+            table: QualifiedName::parse("a.b").unwrap(),
+            columns: vec!["x".into(), "y".into()],
+            rows: vec![
+                vec![Some("plain".into()), None],
+                vec![Some("tab\there\nnew\\back\rcr".into()), Some("\\N".into())],
+            ],
+        };
+        assert_eq!(
+            String::from_utf8(rows.encode()).unwrap(),
+            "plain\t\\N\ntab\\there\\nnew\\\\back\\rcr\t\\\\N\n"
+        );
     }
 }
