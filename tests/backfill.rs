@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,8 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let w_client = src.client().await?;
     let w_stop = stop.clone();
+    let rounds = Arc::new(AtomicI64::new(0));
+    let w_rounds = rounds.clone();
     let mut load = tokio::spawn(async move {
         let mut i: i64 = 0;
         while !w_stop.load(Ordering::Relaxed) {
@@ -104,6 +106,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                 arrive = (i * 3001) % 1500 + 1,
             );
             w_client.batch_execute(&sql).await?;
+            w_rounds.store(i, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
         Ok::<i64, anyhow::Error>(i)
@@ -123,6 +126,16 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
             "backfill did not converge in time"
         );
         // Drive the copy: one chunk at a time, bracketed by watermarks in the source WAL.
+        if in_flight.is_none() && writes.is_none() {
+            // Pace the copy by the writer: every chunk overlaps at least two of its
+            // transactions, however fast the copy runs on this machine.
+            let wanted = rounds.load(Ordering::Relaxed) + 2;
+            let pace = Instant::now() + Duration::from_secs(30);
+            while rounds.load(Ordering::Relaxed) < wanted {
+                anyhow::ensure!(Instant::now() < pace, "the writer stalled");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
         if in_flight.is_none() {
             match copy.next_chunk(100) {
                 Some((chunk, spec)) => {
