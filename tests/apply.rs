@@ -40,7 +40,7 @@ async fn pump(
     relations: &mut RelationCache,
     marker: &str,
 ) -> Result<Result<(), ApplyError>> {
-    let mut tx_ops: Vec<(QualifiedName, Message)> = Vec::new();
+    let mut tx_ops: Vec<Message> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if Instant::now() > deadline {
@@ -60,41 +60,19 @@ async fn pump(
             }
             Message::Begin(_) => tx_ops.clear(),
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
-                tx_ops.push((QualifiedName::parse("x.y")?, r.message.clone()));
+                tx_ops.push(r.message.clone());
             }
             Message::Commit(c) => {
                 let txn = target.transaction().await?;
-                for (_, m) in tx_ops.drain(..) {
-                    let (rel, routed) = match &m {
-                        Message::Insert(i) => {
-                            let rel = relations.resolve(i.relation)?;
-                            (rel, router.insert(rel, &i.new)?)
-                        }
-                        Message::Update(u) => {
-                            let rel = relations.resolve(u.relation)?;
-                            (rel, router.update(rel, u.old.as_ref(), &u.new)?)
-                        }
-                        Message::Delete(d) => {
-                            let rel = relations.resolve(d.relation)?;
-                            (rel, router.delete(rel, &d.old)?)
-                        }
-                        Message::Truncate(t) => {
-                            let mut all = Vec::new();
-                            for id in &t.relations {
-                                let rel = relations.resolve(*id)?;
-                                all.push((rel, router.truncate(rel)?));
+                for m in tx_ops.drain(..) {
+                    for (rel, routed) in router.message(relations, &m)? {
+                        let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
+                        for op in routed {
+                            let table = meta.table(&op.table, &identity, Some("tenant_id")).await?;
+                            let st = apply::build(table, &op.op, op.tenant.as_str())?;
+                            if let Err(e) = apply::execute(&txn, &st).await {
+                                return Ok(Err(e));
                             }
-                            let (rel, routed) = all.pop().context("empty truncate")?;
-                            (rel, routed)
-                        }
-                        _ => unreachable!(),
-                    };
-                    let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
-                    for op in routed {
-                        let table = meta.table(&op.table, &identity, Some("tenant_id")).await?;
-                        let st = apply::build(table, &op.op, op.tenant.as_str())?;
-                        if let Err(e) = apply::execute(&txn, &st).await {
-                            return Ok(Err(e));
                         }
                     }
                 }

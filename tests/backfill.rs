@@ -200,20 +200,8 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
             }
             Message::Begin(_) => pending.clear(),
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) => {
-                let (rel, routed) = match &r.message {
-                    Message::Insert(i) => {
-                        let rel = relations.resolve(i.relation)?;
-                        (rel, router.insert(rel, &i.new)?)
-                    }
-                    Message::Update(u) => {
-                        let rel = relations.resolve(u.relation)?;
-                        (rel, router.update(rel, u.old.as_ref(), &u.new)?)
-                    }
-                    Message::Delete(dl) => {
-                        let rel = relations.resolve(dl.relation)?;
-                        (rel, router.delete(rel, &dl.old)?)
-                    }
-                    _ => unreachable!(),
+                let Some((rel, routed)) = router.message(&relations, &r.message)?.pop() else {
+                    continue;
                 };
                 let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
                 for op in routed {

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 
 use crate::config::{Tenancy, TenancyMode};
-use crate::decode::{Datum, OldTuple, Relation, ReplicaIdentity, Tuple};
+use crate::decode::{
+    Datum, Message, OldTuple, Relation, RelationCache, RelationError, ReplicaIdentity, Tuple,
+};
 use crate::sql::QualifiedName;
 use crate::tenant::{TargetId, TenantId};
 
@@ -30,6 +32,8 @@ pub enum RouteError {
     TenantNotInIdentity { table: String, column: String },
     #[error("{table}: a row has a NULL or unreadable tenant value in {column:?}")]
     BadTenantValue { table: String, column: String },
+    #[error(transparent)]
+    Relation(#[from] RelationError),
     #[error("{table}: tuple has {actual} columns, relation has {expected}")]
     Shape {
         table: String,
@@ -269,6 +273,41 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Routes one decoded row message (INSERT, UPDATE, DELETE or TRUNCATE) using the
+    /// relation cache; other messages route nowhere. Each entry pairs the relation with the
+    /// operations it yields (a TRUNCATE of several tables yields one entry per table).
+    pub fn message<'a>(
+        &self,
+        relations: &'a RelationCache,
+        message: &'a Message,
+    ) -> Result<Vec<(&'a Relation, Vec<Routed<'a>>)>, RouteError> {
+        Ok(match message {
+            Message::Insert(i) => {
+                let rel = relations.resolve(i.relation)?;
+                vec![(rel, self.insert(rel, &i.new)?)]
+            }
+            Message::Update(u) => {
+                let rel = relations.resolve(u.relation)?;
+                vec![(rel, self.update(rel, u.old.as_ref(), &u.new)?)]
+            }
+            Message::Delete(d) => {
+                let rel = relations.resolve(d.relation)?;
+                vec![(rel, self.delete(rel, &d.old)?)]
+            }
+            Message::Truncate(t) => t
+                .relations
+                .iter()
+                .map(|id| {
+                    let rel = relations.resolve(*id)?;
+                    Ok((rel, self.truncate(rel)?))
+                })
+                .collect::<Result<_, RouteError>>()?,
+            _ => Vec::new(),
+        })
+    }
+}
+
 /// Whether any replica identity column differs between the old full row and the new row.
 /// Unchanged TOAST in the new row means "same as old", so it never counts as a change.
 fn key_changed(rel: &Relation, old: &Tuple, new: &Tuple) -> bool {
@@ -443,6 +482,34 @@ mod tests {
             r.insert(&keyed(), &short),
             Err(RouteError::Shape { .. })
         ));
+    }
+
+    #[test]
+    fn messages_route_through_the_relation_cache() {
+        use crate::decode::{Insert, Truncate};
+        let r = router();
+        let mut cache = RelationCache::new();
+        let row = t(&[Some("7"), Some("1"), Some("x")]);
+        let insert = Message::Insert(Insert {
+            xid: None,
+            relation: RelationId(1),
+            new: row,
+        });
+        assert!(matches!(
+            r.message(&cache, &insert),
+            Err(RouteError::Relation(_))
+        ));
+        cache.apply(keyed());
+        let routed = r.message(&cache, &insert).unwrap();
+        assert_eq!(routed.len(), 1);
+        assert_eq!(routed[0].1.len(), 1);
+        let truncate = Message::Truncate(Truncate {
+            xid: None,
+            options: 0,
+            relations: vec![RelationId(1), RelationId(1)],
+        });
+        assert_eq!(r.message(&cache, &truncate).unwrap().len(), 2);
+        assert!(r.message(&cache, &Message::StreamStop).unwrap().is_empty());
     }
 
     #[test]
