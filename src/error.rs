@@ -69,23 +69,14 @@ impl ErrorClass {
     }
 }
 
-/// SQL errors: connection trouble, shutdowns, serialization failures and lock timeouts are
-/// worth a retry; authentication is fatal; anything else concerns the rows at hand.
+/// SQL errors: transient ones are retried (see [`crate::cluster::is_transient_sqlstate`]);
+/// authentication is fatal; anything else concerns the rows at hand.
 fn classify_cluster(e: &ClusterError) -> ErrorClass {
     match e {
         ClusterError::Tls(_) => ErrorClass::Fatal,
-        _ => match e.sqlstate() {
-            None => ErrorClass::Transient,
-            Some(code)
-                if code.starts_with("08")
-                    || code.starts_with("57P")
-                    || matches!(code, "40001" | "40P01" | "55P03" | "53300") =>
-            {
-                ErrorClass::Transient
-            }
-            Some(code) if code.starts_with("28") => ErrorClass::Fatal,
-            Some(_) => ErrorClass::TenantFatal,
-        },
+        _ if e.is_transient() => ErrorClass::Transient,
+        _ if e.sqlstate().is_some_and(|c| c.starts_with("28")) => ErrorClass::Fatal,
+        _ => ErrorClass::TenantFatal,
     }
 }
 

@@ -149,6 +149,18 @@ pub enum ClusterError {
     },
 }
 
+/// SQLSTATEs that may succeed on retry: connection exceptions (08), operator intervention
+/// (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 57P05 idle session
+/// timeout), too many connections (53300), serialization failure (40001), deadlock (40P01)
+/// and lock not available (55P03). The one list both the source and the appliers use.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "40001" | "40P01" | "55P03"
+        )
+}
+
 /// tokio-postgres prints server errors as just "db error"; operators need the server's own
 /// words: severity, SQLSTATE, message, detail and hint.
 pub fn describe(e: &tokio_postgres::Error) -> String {
@@ -180,6 +192,14 @@ impl ClusterError {
     pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {
         let context = context.into();
         move |source| ClusterError::Sql { context, source }
+    }
+
+    /// Worth retrying: no server answer at all (I/O), or a transient SQLSTATE.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClusterError::Tls(_) => false,
+            _ => self.sqlstate().is_none_or(is_transient_sqlstate),
+        }
     }
 
     /// The server's SQLSTATE, when the server answered with an error.

@@ -99,8 +99,8 @@ impl Feedback {
         self.received
     }
 
-    /// The flush position to put in the next status update, given what is durable now.
-    pub fn flush(&mut self, durable: Lsn) -> Lsn {
+    /// The flush position the next status update would carry, without recording it.
+    pub fn peek(&self, durable: Lsn) -> Lsn {
         if !self.ack {
             return Lsn::INVALID;
         }
@@ -110,7 +110,15 @@ impl Feedback {
                 flush = flush.max(wal_end);
             }
         }
-        self.reported = flush;
+        flush
+    }
+
+    /// The flush position to put in the next status update, given what is durable now.
+    pub fn flush(&mut self, durable: Lsn) -> Lsn {
+        let flush = self.peek(durable);
+        if self.ack {
+            self.reported = flush;
+        }
         flush
     }
 }

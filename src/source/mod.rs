@@ -80,17 +80,7 @@ impl SourceError {
         match self {
             SourceError::Io { .. } | SourceError::Closed | SourceError::Timeout { .. } => true,
             SourceError::Server { notice, .. } => is_transient_sqlstate(&notice.code),
-            SourceError::Cluster(e) => match e {
-                crate::cluster::ClusterError::Connect { source, .. } => source
-                    .code()
-                    .map(|c| is_transient_sqlstate(c.code()))
-                    .unwrap_or(true),
-                crate::cluster::ClusterError::Sql { source, .. } => source
-                    .code()
-                    .map(|c| is_transient_sqlstate(c.code()))
-                    .unwrap_or(true),
-                crate::cluster::ClusterError::Tls(_) => false,
-            },
+            SourceError::Cluster(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -127,16 +117,10 @@ impl SourceError {
     }
 }
 
-/// SQLSTATEs worth a reconnect: connection exceptions (08), operator intervention
-/// (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now), too many
-/// connections (53300), and "object in use" (55006: the slot is still active for a
-/// walsender that has not noticed its client is gone).
+/// SQLSTATEs worth a reconnect: the shared transient set, plus "object in use" (55006: the
+/// slot is still active for a walsender that has not noticed its client is gone).
 fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
-        || matches!(
-            code,
-            "57P01" | "57P02" | "57P03" | "53300" | "55006" | "40001"
-        )
+    crate::cluster::is_transient_sqlstate(code) || code == "55006"
 }
 
 #[cfg(test)]

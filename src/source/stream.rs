@@ -380,7 +380,7 @@ impl Task {
                 }
                 _ = ticker.tick() => {
                     let durable = self.durable.get();
-                    let moved = self.feedback.clone().flush(durable) != last_flush;
+                    let moved = self.feedback.peek(durable) != last_flush;
                     let due = last_status.elapsed() >= status_interval;
                     if !waiting && last_heard.elapsed() > silence_limit {
                         return Err(SourceError::Timeout {
