@@ -64,6 +64,20 @@ struct FileConfig {
     tenancy: FileTenancy,
     #[serde(default)]
     registry: FileRegistry,
+    #[serde(default, rename = "move")]
+    moves: FileMoves,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMoves {
+    chunk_rows: Option<usize>,
+    backfill_workers: Option<usize>,
+    batch_max_txns: Option<usize>,
+    batch_max_bytes: Option<usize>,
+    max_inflight_txns: Option<usize>,
+    wal_budget_mb: Option<u64>,
+    registry_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +217,87 @@ impl Tenancy {
     }
 }
 
+/// Limits of the move engine, chosen to protect the source (seed 000: cap workers, keep
+/// transactions short) and to bound memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveSettings {
+    /// Rows per backfill chunk (one short SELECT each).
+    pub chunk_rows: usize,
+    /// Backfill chunks in flight at once, over all tenants (one source connection each).
+    pub backfill_workers: usize,
+    /// Source transactions batched into one target transaction, at most.
+    pub batch_max_txns: usize,
+    /// Bytes of values batched into one target transaction, about.
+    pub batch_max_bytes: usize,
+    /// Source transactions handed to appliers and not yet durable; reading the slot pauses
+    /// above this.
+    pub max_inflight_txns: usize,
+    /// A tenant whose applied position trails the stream by more WAL than this is failed
+    /// and stops holding the slot back.
+    pub wal_budget_bytes: u64,
+    /// How often the registry is read (NOTIFY wakes the daemon earlier).
+    pub registry_poll: Duration,
+}
+
+impl Default for MoveSettings {
+    fn default() -> Self {
+        MoveSettings {
+            chunk_rows: 5_000,
+            backfill_workers: 4,
+            batch_max_txns: 2_000,
+            batch_max_bytes: 32 << 20,
+            max_inflight_txns: 20_000,
+            wal_budget_bytes: 16 << 30,
+            registry_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
+    let d = MoveSettings::default();
+    let positive = |field: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ConfigError::Invalid {
+            field: format!("move.{field}"),
+            reason: "must be at least 1".into(),
+        }),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let m = MoveSettings {
+        chunk_rows: positive("chunk_rows", f.chunk_rows, d.chunk_rows)?,
+        backfill_workers: positive("backfill_workers", f.backfill_workers, d.backfill_workers)?,
+        batch_max_txns: positive("batch_max_txns", f.batch_max_txns, d.batch_max_txns)?,
+        batch_max_bytes: positive("batch_max_bytes", f.batch_max_bytes, d.batch_max_bytes)?,
+        max_inflight_txns: positive(
+            "max_inflight_txns",
+            f.max_inflight_txns,
+            d.max_inflight_txns,
+        )?,
+        wal_budget_bytes: match f.wal_budget_mb {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    field: "move.wal_budget_mb".into(),
+                    reason: "must be at least 1".into(),
+                })
+            }
+            Some(mb) => mb.saturating_mul(1 << 20),
+            None => d.wal_budget_bytes,
+        },
+        registry_poll: Duration::from_millis(positive(
+            "registry_poll_ms",
+            f.registry_poll_ms.map(|v| v as usize),
+            d.registry_poll.as_millis() as usize,
+        )? as u64),
+    };
+    if m.chunk_rows > 1_000_000 {
+        return Err(ConfigError::Invalid {
+            field: "move.chunk_rows".into(),
+            reason: "at most 1000000 (a chunk is one SELECT held in memory)".into(),
+        });
+    }
+    Ok(m)
+}
+
 /// The whole validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -214,6 +309,7 @@ pub struct Config {
     pub tenancy: Tenancy,
     /// Schema of the registry tables in the control database (the source database).
     pub registry_schema: String,
+    pub moves: MoveSettings,
 }
 
 /// Where environment overrides come from; a function so tests need not touch the process env.
@@ -281,6 +377,7 @@ impl Config {
             targets,
             tenancy,
             registry_schema,
+            moves: moves(file.moves)?,
         })
     }
 }
@@ -535,6 +632,26 @@ mod tests {
         assert_eq!(c.replication.slot, "switchyard");
         assert!(c.replication.streaming);
         assert!(c.source.password.is_none());
+    }
+
+    #[test]
+    fn move_limits_have_defaults_and_reject_zero() {
+        let c = load(MINIMAL, &env(&[])).unwrap();
+        assert_eq!(c.moves, MoveSettings::default());
+        let text = format!("{MINIMAL}[move]\nchunk_rows = 100\nwal_budget_mb = 2\n");
+        let c = load(&text, &env(&[])).unwrap();
+        assert_eq!(c.moves.chunk_rows, 100);
+        assert_eq!(c.moves.wal_budget_bytes, 2 << 20);
+        for bad in [
+            "chunk_rows = 0",
+            "backfill_workers = 0",
+            "chunk_rows = 2000000",
+        ] {
+            let err = load(&format!("{MINIMAL}[move]\n{bad}\n"), &env(&[])).unwrap_err();
+            assert!(err.to_string().contains("move."), "{bad}: {err}");
+        }
+        let err = load(&format!("{MINIMAL}[move]\nchunk = 1\n"), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("chunk"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::apply::ApplyError;
 use crate::checkpoint::CheckpointError;
 use crate::cluster::ClusterError;
 use crate::config::ConfigError;
+use crate::daemon::MoveError;
 use crate::decode::{DecodeError, RelationError};
 use crate::provision::ProvisionError;
 use crate::registry::RegistryError;
@@ -39,6 +40,8 @@ pub enum Error {
     Route(#[from] RouteError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Move(#[from] MoveError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -105,6 +108,7 @@ impl Error {
             // A message we cannot read might be any tenant's change: never skip it.
             Error::Decode(_) | Error::Relation(_) => ErrorClass::Fatal,
             Error::Io { .. } => ErrorClass::Fatal,
+            Error::Move(e) => e.class(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod backfill;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
+pub mod daemon;
 pub mod decode;
 pub mod error;
 pub mod lsn;

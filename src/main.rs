@@ -61,6 +61,12 @@ enum Command {
         #[arg(long, value_parser = parse_lsn)]
         from: Option<Lsn>,
     },
+    /// Run the daemon: consume the slot and move every tenant the registry asks for.
+    Run {
+        /// Create the publication and slot if they do not exist (first start only).
+        #[arg(long)]
+        create_slot: bool,
+    },
     /// Request a tenant move: writes a row into the registry's moves table.
     Move {
         /// The tenant id (the tenant column's value, or the schema for schema-per-tenant).
@@ -164,6 +170,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "move {id} requested: tenant {tenant} to {target} schema {schema} ({} cutover)",
                 mode.as_str()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { create_slot } => {
+            let shutdown = async {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                            std::future::pending::<()>().await;
+                            return;
+                        }
+                    };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("stopping: finishing in-flight work");
+            };
+            switchyard::daemon::run(
+                config,
+                switchyard::daemon::RunOptions { create_slot },
+                shutdown,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tail {

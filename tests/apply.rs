@@ -280,6 +280,7 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
             .into_iter()
             .map(|(t, sts)| (t, sts.into_iter().map(Work::from).collect()))
             .collect(),
+        states: Vec::new(),
     };
     let batch1 = vec![
         txn(

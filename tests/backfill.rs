@@ -140,6 +140,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
             match copy.next_chunk(100) {
                 Some((chunk, spec)) => {
                     let mark = |m| Watermark {
+                        run: 1,
                         tenant: tenant.to_string(),
                         table: "public.orders".into(),
                         chunk,
@@ -290,6 +291,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                         .commit(&[SourceTxn {
                             end_lsn: c.end_lsn,
                             parts: vec![(tenant.clone(), std::mem::take(&mut pending))],
+                            states: Vec::new(),
                         }])
                         .await?;
                 }

@@ -15,7 +15,7 @@ pub mod writer;
 
 use crate::cluster::ClusterError;
 pub use statement::{build, Statement, StatementError, TargetColumn, TargetTable};
-pub use writer::{CopyRows, SourceTxn, TargetWriter, Work};
+pub use writer::{CopyRows, Progress, SourceTxn, TargetCatalog, TargetWriter, Work};
 
 /// Errors while applying to a target.
 #[derive(Debug, thiserror::Error)]

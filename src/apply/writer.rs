@@ -20,10 +20,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio_postgres::Client;
 
-use super::statement::{Statement, TargetColumn, TargetTable};
-use super::{execute, ApplyError};
+use std::borrow::Cow;
+
+use super::statement::{build, Statement, TargetColumn, TargetTable};
+use super::ApplyError;
 use crate::cluster::{ClusterError, Endpoint};
+use crate::decode::Tuple;
 use crate::lsn::Lsn;
+use crate::route::RowOp;
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
@@ -31,8 +35,63 @@ use crate::tenant::{TargetId, TenantId};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Work {
     Statement(Statement),
+    /// A routed row change; the writer turns it into a statement with the target table's
+    /// layout (read from the target's catalog, so the pipeline itself does no target I/O).
+    Row(RowChange),
     /// Rows inserted with COPY (backfill chunks): values as text, NULL as `None`.
     Copy(CopyRows),
+}
+
+/// A row operation that owns its tuples (values are reference-counted slices of the
+/// received message, so this is cheap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnedRowOp {
+    Upsert { new: Tuple, update: bool },
+    Delete { old: Tuple },
+    Rekey { old: Tuple, new: Tuple },
+    Truncate,
+}
+
+impl OwnedRowOp {
+    pub fn from_op(op: &RowOp<'_>) -> OwnedRowOp {
+        match op {
+            RowOp::Upsert { new, update } => OwnedRowOp::Upsert {
+                new: (*new).clone(),
+                update: *update,
+            },
+            RowOp::Delete { old } => OwnedRowOp::Delete {
+                old: (*old).clone(),
+            },
+            RowOp::Rekey { old, new } => OwnedRowOp::Rekey {
+                old: (*old).clone(),
+                new: (*new).clone(),
+            },
+            RowOp::Truncate => OwnedRowOp::Truncate,
+        }
+    }
+
+    pub fn as_op(&self) -> RowOp<'_> {
+        match self {
+            OwnedRowOp::Upsert { new, update } => RowOp::Upsert {
+                new,
+                update: *update,
+            },
+            OwnedRowOp::Delete { old } => RowOp::Delete { old },
+            OwnedRowOp::Rekey { old, new } => RowOp::Rekey { old, new },
+            OwnedRowOp::Truncate => RowOp::Truncate,
+        }
+    }
+}
+
+/// A row change for one target table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowChange {
+    pub table: QualifiedName,
+    /// The source relation's replica identity flags, per column.
+    pub identity: Vec<bool>,
+    /// Shared tables: the tenant column (scopes TRUNCATE).
+    pub tenant_column: Option<String>,
+    pub op: OwnedRowOp,
 }
 
 impl From<Statement> for Work {
@@ -84,6 +143,152 @@ impl CopyRows {
 pub struct SourceTxn {
     pub end_lsn: Lsn,
     pub parts: Vec<(TenantId, Vec<Work>)>,
+    /// Tenants whose backfill state changed in this transaction, with the new state
+    /// (opaque text). It is stored next to the applied position, in the same target
+    /// transaction, so the copy resumes exactly where the target's rows say it stood.
+    pub states: Vec<(TenantId, String)>,
+}
+
+impl SourceTxn {
+    /// Work of this transaction, in bytes of values (for batching limits).
+    pub fn weight(&self) -> usize {
+        self.parts
+            .iter()
+            .flat_map(|(_, w)| w)
+            .map(|w| match w {
+                Work::Statement(st) => {
+                    st.sql.len() + st.params.iter().flatten().map(String::len).sum::<usize>()
+                }
+                Work::Row(r) => {
+                    64 + match &r.op {
+                        OwnedRowOp::Upsert { new, .. } => tuple_weight(new),
+                        OwnedRowOp::Delete { old } => tuple_weight(old),
+                        OwnedRowOp::Rekey { old, new } => tuple_weight(old) + tuple_weight(new),
+                        OwnedRowOp::Truncate => 0,
+                    }
+                }
+                Work::Copy(c) => c
+                    .rows
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .map(|v| v.len() + 1)
+                    .sum::<usize>(),
+            })
+            .sum()
+    }
+}
+
+fn tuple_weight(t: &Tuple) -> usize {
+    t.0.iter()
+        .map(|d| match d {
+            crate::decode::Datum::Text(b) | crate::decode::Datum::Binary(b) => b.len() + 4,
+            _ => 4,
+        })
+        .sum()
+}
+
+/// What a target records for one tenant: the applied position and the backfill state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub lsn: Lsn,
+    pub state: Option<String>,
+}
+
+/// Column layouts of target tables, read from the target catalog and cached.
+pub struct TargetCatalog {
+    tables: HashMap<QualifiedName, TargetTable>,
+}
+
+impl Default for TargetCatalog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TargetCatalog {
+    pub fn new() -> Self {
+        TargetCatalog {
+            tables: HashMap::new(),
+        }
+    }
+
+    /// The target table's columns (in the order the target defines them, which
+    /// provisioning made equal to the source's), with the source's replica identity flags.
+    pub async fn table(
+        &mut self,
+        client: &impl tokio_postgres::GenericClient,
+        name: &QualifiedName,
+        identity: &[bool],
+        tenant_column: Option<&str>,
+    ) -> Result<&TargetTable, ApplyError> {
+        let fresh = match self.tables.get(name) {
+            Some(t) => {
+                t.columns
+                    .iter()
+                    .map(|c| c.identity)
+                    .eq(identity.iter().copied())
+                    && t.tenant_column.as_deref() == tenant_column
+            }
+            None => false,
+        };
+        if !fresh {
+            let table = read_table(client, name, identity, tenant_column).await?;
+            self.tables.insert(name.clone(), table);
+        }
+        Ok(self
+            .tables
+            .get(name)
+            .expect("inserted above when missing or stale"))
+    }
+
+    /// Forgets cached table shapes (after DDL on the source).
+    pub fn clear(&mut self) {
+        self.tables.clear();
+    }
+}
+
+async fn read_table(
+    client: &impl tokio_postgres::GenericClient,
+    name: &QualifiedName,
+    identity: &[bool],
+    tenant_column: Option<&str>,
+) -> Result<TargetTable, ApplyError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    COALESCE(a.attnum = ANY (i.indkey), false) \
+               FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid \
+               JOIN pg_namespace n ON n.oid = r.relnamespace \
+               LEFT JOIN pg_index i ON i.indrelid = r.oid AND i.indisprimary \
+              WHERE n.nspname = $1 AND r.relname = $2 AND a.attnum > 0 \
+                AND NOT a.attisdropped AND a.attgenerated = '' \
+              ORDER BY a.attnum",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .map_err(ClusterError::sql(format!("reading target table {name}")))?;
+    if rows.len() != identity.len() {
+        return Err(ApplyError::Corrupt(format!(
+            "target table {name} has {} writable columns, the source relation {}",
+            rows.len(),
+            identity.len()
+        )));
+    }
+    Ok(TargetTable {
+        name: name.clone(),
+        columns: rows
+            .iter()
+            .zip(identity)
+            .map(|(r, id)| TargetColumn {
+                name: r.get(0),
+                type_sql: r.get(1),
+                primary_key: r.get(2),
+                identity: *id,
+            })
+            .collect(),
+        tenant_column: tenant_column.map(str::to_owned),
+    })
 }
 
 pub struct TargetWriter {
@@ -91,7 +296,73 @@ pub struct TargetWriter {
     client: Client,
     progress_table: String,
     applied: HashMap<TenantId, Lsn>,
-    tables: HashMap<QualifiedName, TargetTable>,
+    catalog: TargetCatalog,
+    failed_tenant: Option<TenantId>,
+    /// Prepared statements of this connection, by SQL text (row statements repeat).
+    prepared: HashMap<String, tokio_postgres::Statement>,
+}
+
+/// Statements sent ahead before their results are read.
+const PIPELINE_DEPTH: usize = 512;
+
+/// Runs `pending` in order, pipelined: all are sent before the first result is read, which
+/// saves a round trip per row. The server still runs them one after the other; the first
+/// failure (in order) is the one reported, with its tenant.
+async fn pipeline<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    prepared: &mut HashMap<String, tokio_postgres::Statement>,
+    pending: &mut Vec<(&'a TenantId, Cow<'a, Statement>)>,
+    failed_tenant: &mut Option<TenantId>,
+) -> Result<(), ApplyError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    for (tenant, st) in pending.iter() {
+        if !prepared.contains_key(&st.sql) {
+            let types = vec![tokio_postgres::types::Type::TEXT; st.params.len()];
+            match tx.prepare_typed(&st.sql, &types).await {
+                Ok(p) => {
+                    prepared.insert(st.sql.clone(), p);
+                }
+                Err(e) => {
+                    *failed_tenant = Some((*tenant).clone());
+                    return Err(ClusterError::sql(format!("preparing `{}`", st.sql))(e).into());
+                }
+            }
+        }
+    }
+    let runs = pending.iter().map(|(_, st)| {
+        let statement = prepared[&st.sql].clone();
+        async move {
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = st
+                .params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            tx.execute(&statement, &params).await
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    for ((tenant, st), r) in pending.iter().zip(results) {
+        let checked = match r {
+            Ok(n) => match st.expect_rows {
+                Some(expected) if n != expected => Err(ApplyError::Divergence {
+                    sql: st.sql.clone(),
+                    expected,
+                    actual: n,
+                }),
+                _ => Ok(()),
+            },
+            Err(e) => Err(ClusterError::sql(format!("running `{}`", st.sql))(e).into()),
+        };
+        if let Err(e) = checked {
+            *failed_tenant = Some((*tenant).clone());
+            pending.clear();
+            return Err(e);
+        }
+    }
+    pending.clear();
+    Ok(())
 }
 
 impl TargetWriter {
@@ -110,24 +381,15 @@ impl TargetWriter {
         client: Client,
         schema: &str,
     ) -> Result<Self, ApplyError> {
-        let progress_table = format!("{}.{}", quote_ident(schema), quote_ident("applied"));
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
-                 CREATE TABLE IF NOT EXISTS {progress_table} (
-                   tenant text PRIMARY KEY,
-                   lsn pg_lsn NOT NULL,
-                   updated_at timestamptz NOT NULL DEFAULT now())",
-                schema = quote_ident(schema)
-            ))
-            .await
-            .map_err(ClusterError::sql("creating the progress table"))?;
+        let progress_table = ensure_progress_table(&client, schema).await?;
         let mut w = TargetWriter {
             id,
             client,
             progress_table,
             applied: HashMap::new(),
-            tables: HashMap::new(),
+            catalog: TargetCatalog::new(),
+            failed_tenant: None,
+            prepared: HashMap::new(),
         };
         w.load_applied().await?;
         Ok(w)
@@ -139,99 +401,55 @@ impl TargetWriter {
 
     /// Re-reads the applied positions from the target (the truth after a crash).
     pub async fn load_applied(&mut self) -> Result<BTreeMap<TenantId, Lsn>, ApplyError> {
-        let rows = self
-            .client
-            .query(
-                &format!("SELECT tenant, lsn::text FROM {}", self.progress_table),
-                &[],
-            )
-            .await
-            .map_err(ClusterError::sql("reading applied positions"))?;
-        let mut out = BTreeMap::new();
-        for r in rows {
-            let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
-            let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
-                return Err(ApplyError::Corrupt(format!(
-                    "{} row for {tenant:?} holds {lsn:?}",
-                    self.progress_table
-                )));
-            };
-            out.insert(t, l);
-        }
-        self.applied = out.clone().into_iter().collect();
+        let progress = self.load_progress().await?;
+        Ok(progress.into_iter().map(|(t, p)| (t, p.lsn)).collect())
+    }
+
+    /// Re-reads positions and backfill states from the target.
+    pub async fn load_progress(&mut self) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+        let out = read_progress(&self.client, &self.progress_table).await?;
+        self.applied = out.iter().map(|(t, p)| (t.clone(), p.lsn)).collect();
         Ok(out)
+    }
+
+    /// The tenant whose part made the last failed [`TargetWriter::commit`] fail, if the
+    /// failure happened inside one tenant's work.
+    pub fn failed_tenant(&self) -> Option<&TenantId> {
+        self.failed_tenant.as_ref()
+    }
+
+    /// Applies like a replication apply worker: triggers, including foreign-key actions,
+    /// do not fire, so rows may arrive in chunk order and cascades are not applied twice
+    /// (the source's cascaded changes are in the stream). Needs superuser or
+    /// `GRANT SET ON PARAMETER session_replication_role`; returns false when refused.
+    pub async fn use_replica_role(&self) -> Result<bool, ApplyError> {
+        replica_role(&self.client).await
+    }
+
+    /// Whether the connection is gone (a new writer must be connected).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     pub fn applied(&self, tenant: &TenantId) -> Lsn {
         self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID)
     }
 
-    /// The target table's columns (in the order the target defines them, which provisioning
-    /// made equal to the source's), with the source's replica identity flags.
+    /// The target table's layout (see [`TargetCatalog::table`]).
     pub async fn table(
         &mut self,
         name: &QualifiedName,
         identity: &[bool],
         tenant_column: Option<&str>,
     ) -> Result<&TargetTable, ApplyError> {
-        let fresh = match self.tables.get(name) {
-            Some(t) => {
-                t.columns
-                    .iter()
-                    .map(|c| c.identity)
-                    .eq(identity.iter().copied())
-                    && t.tenant_column.as_deref() == tenant_column
-            }
-            None => false,
-        };
-        if !fresh {
-            let rows = self
-                .client
-                .query(
-                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                            COALESCE(a.attnum = ANY (i.indkey), false) \
-                       FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid \
-                       JOIN pg_namespace n ON n.oid = r.relnamespace \
-                       LEFT JOIN pg_index i ON i.indrelid = r.oid AND i.indisprimary \
-                      WHERE n.nspname = $1 AND r.relname = $2 AND a.attnum > 0 \
-                        AND NOT a.attisdropped AND a.attgenerated = '' \
-                      ORDER BY a.attnum",
-                    &[&name.schema, &name.name],
-                )
-                .await
-                .map_err(ClusterError::sql(format!("reading target table {name}")))?;
-            if rows.len() != identity.len() {
-                return Err(ApplyError::Corrupt(format!(
-                    "target table {name} has {} writable columns, the source relation {}",
-                    rows.len(),
-                    identity.len()
-                )));
-            }
-            let table = TargetTable {
-                name: name.clone(),
-                columns: rows
-                    .iter()
-                    .zip(identity)
-                    .map(|(r, id)| TargetColumn {
-                        name: r.get(0),
-                        type_sql: r.get(1),
-                        primary_key: r.get(2),
-                        identity: *id,
-                    })
-                    .collect(),
-                tenant_column: tenant_column.map(str::to_owned),
-            };
-            self.tables.insert(name.clone(), table);
-        }
-        Ok(self
-            .tables
-            .get(name)
-            .expect("inserted above when missing or stale"))
+        self.catalog
+            .table(&self.client, name, identity, tenant_column)
+            .await
     }
 
     /// Forgets cached table shapes (after DDL on the source).
     pub fn forget_tables(&mut self) {
-        self.tables.clear();
+        self.catalog.clear();
     }
 
     /// Applies `batch` in one target transaction. Parts a tenant already holds (end <=
@@ -245,7 +463,9 @@ impl TargetWriter {
             .transaction()
             .await
             .map_err(ClusterError::sql("starting a target transaction"))?;
-        let mut advanced: BTreeMap<TenantId, Lsn> = BTreeMap::new();
+        self.failed_tenant = None;
+        let mut advanced: BTreeMap<TenantId, (Lsn, Option<&str>)> = BTreeMap::new();
+        let mut pending: Vec<(&TenantId, Cow<'_, Statement>)> = Vec::new();
         for txn in batch {
             for (tenant, work) in &txn.parts {
                 let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
@@ -254,29 +474,98 @@ impl TargetWriter {
                 }
                 for w in work {
                     match w {
-                        Work::Statement(st) => {
-                            execute(&tx, st).await?;
+                        Work::Row(r) => {
+                            let built = match self
+                                .catalog
+                                .table(&tx, &r.table, &r.identity, r.tenant_column.as_deref())
+                                .await
+                            {
+                                Ok(layout) => build(layout, &r.op.as_op(), tenant.as_str())
+                                    .map_err(ApplyError::from),
+                                Err(e) => Err(e),
+                            };
+                            match built {
+                                Ok(st) => pending.push((tenant, Cow::Owned(st))),
+                                Err(e) => {
+                                    self.failed_tenant = Some(tenant.clone());
+                                    return Err(e);
+                                }
+                            }
+                            if pending.len() >= PIPELINE_DEPTH {
+                                pipeline(
+                                    &tx,
+                                    &mut self.prepared,
+                                    &mut pending,
+                                    &mut self.failed_tenant,
+                                )
+                                .await?;
+                            }
                         }
-                        Work::Copy(c) => copy(&tx, c).await?,
+                        Work::Statement(st) => {
+                            pending.push((tenant, Cow::Borrowed(st)));
+                            if pending.len() >= PIPELINE_DEPTH {
+                                pipeline(
+                                    &tx,
+                                    &mut self.prepared,
+                                    &mut pending,
+                                    &mut self.failed_tenant,
+                                )
+                                .await?;
+                            }
+                        }
+                        Work::Copy(c) => {
+                            pipeline(
+                                &tx,
+                                &mut self.prepared,
+                                &mut pending,
+                                &mut self.failed_tenant,
+                            )
+                            .await?;
+                            if let Err(e) = copy(&tx, c).await {
+                                self.failed_tenant = Some(tenant.clone());
+                                return Err(e);
+                            }
+                        }
                     }
                 }
-                advanced.insert(tenant.clone(), txn.end_lsn);
+                let entry = advanced
+                    .entry(tenant.clone())
+                    .or_insert((txn.end_lsn, None));
+                entry.0 = txn.end_lsn;
+            }
+            for (tenant, state) in &txn.states {
+                let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
+                if txn.end_lsn <= held {
+                    continue;
+                }
+                let entry = advanced
+                    .entry(tenant.clone())
+                    .or_insert((txn.end_lsn, None));
+                *entry = (txn.end_lsn, Some(state.as_str()));
             }
         }
+        pipeline(
+            &tx,
+            &mut self.prepared,
+            &mut pending,
+            &mut self.failed_tenant,
+        )
+        .await?;
         let upsert = format!(
-            "INSERT INTO {} (tenant, lsn) VALUES ($1, $2::text::pg_lsn) \
-             ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn), updated_at = now()",
+            "INSERT INTO {} (tenant, lsn, state) VALUES ($1, $2::text::pg_lsn, $3) \
+             ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn), \
+               state = COALESCE(EXCLUDED.state, {0}.state), updated_at = now()",
             self.progress_table
         );
-        for (tenant, lsn) in &advanced {
-            tx.execute(&upsert, &[&tenant.as_str(), &lsn.to_string()])
+        for (tenant, (lsn, state)) in &advanced {
+            tx.execute(&upsert, &[&tenant.as_str(), &lsn.to_string(), state])
                 .await
                 .map_err(ClusterError::sql("recording the applied position"))?;
         }
         tx.commit()
             .await
             .map_err(ClusterError::sql("committing a target transaction"))?;
-        for (tenant, lsn) in advanced {
+        for (tenant, (lsn, _)) in advanced {
             self.applied.insert(tenant, lsn);
         }
         Ok(last.end_lsn)
@@ -286,6 +575,73 @@ impl TargetWriter {
     pub fn tenants(&self) -> BTreeSet<TenantId> {
         self.applied.keys().cloned().collect()
     }
+}
+
+/// The progress rows of a target (`<schema>.applied`).
+pub async fn read_progress(
+    client: &Client,
+    progress_table: &str,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    let rows = client
+        .query(
+            &format!("SELECT tenant, lsn::text, state FROM {progress_table}"),
+            &[],
+        )
+        .await
+        .map_err(ClusterError::sql("reading applied positions"))?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
+        let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
+            return Err(ApplyError::Corrupt(format!(
+                "{progress_table} row for {tenant:?} holds {lsn:?}"
+            )));
+        };
+        out.insert(
+            t,
+            Progress {
+                lsn: l,
+                state: r.get(2),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Creates the progress table in `schema` if missing; returns its quoted name.
+pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<String, ApplyError> {
+    let table = progress_table(schema);
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock(hashtext('switchyard progress table'));
+             CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {table} (
+               tenant text PRIMARY KEY,
+               lsn pg_lsn NOT NULL,
+               updated_at timestamptz NOT NULL DEFAULT now());
+             ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text",
+            schema = quote_ident(schema)
+        ))
+        .await
+        .map_err(ClusterError::sql("creating the progress table"))?;
+    Ok(table)
+}
+
+/// `SET session_replication_role = replica` on `client`; false when not permitted.
+pub async fn replica_role(client: &Client) -> Result<bool, ApplyError> {
+    match client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
+        Err(e) => Err(ClusterError::sql("setting session_replication_role")(e).into()),
+    }
+}
+
+/// The quoted name of the progress table in `schema`.
+pub fn progress_table(schema: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident("applied"))
 }
 
 async fn copy(tx: &tokio_postgres::Transaction<'_>, rows: &CopyRows) -> Result<(), ApplyError> {

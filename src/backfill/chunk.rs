@@ -39,6 +39,10 @@ pub enum Mark {
 /// The content of a watermark message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Watermark {
+    /// The daemon run that wrote it: watermarks of an earlier run (replayed after a
+    /// restart) belong to windows that no longer exist and are ignored.
+    #[serde(default)]
+    pub run: u64,
     pub tenant: String,
     pub table: String,
     pub chunk: u64,
@@ -69,7 +73,7 @@ impl ChunkTable {
         // sort numbers as text.
         let name = format!("src.{}", quote_ident(&self.columns[col]));
         match kind {
-            KeyKind::Int => name,
+            KeyKind::Int | KeyKind::Uuid => name,
             KeyKind::Text => format!("{name} COLLATE \"C\""),
         }
     }
@@ -78,6 +82,7 @@ impl ChunkTable {
         match kind {
             KeyKind::Int => format!("CAST(${n} AS bigint)"),
             KeyKind::Text => format!("(${n}::text COLLATE \"C\")"),
+            KeyKind::Uuid => format!("CAST(${n} AS uuid)"),
         }
     }
 
@@ -260,6 +265,7 @@ mod tests {
     #[test]
     fn watermarks_round_trip_and_ignore_strangers() {
         let w = Watermark {
+            run: 42,
             tenant: "ac\"me".into(),
             table: "public.orders".into(),
             chunk: 3,

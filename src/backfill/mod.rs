@@ -55,6 +55,9 @@ impl Ord for KeyValue {
 pub enum KeyKind {
     Int,
     Text,
+    /// uuid: compared as the type compares (bytes), which is also the byte order of its
+    /// canonical lower-case text, so the value is kept as that text.
+    Uuid,
 }
 
 impl KeyKind {
@@ -62,7 +65,21 @@ impl KeyKind {
     pub fn for_type_oid(oid: u32) -> Option<KeyKind> {
         match oid {
             20 | 21 | 23 => Some(KeyKind::Int),
-            25 | 1043 | 2950 => Some(KeyKind::Text),
+            25 | 1043 => Some(KeyKind::Text),
+            2950 => Some(KeyKind::Uuid),
+            _ => None,
+        }
+    }
+
+    /// The kind for a `format_type` name, e.g. `integer` or `character varying(20)`.
+    pub fn for_type_name(type_sql: &str) -> Option<KeyKind> {
+        match type_sql {
+            "smallint" | "integer" | "bigint" => Some(KeyKind::Int),
+            "text" => Some(KeyKind::Text),
+            "uuid" => Some(KeyKind::Uuid),
+            t if t == "character varying" || t.starts_with("character varying(") => {
+                Some(KeyKind::Text)
+            }
             _ => None,
         }
     }
@@ -71,6 +88,7 @@ impl KeyKind {
         match self {
             KeyKind::Int => text.parse().ok().map(KeyValue::Int),
             KeyKind::Text => Some(KeyValue::Text(text.to_owned())),
+            KeyKind::Uuid => Some(KeyValue::Text(text.to_ascii_lowercase())),
         }
     }
 }
@@ -180,6 +198,20 @@ impl TableCopy {
 
     pub fn requeued(&self) -> &BTreeSet<Key> {
         &self.requeued
+    }
+
+    /// The chunk whose window is open or about to open, if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.window.as_ref().map(|w| w.chunk)
+    }
+
+    /// Gives up on `chunk` (its reader failed): nothing it read is used and the cursor stays,
+    /// so the range is simply read again by a later chunk. Changes seen inside the window
+    /// were to keys not yet copied (skipped) or already handled, so nothing is lost.
+    pub fn abandon(&mut self, chunk: u64) {
+        if self.in_flight() == Some(chunk) {
+            self.window = None;
+        }
     }
 
     pub fn is_done(&self) -> bool {

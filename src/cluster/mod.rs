@@ -76,6 +76,27 @@ impl Endpoint {
 
     /// Opens a SQL session and drives its connection on the runtime.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, ClusterError> {
+        self.connect(None).await
+    }
+
+    /// A SQL connection whose NOTIFY messages arrive on the returned channel (for LISTEN).
+    pub async fn connect_listen(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        ClusterError,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok((self.connect(Some(tx)).await?, rx))
+    }
+
+    async fn connect(
+        &self,
+        notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    ) -> Result<tokio_postgres::Client, ClusterError> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.host)
             .port(self.port)
@@ -103,7 +124,7 @@ impl Endpoint {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(connect_err)?;
-                tokio::spawn(drive(conn, describe.clone()));
+                tokio::spawn(drive(conn, describe.clone(), notify));
                 client
             }
             Some(config) => {
@@ -113,7 +134,7 @@ impl Endpoint {
                 });
                 let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
                 let (client, conn) = cfg.connect(connector).await.map_err(connect_err)?;
-                tokio::spawn(drive(conn, describe.clone()));
+                tokio::spawn(drive(conn, describe.clone(), notify));
                 client
             }
         };
@@ -121,12 +142,33 @@ impl Endpoint {
     }
 }
 
-async fn drive<F>(conn: F, endpoint: String)
-where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    endpoint: String,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(error) = conn.await {
-        tracing::debug!(%endpoint, %error, "sql connection closed");
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if let Some(tx) = &notify {
+                    // The listener may be gone; the connection still serves queries.
+                    let _ = tx.send(n);
+                }
+            }
+            Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                tracing::debug!(%endpoint, notice = %n.message(), "server notice");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%endpoint, %error, "sql connection closed");
+                return;
+            }
+        }
     }
 }
 

@@ -205,6 +205,15 @@ pub struct Move {
     pub last_error: Option<String>,
 }
 
+/// Progress of one move as the daemon reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub rows_copied: i64,
+    pub rows_total: Option<i64>,
+    pub lag_bytes: Option<i64>,
+    pub lag_seconds: Option<f64>,
+}
+
 /// The registry in one control database.
 pub struct Registry {
     schema: String,
@@ -440,6 +449,52 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state ON {moves}
             expected: from,
             actual,
         })
+    }
+
+    /// Progress figures for a move (written by the daemon about once a second).
+    pub async fn report(
+        &self,
+        client: &Client,
+        id: i64,
+        report: &Report,
+    ) -> Result<(), RegistryError> {
+        let sql = format!(
+            "UPDATE {} SET rows_copied = $2, rows_total = $3, lag_bytes = $4, lag_seconds = $5, \
+                    updated_at = now() WHERE id = $1",
+            self.t("moves")
+        );
+        client
+            .execute(
+                &sql,
+                &[
+                    &id,
+                    &report.rows_copied,
+                    &report.rows_total,
+                    &report.lag_bytes,
+                    &report.lag_seconds,
+                ],
+            )
+            .await
+            .map_err(ClusterError::sql("reporting a move's progress"))?;
+        Ok(())
+    }
+
+    /// Records an error on a move without changing its state (e.g. a retried failure).
+    pub async fn note_error(
+        &self,
+        client: &Client,
+        id: i64,
+        error: &str,
+    ) -> Result<(), RegistryError> {
+        let sql = format!(
+            "UPDATE {} SET last_error = $2, updated_at = now() WHERE id = $1",
+            self.t("moves")
+        );
+        client
+            .execute(&sql, &[&id, &error])
+            .await
+            .map_err(ClusterError::sql("recording a move's error"))?;
+        Ok(())
     }
 
     /// Where the tenant lives now, as applications should read it.

@@ -30,6 +30,7 @@
 
 #![allow(dead_code)]
 
+pub mod mover;
 pub mod pipeline;
 
 use std::collections::hash_map::RandomState;

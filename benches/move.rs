@@ -1,0 +1,255 @@
+//! Moving one big tenant, side by side in one run on the same two throwaway clusters:
+//! switchyard, native logical replication (row-filtered publication + subscription), and a
+//! plain COPY pipe. Then backlog apply: the same burst of source transactions, applied by a
+//! paused-then-resumed native subscription and by a stopped-then-restarted switchyard.
+//!
+//! Run: `cargo bench --bench move` (SWITCHYARD_BENCH_ROWS, default 1000000, sets the big
+//! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions).
+//! Prints a Markdown table; docs/benchmarks.md has the figures.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use support::mover::{load_config, prepare_target, request, wait_state, write_config, InProcess};
+use support::{wait_for, PgCluster};
+use switchyard::registry::Registry;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const TABLE: &str = "CREATE TABLE public.orders (
+    tenant_id int NOT NULL, id bigint NOT NULL, customer text NOT NULL, status text NOT NULL,
+    amount numeric(12,2) NOT NULL, created timestamptz NOT NULL, note text,
+    PRIMARY KEY (tenant_id, id))";
+
+async fn lsn(c: &tokio_postgres::Client) -> Result<String> {
+    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
+async fn slot_caught_up(c: &tokio_postgres::Client, slot: &str, lsn: &str) -> Result<bool> {
+    Ok(c.query_one(
+        "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot, &lsn],
+    )
+    .await?
+    .get(0))
+}
+
+fn backlog_sql(txns: u64, round: u32) -> String {
+    // Small OLTP transactions for the big tenant: one insert and two updates each.
+    format!(
+        "DO $$ BEGIN
+           FOR i IN 1..{txns} LOOP
+             INSERT INTO public.orders VALUES (1, 10000000 * {round} + i, 'c' || i, 'new', i, now(), NULL);
+             UPDATE public.orders SET status = 'paid', amount = amount + 1 WHERE tenant_id = 1 AND id = (i * 7919) % 900000 + 1;
+             UPDATE public.orders SET note = 'n{round}' WHERE tenant_id = 1 AND id = (i * 104729) % 900000 + 1;
+             COMMIT;
+           END LOOP;
+         END $$;"
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let rows = env_or("SWITCHYARD_BENCH_ROWS", 1_000_000);
+    let txns = env_or("SWITCHYARD_BENCH_TXNS", 20_000);
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    prepare_target(&dst)?;
+    src.psql(&format!(
+        "{TABLE};
+         INSERT INTO public.orders
+           SELECT 1, g, 'customer ' || (g % 5000), 'open', (g % 1000) + 0.5, '2026-01-01'::timestamptz + g * interval '1 s', NULL
+             FROM generate_series(1, {rows}) g;
+         INSERT INTO public.orders
+           SELECT t, g, 'customer ' || g, 'open', 1, '2026-01-01', NULL
+             FROM generate_series(2, 5) t, generate_series(1, {other}) g;
+         VACUUM ANALYZE public.orders;
+         CREATE PUBLICATION sy_pub FOR TABLE public.orders;
+         CREATE PUBLICATION native_pub FOR TABLE public.orders WHERE (tenant_id = 1);
+         GRANT SELECT ON public.orders TO switchyard;",
+        other = rows / 10
+    ))?;
+    dst.create_database("native")?;
+    dst.psql_with(
+        &format!(
+            "host={} port={} user=postgres dbname=native",
+            dst.socket_dir().display(),
+            dst.port()
+        ),
+        TABLE,
+    )?;
+    dst.psql(&format!(
+        "CREATE SCHEMA pipe; {}",
+        TABLE.replace("public.orders", "pipe.orders")
+    ))?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let dn = dst.client_db("native").await?;
+    let mut report = Vec::new();
+
+    // 1. COPY pipe: the floor for moving bytes.
+    let t0 = Instant::now();
+    {
+        let out = s
+            .copy_out("COPY (SELECT * FROM public.orders WHERE tenant_id = 1) TO STDOUT")
+            .await?;
+        let sink = d.copy_in("COPY pipe.orders FROM STDIN").await?;
+        futures_util::pin_mut!(out);
+        futures_util::pin_mut!(sink);
+        while let Some(chunk) = out.next().await {
+            sink.send(chunk?).await?;
+        }
+        sink.finish().await?;
+    }
+    let pipe = t0.elapsed();
+    report.push(("COPY pipe (COPY TO → COPY FROM)", pipe));
+
+    // 2. Native logical replication: initial sync of the row-filtered publication.
+    let t0 = Instant::now();
+    dn.batch_execute(&format!(
+        "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION native_pub",
+        src.port()
+    ))
+    .await?;
+    wait_for("native initial sync", Duration::from_secs(3600), || async {
+        let pending: i64 = dn
+            .query_one(
+                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((pending == 0).then_some(()))
+    })
+    .await?;
+    let native_sync = t0.elapsed();
+    report.push(("native LR initial sync (row filter)", native_sync));
+
+    // 3. switchyard: move request → in sync (backfill under the stream).
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "[move]\nchunk_rows = 20000\n")?;
+    let daemon = InProcess::start(load_config(&path)?, true);
+    wait_for("the registry", Duration::from_secs(60), || async {
+        Ok(s.query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
+            &[],
+        )
+        .await?
+        .map(|_| ()))
+    })
+    .await?;
+    let registry = Registry::new("switchyard")?;
+    let t0 = Instant::now();
+    let id = request(&s, &registry, "1", "shard2", "big").await?;
+    wait_state(&s, id, "streaming", Duration::from_secs(3600)).await?;
+    let sy_sync = t0.elapsed();
+    report.push(("switchyard backfill to in-sync", sy_sync));
+    let n: i64 = d
+        .query_one("SELECT count(*) FROM big.orders", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(n as u64 == rows, "switchyard copied {n} rows of {rows}");
+
+    // 4. Backlog apply, native: subscription disabled while the burst is written.
+    dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.batch_execute(&backlog_sql(txns, 1)).await?;
+    let target = lsn(&s).await?;
+    let t0 = Instant::now();
+    dn.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
+        .await?;
+    wait_for("native backlog", Duration::from_secs(3600), || async {
+        Ok(slot_caught_up(&s, "native_sub", &target)
+            .await?
+            .then_some(()))
+    })
+    .await?;
+    let native_backlog = t0.elapsed();
+
+    // 5. Backlog apply, switchyard: daemon stopped while the same burst is written.
+    daemon.stop().await?;
+    s.batch_execute(&backlog_sql(txns, 2)).await?;
+    let target = lsn(&s).await?;
+    s.batch_execute("SELECT pg_logical_emit_message(true, 'bench', 'end')")
+        .await?;
+    let t0 = Instant::now();
+    let daemon = InProcess::start(load_config(&path)?, false);
+    wait_for("switchyard backlog", Duration::from_secs(3600), || async {
+        Ok(slot_caught_up(&s, "sy", &target).await?.then_some(()))
+    })
+    .await?;
+    let sy_backlog = t0.elapsed();
+    daemon.stop().await?;
+    // Both applied the same kind of burst: the big tenant is equal everywhere.
+    let want = {
+        let r = s
+            .query_one(
+                "SELECT count(*), sum(amount)::text FROM public.orders WHERE tenant_id = 1",
+                &[],
+            )
+            .await?;
+        (r.get::<_, i64>(0), r.get::<_, Option<String>>(1))
+    };
+    let got = {
+        let r = d
+            .query_one("SELECT count(*), sum(amount)::text FROM big.orders", &[])
+            .await?;
+        (r.get::<_, i64>(0), r.get::<_, Option<String>>(1))
+    };
+    anyhow::ensure!(
+        want == got,
+        "switchyard target differs: {want:?} vs {got:?}"
+    );
+
+    let secs = |d: Duration| d.as_secs_f64();
+    let total_changes = txns * 3;
+    println!("\n## Moving a {rows}-row tenant (one run, same machine)\n");
+    println!("| pipeline | seconds | rows/s |");
+    println!("|---|---|---|");
+    for (name, d) in &report {
+        println!(
+            "| {name} | {:.2} | {:.0} |",
+            secs(*d),
+            rows as f64 / secs(*d)
+        );
+    }
+    println!(
+        "\nbackfill ratio (native sync time / switchyard time): {:.2}",
+        secs(native_sync) / secs(sy_sync)
+    );
+    println!("\n## Backlog apply: {txns} transactions, {total_changes} row changes\n");
+    println!("| pipeline | seconds | changes/s |");
+    println!("|---|---|---|");
+    println!(
+        "| native LR (subscription re-enabled) | {:.2} | {:.0} |",
+        secs(native_backlog),
+        total_changes as f64 / secs(native_backlog)
+    );
+    println!(
+        "| switchyard (daemon restarted) | {:.2} | {:.0} |",
+        secs(sy_backlog),
+        total_changes as f64 / secs(sy_backlog)
+    );
+    println!(
+        "\nbacklog ratio (native time / switchyard time): {:.2}",
+        secs(native_backlog) / secs(sy_backlog)
+    );
+    let _ = dn
+        .batch_execute("DROP SUBSCRIPTION native_sub")
+        .await
+        .context("cleanup");
+    Ok(())
+}

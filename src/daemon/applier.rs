@@ -1,0 +1,238 @@
+//! One apply task per target: batches consecutive source transactions into one target
+//! transaction and reports what became durable.
+//!
+//! Invariants:
+//! - Transactions are committed in the order received (source commit order); a batch is
+//!   a prefix of the queue, never a reordering.
+//! - A report `Committed { up_to }` is sent only after the target transaction committed,
+//!   so the pipeline confirms nothing to the source that the target does not hold.
+//! - A tenant-fatal failure inside one tenant's work quarantines that tenant: the batch is
+//!   retried without it, so other tenants on the same target go on. Transient failures
+//!   (connection lost, serialization failure, target restarting) are retried with backoff
+//!   on a new connection; the writer re-reads the target's applied positions, so a batch
+//!   that did commit before the connection dropped is not applied twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::apply::{SourceTxn, TargetWriter};
+use crate::cluster::Endpoint;
+use crate::error::{Error, ErrorClass};
+use crate::lsn::Lsn;
+use crate::tenant::{TargetId, TenantId};
+
+/// Tenants whose work must be dropped (they failed); shared with the pipeline.
+pub(crate) type Quarantine = Arc<Mutex<HashSet<TenantId>>>;
+
+/// What an applier tells the pipeline.
+#[derive(Debug)]
+pub(crate) enum ApplyEvent {
+    /// Every transaction up to `up_to` given to this target is durable there; `tenants`
+    /// holds the positions recorded per tenant in that commit.
+    Committed {
+        target: TargetId,
+        up_to: Lsn,
+        tenants: Vec<(TenantId, Lsn)>,
+    },
+    /// `tenant`'s work cannot be applied; it has been quarantined.
+    TenantFailed { tenant: TenantId, error: Error },
+    /// A transient problem, being retried.
+    Retrying { target: TargetId, error: Error },
+}
+
+pub(crate) struct Applier {
+    pub tx: mpsc::UnboundedSender<SourceTxn>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub(crate) struct ApplierConfig {
+    pub target: TargetId,
+    pub endpoint: Endpoint,
+    pub progress_schema: String,
+    pub max_txns: usize,
+    pub max_bytes: usize,
+}
+
+pub(crate) fn spawn(
+    cfg: ApplierConfig,
+    quarantine: Quarantine,
+    events: mpsc::UnboundedSender<ApplyEvent>,
+) -> Applier {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(cfg, rx, quarantine, events));
+    Applier { tx, task }
+}
+
+fn drop_quarantined(batch: &mut [SourceTxn], quarantine: &Quarantine) {
+    let q = quarantine.lock().unwrap_or_else(|p| p.into_inner());
+    if q.is_empty() {
+        return;
+    }
+    for txn in batch.iter_mut() {
+        txn.parts.retain(|(t, _)| !q.contains(t));
+        txn.states.retain(|(t, _)| !q.contains(t));
+    }
+}
+
+async fn run(
+    cfg: ApplierConfig,
+    mut rx: mpsc::UnboundedReceiver<SourceTxn>,
+    quarantine: Quarantine,
+    events: mpsc::UnboundedSender<ApplyEvent>,
+) {
+    let mut writer: Option<TargetWriter> = None;
+    let mut backoff = Duration::from_millis(100);
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.weight();
+        let mut batch = vec![first];
+        while batch.len() < cfg.max_txns && bytes < cfg.max_bytes {
+            match rx.try_recv() {
+                Ok(t) => {
+                    bytes += t.weight();
+                    batch.push(t);
+                }
+                Err(_) => break,
+            }
+        }
+        loop {
+            drop_quarantined(&mut batch, &quarantine);
+            if batch
+                .iter()
+                .all(|t| t.parts.is_empty() && t.states.is_empty())
+            {
+                // Nothing left for this target (its tenants failed): durable by definition,
+                // even while the target is unreachable.
+                let up_to = batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID);
+                let sent = events.send(ApplyEvent::Committed {
+                    target: cfg.target.clone(),
+                    up_to,
+                    tenants: Vec::new(),
+                });
+                if sent.is_err() {
+                    return;
+                }
+                break;
+            }
+            if writer.as_ref().is_none_or(|w| w.is_closed()) {
+                writer = None;
+                match TargetWriter::connect(cfg.target.clone(), &cfg.endpoint, &cfg.progress_schema)
+                    .await
+                {
+                    Ok(w) => {
+                        match w.use_replica_role().await {
+                            Ok(true) => {}
+                            Ok(false) => tracing::warn!(
+                                target = %cfg.target,
+                                "the target role may not set session_replication_role: foreign keys and triggers fire during apply (GRANT SET ON PARAMETER session_replication_role TO it)"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(target = %cfg.target, error = %e, "session_replication_role")
+                            }
+                        }
+                        writer = Some(w)
+                    }
+                    Err(e) => {
+                        let error = Error::Apply(e);
+                        if error.classify() != ErrorClass::Transient {
+                            tracing::error!(target = %cfg.target, %error, "cannot connect to the target; retrying");
+                        }
+                        let _ = events.send(ApplyEvent::Retrying {
+                            target: cfg.target.clone(),
+                            error,
+                        });
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            let w = writer.as_mut().expect("connected above");
+            match w.commit(&batch).await {
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    let mut tenants: BTreeMap<TenantId, Lsn> = BTreeMap::new();
+                    for txn in &batch {
+                        for t in txn
+                            .parts
+                            .iter()
+                            .map(|p| &p.0)
+                            .chain(txn.states.iter().map(|s| &s.0))
+                        {
+                            tenants.insert(t.clone(), txn.end_lsn);
+                        }
+                    }
+                    let up_to = batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID);
+                    let sent = events.send(ApplyEvent::Committed {
+                        target: cfg.target.clone(),
+                        up_to,
+                        tenants: tenants.into_iter().collect(),
+                    });
+                    if sent.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let failed = w.failed_tenant().cloned();
+                    let error = Error::Apply(e);
+                    match (error.classify(), failed) {
+                        (ErrorClass::Transient, _) => {
+                            tracing::warn!(target = %cfg.target, %error, "apply failed; retrying");
+                            // The connection may be fine (e.g. a serialization failure), but a
+                            // new one re-reads the applied positions, which is always right.
+                            writer = None;
+                            let _ = events.send(ApplyEvent::Retrying {
+                                target: cfg.target.clone(),
+                                error,
+                            });
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                        (_, Some(tenant)) => {
+                            quarantine
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(tenant.clone());
+                            let _ = events.send(ApplyEvent::TenantFailed { tenant, error });
+                        }
+                        (_, None) => {
+                            // Not inside one tenant's work (e.g. the progress table is
+                            // unusable): every tenant of the batch stops.
+                            let mut all: Vec<TenantId> = batch
+                                .iter()
+                                .flat_map(|t| t.parts.iter().map(|p| p.0.clone()))
+                                .chain(
+                                    batch
+                                        .iter()
+                                        .flat_map(|t| t.states.iter().map(|s| s.0.clone())),
+                                )
+                                .collect();
+                            all.sort();
+                            all.dedup();
+                            let message = error.to_string();
+                            for tenant in all {
+                                quarantine
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(tenant.clone());
+                                let _ = events.send(ApplyEvent::TenantFailed {
+                                    tenant,
+                                    error: Error::Move(super::MoveError::Target {
+                                        target: cfg.target.to_string(),
+                                        detail: message.clone(),
+                                    }),
+                                });
+                            }
+                            writer = None;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

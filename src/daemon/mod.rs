@@ -1,0 +1,1347 @@
+//! The `run` daemon: one slot, every moving tenant, backfill under the live stream.
+//!
+//! ```text
+//!  registry (poll + NOTIFY) ──► setup{tenant}: provision, resume or reset
+//!                                     │
+//!  slot ─► decode ─► txn assembly ─► route ─► per-tenant backfill verdicts ─► applier{target}
+//!               ▲          ▲                                                     │
+//!               │     readers: low wm ─► chunk SELECT ─► rows ─► high wm         │
+//!               │                                                                ▼
+//!      feedback ◄── RocksDB checkpoint ◄── durable tracker (min over targets) ◄── commits
+//! ```
+//!
+//! Invariants:
+//! - The position confirmed to the source is the tracker's: every transaction at or before
+//!   it is durable on every target it touched. It is written to RocksDB before the feedback.
+//! - A tenant's rows and its backfill state reach its target in one transaction together
+//!   with the applied position; on restart every tenant resumes from its target's record,
+//!   and changes of transactions at or before it are not looked at again for that tenant.
+//! - Backfill watermarks take effect at their transaction's commit, so a transaction
+//!   dropped half-way by a reconnect leaves no half-applied window.
+//! - A tenant-fatal error stops that tenant only: it leaves the router, its queued work is
+//!   dropped by the appliers, and it no longer holds the slot back. Resuming it copies it
+//!   again from scratch (its earlier rows are removed first).
+//! - DDL that changes a moved table pauses the tenants moving it; nothing is applied with a
+//!   stale shape.
+
+pub(crate) mod applier;
+mod moving;
+mod reader;
+mod setup;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+
+use crate::apply::progress::DurableTracker;
+use crate::apply::writer::{OwnedRowOp, RowChange};
+use crate::apply::{CopyRows, SourceTxn, Work};
+use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
+use crate::backfill::{BackfillError, RekeyPlan, Verdict};
+use crate::checkpoint::{Batch, SlotRecord, Store};
+use crate::cluster::ClusterError;
+use crate::config::Config;
+use crate::decode::{Datum, Message, Relation, RelationCache, RelationChange};
+use crate::error::{Error, ErrorClass};
+use crate::lsn::Lsn;
+use crate::registry::{self, Move, MoveState, Registry, Report};
+use crate::route::{RouteError, Router, RowOp};
+use crate::source::{self, ReplicationStream, SourceError, SourceEvent, StreamSettings};
+use crate::sql::{quote_ident, QualifiedName};
+use crate::tenant::{TargetId, TenantId};
+
+use applier::{ApplierConfig, ApplyEvent, Quarantine};
+use moving::{ChunkRows, Tenant, TenantRecord};
+use reader::{ChunkEvent, ChunkJob};
+use setup::Remembered;
+
+/// Move-level errors: each stops one tenant (tenant-fatal), except a wrong cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("source table {table} changed ({detail}); the move is paused so nothing is applied with the old shape. Apply the same change to the target, then resume the move (set its state to 'provisioning'); it is copied again")]
+    Ddl { table: String, detail: String },
+    #[error("{table} has no primary key; backfill needs one. Fix: ALTER TABLE {table} ADD PRIMARY KEY (...)")]
+    NoKey { table: String },
+    #[error("{table}: primary key column {column:?} has type {type_sql}; backfill orders smallint, integer, bigint, text, varchar and uuid keys")]
+    KeyType {
+        table: String,
+        column: String,
+        type_sql: String,
+    },
+    #[error("{table}: a row has a NULL or unreadable primary key value")]
+    KeyValue { table: String },
+    #[error("target table {table} already holds rows of this tenant that switchyard did not write; empty it or choose another target schema")]
+    TargetNotEmpty { table: String },
+    #[error("target {target} has no progress record for this tenant although {recorded} was applied there (restored from a backup?); resume the move to copy it again")]
+    LostProgress { target: String, recorded: Lsn },
+    #[error("the tenant's target lags {held} bytes of WAL behind the stream, over the budget of {budget} (move.wal_budget_mb); it was failed so the slot does not keep WAL for it")]
+    WalBudget { held: u64, budget: u64 },
+    #[error("target {0:?} is not configured in [targets]")]
+    UnknownTarget(String),
+    #[error("no table of publication {publication:?} belongs to tenant {tenant}")]
+    NoTables { tenant: String, publication: String },
+    #[error("the backfill state stored on the target is unreadable: {0}")]
+    BadState(String),
+    #[error("target {target}: {detail}")]
+    Target { target: String, detail: String },
+    #[error(transparent)]
+    Backfill(#[from] BackfillError),
+    #[error("the state directory belongs to slot {recorded_slot:?} on cluster {recorded}, but the source is cluster {actual} (slot {slot:?}); use another state directory")]
+    WrongCluster {
+        recorded_slot: String,
+        recorded: String,
+        slot: String,
+        actual: String,
+    },
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+}
+
+impl MoveError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            MoveError::WrongCluster { .. } | MoveError::Protocol(_) => ErrorClass::Fatal,
+            _ => ErrorClass::TenantFatal,
+        }
+    }
+}
+
+/// How `run` starts.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Create the publication and slot if they are missing (first start only: a state
+    /// directory that recorded a slot never gets a new one).
+    pub create_slot: bool,
+}
+
+/// A source transaction being assembled.
+struct OpenTxn {
+    final_lsn: Lsn,
+    xid: u32,
+    parts: BTreeMap<TargetId, BTreeMap<TenantId, Vec<Work>>>,
+    touched: BTreeSet<TenantId>,
+    marks: Vec<Watermark>,
+}
+
+struct Engine {
+    config: Config,
+    store: Store,
+    registry: Registry,
+    control: Client,
+    run_id: u64,
+    relations: RelationCache,
+    router: Router,
+    tenants: BTreeMap<TenantId, Tenant>,
+    /// Source tables some moving tenant copies: changes of other tables are not looked at.
+    moved_tables: BTreeSet<QualifiedName>,
+    appliers: BTreeMap<TargetId, applier::Applier>,
+    apply_events: mpsc::UnboundedSender<ApplyEvent>,
+    chunk_events: mpsc::UnboundedSender<ChunkEvent>,
+    chunk_rx: mpsc::UnboundedReceiver<ChunkEvent>,
+    setup_events: mpsc::UnboundedSender<(Move, Result<Tenant, Error>)>,
+    setting_up: HashSet<TenantId>,
+    /// Failed tenants whose queued work may still be in an applier, with the stream
+    /// position at failure: they may start again once the tracker has passed it.
+    released: BTreeMap<TenantId, Lsn>,
+    retry_setup_after: BTreeMap<TenantId, Instant>,
+    quarantine: Quarantine,
+    pool: Arc<reader::Pool>,
+    tracker: DurableTracker,
+    txn: Option<OpenTxn>,
+    last_end: Lsn,
+    /// Per target: (end, commit time) of transactions handed over and not yet durable.
+    unacked: BTreeMap<TargetId, VecDeque<(Lsn, i64)>>,
+    /// Per target: every transaction up to here is durable there or did not concern it.
+    caught_up: BTreeMap<TargetId, Lsn>,
+    rotation: usize,
+    /// Recently committed source transactions: xid → commit end (for the chunk snapshot
+    /// check), oldest first for eviction.
+    recent: HashMap<u32, Lsn>,
+    recent_order: VecDeque<u32>,
+}
+
+/// Committed transactions remembered for the snapshot check; a transaction racing a low
+/// watermark committed just before it, so a short memory is enough.
+const RECENT_COMMITS: usize = 100_000;
+
+fn pg_now() -> i64 {
+    // PostgreSQL timestamps count microseconds from 2000-01-01.
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64;
+    unix - 946_684_800_000_000
+}
+
+/// Runs the daemon until `shutdown` resolves (then stops cleanly: appliers drain, the last
+/// durable position is checkpointed and confirmed).
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let store = Store::open(&config.state_dir)?;
+    let registry = Registry::new(config.registry_schema.clone())?;
+    let (mut control, mut notifications) = config.source.connect_listen().await?;
+    registry.install(&mut control).await?;
+    control
+        .batch_execute(&format!("LISTEN {}", quote_ident(registry::CHANNEL)))
+        .await
+        .map_err(ClusterError::sql("listening for registry changes"))?;
+
+    let repl = config.replication.clone();
+    if options.create_slot {
+        source::slot::ensure_publication(&control, &repl.publication, &repl.tables).await?;
+    } else if source::slot::publication_tables(&control, &repl.publication)
+        .await?
+        .is_none()
+    {
+        return Err(SourceError::Protocol(format!(
+            "publication {:?} does not exist; create it (switchyard check prints the SQL) or start with --create-slot",
+            repl.publication
+        ))
+        .into());
+    }
+    let recorded = store.slot()?;
+    let slot = source::slot::ensure_slot(
+        &control,
+        &repl.slot,
+        recorded.is_none() && options.create_slot,
+    )
+    .await
+    .map_err(|e| e.for_slot(&repl.slot))?;
+
+    let (apply_tx, mut apply_rx) = mpsc::unbounded_channel();
+    let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
+    let (setup_tx, mut setup_rx) = mpsc::unbounded_channel();
+    let run_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let mut engine = Engine {
+        router: Router::new(config.tenancy.clone()),
+        pool: reader::Pool::new(config.source.clone()),
+        config,
+        store,
+        registry,
+        control,
+        run_id,
+        relations: RelationCache::new(),
+        tenants: BTreeMap::new(),
+        moved_tables: BTreeSet::new(),
+        appliers: BTreeMap::new(),
+        apply_events: apply_tx,
+        chunk_events: chunk_tx,
+        chunk_rx,
+        setup_events: setup_tx,
+        setting_up: HashSet::new(),
+        released: BTreeMap::new(),
+        retry_setup_after: BTreeMap::new(),
+        quarantine: Arc::new(Mutex::new(HashSet::new())),
+        tracker: DurableTracker::new(Lsn::INVALID),
+        txn: None,
+        last_end: Lsn::INVALID,
+        unacked: BTreeMap::new(),
+        caught_up: BTreeMap::new(),
+        rotation: 0,
+        recent: HashMap::new(),
+        recent_order: VecDeque::new(),
+    };
+
+    // Every tenant that was moving resumes before the stream starts, so none of its
+    // changes can pass by unrouted.
+    engine.restore_tenants().await?;
+
+    // The daemon assembles whole transactions; the server spills large ones itself.
+    let mut stream_repl = repl.clone();
+    stream_repl.streaming = false;
+    let mut stream = ReplicationStream::start(StreamSettings {
+        endpoint: engine.config.source.clone(),
+        replication: stream_repl,
+        ack: true,
+        start: Lsn::INVALID,
+    })
+    .await
+    .map_err(|e| e.for_slot(&repl.slot))?;
+    let system = stream.system().clone();
+    match &recorded {
+        Some(r) if r.system_id != system.system_id || r.slot != repl.slot => {
+            stream.shutdown().await;
+            return Err(MoveError::WrongCluster {
+                recorded_slot: r.slot.clone(),
+                recorded: r.system_id.clone(),
+                slot: repl.slot.clone(),
+                actual: system.system_id.clone(),
+            }
+            .into());
+        }
+        Some(_) => {}
+        None => {
+            engine.store.record_slot(&SlotRecord {
+                slot: repl.slot.clone(),
+                system_id: system.system_id.clone(),
+                database: system.dbname.clone().unwrap_or_default(),
+                created_lsn: slot.confirmed_flush.unwrap_or(Lsn::INVALID),
+            })?;
+        }
+    }
+    tracing::info!(
+        slot = %repl.slot,
+        from = %slot.confirmed_flush.unwrap_or(Lsn::INVALID),
+        tenants = engine.tenants.len(),
+        "switchyard running"
+    );
+
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(engine.config.moves.registry_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report_at = Instant::now();
+    let result: Result<(), Error> = loop {
+        let throttled = engine.tracker.outstanding() >= engine.config.moves.max_inflight_txns;
+        let step: Result<(), Error> = tokio::select! {
+            biased;
+            _ = &mut shutdown => break Ok(()),
+            Some(ev) = apply_rx.recv() => engine.on_apply(ev, &stream),
+            Some(ev) = engine.chunk_rx.recv() => { engine.on_chunk(ev); Ok(()) }
+            Some((mv, res)) = setup_rx.recv() => engine.on_setup(mv, res).await,
+            Some(_) = notifications.recv() => engine.poll_registry().await,
+            _ = tick.tick() => {
+                let mut r = engine.poll_registry().await;
+                if r.is_ok() && report_at.elapsed() >= Duration::from_secs(1) {
+                    report_at = Instant::now();
+                    r = engine.report().await;
+                }
+                r
+            }
+            ev = stream.recv(), if !throttled => match ev {
+                Ok(Some(ev)) => engine.on_source(ev).await,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.for_slot(&repl.slot).into()),
+            },
+        };
+        if let Err(e) = step {
+            match e.classify() {
+                ErrorClass::Fatal => break Err(e),
+                class => tracing::warn!(error = %e, ?class, "pipeline step failed; going on"),
+            }
+        }
+        // Transactions that touched no target are durable as soon as they are read; the
+        // confirmed position must follow them too (an idle or filtered stream would
+        // otherwise hold WAL until the next applied change).
+        let durable = engine.tracker.durable();
+        if durable > stream.durable() {
+            stream.mark_durable(durable);
+        }
+        engine.schedule_chunks();
+    };
+
+    // Clean stop: the appliers finish what they were given, then the last durable
+    // position is checkpointed and confirmed.
+    let appliers = std::mem::take(&mut engine.appliers);
+    let mut tasks = Vec::new();
+    for (_, a) in appliers {
+        drop(a.tx);
+        tasks.push(a.task);
+    }
+    let drain = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("appliers did not finish within 30 s; their work is replayed on restart");
+    }
+    while let Ok(ev) = apply_rx.try_recv() {
+        if let Err(e) = engine.on_apply(ev, &stream) {
+            tracing::warn!(error = %e, "while stopping");
+        }
+    }
+    stream.shutdown().await;
+    tracing::info!(confirmed = %engine.tracker.durable(), "switchyard stopped");
+    result
+}
+
+impl Engine {
+    fn same_cluster(&self, target: &TargetId) -> bool {
+        self.config.targets.get(target).is_some_and(|t| {
+            t.host == self.config.source.host
+                && t.port == self.config.source.port
+                && t.dbname == self.config.source.dbname
+        })
+    }
+
+    fn excluded_schemas(&self, moves: &[Move]) -> BTreeSet<String> {
+        moves
+            .iter()
+            .filter(|m| !m.state.is_finished() && self.same_cluster(&m.target))
+            .map(|m| m.target_schema.clone())
+            .collect()
+    }
+
+    /// Reconnects the registry connection if it dropped (NOTIFY is then lost until the
+    /// daemon restarts; polling still notices every change).
+    async fn ensure_control(&mut self) -> Result<(), Error> {
+        if self.control.is_closed() {
+            let mut c = self.config.source.connect_sql().await?;
+            self.registry.install(&mut c).await?;
+            self.control = c;
+        }
+        Ok(())
+    }
+
+    async fn restore_tenants(&mut self) -> Result<(), Error> {
+        let moves = self.registry.list(&self.control).await?;
+        let excluded = self.excluded_schemas(&moves);
+        for mv in moves.iter().filter(|m| m.state.consumes_stream()) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let result = loop {
+                let remembered = Remembered {
+                    record: self.store.tenant_state(&mv.tenant)?,
+                    applied: self.store.applied(&mv.tenant)?,
+                };
+                let r = setup::prepare(&self.config, mv, remembered, &excluded).await;
+                match r {
+                    Err(e)
+                        if e.classify() == ErrorClass::Transient && Instant::now() < deadline =>
+                    {
+                        tracing::warn!(tenant = %mv.tenant, error = %e, "cannot resume yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    other => break other,
+                }
+            };
+            self.on_setup(mv.clone(), result).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the registry: starts requested moves, stops moves an operator paused or
+    /// cancelled.
+    async fn poll_registry(&mut self) -> Result<(), Error> {
+        self.ensure_control().await?;
+        let moves = self.registry.list(&self.control).await?;
+        let excluded = self.excluded_schemas(&moves);
+        let mut seen = BTreeSet::new();
+        for mv in moves {
+            if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {
+                continue;
+            }
+            if let Some(t) = self.tenants.get_mut(&mv.tenant) {
+                if t.move_id != mv.id {
+                    continue;
+                }
+                if !mv.state.consumes_stream() {
+                    tracing::info!(tenant = %mv.tenant, state = %mv.state, "move stopped in the registry");
+                    self.release(&mv.tenant);
+                } else {
+                    t.state = mv.state;
+                }
+                continue;
+            }
+            let wants = matches!(mv.state, MoveState::Requested | MoveState::Provisioning);
+            if !wants || self.setting_up.contains(&mv.tenant) {
+                continue;
+            }
+            if self
+                .retry_setup_after
+                .get(&mv.tenant)
+                .is_some_and(|t| Instant::now() < *t)
+            {
+                continue;
+            }
+            if let Some(at) = self.released.get(&mv.tenant) {
+                if self.tracker.durable() < *at && self.tracker.outstanding() > 0 {
+                    continue;
+                }
+                self.released.remove(&mv.tenant);
+            }
+            if mv.state == MoveState::Requested {
+                let r = self
+                    .registry
+                    .transition(
+                        &self.control,
+                        mv.id,
+                        MoveState::Requested,
+                        MoveState::Provisioning,
+                        None,
+                    )
+                    .await;
+                match r {
+                    Ok(()) => {}
+                    Err(registry::RegistryError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut mv = mv;
+            mv.state = MoveState::Provisioning;
+            // A move picked up here starts over (new, or resumed after a failure).
+            let _ = self.store.forget_tenant(&mv.tenant);
+            self.setting_up.insert(mv.tenant.clone());
+            let config = self.config.clone();
+            let tx = self.setup_events.clone();
+            let excluded = excluded.clone();
+            tokio::spawn(async move {
+                let remembered = Remembered {
+                    record: None,
+                    applied: Lsn::INVALID,
+                };
+                let r = setup::prepare(&config, &mv, remembered, &excluded).await;
+                let _ = tx.send((mv, r));
+            });
+        }
+        Ok(())
+    }
+
+    async fn on_setup(&mut self, mv: Move, result: Result<Tenant, Error>) -> Result<(), Error> {
+        self.setting_up.remove(&mv.tenant);
+        let mut tenant = match result {
+            Ok(t) => t,
+            Err(e) if e.classify() == ErrorClass::Transient => {
+                tracing::warn!(tenant = %mv.tenant, error = %e, "provisioning failed; retrying");
+                self.retry_setup_after
+                    .insert(mv.tenant.clone(), Instant::now() + Duration::from_secs(5));
+                let _ = self
+                    .registry
+                    .note_error(&self.control, mv.id, &e.to_string())
+                    .await;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(tenant = %mv.tenant, error = %e, "move failed");
+                if e.classify() == ErrorClass::Fatal {
+                    return Err(e);
+                }
+                self.set_state(
+                    mv.id,
+                    &mv.tenant,
+                    mv.state,
+                    MoveState::Failed,
+                    Some(&e.to_string()),
+                )
+                .await;
+                return Ok(());
+            }
+        };
+        self.retry_setup_after.remove(&mv.tenant);
+        let target = tenant.destination.target.clone();
+        // Lag is measured from here: nothing before this point was this target's to apply.
+        self.unacked.entry(target.clone()).or_default();
+        let last_end = self.last_end;
+        self.caught_up.entry(target.clone()).or_insert(last_end);
+        if !self.appliers.contains_key(&target) {
+            let endpoint = self.config.targets[&target].clone();
+            let a = applier::spawn(
+                ApplierConfig {
+                    target: target.clone(),
+                    endpoint,
+                    progress_schema: self.config.registry_schema.clone(),
+                    max_txns: self.config.moves.batch_max_txns,
+                    max_bytes: self.config.moves.batch_max_bytes,
+                },
+                self.quarantine.clone(),
+                self.apply_events.clone(),
+            );
+            self.appliers.insert(target.clone(), a);
+        }
+        if tenant.state == MoveState::Provisioning {
+            self.set_state(
+                tenant.move_id,
+                &tenant.id,
+                MoveState::Provisioning,
+                MoveState::Copying,
+                None,
+            )
+            .await;
+            tenant.state = MoveState::Copying;
+        }
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tenant.id);
+        self.router
+            .start(tenant.id.clone(), tenant.destination.clone());
+        let mut batch = Batch::new();
+        batch.tenant_state(
+            &tenant.id,
+            &TenantRecord {
+                move_id: tenant.move_id,
+                state: tenant.state,
+                target: target.to_string(),
+                schema: tenant.destination.schema.clone(),
+            },
+        );
+        if tenant.applied.is_valid() {
+            batch.applied(&tenant.id, tenant.applied);
+        }
+        self.store.commit(batch)?;
+        tracing::info!(tenant = %tenant.id, state = %tenant.state, rows = ?tenant.rows_total, "tenant moving");
+        self.tenants.insert(tenant.id.clone(), tenant);
+        self.refresh_moved_tables();
+        Ok(())
+    }
+
+    fn refresh_moved_tables(&mut self) {
+        self.moved_tables = self
+            .tenants
+            .values()
+            .flat_map(|t| t.tables.keys().cloned())
+            .collect();
+    }
+
+    /// Changes a move's state in the registry and RocksDB; failures are logged (the
+    /// registry is re-read on the next poll).
+    async fn set_state(
+        &mut self,
+        id: i64,
+        tenant: &TenantId,
+        from: MoveState,
+        to: MoveState,
+        error: Option<&str>,
+    ) {
+        if let Err(e) = self.ensure_control().await {
+            tracing::warn!(%tenant, error = %e, "cannot reach the registry");
+            return;
+        }
+        if let Err(e) = self
+            .registry
+            .transition(&self.control, id, from, to, error)
+            .await
+        {
+            tracing::warn!(%tenant, error = %e, %from, %to, "registry state change failed");
+        }
+    }
+
+    /// Stops moving `tenant` here: it leaves the router, its queued work is dropped and
+    /// it no longer holds the slot back.
+    fn release(&mut self, tenant: &TenantId) -> Option<Tenant> {
+        self.router.stop(tenant);
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone());
+        if let Some(txn) = &mut self.txn {
+            for parts in txn.parts.values_mut() {
+                parts.remove(tenant);
+            }
+            txn.touched.remove(tenant);
+        }
+        self.released.insert(tenant.clone(), self.last_end);
+        let _ = self.store.forget_tenant(tenant);
+        let t = self.tenants.remove(tenant);
+        self.refresh_moved_tables();
+        t
+    }
+
+    async fn fail(&mut self, tenant: &TenantId, error: &Error, to: MoveState) {
+        let Some(t) = self.release(tenant) else {
+            return;
+        };
+        tracing::error!(%tenant, error = %error, state = %to, "tenant stopped");
+        self.set_state(t.move_id, tenant, t.state, to, Some(&error.to_string()))
+            .await;
+    }
+
+    async fn on_source(&mut self, ev: SourceEvent) -> Result<(), Error> {
+        match ev {
+            SourceEvent::Restarted {
+                resume_from,
+                attempt,
+            } => {
+                tracing::warn!(%resume_from, attempt, "replication reconnected");
+                // The open transaction is sent again from its start.
+                self.txn = None;
+                Ok(())
+            }
+            SourceEvent::Message(r) => self.on_message(r.message).await,
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), Error> {
+        match &message {
+            Message::Begin(b) => {
+                self.txn = Some(OpenTxn {
+                    final_lsn: b.final_lsn,
+                    xid: b.xid,
+                    parts: BTreeMap::new(),
+                    touched: BTreeSet::new(),
+                    marks: Vec::new(),
+                });
+                Ok(())
+            }
+            Message::Commit(c) => self.commit(c.end_lsn, c.commit_time),
+            Message::Relation(rel) => {
+                self.on_relation(rel.clone()).await;
+                Ok(())
+            }
+            Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
+                self.on_rows(&message).await
+            }
+            Message::Message(m) if m.prefix == WATERMARK_PREFIX => {
+                if let Some(w) = Watermark::parse(&m.prefix, &m.content) {
+                    match &mut self.txn {
+                        Some(txn) => txn.marks.push(w),
+                        None => tracing::warn!("a watermark outside a transaction is ignored"),
+                    }
+                }
+                Ok(())
+            }
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => Err(MoveError::Protocol(
+                "streamed transaction although streaming was not requested".into(),
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_relation(&mut self, rel: Relation) {
+        let name = QualifiedName {
+            schema: rel.namespace.clone(),
+            name: rel.name.clone(),
+        };
+        let moved = self.moved_tables.contains(&name);
+        let validated = if moved {
+            self.router.validate(&rel)
+        } else {
+            Ok(())
+        };
+        let change = self.relations.apply(rel);
+        if !moved {
+            return;
+        }
+        let affected: Vec<TenantId> = self
+            .tenants
+            .values()
+            .filter(|t| t.tables.contains_key(&name))
+            .map(|t| t.id.clone())
+            .collect();
+        if let Err(e) = validated {
+            let e = Error::Route(e);
+            for t in &affected {
+                self.fail(t, &e, MoveState::Failed).await;
+            }
+            return;
+        }
+        if let RelationChange::Changed(diff) = change {
+            let error = Error::Move(MoveError::Ddl {
+                table: name.to_string(),
+                detail: [
+                    (
+                        diff.columns_changed,
+                        "columns added, dropped, renamed or retyped",
+                    ),
+                    (diff.renamed, "renamed"),
+                    (diff.replica_identity_changed, "replica identity changed"),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, what)| *what)
+                .collect::<Vec<_>>()
+                .join(", "),
+            });
+            for t in &affected {
+                self.fail(t, &error, MoveState::Paused).await;
+            }
+        }
+    }
+
+    async fn on_rows(&mut self, message: &Message) -> Result<(), Error> {
+        let Some(final_lsn) = self.txn.as_ref().map(|t| t.final_lsn) else {
+            return Err(MoveError::Protocol("a row change outside a transaction".into()).into());
+        };
+        let relation_ids = match message {
+            Message::Insert(i) => vec![i.relation],
+            Message::Update(u) => vec![u.relation],
+            Message::Delete(d) => vec![d.relation],
+            Message::Truncate(t) => t.relations.clone(),
+            _ => return Ok(()),
+        };
+        let mut routed = Vec::new();
+        for id in relation_ids {
+            let rel = self.relations.resolve(id)?;
+            let name = QualifiedName {
+                schema: rel.namespace.clone(),
+                name: rel.name.clone(),
+            };
+            if !self.moved_tables.contains(&name) {
+                continue;
+            }
+            let ops = match message {
+                Message::Truncate(_) => self.router.truncate(rel),
+                _ => self
+                    .router
+                    .message(&self.relations, message)
+                    .map(|mut v| v.pop().map(|(_, ops)| ops).unwrap_or_default()),
+            };
+            match ops {
+                Ok(ops) => routed.push((rel, name, ops)),
+                Err(RouteError::BadTenantValue { table, column }) => {
+                    tracing::warn!(%table, %column, "a row without a tenant value belongs to no tenant; skipped");
+                }
+                Err(e) => {
+                    let affected: Vec<TenantId> = self
+                        .tenants
+                        .values()
+                        .filter(|t| t.tables.contains_key(&name))
+                        .map(|t| t.id.clone())
+                        .collect();
+                    let e = Error::Route(e);
+                    for t in affected {
+                        self.fail(&t, &e, MoveState::Failed).await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let mut failures: Vec<(TenantId, Error)> = Vec::new();
+        for (rel, name, ops) in routed {
+            let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
+            for op in ops {
+                let Some(t) = self.tenants.get_mut(&op.tenant) else {
+                    continue;
+                };
+                if final_lsn < t.skip_before {
+                    continue;
+                }
+                let Some(table) = t.tables.get_mut(&name) else {
+                    continue;
+                };
+                let txn = self.txn.as_mut().expect("checked above");
+                txn.touched.insert(op.tenant.clone());
+                let decided = match decide(table, op.op) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        failures.push((op.tenant.clone(), e));
+                        continue;
+                    }
+                };
+                if decided.is_empty() {
+                    continue;
+                }
+                let tenant_column = table.chunk.tenant.as_ref().map(|c| c.0.clone());
+                let works = decided.iter().map(|d| {
+                    Work::Row(RowChange {
+                        table: table.target.clone(),
+                        identity: identity.clone(),
+                        tenant_column: tenant_column.clone(),
+                        op: OwnedRowOp::from_op(d),
+                    })
+                });
+                txn.parts
+                    .entry(t.destination.target.clone())
+                    .or_default()
+                    .entry(op.tenant.clone())
+                    .or_default()
+                    .extend(works);
+            }
+        }
+        for (tenant, e) in failures {
+            self.fail(&tenant, &e, MoveState::Failed).await;
+        }
+        Ok(())
+    }
+
+    fn drain_chunks(&mut self) {
+        while let Ok(ev) = self.chunk_rx.try_recv() {
+            self.on_chunk(ev);
+        }
+    }
+
+    fn on_chunk(&mut self, ev: ChunkEvent) {
+        match ev {
+            ChunkEvent::Rows {
+                tenant,
+                table,
+                chunk,
+                rows,
+                keys,
+                in_progress,
+            } => {
+                let Some(tm) = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .and_then(|t| t.tables.get_mut(&table))
+                else {
+                    return;
+                };
+                if tm.copy.in_flight() != Some(chunk) {
+                    return;
+                }
+                let keyed = keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect();
+                if let Err(e) = tm.copy.rows(chunk, keyed) {
+                    tracing::error!(%tenant, %table, error = %e, "chunk rejected; reading it again");
+                    tm.copy.abandon(chunk);
+                    return;
+                }
+                tm.rows = Some(ChunkRows {
+                    chunk,
+                    rows,
+                    in_progress,
+                });
+            }
+            ChunkEvent::Failed {
+                tenant,
+                table,
+                chunk,
+                error,
+            } => {
+                let Some(tm) = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .and_then(|t| t.tables.get_mut(&table))
+                else {
+                    return;
+                };
+                tm.copy.abandon(chunk);
+                tm.rows = None;
+                if error.classify() == ErrorClass::Transient {
+                    tracing::warn!(%tenant, %table, chunk, %error, "chunk read failed; reading it again");
+                } else {
+                    tracing::error!(%tenant, %table, chunk, %error, "chunk read failed");
+                    self.fail_later(tenant, error);
+                }
+            }
+        }
+    }
+
+    /// Stops a tenant now and records the failure in the registry in the background
+    /// (for callers that cannot wait on the registry).
+    fn fail_later(&mut self, tenant: TenantId, error: Error) {
+        if let Some(t) = self.tenants.get(&tenant) {
+            tracing::error!(%tenant, %error, "tenant failed");
+            let (id, from) = (t.move_id, t.state);
+            self.release(&tenant);
+            let registry = Registry::new(self.config.registry_schema.clone());
+            let endpoint = self.config.source.clone();
+            let message = error.to_string();
+            tokio::spawn(async move {
+                let Ok(registry) = registry else { return };
+                if let Ok(c) = endpoint.connect_sql().await {
+                    if let Err(e) = registry
+                        .transition(&c, id, from, MoveState::Failed, Some(&message))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "registry state change failed");
+                    }
+                }
+            });
+        }
+    }
+
+    fn commit(&mut self, end: Lsn, commit_time: i64) -> Result<(), Error> {
+        let Some(mut txn) = self.txn.take() else {
+            return Err(MoveError::Protocol("a commit outside a transaction".into()).into());
+        };
+        if txn.marks.iter().any(|w| w.mark == Mark::High) {
+            // The rows of a chunk are queued before its high watermark is written.
+            self.drain_chunks();
+        }
+        let mut failures = Vec::new();
+        self.recent.insert(txn.xid, end);
+        self.recent_order.push_back(txn.xid);
+        while self.recent_order.len() > RECENT_COMMITS {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+        for w in std::mem::take(&mut txn.marks) {
+            if let Err((tenant, e)) = self.on_watermark(w, end, &mut txn) {
+                failures.push((tenant, e));
+            }
+        }
+        for (tenant, e) in failures {
+            self.fail_later(tenant, e);
+        }
+        let mut states: BTreeMap<TargetId, Vec<(TenantId, String)>> = BTreeMap::new();
+        for id in &txn.touched {
+            let Some(t) = self.tenants.get_mut(id) else {
+                continue;
+            };
+            if t.state == MoveState::Streaming {
+                continue;
+            }
+            let state = t.copy_state().to_json();
+            if state != t.sent_state {
+                states
+                    .entry(t.destination.target.clone())
+                    .or_default()
+                    .push((id.clone(), state.clone()));
+                t.sent_state = state;
+            }
+            if t.copied_at.is_none() && t.is_copied() {
+                t.copied_at = Some(end);
+                tracing::info!(tenant = %id, at = %end, "copy complete; waiting for the target to hold it");
+            }
+        }
+        let mut targets: BTreeSet<TargetId> = txn
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect();
+        targets.extend(states.keys().cloned());
+        for target in &targets {
+            let parts: Vec<(TenantId, Vec<Work>)> = txn
+                .parts
+                .remove(target)
+                .map(|p| p.into_iter().collect())
+                .unwrap_or_default();
+            let st = states.remove(target).unwrap_or_default();
+            let Some(a) = self.appliers.get(target) else {
+                continue;
+            };
+            if a.tx
+                .send(SourceTxn {
+                    end_lsn: end,
+                    parts,
+                    states: st,
+                })
+                .is_err()
+            {
+                return Err(MoveError::Target {
+                    target: target.to_string(),
+                    detail: "its apply task stopped".into(),
+                }
+                .into());
+            }
+            self.unacked
+                .entry(target.clone())
+                .or_default()
+                .push_back((end, commit_time));
+        }
+        for (target, q) in self.unacked.iter() {
+            if q.is_empty() {
+                self.caught_up.insert(target.clone(), end);
+            }
+        }
+        self.tracker.on_commit(end, targets);
+        self.last_end = end;
+        Ok(())
+    }
+
+    fn on_watermark(
+        &mut self,
+        w: Watermark,
+        end: Lsn,
+        txn: &mut OpenTxn,
+    ) -> Result<(), (TenantId, Error)> {
+        if w.run != self.run_id {
+            return Ok(());
+        }
+        let Ok(tenant) = TenantId::new(w.tenant.clone()) else {
+            return Ok(());
+        };
+        let Ok(table) = QualifiedName::parse(&w.table) else {
+            return Ok(());
+        };
+        let Some(t) = self.tenants.get_mut(&tenant) else {
+            return Ok(());
+        };
+        let target = t.destination.target.clone();
+        let Some(tm) = t.tables.get_mut(&table) else {
+            return Ok(());
+        };
+        if tm.copy.in_flight() != Some(w.chunk) {
+            return Ok(());
+        }
+        match w.mark {
+            Mark::Low => {
+                if let Err(e) = tm.copy.low(w.chunk) {
+                    tracing::debug!(%tenant, %table, error = %e, "low watermark seen twice");
+                }
+                tm.low_at = Some((w.chunk, end));
+            }
+            Mark::High => {
+                let result = match tm.rows.take() {
+                    Some(r) if r.chunk == w.chunk => r,
+                    _ => {
+                        return Err((
+                            tenant,
+                            Error::Move(MoveError::Backfill(BackfillError::NoResult(w.chunk))),
+                        ))
+                    }
+                };
+                let low = match tm.low_at.take() {
+                    Some((c, at)) if c == w.chunk => at,
+                    _ => Lsn::INVALID,
+                };
+                // A transaction that committed before the low watermark but was still
+                // running in the chunk's snapshot: its changes are neither in the rows nor
+                // inside the window. Rare (it is the instant between a commit's WAL record
+                // and its visibility); the range is simply read again.
+                let raced = !low.is_valid()
+                    || result
+                        .in_progress
+                        .iter()
+                        .any(|x| self.recent.get(x).is_some_and(|at| *at < low));
+                if raced {
+                    tracing::info!(%tenant, %table, chunk = w.chunk, "chunk raced a committing transaction; reading it again");
+                    tm.copy.abandon(w.chunk);
+                    return Ok(());
+                }
+                let rows = result.rows;
+                let picked = tm
+                    .copy
+                    .high(w.chunk)
+                    .map_err(|e| (tenant.clone(), Error::Move(e.into())))?;
+                let mut rows: Vec<Option<Vec<Option<String>>>> =
+                    rows.into_iter().map(Some).collect();
+                let chosen: Vec<Vec<Option<String>>> = picked
+                    .into_iter()
+                    .filter_map(|i| rows.get_mut(i).and_then(Option::take))
+                    .collect();
+                t.rows_copied += chosen.len() as i64;
+                if !chosen.is_empty() {
+                    txn.parts
+                        .entry(target)
+                        .or_default()
+                        .entry(tenant.clone())
+                        .or_default()
+                        .push(Work::Copy(CopyRows {
+                            table: tm.target.clone(),
+                            columns: tm.chunk.columns.clone(),
+                            rows: chosen,
+                        }));
+                }
+                txn.touched.insert(tenant);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_apply(&mut self, ev: ApplyEvent, stream: &ReplicationStream) -> Result<(), Error> {
+        match ev {
+            ApplyEvent::Committed {
+                target,
+                up_to,
+                tenants,
+            } => {
+                self.tracker.on_flushed(&target, up_to);
+                if let Some(q) = self.unacked.get_mut(&target) {
+                    while q.front().is_some_and(|(end, _)| *end <= up_to) {
+                        q.pop_front();
+                    }
+                }
+                let caught = self.caught_up.entry(target).or_insert(Lsn::INVALID);
+                *caught = (*caught).max(up_to);
+                let mut batch = Batch::new();
+                for (tenant, lsn) in tenants {
+                    if let Some(t) = self.tenants.get_mut(&tenant) {
+                        t.applied = t.applied.max(lsn);
+                        batch.applied(&tenant, lsn);
+                    }
+                }
+                let durable = self.tracker.durable();
+                if durable.is_valid() {
+                    batch.confirmed(durable);
+                }
+                self.store.commit(batch)?;
+                if durable.is_valid() {
+                    stream.mark_durable(durable);
+                }
+                Ok(())
+            }
+            ApplyEvent::TenantFailed { tenant, error } => {
+                self.fail_later(tenant, error);
+                Ok(())
+            }
+            ApplyEvent::Retrying { target, error } => {
+                tracing::warn!(%target, %error, "target unavailable; retrying");
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts chunk reads while the number of open windows is under the worker cap,
+    /// rotating over tenants so a big one does not starve the rest.
+    fn schedule_chunks(&mut self) {
+        if self.tracker.outstanding() >= self.config.moves.max_inflight_txns {
+            return;
+        }
+        let workers = self.config.moves.backfill_workers;
+        let mut open: usize = self
+            .tenants
+            .values()
+            .flat_map(|t| t.tables.values())
+            .filter(|tm| tm.copy.in_flight().is_some())
+            .count();
+        if open >= workers || self.tenants.is_empty() {
+            return;
+        }
+        let ids: Vec<TenantId> = self.tenants.keys().cloned().collect();
+        let n = ids.len();
+        self.rotation = (self.rotation + 1) % n;
+        for k in 0..n {
+            let id = &ids[(self.rotation + k) % n];
+            let t = self.tenants.get_mut(id).expect("listed above");
+            if t.state != MoveState::Copying {
+                continue;
+            }
+            for (name, tm) in t.tables.iter_mut() {
+                if open >= workers {
+                    return;
+                }
+                if tm.copy.in_flight().is_some() {
+                    continue;
+                }
+                if let Some((chunk, spec)) = tm.copy.next_chunk(self.config.moves.chunk_rows) {
+                    open += 1;
+                    reader::spawn(
+                        ChunkJob {
+                            run: self.run_id,
+                            tenant: id.clone(),
+                            table: name.clone(),
+                            chunk,
+                            spec,
+                            layout: tm.chunk.clone(),
+                        },
+                        self.pool.clone(),
+                        self.chunk_events.clone(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Progress and lag into the registry; in-sync transitions; the WAL budget.
+    async fn report(&mut self) -> Result<(), Error> {
+        tracing::debug!(
+            last_end = %self.last_end,
+            durable = %self.tracker.durable(),
+            outstanding = self.tracker.outstanding(),
+            unacked = ?self.unacked.iter().map(|(t, q)| (t.to_string(), q.len(), q.front().map(|f| f.0.to_string()))).collect::<Vec<_>>(),
+            "pipeline"
+        );
+        let now = pg_now();
+        let budget = self.config.moves.wal_budget_bytes;
+        let mut over = Vec::new();
+        let mut synced = Vec::new();
+        let mut reports = Vec::new();
+        for t in self.tenants.values() {
+            let target = &t.destination.target;
+            let caught = self
+                .caught_up
+                .get(target)
+                .copied()
+                .unwrap_or(Lsn::INVALID)
+                .max(t.applied);
+            let lag_bytes = if self.last_end.is_valid() {
+                self.last_end.bytes_since(caught)
+            } else {
+                0
+            };
+            let lag_seconds = self
+                .unacked
+                .get(target)
+                .and_then(|q| q.front())
+                .map(|(_, at)| ((now - at) as f64 / 1e6).max(0.0))
+                .unwrap_or(0.0);
+            if lag_bytes > budget {
+                over.push((t.id.clone(), lag_bytes));
+            }
+            if t.state == MoveState::Copying && t.copied_at.is_some_and(|c| t.applied >= c) {
+                synced.push(t.id.clone());
+            }
+            reports.push((
+                t.move_id,
+                Report {
+                    rows_copied: t.rows_copied,
+                    rows_total: t.rows_total,
+                    lag_bytes: Some(lag_bytes as i64),
+                    lag_seconds: Some(lag_seconds),
+                },
+            ));
+        }
+        for (tenant, held) in over {
+            let e = Error::Move(MoveError::WalBudget { held, budget });
+            self.fail(&tenant, &e, MoveState::Failed).await;
+        }
+        for tenant in synced {
+            let Some(t) = self.tenants.get_mut(&tenant) else {
+                continue;
+            };
+            t.state = MoveState::Streaming;
+            let (id, record) = (
+                t.move_id,
+                TenantRecord {
+                    move_id: t.move_id,
+                    state: MoveState::Streaming,
+                    target: t.destination.target.to_string(),
+                    schema: t.destination.schema.clone(),
+                },
+            );
+            let mut batch = Batch::new();
+            batch.tenant_state(&tenant, &record);
+            self.store.commit(batch)?;
+            tracing::info!(%tenant, "in sync: backfill done, streaming");
+            self.set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
+                .await;
+        }
+        self.ensure_control().await?;
+        for (id, r) in reports {
+            self.registry.report(&self.control, id, &r).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What to apply for one routed operation of a tenant's table, given its backfill state.
+fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Vec<RowOp<'a>>, Error> {
+    let key = |t| {
+        table.key_of(t).ok_or_else(|| {
+            Error::Move(MoveError::KeyValue {
+                table: table.chunk.source.to_string(),
+            })
+        })
+    };
+    Ok(match op {
+        RowOp::Upsert { new, update } => {
+            let k = key(new)?;
+            let copied = table.copy.change(&k) == Verdict::Apply;
+            let toast = new.0.iter().any(|d| matches!(d, Datum::UnchangedToast));
+            if copied && !update && toast {
+                // A row arriving (e.g. from another tenant) without its TOAST value: only a
+                // re-read can supply it.
+                table.copy.requeue(&k);
+                vec![]
+            } else if copied {
+                vec![op]
+            } else {
+                vec![]
+            }
+        }
+        RowOp::Delete { old } => {
+            let k = key(old)?;
+            if table.copy.change(&k) == Verdict::Apply {
+                vec![op]
+            } else {
+                vec![]
+            }
+        }
+        RowOp::Rekey { old, new } => {
+            let (o, n) = (key(old)?, key(new)?);
+            match table.copy.rekey(&o, &n) {
+                RekeyPlan::Update => vec![op],
+                RekeyPlan::DeleteOld => vec![RowOp::Delete { old }],
+                RekeyPlan::Skip => vec![],
+            }
+        }
+        RowOp::Truncate => {
+            table.copy.truncate();
+            if let Some(chunk) = table.copy.in_flight() {
+                // Rows read before the TRUNCATE must not come back: read the range again.
+                table.copy.abandon(chunk);
+                table.rows = None;
+            }
+            vec![op]
+        }
+    })
+}

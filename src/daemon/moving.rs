@@ -1,0 +1,237 @@
+//! A tenant being moved: its tables, their backfill state, and what the target has applied.
+//!
+//! Invariants:
+//! - The backfill state that is persisted ([`CopyState`]) is exactly the state after the
+//!   last source transaction the target holds for this tenant: it travels in the same target
+//!   transaction as that transaction's rows (see `apply::SourceTxn::states`).
+//! - A chunk window in flight is never persisted: after a restart its watermarks (of an
+//!   earlier run) are ignored and the range is read again.
+//! - Source transactions that ended at or before `skip_before` are already on the target
+//!   (the position recorded there at start); none of their changes may touch this tenant's
+//!   state again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backfill::chunk::ChunkTable;
+use crate::backfill::{Cursor, Key, TableCopy};
+use crate::decode::{Datum, Tuple};
+use crate::lsn::Lsn;
+use crate::registry::MoveState;
+use crate::route::Destination;
+use crate::sql::QualifiedName;
+use crate::tenant::TenantId;
+
+/// One table of a moving tenant.
+pub(crate) struct TableMove {
+    pub chunk: ChunkTable,
+    /// Where the rows go on the target.
+    pub target: QualifiedName,
+    pub copy: TableCopy,
+    /// The chunk in flight, once its SELECT returned.
+    pub rows: Option<ChunkRows>,
+    /// Where the low watermark of the chunk in flight committed: (chunk, end LSN).
+    pub low_at: Option<(u64, Lsn)>,
+}
+
+impl TableMove {
+    /// The key of a stream tuple, in the chunk's key order; `None` when a key column is
+    /// NULL, not text, or an unchanged TOAST value.
+    pub fn key_of(&self, tuple: &Tuple) -> Option<Key> {
+        let texts: Vec<Option<&str>> = tuple
+            .0
+            .iter()
+            .map(|d| match d {
+                Datum::Text(b) => std::str::from_utf8(b).ok(),
+                _ => None,
+            })
+            .collect();
+        self.chunk.key_of(&texts)
+    }
+}
+
+/// A chunk's SELECT result, waiting for its high watermark.
+pub(crate) struct ChunkRows {
+    pub chunk: u64,
+    pub rows: Vec<Vec<Option<String>>>,
+    /// Transactions running in the chunk's snapshot.
+    pub in_progress: Vec<u32>,
+}
+
+/// The persisted backfill state of one tenant: per table, the cursor and the keys waiting
+/// for a re-read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CopyState {
+    pub tables: BTreeMap<String, TableState>,
+    /// Rows copied so far (progress reporting survives restarts).
+    #[serde(default)]
+    pub rows_copied: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TableState {
+    pub cursor: Cursor,
+    #[serde(default)]
+    pub requeued: Vec<Key>,
+}
+
+impl CopyState {
+    pub fn parse(text: &str) -> Result<CopyState, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("copy state is plain data")
+    }
+}
+
+/// What the daemon keeps in RocksDB per tenant, next to the applied position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TenantRecord {
+    pub move_id: i64,
+    pub state: MoveState,
+    pub target: String,
+    pub schema: String,
+}
+
+/// A tenant the pipeline is moving.
+pub(crate) struct Tenant {
+    pub id: TenantId,
+    pub move_id: i64,
+    pub state: MoveState,
+    pub destination: Destination,
+    /// Keyed by source table.
+    pub tables: BTreeMap<QualifiedName, TableMove>,
+    /// Transactions ending at or before this are on the target already.
+    pub skip_before: Lsn,
+    /// Durable on the target (acknowledged by its applier).
+    pub applied: Lsn,
+    /// The state last handed to the applier (to send it again only when it changes).
+    pub sent_state: String,
+    /// The source transaction that completed the copy, once it did.
+    pub copied_at: Option<Lsn>,
+    pub rows_copied: i64,
+    pub rows_total: Option<i64>,
+}
+
+impl Tenant {
+    pub fn copy_state(&self) -> CopyState {
+        CopyState {
+            tables: self
+                .tables
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        name.to_string(),
+                        TableState {
+                            cursor: t.copy.cursor().clone(),
+                            requeued: t.copy.requeued().iter().cloned().collect(),
+                        },
+                    )
+                })
+                .collect(),
+            rows_copied: self.rows_copied,
+        }
+    }
+
+    /// Restores each table's copy from a persisted state; tables the state does not know
+    /// (added to the move since) start from the beginning.
+    pub fn restore(&mut self, state: &CopyState) {
+        self.rows_copied = state.rows_copied;
+        for (name, t) in self.tables.iter_mut() {
+            if let Some(s) = state.tables.get(&name.to_string()) {
+                let requeued: BTreeSet<Key> = s.requeued.iter().cloned().collect();
+                t.copy = TableCopy::resume(s.cursor.clone(), requeued);
+            }
+        }
+    }
+
+    pub fn is_copied(&self) -> bool {
+        self.tables.values().all(|t| t.copy.is_done())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backfill::{KeyKind, KeyValue};
+    use crate::tenant::TargetId;
+
+    fn tenant() -> Tenant {
+        let table = QualifiedName::parse("public.orders").unwrap();
+        let mut tables = BTreeMap::new();
+        tables.insert(
+            table.clone(),
+            TableMove {
+                chunk: ChunkTable {
+                    source: table,
+                    columns: vec!["tenant_id".into(), "id".into(), "note".into()],
+                    key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
+                    tenant: Some(("tenant_id".into(), "integer".into())),
+                },
+                target: QualifiedName::parse("acme.orders").unwrap(),
+                copy: TableCopy::new(),
+                rows: None,
+                low_at: None,
+            },
+        );
+        Tenant {
+            id: TenantId::new("7").unwrap(),
+            move_id: 1,
+            state: MoveState::Copying,
+            destination: Destination {
+                target: TargetId::new("t").unwrap(),
+                schema: "acme".into(),
+            },
+            tables,
+            skip_before: Lsn::INVALID,
+            applied: Lsn::INVALID,
+            sent_state: String::new(),
+            copied_at: None,
+            rows_copied: 0,
+            rows_total: None,
+        }
+    }
+
+    #[test]
+    fn copy_state_round_trips_through_the_target_text() {
+        let mut t = tenant();
+        let name = QualifiedName::parse("public.orders").unwrap();
+        let state = CopyState {
+            tables: [(
+                name.to_string(),
+                TableState {
+                    cursor: Cursor::After(vec![KeyValue::Int(7), KeyValue::Int(500)]),
+                    requeued: vec![vec![KeyValue::Int(7), KeyValue::Int(3)]],
+                },
+            )]
+            .into(),
+            rows_copied: 12,
+        };
+        let text = state.to_json();
+        t.restore(&CopyState::parse(&text).unwrap());
+        assert_eq!(t.copy_state(), state);
+        assert!(!t.is_copied());
+        assert!(CopyState::parse("{\"tables\": 3}").is_err());
+    }
+
+    #[test]
+    fn stream_keys_come_from_text_columns_only() {
+        let t = tenant();
+        let table = t.tables.values().next().unwrap();
+        let row = |id: Datum| {
+            Tuple(vec![
+                Datum::Text("7".into()),
+                id,
+                Datum::Text("note".into()),
+            ])
+        };
+        assert_eq!(
+            table.key_of(&row(Datum::Text("42".into()))),
+            Some(vec![KeyValue::Int(7), KeyValue::Int(42)])
+        );
+        assert_eq!(table.key_of(&row(Datum::Null)), None);
+        assert_eq!(table.key_of(&row(Datum::UnchangedToast)), None);
+    }
+}

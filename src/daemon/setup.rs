@@ -1,0 +1,356 @@
+//! Getting a tenant ready to move: which tables are its, provisioning them on the target,
+//! and where its copy stands (fresh, resumed, or reset after a failure).
+//!
+//! Invariants:
+//! - The target's progress row is the truth about what it holds. A tenant with a RocksDB
+//!   record for this move resumes from the target's row; one without (a new move, or one
+//!   resumed after it failed and released the slot) starts over: rows switchyard wrote
+//!   earlier are removed in the same transaction as their progress row.
+//! - A fresh move never writes into target tables that already hold rows of the tenant.
+//! - Only tables of the publication are moved, never the registry's or a target schema's.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio_postgres::Client;
+
+use super::moving::{CopyState, TableMove, Tenant, TenantRecord};
+use super::MoveError;
+use crate::apply::writer::{ensure_progress_table, read_progress};
+use crate::backfill::chunk::ChunkTable;
+use crate::backfill::{KeyKind, TableCopy};
+use crate::cluster::{ClusterError, Endpoint};
+use crate::config::{Config, TenancyMode};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::provision::{self, Placement, TableDef};
+use crate::registry::Move;
+use crate::route::Destination;
+use crate::source::{self, SourceError};
+use crate::sql::{quote_ident, QualifiedName};
+use crate::tenant::TenantId;
+
+/// What the pipeline remembers of a tenant from before a restart.
+pub(crate) struct Remembered {
+    pub record: Option<TenantRecord>,
+    pub applied: Lsn,
+}
+
+fn same_cluster(a: &Endpoint, b: &Endpoint) -> bool {
+    a.host == b.host && a.port == b.port && a.dbname == b.dbname
+}
+
+/// The tenant's tables in the publication.
+async fn tenant_tables(
+    config: &Config,
+    source: &Client,
+    tenant: &TenantId,
+    excluded_schemas: &BTreeSet<String>,
+) -> Result<Vec<TableDef>, Error> {
+    let publication = &config.replication.publication;
+    let tables = source::slot::publication_tables(source, publication)
+        .await?
+        .ok_or_else(|| {
+            SourceError::Protocol(format!("publication {publication:?} does not exist"))
+        })?;
+    let candidates: Vec<QualifiedName> = tables
+        .into_iter()
+        .filter(|t| !excluded_schemas.contains(&t.schema) && t.schema != config.registry_schema)
+        .filter(|t| match config.tenancy.mode {
+            TenancyMode::Schema => t.schema == tenant.as_str(),
+            TenancyMode::Shared => true,
+        })
+        .collect();
+    let defs = provision::read_tables(source, &candidates).await?;
+    let defs: Vec<TableDef> = match config.tenancy.mode {
+        TenancyMode::Schema => defs,
+        // Shared mode: tables without the tenant column are global (lookup tables): they
+        // are not any tenant's and stay where they are.
+        TenancyMode::Shared => defs
+            .into_iter()
+            .filter(|d| {
+                let col = config.tenancy.column_of(&d.name);
+                d.columns.iter().any(|c| c.name == col)
+            })
+            .collect(),
+    };
+    if defs.is_empty() {
+        return Err(MoveError::NoTables {
+            tenant: tenant.to_string(),
+            publication: publication.clone(),
+        }
+        .into());
+    }
+    Ok(defs)
+}
+
+/// Primary key column names in key order.
+async fn primary_key(source: &Client, table: &QualifiedName) -> Result<Vec<String>, Error> {
+    let rows = source
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+               JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+               JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+              WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2 ORDER BY k.ord",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(ClusterError::sql(format!(
+            "reading the primary key of {table}"
+        )))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn layout(config: &Config, source: &Client, def: &TableDef) -> Result<ChunkTable, Error> {
+    let table = def.name.to_string();
+    // pgoutput sends every column except generated ones, in attribute order.
+    let columns: Vec<&provision::ColumnDef> = def
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none())
+        .collect();
+    let pk = primary_key(source, &def.name).await?;
+    if pk.is_empty() {
+        return Err(MoveError::NoKey {
+            table: def.name.quoted(),
+        }
+        .into());
+    }
+    let mut key = Vec::new();
+    for name in &pk {
+        let idx = columns
+            .iter()
+            .position(|c| &c.name == name)
+            .ok_or_else(|| MoveError::NoKey {
+                table: def.name.quoted(),
+            })?;
+        let kind =
+            KeyKind::for_type_name(&columns[idx].type_sql).ok_or_else(|| MoveError::KeyType {
+                table: table.clone(),
+                column: name.clone(),
+                type_sql: columns[idx].type_sql.clone(),
+            })?;
+        key.push((idx, kind));
+    }
+    let tenant = match config.tenancy.mode {
+        TenancyMode::Schema => None,
+        TenancyMode::Shared => {
+            let col = config.tenancy.column_of(&def.name);
+            let c = columns
+                .iter()
+                .find(|c| c.name == col)
+                .expect("tenant_tables keeps tables with the tenant column");
+            Some((col.to_owned(), c.type_sql.clone()))
+        }
+    };
+    Ok(ChunkTable {
+        source: def.name.clone(),
+        columns: columns.iter().map(|c| c.name.clone()).collect(),
+        key,
+        tenant,
+    })
+}
+
+/// Removes what an earlier attempt of this tenant's move wrote, with its progress row, in
+/// one transaction.
+async fn reset(
+    target: &mut Client,
+    progress_table: &str,
+    tenant: &TenantId,
+    tables: &[(QualifiedName, Option<String>)],
+) -> Result<(), Error> {
+    let tx = target
+        .transaction()
+        .await
+        .map_err(ClusterError::sql("starting a reset"))?;
+    for (t, tenant_col) in tables {
+        match tenant_col {
+            Some(col) => {
+                tx.execute(
+                    &format!(
+                        "DELETE FROM {} WHERE {}::text = $1",
+                        t.quoted(),
+                        quote_ident(col)
+                    ),
+                    &[&tenant.as_str()],
+                )
+                .await
+                .map_err(ClusterError::sql(format!("removing earlier rows from {t}")))?;
+            }
+            None => {
+                tx.batch_execute(&format!("TRUNCATE {}", t.quoted()))
+                    .await
+                    .map_err(ClusterError::sql(format!("emptying {t}")))?;
+            }
+        }
+    }
+    tx.execute(
+        &format!("DELETE FROM {progress_table} WHERE tenant = $1"),
+        &[&tenant.as_str()],
+    )
+    .await
+    .map_err(ClusterError::sql("removing an earlier progress row"))?;
+    tx.commit()
+        .await
+        .map_err(ClusterError::sql("committing a reset"))?;
+    Ok(())
+}
+
+/// Provisions the target and builds the tenant, resumed or fresh.
+pub(crate) async fn prepare(
+    config: &Config,
+    mv: &Move,
+    remembered: Remembered,
+    excluded_schemas: &BTreeSet<String>,
+) -> Result<Tenant, Error> {
+    let endpoint = config
+        .targets
+        .get(&mv.target)
+        .ok_or_else(|| MoveError::UnknownTarget(mv.target.to_string()))?;
+    let source = config.source.connect_sql().await?;
+    let mut target = endpoint.connect_sql().await?;
+    // The reset below deletes children and parents in table order, as apply does.
+    crate::apply::writer::replica_role(&target).await?;
+    let defs = tenant_tables(config, &source, &mv.tenant, excluded_schemas).await?;
+    let names: Vec<QualifiedName> = defs.iter().map(|d| d.name.clone()).collect();
+    let same = same_cluster(&config.source, endpoint);
+    let placement = match config.tenancy.mode {
+        TenancyMode::Shared => Placement::into_schema(&names, &mv.target_schema, same),
+        TenancyMode::Schema => {
+            Placement::schema_to_schema(&names, mv.tenant.as_str(), &mv.target_schema, same)
+        }
+    };
+    let plan = provision::plan(&defs, &placement)?;
+    for w in &plan.warnings {
+        tracing::warn!(tenant = %mv.tenant, warning = %w, "provisioning");
+    }
+    let created = provision::apply(&mut target, &plan).await?;
+    tracing::info!(tenant = %mv.tenant, target = %mv.target, created, "target provisioned");
+
+    let mut tables = BTreeMap::new();
+    let mut scoped = Vec::new();
+    for def in &defs {
+        let chunk = layout(config, &source, def).await?;
+        let target_name = placement.tables[&def.name].clone();
+        scoped.push((
+            target_name.clone(),
+            chunk.tenant.as_ref().map(|t| t.0.clone()),
+        ));
+        tables.insert(
+            def.name.clone(),
+            TableMove {
+                chunk,
+                target: target_name,
+                copy: TableCopy::new(),
+                rows: None,
+                low_at: None,
+            },
+        );
+    }
+
+    let progress_table = ensure_progress_table(&target, &config.registry_schema).await?;
+    let progress = read_progress(&target, &progress_table)
+        .await?
+        .remove(&mv.tenant);
+    let ours = remembered
+        .record
+        .as_ref()
+        .is_some_and(|r| r.move_id == mv.id);
+    let mut tenant = Tenant {
+        id: mv.tenant.clone(),
+        move_id: mv.id,
+        state: mv.state,
+        destination: Destination {
+            target: mv.target.clone(),
+            schema: mv.target_schema.clone(),
+        },
+        tables,
+        skip_before: Lsn::INVALID,
+        applied: Lsn::INVALID,
+        sent_state: String::new(),
+        copied_at: None,
+        rows_copied: 0,
+        rows_total: None,
+    };
+    match (ours, progress) {
+        (true, Some(p)) => {
+            let state = match &p.state {
+                Some(text) => CopyState::parse(text).map_err(MoveError::BadState)?,
+                None => CopyState::default(),
+            };
+            tenant.restore(&state);
+            tenant.sent_state = p.state.unwrap_or_default();
+            tenant.skip_before = p.lsn;
+            tenant.applied = p.lsn;
+            if tenant.is_copied() {
+                tenant.copied_at = Some(p.lsn);
+            }
+            tracing::info!(tenant = %mv.tenant, applied = %p.lsn, "resuming the move");
+        }
+        (true, None) if remembered.applied.is_valid() => {
+            return Err(MoveError::LostProgress {
+                target: mv.target.to_string(),
+                recorded: remembered.applied,
+            }
+            .into());
+        }
+        (_, Some(_)) => {
+            tracing::info!(tenant = %mv.tenant, "an earlier attempt left rows on the target; starting over");
+            reset(&mut target, &progress_table, &mv.tenant, &scoped).await?;
+        }
+        (_, None) => {
+            for (t, tenant_col) in &scoped {
+                let sql = match tenant_col {
+                    Some(col) => format!(
+                        "SELECT EXISTS (SELECT 1 FROM {} WHERE {}::text = $1)",
+                        t.quoted(),
+                        quote_ident(col)
+                    ),
+                    None => format!(
+                        "SELECT EXISTS (SELECT 1 FROM {} WHERE $1::text IS NOT NULL)",
+                        t.quoted()
+                    ),
+                };
+                let busy: bool = target
+                    .query_one(&sql, &[&mv.tenant.as_str()])
+                    .await
+                    .map_err(ClusterError::sql(format!("checking that {t} is empty")))?
+                    .get(0);
+                if busy {
+                    return Err(MoveError::TargetNotEmpty { table: t.quoted() }.into());
+                }
+            }
+        }
+    }
+
+    let mut total = 0i64;
+    for t in tenant.tables.values() {
+        let (sql, params) = match &t.chunk.tenant {
+            Some((col, ty)) => (
+                format!(
+                    "SELECT count(*) FROM {} WHERE {} = CAST($1::text AS {ty})",
+                    t.chunk.source.quoted(),
+                    quote_ident(col)
+                ),
+                vec![mv.tenant.as_str()],
+            ),
+            None => (
+                format!("SELECT count(*) FROM {}", t.chunk.source.quoted()),
+                Vec::new(),
+            ),
+        };
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as _).collect();
+        let n: i64 = source
+            .query_one(&sql, &refs)
+            .await
+            .map_err(ClusterError::sql(format!(
+                "counting rows of {}",
+                t.chunk.source
+            )))?
+            .get(0);
+        total += n;
+    }
+    tenant.rows_total = Some(total);
+    Ok(tenant)
+}

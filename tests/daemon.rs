@@ -1,0 +1,406 @@
+//! The `run` daemon end to end on real clusters: tenants move while a writer keeps hitting
+//! every tenant in multi-tenant transactions (inserts, key-preserving and key-changing
+//! updates, rows moving between tenants, deletes with cascades, TOAST-sized values), and
+//! each moved tenant ends with exactly its rows on the target.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use support::mover::{
+    assert_parity, digest, load_config, prepare_target, request, shared_schema, state_of,
+    wait_drained, wait_state, write_config, InProcess, Process, Writer,
+};
+use support::{wait_for, wait_for_row, PgCluster};
+use switchyard::registry::Registry;
+
+const SYNC: Duration = Duration::from_secs(180);
+
+async fn registry_ready(client: &tokio_postgres::Client) -> Result<()> {
+    wait_for_row(
+        client,
+        "the daemon to install the registry",
+        Duration::from_secs(60),
+        "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
+        &[],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_tenants_move_to_a_local_schema_and_to_another_cluster() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2, 3, 4], 1500))?;
+    prepare_target(&src)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "[move]\nchunk_rows = 250\n")?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(load_config(&path)?, true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+
+    let writer = Writer::start(
+        src.client().await?,
+        vec![1, 2, 3, 4],
+        Duration::from_millis(4),
+    );
+    let one = request(&s, &registry, "1", "local", "tenant_one").await?;
+    let two = request(&s, &registry, "2", "shard2", "tenant two").await?;
+    wait_state(&s, one, "streaming", SYNC).await?;
+    wait_state(&s, two, "streaming", SYNC).await?;
+    // In sync: the stream alone keeps the targets current for a while.
+    let before = writer.rounds.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(
+        "more writes while streaming",
+        Duration::from_secs(30),
+        || async {
+            let now = writer.rounds.load(std::sync::atomic::Ordering::Relaxed);
+            Ok((now > before + 100).then_some(()))
+        },
+    )
+    .await?;
+    daemon.check_alive()?;
+    let rounds = writer.stop().await?;
+    if let Err(e) = wait_drained(&s, Duration::from_secs(60)).await {
+        support::mover::dump_activity(&d).await;
+        return Err(e);
+    }
+
+    assert_parity(&s, &s, 1, "tenant_one").await?;
+    assert_parity(&s, &d, 2, "tenant two").await?;
+    // Tenants nobody moved were not copied anywhere.
+    for schema in ["tenant_one", "tenant two"] {
+        let others: i64 = s
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname IN ('tenant_three', '3', '4')",
+                &[],
+            )
+            .await?
+            .get(0);
+        assert_eq!(others, 0, "{schema}");
+    }
+    let (state, error, copied) = state_of(&s, one).await?;
+    assert_eq!((state.as_str(), error), ("streaming", None));
+    assert!(copied >= 4500, "rows_copied {copied}");
+    let lag: Option<i64> = s
+        .query_one(
+            "SELECT lag_bytes FROM switchyard.moves WHERE id = $1",
+            &[&two],
+        )
+        .await?
+        .get(0);
+    assert!(lag.is_some(), "lag is reported");
+    assert!(
+        rounds > 200,
+        "the writer ran during the move ({rounds} rounds)"
+    );
+    // The global table stayed global.
+    assert!(d
+        .query_opt("SELECT 1 FROM pg_tables WHERE tablename = 'countries'", &[])
+        .await?
+        .is_none());
+    daemon.stop().await?;
+    Ok(())
+}
+
+const SCHEMA_PER_TENANT: &str = "
+CREATE SCHEMA acme; CREATE SCHEMA globex;
+CREATE TABLE acme.orders (id bigint PRIMARY KEY, note text, big text);
+CREATE TABLE acme.items (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), order_id bigint NOT NULL REFERENCES acme.orders ON DELETE CASCADE, qty int);
+CREATE TABLE globex.orders (id bigint PRIMARY KEY, note text, big text);
+CREATE TABLE globex.items (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), order_id bigint NOT NULL REFERENCES globex.orders ON DELETE CASCADE, qty int);
+ALTER TABLE acme.orders ALTER COLUMN big SET STORAGE EXTERNAL;
+INSERT INTO acme.orders SELECT g, 'n' || g, CASE WHEN g % 40 = 0 THEN (SELECT string_agg(md5((g * 100 + k)::text), '') FROM generate_series(1, 100) k) END FROM generate_series(1, 3000) g;
+INSERT INTO acme.items (order_id, qty) SELECT g, g FROM generate_series(1, 3000) g;
+INSERT INTO globex.orders SELECT g, 'n' || g, NULL FROM generate_series(1, 500) g;
+INSERT INTO globex.items (order_id, qty) SELECT g, g FROM generate_series(1, 500) g;
+CREATE PUBLICATION sy_pub FOR TABLE acme.orders, acme.items, globex.orders, globex.items;
+GRANT USAGE ON SCHEMA acme, globex TO switchyard;
+GRANT SELECT ON ALL TABLES IN SCHEMA acme, globex TO switchyard;
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_per_tenant_moves_to_another_cluster() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(SCHEMA_PER_TENANT)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[tenancy]\nmode = \"schema\"\n[move]\nchunk_rows = 400\n",
+    )?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(load_config(&path)?, true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+
+    let w = src.client().await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let load = tokio::spawn(async move {
+        let mut i: i64 = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            let sql = format!(
+                "BEGIN;
+                 UPDATE acme.orders SET note = 'u{i}' WHERE id = {u};
+                 INSERT INTO acme.orders VALUES ({n}, 'new', NULL);
+                 INSERT INTO acme.items (order_id, qty) VALUES ({n}, 1);
+                 DELETE FROM acme.orders WHERE id = {del};
+                 UPDATE acme.items SET qty = qty + 1 WHERE order_id = {u};
+                 UPDATE acme.orders SET id = id + 1000000 WHERE id = {rekey} AND NOT EXISTS (SELECT 1 FROM acme.items WHERE order_id = {rekey});
+                 INSERT INTO globex.orders VALUES ({n}, 'g', NULL);
+                 COMMIT;",
+                u = (i * 7919) % 3000 + 1,
+                n = 10_000 + i,
+                del = (i * 104_729) % 3000 + 1,
+                rekey = (i * 6007) % 3000 + 1,
+            );
+            w.batch_execute(&sql).await?;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        Ok::<i64, anyhow::Error>(i)
+    });
+    let id = request(&s, &registry, "acme", "shard2", "acme").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = load.await??;
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    for table in ["orders", "items"] {
+        let want = digest(&s, &format!("acme.{table}"), "").await?;
+        let got = digest(&d, &format!("acme.{table}"), "").await?;
+        assert_eq!(want, got, "acme.{table}");
+    }
+    assert!(rounds > 50, "{rounds}");
+    // globex was not moved.
+    assert!(d
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'globex'", &[])
+        .await?
+        .is_none());
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// The real binary, killed with SIGKILL several times mid-backfill and mid-stream, then
+/// stopped with SIGTERM: the targets still end equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_backfill_and_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2, 3], 6000))?;
+    prepare_target(&src)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[move]\nchunk_rows = 50\nbackfill_workers = 1\n",
+    )?;
+    let log = dir.path().join("daemon.log");
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let mut daemon = Process::start(&path, &log, true)?;
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let writer = Writer::start(src.client().await?, vec![1, 2, 3], Duration::from_millis(3));
+    let one = request(&s, &registry, "1", "shard2", "t1").await?;
+    let two = request(&s, &registry, "2", "local", "t2").await?;
+
+    // Mid-backfill, twice: some chunks are on the target, more are to come.
+    let mut kills = 0;
+    let mut mid_copy = 0;
+    for threshold in [1000i64, 8000] {
+        let deadline = std::time::Instant::now() + SYNC;
+        loop {
+            daemon.check_alive()?;
+            let (state, error, copied) = state_of(&s, one).await?;
+            anyhow::ensure!(state != "failed", "move failed: {error:?}");
+            if copied >= threshold || state == "streaming" {
+                break;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "no backfill progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (state, _, _) = state_of(&s, one).await?;
+        daemon.kill9();
+        kills += 1;
+        if state == "copying" {
+            mid_copy += 1;
+        }
+        eprintln!("kill -9 #{kills} while tenant 1 is {state}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        daemon = Process::start(&path, &log, false)?;
+    }
+    wait_state(&s, one, "streaming", SYNC).await?;
+    wait_state(&s, two, "streaming", SYNC).await?;
+    // Mid-stream, twice.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        daemon.check_alive()?;
+        daemon.kill9();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        daemon = Process::start(&path, &log, false)?;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let rounds = writer.stop().await?;
+    wait_drained(&s, Duration::from_secs(120)).await?;
+    daemon.terminate().context("clean stop")?;
+    assert_parity(&s, &d, 1, "t1").await?;
+    assert_parity(&s, &s, 2, "t2").await?;
+    assert_eq!(kills, 4);
+    assert!(mid_copy >= 1, "no kill landed mid-backfill");
+    assert!(rounds > 100, "{rounds}");
+    let text = std::fs::read_to_string(&log)?;
+    assert!(
+        text.contains("resuming the move"),
+        "restarts resumed the moves:\n{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tenants_move_at_once_through_one_slot() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    let tenants: Vec<i32> = (1..=52).collect();
+    src.psql(&shared_schema(&tenants, 150))?;
+    prepare_target(&src)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "[move]\nchunk_rows = 100\n")?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(load_config(&path)?, true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let writer = Writer::start(
+        src.client().await?,
+        tenants.clone(),
+        Duration::from_millis(2),
+    );
+    let mut moves = Vec::new();
+    for t in 1..=50 {
+        let (target, schema) = if t % 2 == 0 {
+            ("local", format!("t{t}"))
+        } else {
+            ("shard2", format!("t{t}"))
+        };
+        moves.push((
+            t,
+            target,
+            schema.clone(),
+            request(&s, &registry, &t.to_string(), target, &schema).await?,
+        ));
+    }
+    for (_, _, _, id) in &moves {
+        wait_state(&s, *id, "streaming", SYNC).await?;
+    }
+    let slots: i64 = s
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await?
+        .get(0);
+    assert_eq!(slots, 1, "one slot for every move");
+    writer.stop().await?;
+    wait_drained(&s, Duration::from_secs(120)).await?;
+    for (t, target, schema, _) in &moves {
+        let dst_client = if *target == "local" { &s } else { &d };
+        assert_parity(&s, dst_client, *t, schema).await?;
+    }
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// DDL on a moved table pauses its tenants with a clear reason; a divergent target fails
+/// only its own tenant; a target that stays down past the WAL budget releases its tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_stay_with_their_tenant() -> Result<()> {
+    let src = PgCluster::start()?;
+    let mut dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2, 3], 300))?;
+    src.psql(
+        "CREATE TABLE public.notes (tenant_id int NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id));
+         INSERT INTO public.notes SELECT t, g, 'b' FROM generate_series(1, 3) t, generate_series(1, 50) g;
+         ALTER PUBLICATION sy_pub ADD TABLE public.notes;
+         GRANT SELECT ON public.notes TO switchyard;",
+    )?;
+    prepare_target(&src)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "[move]\nwal_budget_mb = 1\n")?;
+    let s = src.client().await?;
+    let daemon = InProcess::start(load_config(&path)?, true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let one = request(&s, &registry, "1", "local", "f1").await?;
+    let two = request(&s, &registry, "2", "local", "f2").await?;
+    let three = request(&s, &registry, "3", "shard2", "f3").await?;
+    for id in [one, two, three] {
+        wait_state(&s, id, "streaming", SYNC).await?;
+    }
+
+    // Divergence: tenant 1's target lost a row; the source then updates it.
+    s.batch_execute("DELETE FROM f1.notes WHERE id = 7; UPDATE public.notes SET body = 'x' WHERE tenant_id = 1 AND id = 7")
+        .await?;
+    wait_for("tenant 1 to fail", Duration::from_secs(60), || async {
+        let (state, error, _) = state_of(&s, one).await?;
+        Ok((state == "failed").then_some(error))
+    })
+    .await?
+    .filter(|e| e.contains("f1") && e.contains("notes"))
+    .context("the error names the table")?;
+
+    // Target down: tenant 3's changes pile up past the 1 MB budget; it is failed and
+    // the slot moves on.
+    dst.stop();
+    for round in 0..4 {
+        // Incompressible payloads: about 3 MB of WAL per round.
+        s.batch_execute(&format!(
+            "UPDATE public.events SET payload = jsonb_build_object('pad', \
+               (SELECT string_agg(md5(id || k::text || '{round}'), '') FROM generate_series(1, 300) k)) \
+             WHERE tenant_id = 3"
+        ))
+        .await?;
+    }
+    let error = wait_for(
+        "tenant 3 to fail on the WAL budget",
+        Duration::from_secs(90),
+        || async {
+            let (state, error, _) = state_of(&s, three).await?;
+            Ok((state == "failed").then_some(error))
+        },
+    )
+    .await?
+    .unwrap_or_default();
+    assert!(error.contains("wal_budget_mb"), "{error}");
+    // DDL: a column added to a moved table pauses the tenants that move it.
+    s.batch_execute(
+        "ALTER TABLE public.notes ADD COLUMN extra int; UPDATE public.notes SET extra = 1 WHERE tenant_id = 2 AND id = 1",
+    )
+    .await?;
+    let error = wait_for("tenant 2 to pause", Duration::from_secs(60), || async {
+        let (state, error, _) = state_of(&s, two).await?;
+        Ok((state == "paused").then_some(error))
+    })
+    .await?
+    .unwrap_or_default();
+    assert!(
+        error.contains("public.notes") && error.contains("resume"),
+        "{error}"
+    );
+
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    daemon.check_alive()?;
+    daemon.stop().await?;
+    Ok(())
+}
