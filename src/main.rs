@@ -155,6 +155,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
+            // Refuse now, with the fix, what the daemon would refuse later.
+            let tables = switchyard::daemon::check_move(&config, &tenant, &target).await?;
             let registry = Registry::new(config.registry_schema.clone())?;
             let mut client = config.source.connect_sql().await?;
             registry.install(&mut client).await?;
@@ -167,7 +169,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .request_move(&client, &tenant, &target, &schema, mode)
                 .await?;
             println!(
-                "move {id} requested: tenant {tenant} to {target} schema {schema} ({} cutover)",
+                "move {id} requested: tenant {tenant} ({} tables) to {target} schema {schema} ({} cutover)",
+                tables.len(),
                 mode.as_str()
             );
             Ok(ExitCode::SUCCESS)

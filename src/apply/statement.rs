@@ -104,7 +104,8 @@ fn check_shape(table: &TargetTable, t: &Tuple) -> Result<(), StatementError> {
 }
 
 /// WHERE clause locating the row: by the target primary key when `source` has all its
-/// values, else by the replica identity columns (NULL-safe).
+/// values, else by the replica identity columns. NULL-safe without `IS NOT DISTINCT FROM`,
+/// which no index can serve: a NULL value becomes `IS NULL`, anything else `=`.
 fn locate(table: &TargetTable, source: &Tuple, p: &mut Params) -> Result<String, StatementError> {
     let usable = |i: usize| matches!(source.0.get(i), Some(Datum::Text(_)));
     let pk: Vec<usize> = (0..table.columns.len())
@@ -127,12 +128,13 @@ fn locate(table: &TargetTable, source: &Tuple, p: &mut Params) -> Result<String,
     let mut conds = Vec::with_capacity(cols.len());
     for i in cols {
         let c = &table.columns[i];
-        let v = text(table, i, &source.0[i])?;
-        let cast = p.push(v, &c.type_sql);
-        conds.push(format!(
-            "{} IS NOT DISTINCT FROM {cast}",
-            quote_ident(&c.name)
-        ));
+        match text(table, i, &source.0[i])? {
+            None => conds.push(format!("{} IS NULL", quote_ident(&c.name))),
+            v => {
+                let cast = p.push(v, &c.type_sql);
+                conds.push(format!("{} = {cast}", quote_ident(&c.name)));
+            }
+        }
     }
     Ok(conds.join(" AND "))
 }
@@ -304,9 +306,32 @@ mod tests {
         )
         .unwrap();
         assert!(!st.sql.contains("\"big\""), "{}", st.sql);
-        assert!(st.sql.ends_with(
-            "WHERE \"tenant_id\" IS NOT DISTINCT FROM CAST($4 AS integer) AND \"id\" IS NOT DISTINCT FROM CAST($5 AS bigint)"
-        ), "{}", st.sql);
+        assert!(
+            st.sql.ends_with(
+                "WHERE \"tenant_id\" = CAST($4 AS integer) AND \"id\" = CAST($5 AS bigint)"
+            ),
+            "{}",
+            st.sql
+        );
+    }
+
+    #[test]
+    fn a_table_without_key_values_is_located_null_safely_by_its_full_identity() {
+        // REPLICA IDENTITY FULL on a table whose primary key the tuple lacks: every
+        // identity column locates the row; a NULL must match NULL, and stay indexable.
+        let mut tab = table();
+        for c in tab.columns.iter_mut() {
+            c.primary_key = false;
+            c.identity = true;
+        }
+        let old = t(&[s("7"), s("1"), Datum::Null, s("b")]);
+        let st = build(&tab, &RowOp::Delete { old: &old }, "7").unwrap();
+        assert_eq!(
+            st.sql,
+            "DELETE FROM \"acme\".\"orders\" WHERE \"tenant_id\" = CAST($1 AS integer) AND \
+             \"id\" = CAST($2 AS bigint) AND \"note\" IS NULL AND \"big\" = CAST($3 AS text)"
+        );
+        assert_eq!(st.params.len(), 3);
     }
 
     #[test]

@@ -611,20 +611,31 @@ pub async fn read_progress(
 /// Creates the progress table in `schema` if missing; returns its quoted name.
 pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<String, ApplyError> {
     let table = progress_table(schema);
-    client
-        .batch_execute(&format!(
-            "SELECT pg_advisory_xact_lock(hashtext('switchyard progress table'));
-             CREATE SCHEMA IF NOT EXISTS {schema};
-             CREATE TABLE IF NOT EXISTS {table} (
-               tenant text PRIMARY KEY,
-               lsn pg_lsn NOT NULL,
-               updated_at timestamptz NOT NULL DEFAULT now());
-             ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text",
-            schema = quote_ident(schema)
-        ))
-        .await
-        .map_err(ClusterError::sql("creating the progress table"))?;
-    Ok(table)
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {table} (
+           tenant text PRIMARY KEY,
+           lsn pg_lsn NOT NULL,
+           updated_at timestamptz NOT NULL DEFAULT now());
+         ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text",
+        schema = quote_ident(schema)
+    );
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.batch_execute(&sql).await {
+            Ok(()) => return Ok(table),
+            // Two sessions creating it at once: IF NOT EXISTS is not atomic, the loser
+            // fails with a duplicate; the next attempt sees the winner's objects.
+            Err(e)
+                if attempt < 5
+                    && matches!(
+                        e.code().map(|c| c.code()),
+                        Some("23505" | "42P06" | "42P07" | "42701")
+                    ) => {}
+            Err(e) => return Err(ClusterError::sql("creating the progress table")(e).into()),
+        }
+    }
 }
 
 /// `SET session_replication_role = replica` on `client`; false when not permitted.

@@ -29,6 +29,8 @@ mod moving;
 mod reader;
 mod setup;
 
+pub use setup::check_move;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -71,6 +73,8 @@ pub enum MoveError {
         column: String,
         type_sql: String,
     },
+    #[error("{table}: tenant column {column:?} is not part of the replica identity, so a DELETE would not say whose row it removes. Fix: make the primary key include it, or ALTER TABLE {table} REPLICA IDENTITY FULL")]
+    TenantNotInIdentity { table: String, column: String },
     #[error("{table}: a row has a NULL or unreadable primary key value")]
     KeyValue { table: String },
     #[error("target table {table} already holds rows of this tenant that switchyard did not write; empty it or choose another target schema")]
@@ -304,7 +308,11 @@ pub async fn run(
         let step: Result<(), Error> = tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
-            Some(ev) = apply_rx.recv() => engine.on_apply(ev, &stream),
+            Some(ev) = apply_rx.recv() => {
+                let r = engine.on_apply(ev, &stream);
+                engine.mark_synced().await;
+                r
+            }
             Some(ev) = engine.chunk_rx.recv() => { engine.on_chunk(ev); Ok(()) }
             Some((mv, res)) = setup_rx.recv() => engine.on_setup(mv, res).await,
             Some(_) = notifications.recv() => engine.poll_registry().await,
@@ -347,7 +355,7 @@ pub async fn run(
         tasks.push(a.task);
     }
     let drain = async {
-        for t in tasks {
+        for t in tasks.iter_mut() {
             let _ = t.await;
         }
     };
@@ -355,7 +363,12 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("appliers did not finish within 30 s; their work is replayed on restart");
+        // Their open target transactions roll back with the connections; the work is
+        // applied again after the restart (the targets' progress rows say what they hold).
+        tracing::warn!("appliers did not finish within 30 s; stopping them");
+        for t in &tasks {
+            t.abort();
+        }
     }
     while let Ok(ev) = apply_rx.try_recv() {
         if let Err(e) = engine.on_apply(ev, &stream) {
@@ -953,8 +966,8 @@ impl Engine {
             }
         }
         for w in std::mem::take(&mut txn.marks) {
-            if let Err((tenant, e)) = self.on_watermark(w, end, &mut txn) {
-                failures.push((tenant, e));
+            if let Err(failed) = self.on_watermark(w, end, &mut txn) {
+                failures.push(*failed);
             }
         }
         for (tenant, e) in failures {
@@ -1032,7 +1045,7 @@ impl Engine {
         w: Watermark,
         end: Lsn,
         txn: &mut OpenTxn,
-    ) -> Result<(), (TenantId, Error)> {
+    ) -> Result<(), Box<(TenantId, Error)>> {
         if w.run != self.run_id {
             return Ok(());
         }
@@ -1063,10 +1076,10 @@ impl Engine {
                 let result = match tm.rows.take() {
                     Some(r) if r.chunk == w.chunk => r,
                     _ => {
-                        return Err((
+                        return Err(Box::new((
                             tenant,
                             Error::Move(MoveError::Backfill(BackfillError::NoResult(w.chunk))),
-                        ))
+                        )))
                     }
                 };
                 let low = match tm.low_at.take() {
@@ -1091,7 +1104,7 @@ impl Engine {
                 let picked = tm
                     .copy
                     .high(w.chunk)
-                    .map_err(|e| (tenant.clone(), Error::Move(e.into())))?;
+                    .map_err(|e| Box::new((tenant.clone(), Error::Move(e.into()))))?;
                 let mut rows: Vec<Option<Vec<Option<String>>>> =
                     rows.into_iter().map(Some).collect();
                 let chosen: Vec<Vec<Option<String>>> = picked
@@ -1211,8 +1224,44 @@ impl Engine {
         }
     }
 
-    /// Progress and lag into the registry; in-sync transitions; the WAL budget.
+    /// Tenants whose copy the target now holds entirely become in sync (`streaming`).
+    async fn mark_synced(&mut self) {
+        let synced: Vec<TenantId> = self
+            .tenants
+            .values()
+            .filter(|t| {
+                t.state == MoveState::Copying && t.copied_at.is_some_and(|c| t.applied >= c)
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        for tenant in synced {
+            let Some(t) = self.tenants.get_mut(&tenant) else {
+                continue;
+            };
+            t.state = MoveState::Streaming;
+            let (id, record) = (
+                t.move_id,
+                TenantRecord {
+                    move_id: t.move_id,
+                    state: MoveState::Streaming,
+                    target: t.destination.target.to_string(),
+                    schema: t.destination.schema.clone(),
+                },
+            );
+            let mut batch = Batch::new();
+            batch.tenant_state(&tenant, &record);
+            if let Err(e) = self.store.commit(batch) {
+                tracing::error!(%tenant, error = %e, "recording the state");
+            }
+            tracing::info!(%tenant, "in sync: backfill done, streaming");
+            self.set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
+                .await;
+        }
+    }
+
+    /// Progress and lag into the registry; the WAL budget.
     async fn report(&mut self) -> Result<(), Error> {
+        self.mark_synced().await;
         tracing::debug!(
             last_end = %self.last_end,
             durable = %self.tracker.durable(),
@@ -1223,7 +1272,6 @@ impl Engine {
         let now = pg_now();
         let budget = self.config.moves.wal_budget_bytes;
         let mut over = Vec::new();
-        let mut synced = Vec::new();
         let mut reports = Vec::new();
         for t in self.tenants.values() {
             let target = &t.destination.target;
@@ -1247,9 +1295,6 @@ impl Engine {
             if lag_bytes > budget {
                 over.push((t.id.clone(), lag_bytes));
             }
-            if t.state == MoveState::Copying && t.copied_at.is_some_and(|c| t.applied >= c) {
-                synced.push(t.id.clone());
-            }
             reports.push((
                 t.move_id,
                 Report {
@@ -1263,27 +1308,6 @@ impl Engine {
         for (tenant, held) in over {
             let e = Error::Move(MoveError::WalBudget { held, budget });
             self.fail(&tenant, &e, MoveState::Failed).await;
-        }
-        for tenant in synced {
-            let Some(t) = self.tenants.get_mut(&tenant) else {
-                continue;
-            };
-            t.state = MoveState::Streaming;
-            let (id, record) = (
-                t.move_id,
-                TenantRecord {
-                    move_id: t.move_id,
-                    state: MoveState::Streaming,
-                    target: t.destination.target.to_string(),
-                    schema: t.destination.schema.clone(),
-                },
-            );
-            let mut batch = Batch::new();
-            batch.tenant_state(&tenant, &record);
-            self.store.commit(batch)?;
-            tracing::info!(%tenant, "in sync: backfill done, streaming");
-            self.set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
-                .await;
         }
         self.ensure_control().await?;
         for (id, r) in reports {

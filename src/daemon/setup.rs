@@ -139,7 +139,17 @@ async fn layout(config: &Config, source: &Client, def: &TableDef) -> Result<Chun
             let c = columns
                 .iter()
                 .find(|c| c.name == col)
-                .expect("tenant_tables keeps tables with the tenant column");
+                .ok_or_else(|| MoveError::NoTables {
+                    tenant: String::new(),
+                    publication: config.replication.publication.clone(),
+                })?;
+            if !identity_has(source, &def.name, col, &pk).await? {
+                return Err(MoveError::TenantNotInIdentity {
+                    table: def.name.quoted(),
+                    column: col.to_owned(),
+                }
+                .into());
+            }
             Some((col.to_owned(), c.type_sql.clone()))
         }
     };
@@ -149,6 +159,54 @@ async fn layout(config: &Config, source: &Client, def: &TableDef) -> Result<Chun
         key,
         tenant,
     })
+}
+
+/// Whether `column` is part of the table's replica identity (so a DELETE says whose row
+/// it removes).
+async fn identity_has(
+    source: &Client,
+    table: &QualifiedName,
+    column: &str,
+    primary_key: &[String],
+) -> Result<bool, Error> {
+    let row = source
+        .query_one(
+            "SELECT c.relreplident::text, \
+                    coalesce((SELECT array_agg(a.attname::text) FROM pg_index i \
+                               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                              WHERE i.indrelid = c.oid AND i.indisreplident), '{}') \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(ClusterError::sql(format!("reading the replica identity of {table}")))?;
+    let (kind, index): (String, Vec<String>) = (row.get(0), row.get(1));
+    Ok(match kind.as_str() {
+        "f" => true,
+        "i" => index.iter().any(|c| c == column),
+        "d" => primary_key.iter().any(|c| c == column),
+        _ => false,
+    })
+}
+
+/// Checks a move request before it is written (what `switchyard move` runs): the target
+/// is configured, the tenant has tables, and each can be copied and routed. Returns the
+/// tenant's tables.
+pub async fn check_move(
+    config: &Config,
+    tenant: &TenantId,
+    target: &crate::tenant::TargetId,
+) -> Result<Vec<QualifiedName>, Error> {
+    if !config.targets.contains_key(target) {
+        return Err(MoveError::UnknownTarget(target.to_string()).into());
+    }
+    let source = config.source.connect_sql().await?;
+    let defs = tenant_tables(config, &source, tenant, &BTreeSet::new()).await?;
+    for def in &defs {
+        layout(config, &source, def).await?;
+    }
+    Ok(defs.into_iter().map(|d| d.name).collect())
 }
 
 /// Removes what an earlier attempt of this tenant's move wrote, with its progress row, in
