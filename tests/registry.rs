@@ -133,6 +133,12 @@ async fn moves_are_requested_notified_and_guarded() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchyard_move_writes_the_row_and_refuses_unknown_targets() -> Result<()> {
     let pg = PgCluster::start()?;
+    // `move` checks the tenant's tables before writing the row.
+    pg.psql(
+        "CREATE TABLE public.orders (tenant_id text NOT NULL, id int NOT NULL, PRIMARY KEY (tenant_id, id));
+         CREATE PUBLICATION switchyard FOR TABLE public.orders;
+         GRANT SELECT ON public.orders TO switchyard;",
+    )?;
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("switchyard.toml");
     std::fs::write(
@@ -189,5 +195,24 @@ async fn switchyard_move_writes_the_row_and_refuses_unknown_targets() -> Result<
     let out = run(&["move", "acme", "--to", "local"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already has an unfinished move"));
+
+    // A table the daemon could not move is refused with its fix, and no row is written.
+    pg.psql(
+        "CREATE TABLE public.notes (tenant_id text NOT NULL, body text);
+         ALTER PUBLICATION switchyard ADD TABLE public.notes;
+         GRANT SELECT ON public.notes TO switchyard;",
+    )?;
+    let out = run(&["move", "globex", "--to", "local"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("notes") && err.contains("ADD PRIMARY KEY"),
+        "{err}"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM switchyard.moves", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 1);
     Ok(())
 }
