@@ -471,3 +471,50 @@ async fn a_move_is_refused_up_front_with_the_fix() -> Result<()> {
     assert!(err.contains("nowhere"), "{err}");
     Ok(())
 }
+
+/// `check` covers the targets: reachable, schema creation, the replica role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_target() -> Result<()> {
+    let src = PgCluster::start()?;
+    let mut dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1], 10))?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "")?;
+    let config = load_config(&path)?;
+    let item = |report: &switchyard::source::check::Report, name: &str| {
+        report
+            .items
+            .iter()
+            .find(|i| i.check == name)
+            .cloned()
+            .with_context(|| format!("no {name} item"))
+    };
+    // No replica-role grant yet: a warning with the GRANT.
+    let report = switchyard::source::check::run(&config).await;
+    let shard2 = item(&report, "target shard2")?;
+    assert_eq!(
+        shard2.status,
+        switchyard::source::check::Status::Warn,
+        "{shard2:?}"
+    );
+    assert!(shard2
+        .fix
+        .unwrap_or_default()
+        .contains("GRANT SET ON PARAMETER"));
+    prepare_target(&dst)?;
+    let report = switchyard::source::check::run(&config).await;
+    let shard2 = item(&report, "target shard2")?;
+    assert_eq!(
+        shard2.status,
+        switchyard::source::check::Status::Ok,
+        "{shard2:?}"
+    );
+    // Unreachable: a failure naming the target's settings.
+    dst.stop();
+    let report = switchyard::source::check::run(&config).await;
+    let shard2 = item(&report, "target shard2")?;
+    assert_eq!(shard2.status, switchyard::source::check::Status::Fail);
+    assert!(shard2.fix.unwrap_or_default().contains("targets.shard2"));
+    assert!(!report.passed());
+    Ok(())
+}

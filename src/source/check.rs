@@ -109,7 +109,77 @@ pub async fn run(config: &Config) -> Report {
         report.push("query", Status::Fail, e.to_string(), None);
     }
     replication_login(config, &mut report).await;
+    targets(config, &mut report).await;
     report
+}
+
+/// Each target: reachable, may create schemas, may apply like a replication worker.
+async fn targets(config: &Config, r: &mut Report) {
+    for (name, ep) in &config.targets {
+        let check = format!("target {name}");
+        let client = match ep.connect_sql().await {
+            Ok(c) => c,
+            Err(e) => {
+                r.push(
+                    check,
+                    Status::Fail,
+                    e.to_string(),
+                    Some(format!(
+                        "check targets.{name} host/port/user/dbname, its password variable or file, sslmode, and pg_hba.conf on the target"
+                    )),
+                );
+                continue;
+            }
+        };
+        let row = client
+            .query_one(
+                "SELECT has_database_privilege(current_user, current_database(), 'CREATE'), \
+                        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) \
+                        OR has_parameter_privilege(current_user, 'session_replication_role', 'SET'), \
+                        current_user::text, current_database()::text",
+                &[],
+            )
+            .await;
+        match row {
+            Err(e) => r.push(check, Status::Fail, e.to_string(), None),
+            Ok(row) => {
+                let (create, replica, user, db): (bool, bool, String, String) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                if !create {
+                    r.push(
+                        check,
+                        Status::Fail,
+                        format!("{user} may not create schemas in {db}"),
+                        Some(format!(
+                            "GRANT CREATE ON DATABASE {} TO {};",
+                            quote_ident(&db),
+                            quote_ident(&user)
+                        )),
+                    );
+                } else if !replica {
+                    r.push(
+                        check,
+                        Status::Warn,
+                        format!("{user} may not set session_replication_role: foreign keys and triggers would fire while applying"),
+                        Some(format!(
+                            "GRANT SET ON PARAMETER session_replication_role TO {};",
+                            quote_ident(&user)
+                        )),
+                    );
+                } else {
+                    r.push(
+                        check,
+                        Status::Ok,
+                        format!(
+                            "{} reachable, {user} may create schemas and apply",
+                            ep.describe()
+                        ),
+                        None,
+                    );
+                }
+            }
+        }
+    }
 }
 
 async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
