@@ -55,14 +55,18 @@ pub async fn execute(
         .execute(&prepared, &params)
         .await
         .map_err(ClusterError::sql(format!("running `{}`", st.sql)))?;
-    if let Some(expected) = st.expect_rows {
-        if n != expected {
-            return Err(ApplyError::Divergence {
-                sql: st.sql.clone(),
-                expected,
-                actual: n,
-            });
-        }
+    check_count(st, n)
+}
+
+/// The strict row count: a statement that must hit one row and hit none (or two) means the
+/// target diverged from the source for that key.
+pub(crate) fn check_count(st: &Statement, n: u64) -> Result<u64, ApplyError> {
+    match st.expect_rows {
+        Some(expected) if n != expected => Err(ApplyError::Divergence {
+            sql: st.sql.clone(),
+            expected,
+            actual: n,
+        }),
+        _ => Ok(n),
     }
-    Ok(n)
 }

@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use std::borrow::Cow;
 
 use super::statement::{build, Statement, TargetColumn, TargetTable};
-use super::ApplyError;
+use super::{check_count, ApplyError};
 use crate::cluster::{ClusterError, Endpoint};
 use crate::decode::Tuple;
 use crate::lsn::Lsn;
@@ -241,11 +241,6 @@ impl TargetCatalog {
             .get(name)
             .expect("inserted above when missing or stale"))
     }
-
-    /// Forgets cached table shapes (after DDL on the source).
-    pub fn clear(&mut self) {
-        self.tables.clear();
-    }
 }
 
 async fn read_table(
@@ -344,17 +339,9 @@ async fn pipeline<'a>(
     });
     let results = futures_util::future::join_all(runs).await;
     for ((tenant, st), r) in pending.iter().zip(results) {
-        let checked = match r {
-            Ok(n) => match st.expect_rows {
-                Some(expected) if n != expected => Err(ApplyError::Divergence {
-                    sql: st.sql.clone(),
-                    expected,
-                    actual: n,
-                }),
-                _ => Ok(()),
-            },
-            Err(e) => Err(ClusterError::sql(format!("running `{}`", st.sql))(e).into()),
-        };
+        let checked = r
+            .map_err(|e| ClusterError::sql(format!("running `{}`", st.sql))(e).into())
+            .and_then(|n| check_count(st, n));
         if let Err(e) = checked {
             *failed_tenant = Some((*tenant).clone());
             pending.clear();
@@ -447,11 +434,6 @@ impl TargetWriter {
             .await
     }
 
-    /// Forgets cached table shapes (after DDL on the source).
-    pub fn forget_tables(&mut self) {
-        self.catalog.clear();
-    }
-
     /// Applies `batch` in one target transaction. Parts a tenant already holds (end <=
     /// applied) are skipped. Returns the highest end LSN the target now covers.
     pub async fn commit(&mut self, batch: &[SourceTxn]) -> Result<Lsn, ApplyError> {
@@ -473,47 +455,9 @@ impl TargetWriter {
                     continue;
                 }
                 for w in work {
-                    match w {
-                        Work::Row(r) => {
-                            let built = match self
-                                .catalog
-                                .table(&tx, &r.table, &r.identity, r.tenant_column.as_deref())
-                                .await
-                            {
-                                Ok(layout) => build(layout, &r.op.as_op(), tenant.as_str())
-                                    .map_err(ApplyError::from),
-                                Err(e) => Err(e),
-                            };
-                            match built {
-                                Ok(st) => pending.push((tenant, Cow::Owned(st))),
-                                Err(e) => {
-                                    self.failed_tenant = Some(tenant.clone());
-                                    return Err(e);
-                                }
-                            }
-                            if pending.len() >= PIPELINE_DEPTH {
-                                pipeline(
-                                    &tx,
-                                    &mut self.prepared,
-                                    &mut pending,
-                                    &mut self.failed_tenant,
-                                )
-                                .await?;
-                            }
-                        }
-                        Work::Statement(st) => {
-                            pending.push((tenant, Cow::Borrowed(st)));
-                            if pending.len() >= PIPELINE_DEPTH {
-                                pipeline(
-                                    &tx,
-                                    &mut self.prepared,
-                                    &mut pending,
-                                    &mut self.failed_tenant,
-                                )
-                                .await?;
-                            }
-                        }
+                    let statement = match w {
                         Work::Copy(c) => {
+                            // COPY is not pipelined: send what is queued first, in order.
                             pipeline(
                                 &tx,
                                 &mut self.prepared,
@@ -525,7 +469,35 @@ impl TargetWriter {
                                 self.failed_tenant = Some(tenant.clone());
                                 return Err(e);
                             }
+                            continue;
                         }
+                        Work::Statement(st) => Cow::Borrowed(st),
+                        Work::Row(r) => {
+                            let built = self
+                                .catalog
+                                .table(&tx, &r.table, &r.identity, r.tenant_column.as_deref())
+                                .await
+                                .and_then(|layout| {
+                                    Ok(build(layout, &r.op.as_op(), tenant.as_str())?)
+                                });
+                            match built {
+                                Ok(st) => Cow::Owned(st),
+                                Err(e) => {
+                                    self.failed_tenant = Some(tenant.clone());
+                                    return Err(e);
+                                }
+                            }
+                        }
+                    };
+                    pending.push((tenant, statement));
+                    if pending.len() >= PIPELINE_DEPTH {
+                        pipeline(
+                            &tx,
+                            &mut self.prepared,
+                            &mut pending,
+                            &mut self.failed_tenant,
+                        )
+                        .await?;
                     }
                 }
                 let entry = advanced

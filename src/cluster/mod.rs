@@ -69,6 +69,12 @@ impl Endpoint {
         self.host.starts_with('/')
     }
 
+    /// Whether both name the same database of the same server (as configured: a host
+    /// name and its IP address count as different).
+    pub fn same_database(&self, other: &Endpoint) -> bool {
+        self.host == other.host && self.port == other.port && self.dbname == other.dbname
+    }
+
     /// `user@host:port/dbname` for logs and errors: never includes the password.
     pub fn describe(&self) -> String {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)

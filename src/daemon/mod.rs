@@ -382,11 +382,10 @@ pub async fn run(
 
 impl Engine {
     fn same_cluster(&self, target: &TargetId) -> bool {
-        self.config.targets.get(target).is_some_and(|t| {
-            t.host == self.config.source.host
-                && t.port == self.config.source.port
-                && t.dbname == self.config.source.dbname
-        })
+        self.config
+            .targets
+            .get(target)
+            .is_some_and(|t| t.same_database(&self.config.source))
     }
 
     fn excluded_schemas(&self, moves: &[Move]) -> BTreeSet<String> {

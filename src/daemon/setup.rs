@@ -18,7 +18,7 @@ use super::MoveError;
 use crate::apply::writer::{ensure_progress_table, read_progress};
 use crate::backfill::chunk::ChunkTable;
 use crate::backfill::{KeyKind, TableCopy};
-use crate::cluster::{ClusterError, Endpoint};
+use crate::cluster::ClusterError;
 use crate::config::{Config, TenancyMode};
 use crate::error::Error;
 use crate::lsn::Lsn;
@@ -33,10 +33,6 @@ use crate::tenant::TenantId;
 pub(crate) struct Remembered {
     pub record: Option<TenantRecord>,
     pub applied: Lsn,
-}
-
-fn same_cluster(a: &Endpoint, b: &Endpoint) -> bool {
-    a.host == b.host && a.port == b.port && a.dbname == b.dbname
 }
 
 /// The tenant's tables in the publication.
@@ -271,7 +267,7 @@ pub(crate) async fn prepare(
     crate::apply::writer::replica_role(&target).await?;
     let defs = tenant_tables(config, &source, &mv.tenant, excluded_schemas).await?;
     let names: Vec<QualifiedName> = defs.iter().map(|d| d.name.clone()).collect();
-    let same = same_cluster(&config.source, endpoint);
+    let same = config.source.same_database(endpoint);
     let placement = match config.tenancy.mode {
         TenancyMode::Shared => Placement::into_schema(&names, &mv.target_schema, same),
         TenancyMode::Schema => {
