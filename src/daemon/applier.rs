@@ -24,8 +24,36 @@ use crate::error::{Error, ErrorClass};
 use crate::lsn::Lsn;
 use crate::tenant::{TargetId, TenantId};
 
-/// Tenants whose work must be dropped (they failed); shared with the pipeline.
-pub(crate) type Quarantine = Arc<Mutex<HashSet<TenantId>>>;
+/// Tenants whose work must be dropped (they failed), shared by the pipeline and every
+/// applier. A lock poisoned by a panicking holder still holds a valid set.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Quarantine(Arc<Mutex<HashSet<TenantId>>>);
+
+impl Quarantine {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<TenantId>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, tenant: TenantId) {
+        self.set().insert(tenant);
+    }
+
+    pub fn remove(&self, tenant: &TenantId) {
+        self.set().remove(tenant);
+    }
+
+    /// Drops the quarantined tenants' work from `batch`.
+    fn strip(&self, batch: &mut [SourceTxn]) {
+        let q = self.set();
+        if q.is_empty() {
+            return;
+        }
+        for txn in batch.iter_mut() {
+            txn.parts.retain(|(t, _)| !q.contains(t));
+            txn.states.retain(|(t, _)| !q.contains(t));
+        }
+    }
+}
 
 /// What an applier tells the pipeline.
 #[derive(Debug)]
@@ -66,15 +94,39 @@ pub(crate) fn spawn(
     Applier { tx, task }
 }
 
-fn drop_quarantined(batch: &mut [SourceTxn], quarantine: &Quarantine) {
-    let q = quarantine.lock().unwrap_or_else(|p| p.into_inner());
-    if q.is_empty() {
-        return;
+/// Each tenant of `batch` with the end of its last transaction there.
+fn batch_tenants(batch: &[SourceTxn]) -> BTreeMap<TenantId, Lsn> {
+    let mut tenants = BTreeMap::new();
+    for txn in batch {
+        for t in txn
+            .parts
+            .iter()
+            .map(|p| &p.0)
+            .chain(txn.states.iter().map(|s| &s.0))
+        {
+            tenants.insert(t.clone(), txn.end_lsn);
+        }
     }
-    for txn in batch.iter_mut() {
-        txn.parts.retain(|(t, _)| !q.contains(t));
-        txn.states.retain(|(t, _)| !q.contains(t));
+    tenants
+}
+
+async fn sleep_backoff(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+}
+
+/// A writer on a new connection, applying like a replication worker where allowed.
+async fn connect(cfg: &ApplierConfig) -> Result<TargetWriter, Error> {
+    let w = TargetWriter::connect(cfg.target.clone(), &cfg.endpoint, &cfg.progress_schema).await?;
+    match w.use_replica_role().await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            target = %cfg.target,
+            "the target role may not set session_replication_role: foreign keys and triggers fire during apply (GRANT SET ON PARAMETER session_replication_role TO it)"
+        ),
+        Err(e) => tracing::warn!(target = %cfg.target, error = %e, "session_replication_role"),
     }
+    Ok(w)
 }
 
 async fn run(
@@ -98,84 +150,31 @@ async fn run(
             }
         }
         loop {
-            drop_quarantined(&mut batch, &quarantine);
-            if batch
+            quarantine.strip(&mut batch);
+            // With nothing left for this target (its tenants failed) the batch is durable
+            // by definition, even while the target is unreachable.
+            let empty = batch
                 .iter()
-                .all(|t| t.parts.is_empty() && t.states.is_empty())
-            {
-                // Nothing left for this target (its tenants failed): durable by definition,
-                // even while the target is unreachable.
-                let up_to = batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID);
-                let sent = events.send(ApplyEvent::Committed {
-                    target: cfg.target.clone(),
-                    up_to,
-                    tenants: Vec::new(),
-                });
-                if sent.is_err() {
-                    return;
-                }
-                break;
-            }
-            if writer.as_ref().is_none_or(|w| w.is_closed()) {
-                writer = None;
-                match TargetWriter::connect(cfg.target.clone(), &cfg.endpoint, &cfg.progress_schema)
-                    .await
-                {
-                    Ok(w) => {
-                        match w.use_replica_role().await {
-                            Ok(true) => {}
-                            Ok(false) => tracing::warn!(
-                                target = %cfg.target,
-                                "the target role may not set session_replication_role: foreign keys and triggers fire during apply (GRANT SET ON PARAMETER session_replication_role TO it)"
-                            ),
-                            Err(e) => {
-                                tracing::warn!(target = %cfg.target, error = %e, "session_replication_role")
+                .all(|t| t.parts.is_empty() && t.states.is_empty());
+            if !empty {
+                if writer.as_ref().is_none_or(|w| w.is_closed()) {
+                    match connect(&cfg).await {
+                        Ok(w) => writer = Some(w),
+                        Err(error) => {
+                            if error.classify() != ErrorClass::Transient {
+                                tracing::error!(target = %cfg.target, %error, "cannot connect to the target; retrying");
                             }
+                            let _ = events.send(ApplyEvent::Retrying {
+                                target: cfg.target.clone(),
+                                error,
+                            });
+                            sleep_backoff(&mut backoff).await;
+                            continue;
                         }
-                        writer = Some(w)
-                    }
-                    Err(e) => {
-                        let error = Error::Apply(e);
-                        if error.classify() != ErrorClass::Transient {
-                            tracing::error!(target = %cfg.target, %error, "cannot connect to the target; retrying");
-                        }
-                        let _ = events.send(ApplyEvent::Retrying {
-                            target: cfg.target.clone(),
-                            error,
-                        });
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                        continue;
                     }
                 }
-            }
-            let w = writer.as_mut().expect("connected above");
-            match w.commit(&batch).await {
-                Ok(_) => {
-                    backoff = Duration::from_millis(100);
-                    let mut tenants: BTreeMap<TenantId, Lsn> = BTreeMap::new();
-                    for txn in &batch {
-                        for t in txn
-                            .parts
-                            .iter()
-                            .map(|p| &p.0)
-                            .chain(txn.states.iter().map(|s| &s.0))
-                        {
-                            tenants.insert(t.clone(), txn.end_lsn);
-                        }
-                    }
-                    let up_to = batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID);
-                    let sent = events.send(ApplyEvent::Committed {
-                        target: cfg.target.clone(),
-                        up_to,
-                        tenants: tenants.into_iter().collect(),
-                    });
-                    if sent.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                Err(e) => {
+                let w = writer.as_mut().expect("connected above");
+                if let Err(e) = w.commit(&batch).await {
                     let failed = w.failed_tenant().cloned();
                     let error = Error::Apply(e);
                     match (error.classify(), failed) {
@@ -188,36 +187,18 @@ async fn run(
                                 target: cfg.target.clone(),
                                 error,
                             });
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            sleep_backoff(&mut backoff).await;
                         }
                         (_, Some(tenant)) => {
-                            quarantine
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(tenant.clone());
+                            quarantine.insert(tenant.clone());
                             let _ = events.send(ApplyEvent::TenantFailed { tenant, error });
                         }
                         (_, None) => {
                             // Not inside one tenant's work (e.g. the progress table is
                             // unusable): every tenant of the batch stops.
-                            let mut all: Vec<TenantId> = batch
-                                .iter()
-                                .flat_map(|t| t.parts.iter().map(|p| p.0.clone()))
-                                .chain(
-                                    batch
-                                        .iter()
-                                        .flat_map(|t| t.states.iter().map(|s| s.0.clone())),
-                                )
-                                .collect();
-                            all.sort();
-                            all.dedup();
                             let message = error.to_string();
-                            for tenant in all {
-                                quarantine
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .insert(tenant.clone());
+                            for tenant in batch_tenants(&batch).into_keys() {
+                                quarantine.insert(tenant.clone());
                                 let _ = events.send(ApplyEvent::TenantFailed {
                                     tenant,
                                     error: Error::Move(super::MoveError::Target {
@@ -227,12 +208,22 @@ async fn run(
                                 });
                             }
                             writer = None;
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            sleep_backoff(&mut backoff).await;
                         }
                     }
+                    continue;
                 }
             }
+            backoff = Duration::from_millis(100);
+            let sent = events.send(ApplyEvent::Committed {
+                target: cfg.target.clone(),
+                up_to: batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID),
+                tenants: batch_tenants(&batch).into_iter().collect(),
+            });
+            if sent.is_err() {
+                return;
+            }
+            break;
         }
     }
 }

@@ -32,7 +32,7 @@ mod setup;
 pub use setup::check_move;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -161,6 +161,8 @@ struct Engine {
     /// Per target: every transaction up to here is durable there or did not concern it.
     caught_up: BTreeMap<TargetId, Lsn>,
     rotation: usize,
+    /// Tenants stopped and not yet recorded in the registry: (move, tenant, from, to, why).
+    stopped: Vec<(i64, TenantId, MoveState, MoveState, String)>,
     /// Recently committed source transactions: xid → commit end (for the chunk snapshot
     /// check), oldest first for eviction.
     recent: HashMap<u32, Lsn>,
@@ -244,13 +246,14 @@ pub async fn run(
         setting_up: HashSet::new(),
         released: BTreeMap::new(),
         retry_setup_after: BTreeMap::new(),
-        quarantine: Arc::new(Mutex::new(HashSet::new())),
+        quarantine: Quarantine::default(),
         tracker: DurableTracker::new(Lsn::INVALID),
         txn: None,
         last_end: Lsn::INVALID,
         unacked: BTreeMap::new(),
         caught_up: BTreeMap::new(),
         rotation: 0,
+        stopped: Vec::new(),
         recent: HashMap::new(),
         recent_order: VecDeque::new(),
     };
@@ -336,6 +339,7 @@ pub async fn run(
                 class => tracing::warn!(error = %e, ?class, "pipeline step failed; going on"),
             }
         }
+        engine.record_stops().await;
         // Transactions that touched no target are durable as soon as they are read; the
         // confirmed position must follow them too (an idle or filtered stream would
         // otherwise hold WAL until the next applied change).
@@ -572,10 +576,7 @@ impl Engine {
             .await;
             tenant.state = MoveState::Copying;
         }
-        self.quarantine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&tenant.id);
+        self.quarantine.remove(&tenant.id);
         self.router
             .start(tenant.id.clone(), tenant.destination.clone());
         let mut batch = Batch::new();
@@ -633,10 +634,7 @@ impl Engine {
     /// it no longer holds the slot back.
     fn release(&mut self, tenant: &TenantId) -> Option<Tenant> {
         self.router.stop(tenant);
-        self.quarantine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.clone());
+        self.quarantine.insert(tenant.clone());
         if let Some(txn) = &mut self.txn {
             for parts in txn.parts.values_mut() {
                 parts.remove(tenant);
@@ -650,13 +648,28 @@ impl Engine {
         t
     }
 
-    async fn fail(&mut self, tenant: &TenantId, error: &Error, to: MoveState) {
+    /// Stops `tenant` now (see [`Engine::release`]); the registry learns why from
+    /// [`Engine::record_stops`], so callers that cannot wait on the registry can stop a
+    /// tenant too.
+    fn stop(&mut self, tenant: &TenantId, error: &Error, to: MoveState) {
         let Some(t) = self.release(tenant) else {
             return;
         };
         tracing::error!(%tenant, error = %error, state = %to, "tenant stopped");
-        self.set_state(t.move_id, tenant, t.state, to, Some(&error.to_string()))
-            .await;
+        self.stopped
+            .push((t.move_id, tenant.clone(), t.state, to, error.to_string()));
+    }
+
+    /// Writes the stops of [`Engine::stop`] into the registry.
+    async fn record_stops(&mut self) {
+        for (id, tenant, from, to, error) in std::mem::take(&mut self.stopped) {
+            self.set_state(id, &tenant, from, to, Some(&error)).await;
+        }
+    }
+
+    async fn fail(&mut self, tenant: &TenantId, error: &Error, to: MoveState) {
+        self.stop(tenant, error, to);
+        self.record_stops().await;
     }
 
     async fn on_source(&mut self, ev: SourceEvent) -> Result<(), Error> {
@@ -890,7 +903,7 @@ impl Engine {
                 let keyed = keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect();
                 if let Err(e) = tm.copy.rows(chunk, keyed) {
                     tracing::error!(%tenant, %table, error = %e, "chunk rejected; reading it again");
-                    tm.copy.abandon(chunk);
+                    tm.abandon(chunk);
                     return;
                 }
                 tm.rows = Some(ChunkRows {
@@ -912,39 +925,14 @@ impl Engine {
                 else {
                     return;
                 };
-                tm.copy.abandon(chunk);
-                tm.rows = None;
+                tm.abandon(chunk);
                 if error.classify() == ErrorClass::Transient {
                     tracing::warn!(%tenant, %table, chunk, %error, "chunk read failed; reading it again");
                 } else {
                     tracing::error!(%tenant, %table, chunk, %error, "chunk read failed");
-                    self.fail_later(tenant, error);
+                    self.stop(&tenant, &error, MoveState::Failed);
                 }
             }
-        }
-    }
-
-    /// Stops a tenant now and records the failure in the registry in the background
-    /// (for callers that cannot wait on the registry).
-    fn fail_later(&mut self, tenant: TenantId, error: Error) {
-        if let Some(t) = self.tenants.get(&tenant) {
-            tracing::error!(%tenant, %error, "tenant failed");
-            let (id, from) = (t.move_id, t.state);
-            self.release(&tenant);
-            let registry = Registry::new(self.config.registry_schema.clone());
-            let endpoint = self.config.source.clone();
-            let message = error.to_string();
-            tokio::spawn(async move {
-                let Ok(registry) = registry else { return };
-                if let Ok(c) = endpoint.connect_sql().await {
-                    if let Err(e) = registry
-                        .transition(&c, id, from, MoveState::Failed, Some(&message))
-                        .await
-                    {
-                        tracing::warn!(error = %e, "registry state change failed");
-                    }
-                }
-            });
         }
     }
 
@@ -970,7 +958,7 @@ impl Engine {
             }
         }
         for (tenant, e) in failures {
-            self.fail_later(tenant, e);
+            self.stop(&tenant, &e, MoveState::Failed);
         }
         let mut states: BTreeMap<TargetId, Vec<(TenantId, String)>> = BTreeMap::new();
         for id in &txn.touched {
@@ -1096,7 +1084,7 @@ impl Engine {
                         .any(|x| self.recent.get(x).is_some_and(|at| *at < low));
                 if raced {
                     tracing::info!(%tenant, %table, chunk = w.chunk, "chunk raced a committing transaction; reading it again");
-                    tm.copy.abandon(w.chunk);
+                    tm.abandon(w.chunk);
                     return Ok(());
                 }
                 let rows = result.rows;
@@ -1162,7 +1150,7 @@ impl Engine {
                 Ok(())
             }
             ApplyEvent::TenantFailed { tenant, error } => {
-                self.fail_later(tenant, error);
+                self.stop(&tenant, &error, MoveState::Failed);
                 Ok(())
             }
             ApplyEvent::Retrying { target, error } => {
@@ -1361,8 +1349,7 @@ fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Vec<RowOp<
             table.copy.truncate();
             if let Some(chunk) = table.copy.in_flight() {
                 // Rows read before the TRUNCATE must not come back: read the range again.
-                table.copy.abandon(chunk);
-                table.rows = None;
+                table.abandon(chunk);
             }
             vec![op]
         }

@@ -36,6 +36,23 @@ pub(crate) struct TableMove {
 }
 
 impl TableMove {
+    pub fn new(chunk: ChunkTable, target: QualifiedName) -> TableMove {
+        TableMove {
+            chunk,
+            target,
+            copy: TableCopy::new(),
+            rows: None,
+            low_at: None,
+        }
+    }
+
+    /// Gives up on the chunk in flight: its rows are dropped and its range is read again.
+    pub fn abandon(&mut self, chunk: u64) {
+        self.copy.abandon(chunk);
+        self.rows = None;
+        self.low_at = None;
+    }
+
     /// The key of a stream tuple, in the chunk's key order; `None` when a key column is
     /// NULL, not text, or an unchanged TOAST value.
     pub fn key_of(&self, tuple: &Tuple) -> Option<Key> {
@@ -116,6 +133,29 @@ pub(crate) struct Tenant {
 }
 
 impl Tenant {
+    /// A tenant about to copy from the start, nothing applied yet.
+    pub fn new(
+        id: TenantId,
+        move_id: i64,
+        state: MoveState,
+        destination: Destination,
+        tables: BTreeMap<QualifiedName, TableMove>,
+    ) -> Tenant {
+        Tenant {
+            id,
+            move_id,
+            state,
+            destination,
+            tables,
+            skip_before: Lsn::INVALID,
+            applied: Lsn::INVALID,
+            sent_state: String::new(),
+            copied_at: None,
+            rows_copied: 0,
+            rows_total: None,
+        }
+    }
+
     pub fn copy_state(&self) -> CopyState {
         CopyState {
             tables: self
@@ -163,35 +203,26 @@ mod tests {
         let mut tables = BTreeMap::new();
         tables.insert(
             table.clone(),
-            TableMove {
-                chunk: ChunkTable {
+            TableMove::new(
+                ChunkTable {
                     source: table,
                     columns: vec!["tenant_id".into(), "id".into(), "note".into()],
                     key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
                     tenant: Some(("tenant_id".into(), "integer".into())),
                 },
-                target: QualifiedName::parse("acme.orders").unwrap(),
-                copy: TableCopy::new(),
-                rows: None,
-                low_at: None,
-            },
+                QualifiedName::parse("acme.orders").unwrap(),
+            ),
         );
-        Tenant {
-            id: TenantId::new("7").unwrap(),
-            move_id: 1,
-            state: MoveState::Copying,
-            destination: Destination {
+        Tenant::new(
+            TenantId::new("7").unwrap(),
+            1,
+            MoveState::Copying,
+            Destination {
                 target: TargetId::new("t").unwrap(),
                 schema: "acme".into(),
             },
             tables,
-            skip_before: Lsn::INVALID,
-            applied: Lsn::INVALID,
-            sent_state: String::new(),
-            copied_at: None,
-            rows_copied: 0,
-            rows_total: None,
-        }
+        )
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::moving::{CopyState, TableMove, Tenant, TenantRecord};
 use super::MoveError;
 use crate::apply::writer::{ensure_progress_table, read_progress};
 use crate::backfill::chunk::ChunkTable;
-use crate::backfill::{KeyKind, TableCopy};
+use crate::backfill::KeyKind;
 use crate::cluster::ClusterError;
 use crate::config::{Config, TenancyMode};
 use crate::error::Error;
@@ -290,16 +290,7 @@ pub(crate) async fn prepare(
             target_name.clone(),
             chunk.tenant.as_ref().map(|t| t.0.clone()),
         ));
-        tables.insert(
-            def.name.clone(),
-            TableMove {
-                chunk,
-                target: target_name,
-                copy: TableCopy::new(),
-                rows: None,
-                low_at: None,
-            },
-        );
+        tables.insert(def.name.clone(), TableMove::new(chunk, target_name));
     }
 
     let progress_table = ensure_progress_table(&target, &config.registry_schema).await?;
@@ -310,22 +301,16 @@ pub(crate) async fn prepare(
         .record
         .as_ref()
         .is_some_and(|r| r.move_id == mv.id);
-    let mut tenant = Tenant {
-        id: mv.tenant.clone(),
-        move_id: mv.id,
-        state: mv.state,
-        destination: Destination {
+    let mut tenant = Tenant::new(
+        mv.tenant.clone(),
+        mv.id,
+        mv.state,
+        Destination {
             target: mv.target.clone(),
             schema: mv.target_schema.clone(),
         },
         tables,
-        skip_before: Lsn::INVALID,
-        applied: Lsn::INVALID,
-        sent_state: String::new(),
-        copied_at: None,
-        rows_copied: 0,
-        rows_total: None,
-    };
+    );
     match (ours, progress) {
         (true, Some(p)) => {
             let state = match &p.state {
