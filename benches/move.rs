@@ -18,6 +18,19 @@ use support::mover::{load_config, prepare_target, request, wait_state, write_con
 use support::{wait_for, PgCluster};
 use switchyard::registry::Registry;
 
+/// CPU seconds (user + system) this process used so far: the daemon runs in-process, so a
+/// difference is switchyard's own CPU for that phase. Linux only (`/proc/self/stat`).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based, counting pid and comm); clock ticks
+    // are 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -91,8 +104,8 @@ fn backlog_sql(txns: u64, rows: u64, round: u32) -> String {
         "DO $$ BEGIN
            FOR i IN 1..{txns} LOOP
              INSERT INTO public.orders VALUES (1, 10000000 * {round} + i, 'c' || i, 'new', i, now(), NULL);
-             UPDATE public.orders SET status = 'paid', amount = amount + 1 WHERE tenant_id = 1 AND id = (i * 7919) % {rows} + 1;
-             UPDATE public.orders SET note = 'n{round}' WHERE tenant_id = 1 AND id = (i * 104729) % {rows} + 1;
+             UPDATE public.orders SET status = 'paid', amount = amount + 1 WHERE tenant_id = 1 AND id = (i::bigint * 7919) % {rows} + 1;
+             UPDATE public.orders SET note = 'n{round}' WHERE tenant_id = 1 AND id = (i::bigint * 104729) % {rows} + 1;
              COMMIT;
            END LOOP;
          END $$;"
@@ -206,9 +219,11 @@ async fn main() -> Result<()> {
     .await?;
     let registry = Registry::new("switchyard")?;
     let t0 = Instant::now();
+    let cpu0 = cpu_seconds();
     let id = request(&s, &registry, "1", "shard2", "big").await?;
     wait_state(&s, id, "streaming", Duration::from_secs(3600)).await?;
     let sy_sync = t0.elapsed();
+    let sy_sync_cpu = cpu_seconds() - cpu0;
     report.push(("switchyard backfill to in-sync", sy_sync));
     let n: i64 = d
         .query_one("SELECT count(*) FROM big.orders", &[])
@@ -236,11 +251,13 @@ async fn main() -> Result<()> {
     s.batch_execute("SELECT pg_logical_emit_message(true, 'bench', 'end')")
         .await?;
     let mut daemon = None;
+    let cpu0 = cpu_seconds();
     let (sy_total, sy_backlog) = catch_up(&s, "sy", &target, async {
         daemon = Some(InProcess::start(load_config(&path)?, false));
         Ok(())
     })
     .await?;
+    let sy_backlog_cpu = cpu_seconds() - cpu0;
     if let Some(d) = daemon {
         d.stop().await?;
     }
@@ -278,8 +295,9 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "\nbackfill ratio (native sync time / switchyard time): {:.2}",
-        secs(native_sync) / secs(sy_sync)
+        "\nbackfill ratio (native sync time / switchyard time): {:.2}; switchyard's own CPU: {:.2} s",
+        secs(native_sync) / secs(sy_sync),
+        sy_sync_cpu
     );
     println!("\n## Backlog apply: {txns} transactions, {total_changes} row changes\n");
     println!("| pipeline | resume → caught up (s) | first progress → caught up (s) | changes/s (apply) |");
@@ -297,9 +315,10 @@ async fn main() -> Result<()> {
         total_changes as f64 / secs(sy_backlog)
     );
     println!(
-        "\nbacklog ratio, apply phase (native / switchyard): {:.2}; resume to caught up: {:.2}",
+        "\nbacklog ratio, resume to caught up (native / switchyard): {:.2}; apply phase: {:.2}; switchyard's own CPU: {:.2} s",
+        secs(native_total) / secs(sy_total),
         secs(native_backlog) / secs(sy_backlog),
-        secs(native_total) / secs(sy_total)
+        sy_backlog_cpu
     );
     let _ = dn
         .batch_execute("DROP SUBSCRIPTION native_sub")

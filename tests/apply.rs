@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use support::pipeline::TwoClusters;
 use support::wait_for_row;
+use switchyard::apply::writer::{OwnedRowOp, RowChange};
 use switchyard::apply::{self, ApplyError, SourceTxn, Statement, TargetTable, TargetWriter, Work};
 use switchyard::config::Tenancy;
 use switchyard::decode::{Datum, Message, RelationCache, Tuple};
@@ -340,5 +341,176 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
     assert_eq!(w.applied(&acme), Lsn(300));
     let stored = w.load_applied().await?;
     assert_eq!(stored.get(&acme), Some(&Lsn(300)));
+    Ok(())
+}
+
+fn text(v: &str) -> Datum {
+    Datum::Text(Bytes::copy_from_slice(v.as_bytes()))
+}
+
+/// A row of acme.orders: (tenant 7, id, note, big); `None` for big = unchanged TOAST.
+fn order(id: i32, note: &str, big: Option<&str>) -> Tuple {
+    Tuple(vec![
+        text("7"),
+        text(&id.to_string()),
+        text(note),
+        big.map(text).unwrap_or(Datum::UnchangedToast),
+        Datum::Null,
+        Datum::Null,
+    ])
+}
+
+fn key(id: i32) -> Tuple {
+    Tuple(vec![
+        text("7"),
+        text(&id.to_string()),
+        Datum::Null,
+        Datum::Null,
+        Datum::Null,
+        Datum::Null,
+    ])
+}
+
+fn change(op: OwnedRowOp) -> Work {
+    Work::Row(RowChange {
+        table: QualifiedName::parse("acme.orders").unwrap(),
+        identity: vec![true, true, false, false, false, false],
+        tenant_column: Some("tenant_id".into()),
+        op,
+    })
+}
+
+fn ins(t: Tuple) -> Work {
+    change(OwnedRowOp::Upsert {
+        new: t,
+        update: false,
+    })
+}
+fn upd(t: Tuple) -> Work {
+    change(OwnedRowOp::Upsert {
+        new: t,
+        update: true,
+    })
+}
+fn del(id: i32) -> Work {
+    change(OwnedRowOp::Delete { old: key(id) })
+}
+
+/// One source transaction per work item, all for tenant 7.
+fn txns(from: u64, works: Vec<Work>) -> Vec<SourceTxn> {
+    works
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| SourceTxn {
+            end_lsn: Lsn(from + i as u64),
+            parts: vec![(TenantId::new("7").unwrap(), vec![w])],
+            states: Vec::new(),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()> {
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let d = two.dst.client().await?;
+    let mut w = TargetWriter::with_client(
+        TargetId::new("shard2")?,
+        two.dst.client().await?,
+        "switchyard",
+    )
+    .await?;
+    assert!(w.use_replica_role().await?, "the test role is a superuser");
+    let state = || async {
+        rows(
+            &d,
+            "SELECT concat_ws('|', id, note, big) FROM acme.orders ORDER BY id",
+        )
+        .await
+    };
+
+    // Keys 3 and 4 exist before the batch.
+    w.commit(&txns(
+        10,
+        vec![
+            ins(order(3, "c", Some("big3"))),
+            ins(order(4, "d", Some("big4"))),
+        ],
+    ))
+    .await?;
+    // Every way a key's changes fold, plus a key change that cannot fold, in one batch.
+    let batch = txns(
+        100,
+        vec![
+            ins(order(1, "a", Some("big1"))),
+            upd(order(1, "a2", None)), // big stays big1
+            ins(order(2, "b", Some("big2"))),
+            del(2),
+            ins(order(2, "b2", Some("big2b"))), // inserted, deleted, inserted: one INSERT
+            upd(order(3, "c2", None)),          // big stays big3
+            del(4),
+            ins(order(4, "d2", Some("big4b"))), // deleted and re-inserted: one full UPDATE
+            ins(order(6, "f", Some("big6"))),
+            del(6), // never on the target: checked absent
+            change(OwnedRowOp::Rekey {
+                old: key(1),
+                new: order(10, "a3", Some("big1")),
+            }),
+            upd(order(10, "a4", None)),
+        ],
+    );
+    assert_eq!(w.commit(&batch).await?, Lsn(111));
+    assert_eq!(
+        state().await?,
+        ["2|b2|big2b", "3|c2|big3", "4|d2|big4b", "10|a4|big1"]
+    );
+    assert_eq!(w.stats().compacted, 2);
+    assert_eq!(w.stats().replayed, 0);
+
+    // A unique constraint the fold's order would violate (two notes swapped through a
+    // temporary value): the compacted attempt fails, the change-by-change replay succeeds.
+    d.batch_execute("CREATE UNIQUE INDEX orders_note ON acme.orders (note)")
+        .await?;
+    w.commit(&txns(
+        200,
+        vec![
+            upd(order(2, "tmp", Some("big2b"))),
+            upd(order(3, "b2", None)),
+            upd(order(2, "c2", Some("big2b"))),
+        ],
+    ))
+    .await?;
+    assert_eq!(
+        state().await?,
+        ["2|c2|big2b", "3|b2|big3", "4|d2|big4b", "10|a4|big1"]
+    );
+    assert_eq!(w.stats().replayed, 1);
+
+    // A divergence is still found, and reported as the one change that hit no row.
+    d.batch_execute("DELETE FROM acme.orders WHERE id = 4")
+        .await?;
+    let err = w
+        .commit(&txns(
+            300,
+            vec![upd(order(3, "c3", None)), upd(order(4, "d3", None))],
+        ))
+        .await
+        .unwrap_err();
+    match &err {
+        ApplyError::Divergence { sql, actual: 0, .. } => {
+            assert!(
+                sql.starts_with("UPDATE") && !sql.contains("unnest"),
+                "{sql}"
+            )
+        }
+        other => panic!("expected a divergence, got {other}"),
+    }
+    assert_eq!(w.failed_tenant().map(|t| t.as_str()), Some("7"));
+    assert_eq!(w.stats().replayed, 2);
+    assert_eq!(w.applied(&TenantId::new("7")?), Lsn(202));
+    assert_eq!(
+        state().await?[1],
+        "3|b2|big3",
+        "the failed batch left no trace"
+    );
     Ok(())
 }

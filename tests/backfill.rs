@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use support::pipeline::TwoClusters;
-use switchyard::apply::{self, CopyRows, SourceTxn, TargetWriter, Work};
+use switchyard::apply::{self, CopyFormat, CopyRows, SourceTxn, TargetWriter, Work};
 use switchyard::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL, WATERMARK_PREFIX};
 use switchyard::backfill::{KeyKind, RekeyPlan, TableCopy, Verdict};
 use switchyard::config::Tenancy;
@@ -147,7 +147,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                         mark: m,
                     };
                     s.execute(EMIT_SQL, &[&mark(Mark::Low).to_json()]).await?;
-                    let (sql, params) = chunk_table.query(tenant.as_str(), &spec);
+                    let (sql, params) = chunk_table.query(tenant.as_str(), &spec, CopyFormat::Text);
                     let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                         params.iter().map(|p| p as _).collect();
                     let types = vec![tokio_postgres::types::Type::TEXT; params.len()];
@@ -155,7 +155,13 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                     let rows = s.query(&st, &params).await?;
                     chunk_rows = rows
                         .iter()
-                        .map(|r| (0..4).map(|i| r.get::<_, Option<String>>(i)).collect())
+                        .map(|r| {
+                            // The key columns come first, then the row.
+                            let nk = chunk_table.key.len();
+                            (nk..nk + 4)
+                                .map(|i| r.get::<_, Option<String>>(i))
+                                .collect()
+                        })
                         .collect();
                     let keyed = chunk_rows
                         .iter()
@@ -270,11 +276,11 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                             .into_iter()
                             .map(|i| chunk_rows[i].clone())
                             .collect();
-                        pending.push(Work::Copy(CopyRows {
-                            table: target_name.clone(),
-                            columns: chunk_table.columns.clone(),
-                            rows,
-                        }));
+                        pending.push(Work::Copy(CopyRows::from_text(
+                            target_name.clone(),
+                            chunk_table.columns.clone(),
+                            &rows,
+                        )));
                         in_flight = None;
                     }
                 }

@@ -8,14 +8,17 @@
 //! - [`progress::DurableTracker`] decides what may be confirmed to the source: the minimum
 //!   over targets of what they have durably committed.
 
+pub mod compaction;
+pub mod copy;
 pub mod progress;
 pub mod spill;
 pub mod statement;
 pub mod writer;
 
 use crate::cluster::ClusterError;
+pub use copy::{CopyFormat, CopyRows, RowBuffer};
 pub use statement::{build, Statement, StatementError, TargetColumn, TargetTable};
-pub use writer::{CopyRows, Progress, SourceTxn, TargetCatalog, TargetWriter, Work};
+pub use writer::{Progress, SourceTxn, TargetCatalog, TargetWriter, Work, WriterStats};
 
 /// Errors while applying to a target.
 #[derive(Debug, thiserror::Error)]

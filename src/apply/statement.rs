@@ -74,7 +74,11 @@ impl Params {
     }
 }
 
-fn text(table: &TargetTable, i: usize, d: &Datum) -> Result<Option<String>, StatementError> {
+pub(crate) fn text(
+    table: &TargetTable,
+    i: usize,
+    d: &Datum,
+) -> Result<Option<String>, StatementError> {
     let column = || table.columns[i].name.clone();
     match d {
         Datum::Null => Ok(None),

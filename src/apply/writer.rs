@@ -21,7 +21,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::Client;
 
 use std::borrow::Cow;
+use tokio_postgres::types::{ToSql, Type};
 
+use super::compaction::{SetStatement, TableChanges};
+use super::copy::{copy, CopyRows};
 use super::statement::{build, Statement, TargetColumn, TargetTable};
 use super::{check_count, ApplyError};
 use crate::cluster::{ClusterError, Endpoint};
@@ -100,44 +103,6 @@ impl From<Statement> for Work {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CopyRows {
-    pub table: QualifiedName,
-    pub columns: Vec<String>,
-    pub rows: Vec<Vec<Option<String>>>,
-}
-
-impl CopyRows {
-    /// COPY text format: tab-separated, `\N` for NULL, backslash escapes for the
-    /// separators, so any value (tabs, newlines, backslashes included) round-trips.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.rows.len() * 64);
-        for row in &self.rows {
-            for (i, v) in row.iter().enumerate() {
-                if i > 0 {
-                    out.push(b'\t');
-                }
-                match v {
-                    None => out.extend_from_slice(b"\\N"),
-                    Some(text) => {
-                        for &b in text.as_bytes() {
-                            match b {
-                                b'\\' => out.extend_from_slice(b"\\\\"),
-                                b'\t' => out.extend_from_slice(b"\\t"),
-                                b'\n' => out.extend_from_slice(b"\\n"),
-                                b'\r' => out.extend_from_slice(b"\\r"),
-                                b => out.push(b),
-                            }
-                        }
-                    }
-                }
-            }
-            out.push(b'\n');
-        }
-        out
-    }
-}
-
 /// One source transaction's work for this target, split by tenant.
 #[derive(Clone, Debug, Default)]
 pub struct SourceTxn {
@@ -167,13 +132,7 @@ impl SourceTxn {
                         OwnedRowOp::Truncate => 0,
                     }
                 }
-                Work::Copy(c) => c
-                    .rows
-                    .iter()
-                    .flatten()
-                    .flatten()
-                    .map(|v| v.len() + 1)
-                    .sum::<usize>(),
+                Work::Copy(c) => c.data.len(),
             })
             .sum()
     }
@@ -295,10 +254,64 @@ pub struct TargetWriter {
     failed_tenant: Option<TenantId>,
     /// Prepared statements of this connection, by SQL text (row statements repeat).
     prepared: HashMap<String, tokio_postgres::Statement>,
+    /// Fold row changes into set-based statements (only under the replica role, where no
+    /// foreign-key trigger sees the order between keys).
+    compact: bool,
+    stats: WriterStats,
+}
+
+/// How batches were applied so far (for metrics and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Batches committed with row changes folded into set-based statements.
+    pub compacted: u64,
+    /// Compacted attempts that failed and were replayed change by change.
+    pub replayed: u64,
 }
 
 /// Statements sent ahead before their results are read.
 const PIPELINE_DEPTH: usize = 512;
+
+/// A statement waiting in the pipeline: one row change, or a compacted set of them.
+enum Pending<'a> {
+    One(Cow<'a, Statement>),
+    Set(SetStatement),
+}
+
+impl Pending<'_> {
+    fn sql(&self) -> &str {
+        match self {
+            Pending::One(st) => &st.sql,
+            Pending::Set(st) => &st.sql,
+        }
+    }
+
+    fn types(&self) -> Vec<Type> {
+        match self {
+            Pending::One(st) => vec![Type::TEXT; st.params.len()],
+            Pending::Set(st) => vec![Type::TEXT_ARRAY; st.columns.len()],
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        match self {
+            Pending::One(st) => st.params.iter().map(|p| p as _).collect(),
+            Pending::Set(st) => st.columns.iter().map(|p| p as _).collect(),
+        }
+    }
+
+    fn check(&self, n: u64) -> Result<u64, ApplyError> {
+        match self {
+            Pending::One(st) => check_count(st, n),
+            Pending::Set(st) if n != st.expect_rows => Err(ApplyError::Divergence {
+                sql: st.sql.clone(),
+                expected: st.expect_rows,
+                actual: n,
+            }),
+            Pending::Set(_) => Ok(n),
+        }
+    }
+}
 
 /// Runs `pending` in order, pipelined: all are sent before the first result is read, which
 /// saves a round trip per row. The server still runs them one after the other; the first
@@ -306,42 +319,34 @@ const PIPELINE_DEPTH: usize = 512;
 async fn pipeline<'a>(
     tx: &tokio_postgres::Transaction<'_>,
     prepared: &mut HashMap<String, tokio_postgres::Statement>,
-    pending: &mut Vec<(&'a TenantId, Cow<'a, Statement>)>,
+    pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
     failed_tenant: &mut Option<TenantId>,
 ) -> Result<(), ApplyError> {
     if pending.is_empty() {
         return Ok(());
     }
     for (tenant, st) in pending.iter() {
-        if !prepared.contains_key(&st.sql) {
-            let types = vec![tokio_postgres::types::Type::TEXT; st.params.len()];
-            match tx.prepare_typed(&st.sql, &types).await {
+        if !prepared.contains_key(st.sql()) {
+            match tx.prepare_typed(st.sql(), &st.types()).await {
                 Ok(p) => {
-                    prepared.insert(st.sql.clone(), p);
+                    prepared.insert(st.sql().to_owned(), p);
                 }
                 Err(e) => {
                     *failed_tenant = Some((*tenant).clone());
-                    return Err(ClusterError::sql(format!("preparing `{}`", st.sql))(e).into());
+                    return Err(ClusterError::sql(format!("preparing `{}`", st.sql()))(e).into());
                 }
             }
         }
     }
     let runs = pending.iter().map(|(_, st)| {
-        let statement = prepared[&st.sql].clone();
-        async move {
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = st
-                .params
-                .iter()
-                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            tx.execute(&statement, &params).await
-        }
+        let statement = prepared[st.sql()].clone();
+        async move { tx.execute(&statement, &st.params()).await }
     });
     let results = futures_util::future::join_all(runs).await;
     for ((tenant, st), r) in pending.iter().zip(results) {
         let checked = r
-            .map_err(|e| ClusterError::sql(format!("running `{}`", st.sql))(e).into())
-            .and_then(|n| check_count(st, n));
+            .map_err(|e| ClusterError::sql(format!("running `{}`", st.sql()))(e).into())
+            .and_then(|n| st.check(n));
         if let Err(e) = checked {
             *failed_tenant = Some((*tenant).clone());
             pending.clear();
@@ -349,6 +354,28 @@ async fn pipeline<'a>(
         }
     }
     pending.clear();
+    Ok(())
+}
+
+/// Moves the statements of every folded table (or of those of `table` only) into `pending`.
+fn flush_folds<'a>(
+    folds: &mut [(&'a TenantId, TableChanges)],
+    table: Option<&QualifiedName>,
+    pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
+    failed_tenant: &mut Option<TenantId>,
+) -> Result<(), ApplyError> {
+    for (tenant, fold) in folds.iter_mut() {
+        if fold.is_empty() || table.is_some_and(|t| *t != fold.table().name) {
+            continue;
+        }
+        match fold.take_statements() {
+            Ok(sts) => pending.extend(sts.into_iter().map(|st| (*tenant, Pending::Set(st)))),
+            Err(e) => {
+                *failed_tenant = Some((*tenant).clone());
+                return Err(e.into());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -377,6 +404,8 @@ impl TargetWriter {
             catalog: TargetCatalog::new(),
             failed_tenant: None,
             prepared: HashMap::new(),
+            compact: false,
+            stats: WriterStats::default(),
         };
         w.load_applied().await?;
         Ok(w)
@@ -384,6 +413,10 @@ impl TargetWriter {
 
     pub fn id(&self) -> &TargetId {
         &self.id
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        self.stats
     }
 
     /// Re-reads the applied positions from the target (the truth after a crash).
@@ -409,8 +442,10 @@ impl TargetWriter {
     /// do not fire, so rows may arrive in chunk order and cascades are not applied twice
     /// (the source's cascaded changes are in the stream). Needs superuser or
     /// `GRANT SET ON PARAMETER session_replication_role`; returns false when refused.
-    pub async fn use_replica_role(&self) -> Result<bool, ApplyError> {
-        replica_role(&self.client).await
+    /// Also enables folding row changes into set-based statements (see [`Self::commit`]).
+    pub async fn use_replica_role(&mut self) -> Result<bool, ApplyError> {
+        self.compact = replica_role(&self.client).await?;
+        Ok(self.compact)
     }
 
     /// Whether the connection is gone (a new writer must be connected).
@@ -436,7 +471,29 @@ impl TargetWriter {
 
     /// Applies `batch` in one target transaction. Parts a tenant already holds (end <=
     /// applied) are skipped. Returns the highest end LSN the target now covers.
+    ///
+    /// Under `session_replication_role = replica` the row changes of each table are first
+    /// folded into set-based statements ([`TableChanges`]); if that transaction fails for
+    /// any reason but a lost connection, the batch is replayed change by change, which is
+    /// the reference behaviour and names the exact change and tenant that fail.
     pub async fn commit(&mut self, batch: &[SourceTxn]) -> Result<Lsn, ApplyError> {
+        if self.compact {
+            match self.apply(batch, true).await {
+                Ok(lsn) => {
+                    self.stats.compacted += 1;
+                    return Ok(lsn);
+                }
+                Err(e) if self.client.is_closed() => return Err(e),
+                Err(e) => {
+                    self.stats.replayed += 1;
+                    tracing::debug!(target = %self.id, error = %e, "compacted batch failed; replaying it change by change");
+                }
+            }
+        }
+        self.apply(batch, false).await
+    }
+
+    async fn apply(&mut self, batch: &[SourceTxn], compact: bool) -> Result<Lsn, ApplyError> {
         let Some(last) = batch.last() else {
             return Ok(Lsn::INVALID);
         };
@@ -447,7 +504,8 @@ impl TargetWriter {
             .map_err(ClusterError::sql("starting a target transaction"))?;
         self.failed_tenant = None;
         let mut advanced: BTreeMap<TenantId, (Lsn, Option<&str>)> = BTreeMap::new();
-        let mut pending: Vec<(&TenantId, Cow<'_, Statement>)> = Vec::new();
+        let mut pending: Vec<(&TenantId, Pending<'_>)> = Vec::new();
+        let mut folds: Vec<(&TenantId, TableChanges)> = Vec::new();
         for txn in batch {
             for (tenant, work) in &txn.parts {
                 let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
@@ -458,6 +516,12 @@ impl TargetWriter {
                     let statement = match w {
                         Work::Copy(c) => {
                             // COPY is not pipelined: send what is queued first, in order.
+                            flush_folds(
+                                &mut folds,
+                                Some(&c.table),
+                                &mut pending,
+                                &mut self.failed_tenant,
+                            )?;
                             pipeline(
                                 &tx,
                                 &mut self.prepared,
@@ -471,25 +535,71 @@ impl TargetWriter {
                             }
                             continue;
                         }
-                        Work::Statement(st) => Cow::Borrowed(st),
+                        Work::Statement(st) => {
+                            flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
+                            Cow::Borrowed(st)
+                        }
                         Work::Row(r) => {
-                            let built = self
+                            let layout = match self
                                 .catalog
                                 .table(&tx, &r.table, &r.identity, r.tenant_column.as_deref())
                                 .await
-                                .and_then(|layout| {
-                                    Ok(build(layout, &r.op.as_op(), tenant.as_str())?)
-                                });
-                            match built {
-                                Ok(st) => Cow::Owned(st),
+                            {
+                                Ok(layout) => layout,
                                 Err(e) => {
                                     self.failed_tenant = Some(tenant.clone());
                                     return Err(e);
                                 }
+                            };
+                            let op = r.op.as_op();
+                            if compact {
+                                let at = match folds
+                                    .iter()
+                                    .position(|(t, f)| *t == tenant && f.table().name == r.table)
+                                {
+                                    Some(at) if *folds[at].1.table() == *layout => Some(at),
+                                    Some(at) => {
+                                        // The layout changed under the fold: finish it first.
+                                        flush_folds(
+                                            &mut folds[at..=at],
+                                            None,
+                                            &mut pending,
+                                            &mut self.failed_tenant,
+                                        )?;
+                                        folds.remove(at);
+                                        None
+                                    }
+                                    None => None,
+                                };
+                                let at = at.or_else(|| {
+                                    TableChanges::new(layout).map(|f| {
+                                        folds.push((tenant, f));
+                                        folds.len() - 1
+                                    })
+                                });
+                                if let Some(at) = at {
+                                    if folds[at].1.add(&op).is_ok() {
+                                        continue;
+                                    }
+                                    // Runs alone, after what the batch did to the table so far.
+                                    flush_folds(
+                                        &mut folds[at..=at],
+                                        None,
+                                        &mut pending,
+                                        &mut self.failed_tenant,
+                                    )?;
+                                }
+                            }
+                            match build(layout, &op, tenant.as_str()) {
+                                Ok(st) => Cow::Owned(st),
+                                Err(e) => {
+                                    self.failed_tenant = Some(tenant.clone());
+                                    return Err(e.into());
+                                }
                             }
                         }
                     };
-                    pending.push((tenant, statement));
+                    pending.push((tenant, Pending::One(statement)));
                     if pending.len() >= PIPELINE_DEPTH {
                         pipeline(
                             &tx,
@@ -516,6 +626,7 @@ impl TargetWriter {
                 *entry = (txn.end_lsn, Some(state.as_str()));
             }
         }
+        flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
         pipeline(
             &tx,
             &mut self.prepared,
@@ -625,62 +736,4 @@ pub async fn replica_role(client: &Client) -> Result<bool, ApplyError> {
 /// The quoted name of the progress table in `schema`.
 pub fn progress_table(schema: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident("applied"))
-}
-
-async fn copy(tx: &tokio_postgres::Transaction<'_>, rows: &CopyRows) -> Result<(), ApplyError> {
-    use futures_util::SinkExt;
-    if rows.rows.is_empty() {
-        return Ok(());
-    }
-    let cols = rows
-        .columns
-        .iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!("COPY {} ({cols}) FROM STDIN", rows.table.quoted());
-    let sink = tx
-        .copy_in::<_, bytes::Bytes>(&sql)
-        .await
-        .map_err(ClusterError::sql(format!("starting {sql}")))?;
-    futures_util::pin_mut!(sink);
-    let data = rows.encode();
-    for chunk in data.chunks(256 * 1024) {
-        sink.send(bytes::Bytes::copy_from_slice(chunk))
-            .await
-            .map_err(ClusterError::sql(format!("sending rows for {sql}")))?;
-    }
-    let n = sink
-        .finish()
-        .await
-        .map_err(ClusterError::sql(format!("finishing {sql}")))?;
-    if n != rows.rows.len() as u64 {
-        return Err(ApplyError::Divergence {
-            sql,
-            expected: rows.rows.len() as u64,
-            actual: n,
-        });
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_escapes_every_separator() {
-        let rows = CopyRows {
-            table: QualifiedName::parse("a.b").unwrap(),
-            columns: vec!["x".into(), "y".into()],
-            rows: vec![
-                vec![Some("plain".into()), None],
-                vec![Some("tab\there\nnew\\back\rcr".into()), Some("\\N".into())],
-            ],
-        };
-        assert_eq!(
-            String::from_utf8(rows.encode()).unwrap(),
-            "plain\t\\N\ntab\\there\\nnew\\\\back\\rcr\t\\\\N\n"
-        );
-    }
 }

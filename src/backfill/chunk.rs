@@ -4,14 +4,16 @@
 //! - Chunk queries order and compare keys exactly as [`super::KeyValue`] does: integers
 //!   numerically, text with `COLLATE "C"`; a key type outside that set is refused up front.
 //! - Every value is a bound text parameter cast to the column's type; names are quoted.
-//! - Rows come back as text (`col::text`), the same form pgoutput sends, so chunk rows and
-//!   stream rows go through the same apply path.
+//! - A chunk row is its key columns as text (to order and compare keys) followed by every
+//!   column, in its own type when the rows travel as binary COPY, as text otherwise (see
+//!   [`crate::apply::copy`]).
 //! - Watermarks are transactional logical messages with prefix [`WATERMARK_PREFIX`]: their
 //!   place in the stream is their commit's place, which is what brackets the SELECT.
 
 use serde::{Deserialize, Serialize};
 
 use super::{ChunkSpec, Cursor, Key, KeyKind, KeyValue};
+use crate::apply::CopyFormat;
 use crate::sql::{quote_ident, QualifiedName};
 
 pub const WATERMARK_PREFIX: &str = "switchyard.watermark";
@@ -93,12 +95,27 @@ impl ChunkTable {
         }
     }
 
-    /// The chunk SELECT for `tenant` and `spec`, with its text parameters.
-    pub fn query(&self, tenant: &str, spec: &ChunkSpec) -> (String, Vec<Option<String>>) {
+    /// The chunk SELECT for `tenant` and `spec`, with its text parameters: the key columns
+    /// as text, then every column (as text for `CopyFormat::Text`).
+    pub fn query(
+        &self,
+        tenant: &str,
+        spec: &ChunkSpec,
+        format: CopyFormat,
+    ) -> (String, Vec<Option<String>>) {
+        let cast = match format {
+            CopyFormat::Text => "::text",
+            CopyFormat::Binary => "",
+        };
         let cols = self
-            .columns
+            .key
             .iter()
-            .map(|c| format!("src.{}::text", quote_ident(c)))
+            .map(|(i, _)| format!("src.{}::text", quote_ident(&self.columns[*i])))
+            .chain(
+                self.columns
+                    .iter()
+                    .map(|c| format!("src.{}{cast}", quote_ident(c))),
+            )
             .collect::<Vec<_>>()
             .join(", ");
         let mut params: Vec<Option<String>> = Vec::new();
@@ -159,6 +176,19 @@ impl ChunkTable {
         (sql, params)
     }
 
+    /// The key from its columns' text, in key order; `None` if a value is NULL or does not
+    /// parse as its kind.
+    pub fn key_from(&self, values: &[Option<&str>]) -> Option<Key> {
+        if values.len() != self.key.len() {
+            return None;
+        }
+        self.key
+            .iter()
+            .zip(values)
+            .map(|((_, kind), v)| v.and_then(|t| kind.parse(t)))
+            .collect()
+    }
+
     /// The key of a row (text values in `columns` order); `None` if a key value is NULL or
     /// does not parse as its kind.
     pub fn key_of(&self, values: &[Option<&str>]) -> Option<Key> {
@@ -201,10 +231,12 @@ mod tests {
                 after: Cursor::Start,
                 limit: 100,
             },
+            CopyFormat::Binary,
         );
         assert_eq!(
             sql,
-            "SELECT src.\"tenant_id\"::text, src.\"id\"::text, src.\"code\"::text, src.\"note\"::text \
+            "SELECT src.\"tenant_id\"::text, src.\"id\"::text, src.\"code\"::text, \
+             src.\"tenant_id\", src.\"id\", src.\"code\", src.\"note\" \
              FROM \"public\".\"orders\" AS src \
              WHERE src.\"tenant_id\" = CAST($1 AS integer) \
              ORDER BY src.\"tenant_id\", src.\"id\", src.\"code\" COLLATE \"C\" LIMIT 100"
@@ -215,7 +247,15 @@ mod tests {
             KeyValue::Int(5),
             KeyValue::Text("o'k".into()),
         ]);
-        let (sql, params) = table().query("7", &ChunkSpec::Range { after, limit: 10 });
+        let (sql, params) = table().query(
+            "7",
+            &ChunkSpec::Range { after, limit: 10 },
+            CopyFormat::Text,
+        );
+        assert!(
+            sql.contains("src.\"code\"::text, src.\"note\"::text FROM"),
+            "{sql}"
+        );
         assert!(sql.contains(
             "(src.\"tenant_id\", src.\"id\", src.\"code\" COLLATE \"C\") > (CAST($2 AS bigint), CAST($3 AS bigint), ($4::text COLLATE \"C\"))"
         ), "{sql}");
@@ -234,7 +274,7 @@ mod tests {
             KeyValue::Text("a".into()),
         ]]
         .into();
-        let (sql, params) = table().query("7", &ChunkSpec::Keys(keys));
+        let (sql, params) = table().query("7", &ChunkSpec::Keys(keys), CopyFormat::Binary);
         assert!(
             sql.contains(
                 ") IN ((CAST($2 AS bigint), CAST($3 AS bigint), ($4::text COLLATE \"C\")))"
@@ -243,7 +283,11 @@ mod tests {
         );
         assert!(!sql.contains("LIMIT"));
         assert_eq!(params.len(), 4);
-        let (sql, _) = table().query("7", &ChunkSpec::Keys(Default::default()));
+        let (sql, _) = table().query(
+            "7",
+            &ChunkSpec::Keys(Default::default()),
+            CopyFormat::Binary,
+        );
         assert!(sql.contains("AND false"));
     }
 
@@ -260,6 +304,11 @@ mod tests {
         );
         assert_eq!(t.key_of(&[Some("7"), None, Some("x"), None]), None);
         assert_eq!(t.key_of(&[Some("7"), Some("1.5"), Some("x"), None]), None);
+        assert_eq!(
+            t.key_from(&[Some("7"), Some("12"), Some("x")]),
+            t.key_of(&[Some("7"), Some("12"), Some("x"), None])
+        );
+        assert_eq!(t.key_from(&[Some("7"), Some("12")]), None);
     }
 
     #[test]

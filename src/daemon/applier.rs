@@ -117,7 +117,8 @@ async fn sleep_backoff(backoff: &mut Duration) {
 
 /// A writer on a new connection, applying like a replication worker where allowed.
 async fn connect(cfg: &ApplierConfig) -> Result<TargetWriter, Error> {
-    let w = TargetWriter::connect(cfg.target.clone(), &cfg.endpoint, &cfg.progress_schema).await?;
+    let mut w =
+        TargetWriter::connect(cfg.target.clone(), &cfg.endpoint, &cfg.progress_schema).await?;
     match w.use_replica_role().await {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
@@ -174,7 +175,10 @@ async fn run(
                     }
                 }
                 let w = writer.as_mut().expect("connected above");
-                if let Err(e) = w.commit(&batch).await {
+                let started = std::time::Instant::now();
+                let result = w.commit(&batch).await;
+                tracing::debug!(target = %cfg.target, txns = batch.len(), ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "batch");
+                if let Err(e) = result {
                     let failed = w.failed_tenant().cloned();
                     let error = Error::Apply(e);
                     match (error.classify(), failed) {

@@ -1087,19 +1087,14 @@ impl Engine {
                     tm.abandon(w.chunk);
                     return Ok(());
                 }
-                let rows = result.rows;
                 let picked = tm
                     .copy
                     .high(w.chunk)
                     .map_err(|e| Box::new((tenant.clone(), Error::Move(e.into()))))?;
-                let mut rows: Vec<Option<Vec<Option<String>>>> =
-                    rows.into_iter().map(Some).collect();
-                let chosen: Vec<Vec<Option<String>>> = picked
-                    .into_iter()
-                    .filter_map(|i| rows.get_mut(i).and_then(Option::take))
-                    .collect();
-                t.rows_copied += chosen.len() as i64;
-                if !chosen.is_empty() {
+                t.rows_copied += picked.len() as i64;
+                if !picked.is_empty() {
+                    let format = result.rows.format();
+                    let n = picked.len() as u64;
                     txn.parts
                         .entry(target)
                         .or_default()
@@ -1108,7 +1103,9 @@ impl Engine {
                         .push(Work::Copy(CopyRows {
                             table: tm.target.clone(),
                             columns: tm.chunk.columns.clone(),
-                            rows: chosen,
+                            format,
+                            data: result.rows.select(&picked),
+                            rows: n,
                         }));
                 }
                 txn.touched.insert(tenant);

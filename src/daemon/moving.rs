@@ -71,7 +71,7 @@ impl TableMove {
 /// A chunk's SELECT result, waiting for its high watermark.
 pub(crate) struct ChunkRows {
     pub chunk: u64,
-    pub rows: Vec<Vec<Option<String>>>,
+    pub rows: crate::apply::RowBuffer,
     /// Transactions running in the chunk's snapshot.
     pub in_progress: Vec<u32>,
 }

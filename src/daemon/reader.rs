@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
+use futures_util::StreamExt;
+
+use crate::apply::{CopyFormat, RowBuffer};
 use crate::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL};
 use crate::backfill::{ChunkSpec, Key};
 use crate::cluster::{ClusterError, Endpoint};
@@ -38,7 +41,7 @@ pub(crate) enum ChunkEvent {
         tenant: TenantId,
         table: QualifiedName,
         chunk: u64,
-        rows: Vec<Vec<Option<String>>>,
+        rows: RowBuffer,
         keys: Vec<Key>,
         /// Transactions in progress in the chunk's snapshot (32-bit xids, as pgoutput
         /// sends them).
@@ -50,6 +53,19 @@ pub(crate) enum ChunkEvent {
         chunk: u64,
         error: Error,
     },
+}
+
+/// A column's bytes as PostgreSQL sent them, whatever its type.
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
 }
 
 /// Source connections for chunk readers, reused across chunks.
@@ -120,7 +136,10 @@ async fn read(
         .execute(EMIT_SQL, &[&mark(Mark::Low)])
         .await
         .map_err(ClusterError::sql("writing a low watermark"))?;
-    let (sql, params) = job.layout.query(job.tenant.as_str(), &job.spec);
+    let params = job
+        .layout
+        .query(job.tenant.as_str(), &job.spec, CopyFormat::Binary)
+        .1;
     let types = vec![Type::TEXT; params.len()];
     // One snapshot for the list of running transactions and the chunk: a transaction whose
     // commit record precedes the low watermark but which was not yet visible when the
@@ -141,38 +160,68 @@ async fn read(
         .await
         .map_err(ClusterError::sql("reading the chunk snapshot"))?
         .get(0);
-    let statement = tx
-        .prepare_typed(&sql, &types)
-        .await
-        .map_err(ClusterError::sql(format!(
-            "preparing the chunk query on {}",
-            job.table
-        )))?;
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-    let found = tx
-        .query(&statement, &refs)
+    let nkeys = job.layout.key.len();
+    let width = job.layout.columns.len();
+    // Binary rows go to the target untouched when every column type is built in; the
+    // statement's result types tell (user-defined types are read as text instead).
+    let mut format = CopyFormat::Binary;
+    let mut statement = None;
+    for f in [CopyFormat::Binary, CopyFormat::Text] {
+        let sql = job.layout.query(job.tenant.as_str(), &job.spec, f).0;
+        let st = tx
+            .prepare_typed(&sql, &types)
+            .await
+            .map_err(ClusterError::sql(format!(
+                "preparing the chunk query on {}",
+                job.table
+            )))?;
+        let oids = st.columns().iter().skip(nkeys).map(|c| c.type_().oid());
+        if f == CopyFormat::Text || CopyFormat::for_type_oids(oids) == CopyFormat::Binary {
+            format = f;
+            statement = Some(st);
+            break;
+        }
+    }
+    let statement = statement.expect("the text query is always taken");
+    if statement.columns().len() != nkeys + width {
+        return Err(Error::Move(super::MoveError::KeyValue {
+            table: job.table.to_string(),
+        }));
+    }
+    let stream = tx
+        .query_raw(&statement, params.iter().map(|p| p as &(dyn ToSql + Sync)))
         .await
         .map_err(ClusterError::sql(format!(
             "reading a chunk of {}",
             job.table
         )))?;
+    futures_util::pin_mut!(stream);
+    let mut rows = RowBuffer::new(format);
+    let mut keys = Vec::new();
+    let bad_key = || {
+        Error::Move(super::MoveError::KeyValue {
+            table: job.table.to_string(),
+        })
+    };
+    while let Some(r) = stream.next().await {
+        let r = r.map_err(ClusterError::sql(format!(
+            "reading a chunk of {}",
+            job.table
+        )))?;
+        let texts = (0..nkeys)
+            .map(|i| r.try_get::<_, Option<&str>>(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad_key())?;
+        keys.push(job.layout.key_from(&texts).ok_or_else(bad_key)?);
+        let values = (nkeys..nkeys + width)
+            .map(|i| r.try_get::<_, Option<Raw<'_>>>(i).map(|v| v.map(|v| v.0)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad_key())?;
+        rows.push(values.into_iter());
+    }
     tx.commit()
         .await
         .map_err(ClusterError::sql("ending a chunk snapshot"))?;
-    let width = job.layout.columns.len();
-    let mut rows = Vec::with_capacity(found.len());
-    let mut keys = Vec::with_capacity(found.len());
-    for r in &found {
-        let row: Vec<Option<String>> = (0..width).map(|i| r.get(i)).collect();
-        let texts: Vec<Option<&str>> = row.iter().map(|v| v.as_deref()).collect();
-        let key = job.layout.key_of(&texts).ok_or_else(|| {
-            Error::Move(super::MoveError::KeyValue {
-                table: job.table.to_string(),
-            })
-        })?;
-        keys.push(key);
-        rows.push(row);
-    }
     if events
         .send(ChunkEvent::Rows {
             tenant: job.tenant.clone(),

@@ -362,6 +362,12 @@ pub(crate) async fn prepare(
         }
     }
 
+    // A resumed tenant whose copy is done keeps the total it reported: counting a big
+    // tenant's rows again would only delay the restart.
+    if tenant.is_copied() && mv.rows_total.is_some() {
+        tenant.rows_total = mv.rows_total;
+        return Ok(tenant);
+    }
     let mut total = 0i64;
     for t in tenant.tables.values() {
         let (sql, params) = match &t.chunk.tenant {

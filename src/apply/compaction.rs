@@ -1,0 +1,546 @@
+//! The net effect of a batch's row changes on one target table, applied as a few set-based
+//! statements instead of one statement per change.
+//!
+//! ```text
+//!   INSERT k1, UPDATE k1, UPDATE k2, DELETE k3, INSERT k4, DELETE k4
+//!     ──► DELETE k3 · UPDATE k2 · INSERT k1 (final values) · CHECK k4 absent
+//!         (each one statement over unnest()ed text arrays, with its exact row count)
+//! ```
+//!
+//! Invariants:
+//! - Per key, the changes fold into what the target must hold before (`present` or `absent`)
+//!   and after (the final row, or `absent`). Running the folded statements (deletes, updates,
+//!   inserts, absence checks, in that order) leaves the table as replaying the changes one by
+//!   one would, as long as keys are equal exactly when their text is equal (the key types
+//!   backfill accepts: integers, text, varchar, uuid) and no constraint besides the primary
+//!   key sees the order between keys (the writer compacts only under
+//!   `session_replication_role = replica`, and replays a batch change by change when a
+//!   compacted statement fails).
+//! - Strictness is kept: every statement states how many rows it must touch (all of them),
+//!   keys inserted and deleted inside the batch are checked to be absent, and a change the
+//!   fold cannot express (an INSERT over a live key, an UPDATE or DELETE of a key already
+//!   deleted, a key change, TRUNCATE) is refused, so the caller flushes and runs it alone.
+//! - Unchanged-TOAST columns stay unwritten: an UPDATE sets only the columns some change in
+//!   the batch supplied, grouped by that set of columns.
+//! - Values are bound as text arrays and cast to the column type; identifiers are quoted.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::statement::{text, TargetTable};
+use super::StatementError;
+use crate::backfill::KeyKind;
+use crate::decode::{Datum, Tuple};
+use crate::route::RowOp;
+use crate::sql::quote_ident;
+
+/// One statement over column arrays: parameter `$n` is the text array of the n-th column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetStatement {
+    pub sql: String,
+    pub columns: Vec<Vec<Option<String>>>,
+    /// Rows the statement must touch (or, for an absence check, return).
+    pub expect_rows: u64,
+}
+
+/// Why a change was not folded: the caller flushes the table and runs it on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Key changes, TRUNCATE, rows without text key values, INSERT with unchanged TOAST.
+    Unsupported,
+    /// The change contradicts what the batch already did to the key; run alone, it fails
+    /// with the exact error.
+    Contradiction,
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: Vec<Bytes>,
+    /// The target must hold the key before the batch.
+    before: bool,
+    /// The row after the batch, or `None` when the key ends deleted. A `None` column keeps
+    /// the target's value (unchanged TOAST in every UPDATE of the batch).
+    after: Option<Vec<Option<Datum>>>,
+}
+
+/// The folded changes of one target table.
+#[derive(Debug)]
+pub struct TableChanges {
+    table: TargetTable,
+    key: Vec<usize>,
+    index: HashMap<Vec<Bytes>, usize>,
+    entries: Vec<Entry>,
+}
+
+impl TableChanges {
+    /// `None` when the table's keys cannot be folded (no primary key, or a key type whose
+    /// text is not canonical).
+    pub fn new(table: &TargetTable) -> Option<TableChanges> {
+        let key: Vec<usize> = (0..table.columns.len())
+            .filter(|&i| table.columns[i].primary_key)
+            .collect();
+        let foldable = !key.is_empty()
+            && key
+                .iter()
+                .all(|&i| KeyKind::for_type_name(&table.columns[i].type_sql).is_some());
+        foldable.then(|| TableChanges {
+            table: table.clone(),
+            key,
+            index: HashMap::new(),
+            entries: Vec::new(),
+        })
+    }
+
+    pub fn table(&self) -> &TargetTable {
+        &self.table
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn key_of(&self, t: &Tuple) -> Option<Vec<Bytes>> {
+        if t.0.len() != self.table.columns.len() {
+            return None;
+        }
+        self.key
+            .iter()
+            .map(|&i| match &t.0[i] {
+                Datum::Text(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Folds one change in, or refuses it (nothing changes then).
+    pub fn add(&mut self, op: &RowOp<'_>) -> Result<(), Refusal> {
+        let (tuple, kind) = match op {
+            RowOp::Upsert { new, update } => (*new, if *update { 1 } else { 0 }),
+            RowOp::Delete { old } => (*old, 2),
+            RowOp::Rekey { .. } | RowOp::Truncate => return Err(Refusal::Unsupported),
+        };
+        let key = self.key_of(tuple).ok_or(Refusal::Unsupported)?;
+        let values = || -> Vec<Option<Datum>> {
+            tuple
+                .0
+                .iter()
+                .map(|d| match d {
+                    Datum::UnchangedToast => None,
+                    d => Some(d.clone()),
+                })
+                .collect()
+        };
+        if kind == 0 && tuple.0.iter().any(|d| matches!(d, Datum::UnchangedToast)) {
+            return Err(Refusal::Unsupported);
+        }
+        let Some(&at) = self.index.get(&key) else {
+            let entry = match kind {
+                0 => Entry {
+                    key: key.clone(),
+                    before: false,
+                    after: Some(values()),
+                },
+                1 => Entry {
+                    key: key.clone(),
+                    before: true,
+                    after: Some(values()),
+                },
+                _ => Entry {
+                    key: key.clone(),
+                    before: true,
+                    after: None,
+                },
+            };
+            self.index.insert(key, self.entries.len());
+            self.entries.push(entry);
+            return Ok(());
+        };
+        let entry = &mut self.entries[at];
+        match (kind, &mut entry.after) {
+            (0, after @ None) => *after = Some(values()),
+            (1, Some(row)) => {
+                for (slot, d) in row.iter_mut().zip(&tuple.0) {
+                    if !matches!(d, Datum::UnchangedToast) {
+                        *slot = Some(d.clone());
+                    }
+                }
+            }
+            (2, after @ Some(_)) => *after = None,
+            _ => return Err(Refusal::Contradiction),
+        }
+        Ok(())
+    }
+
+    /// The statements for everything folded so far, in the order they must run; empties
+    /// the fold.
+    pub fn take_statements(&mut self) -> Result<Vec<SetStatement>, StatementError> {
+        let entries = std::mem::take(&mut self.entries);
+        self.index.clear();
+        let mut deletes = Vec::new();
+        let mut absent = Vec::new();
+        let mut inserts = Vec::new();
+        // UPDATEs grouped by the columns they set, in first-seen order.
+        let mut updates: Vec<(Vec<bool>, Vec<&Entry>)> = Vec::new();
+        for e in &entries {
+            match (e.before, &e.after) {
+                (true, None) => deletes.push(e),
+                (false, None) => absent.push(e),
+                (false, Some(_)) => inserts.push(e),
+                (true, Some(row)) => {
+                    let mask: Vec<bool> = row.iter().map(Option::is_some).collect();
+                    match updates.iter_mut().find(|(m, _)| *m == mask) {
+                        Some((_, group)) => group.push(e),
+                        None => updates.push((mask, vec![e])),
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if !deletes.is_empty() {
+            out.push(self.keyed("DELETE", &deletes)?);
+        }
+        for (mask, group) in &updates {
+            out.push(self.update(mask, group)?);
+        }
+        if !inserts.is_empty() {
+            out.push(self.insert(&inserts)?);
+        }
+        if !absent.is_empty() {
+            let mut check = self.keyed("SELECT", &absent)?;
+            check.expect_rows = 0;
+            out.push(check);
+        }
+        Ok(out)
+    }
+
+    fn key_text(&self, e: &Entry, k: usize) -> Result<Option<String>, StatementError> {
+        text(&self.table, self.key[k], &Datum::Text(e.key[k].clone()))
+    }
+
+    fn value_text(&self, e: &Entry, i: usize) -> Result<Option<String>, StatementError> {
+        match e.after.as_ref().and_then(|row| row[i].as_ref()) {
+            Some(d) => text(&self.table, i, d),
+            None => Ok(None),
+        }
+    }
+
+    /// `unnest($1::text[], …) AS u(v1, …)` for `n` arrays.
+    fn unnest(n: usize) -> String {
+        let arrays = (1..=n)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let names = (1..=n)
+            .map(|i| format!("v{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("unnest({arrays}) AS u({names})")
+    }
+
+    /// `t.k = CAST(u.vN AS type) AND …` for the key columns bound as the first arrays.
+    fn key_match(&self) -> String {
+        self.key
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| {
+                let c = &self.table.columns[i];
+                format!(
+                    "t.{} = CAST(u.v{} AS {})",
+                    quote_ident(&c.name),
+                    n + 1,
+                    c.type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn key_arrays(&self, entries: &[&Entry]) -> Result<Vec<Vec<Option<String>>>, StatementError> {
+        (0..self.key.len())
+            .map(|k| entries.iter().map(|e| self.key_text(e, k)).collect())
+            .collect()
+    }
+
+    /// DELETE of these keys, or (verb SELECT) a query returning those still present.
+    fn keyed(&self, verb: &str, entries: &[&Entry]) -> Result<SetStatement, StatementError> {
+        let target = self.table.name.quoted();
+        let from = Self::unnest(self.key.len());
+        let sql = if verb == "DELETE" {
+            format!(
+                "DELETE FROM {target} AS t USING {from} WHERE {}",
+                self.key_match()
+            )
+        } else {
+            format!(
+                "SELECT 1 FROM {target} AS t JOIN {from} ON {}",
+                self.key_match()
+            )
+        };
+        Ok(SetStatement {
+            sql,
+            columns: self.key_arrays(entries)?,
+            expect_rows: entries.len() as u64,
+        })
+    }
+
+    fn update(&self, mask: &[bool], entries: &[&Entry]) -> Result<SetStatement, StatementError> {
+        let target = self.table.name.quoted();
+        let mut columns = self.key_arrays(entries)?;
+        let mut sets = Vec::new();
+        let mut set_cols: Vec<usize> = (0..mask.len())
+            .filter(|&i| mask[i] && !self.key.contains(&i))
+            .collect();
+        if set_cols.is_empty() {
+            // Only key columns (or only unchanged TOAST): still an UPDATE that must find the
+            // row, as the change it stands for would.
+            set_cols.push(self.key[0]);
+        }
+        for i in set_cols {
+            let c = &self.table.columns[i];
+            columns.push(
+                entries
+                    .iter()
+                    .map(|e| self.value_text(e, i))
+                    .collect::<Result<_, _>>()?,
+            );
+            sets.push(format!(
+                "{} = CAST(u.v{} AS {})",
+                quote_ident(&c.name),
+                columns.len(),
+                c.type_sql
+            ));
+        }
+        Ok(SetStatement {
+            sql: format!(
+                "UPDATE {target} AS t SET {} FROM {} WHERE {}",
+                sets.join(", "),
+                Self::unnest(columns.len()),
+                self.key_match()
+            ),
+            columns,
+            expect_rows: entries.len() as u64,
+        })
+    }
+
+    fn insert(&self, entries: &[&Entry]) -> Result<SetStatement, StatementError> {
+        let target = self.table.name.quoted();
+        let n = self.table.columns.len();
+        let columns = (0..n)
+            .map(|i| entries.iter().map(|e| self.value_text(e, i)).collect())
+            .collect::<Result<Vec<Vec<Option<String>>>, _>>()?;
+        let names = self
+            .table
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let casts = self
+            .table
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("CAST(u.v{} AS {})", i + 1, c.type_sql))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(SetStatement {
+            sql: format!(
+                "INSERT INTO {target} ({names}) SELECT {casts} FROM {}",
+                Self::unnest(n)
+            ),
+            columns,
+            expect_rows: entries.len() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::statement::TargetColumn;
+    use crate::sql::QualifiedName;
+
+    fn table() -> TargetTable {
+        let col = |name: &str, ty: &str, pk: bool| TargetColumn {
+            name: name.into(),
+            type_sql: ty.into(),
+            primary_key: pk,
+            identity: pk,
+        };
+        TargetTable {
+            name: QualifiedName::parse("acme.orders").unwrap(),
+            columns: vec![
+                col("tenant_id", "integer", true),
+                col("id", "bigint", true),
+                col("note", "text", false),
+                col("big", "text", false),
+            ],
+            tenant_column: Some("tenant_id".into()),
+        }
+    }
+
+    fn s(v: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn row(id: &str, note: Datum, big: Datum) -> Tuple {
+        Tuple(vec![s("7"), s(id), note, big])
+    }
+
+    fn key(id: &str) -> Tuple {
+        Tuple(vec![s("7"), s(id), Datum::Null, Datum::Null])
+    }
+
+    fn ins(t: &Tuple) -> RowOp<'_> {
+        RowOp::Upsert {
+            new: t,
+            update: false,
+        }
+    }
+    fn upd(t: &Tuple) -> RowOp<'_> {
+        RowOp::Upsert {
+            new: t,
+            update: true,
+        }
+    }
+
+    fn col(st: &SetStatement, n: usize) -> Vec<Option<&str>> {
+        st.columns[n].iter().map(|v| v.as_deref()).collect()
+    }
+
+    #[test]
+    fn a_key_inserted_then_updated_is_one_insert_of_its_final_values() {
+        let mut c = TableChanges::new(&table()).unwrap();
+        let (a, b) = (
+            row("1", s("first"), s("x")),
+            row("1", s("second"), Datum::UnchangedToast),
+        );
+        c.add(&ins(&a)).unwrap();
+        c.add(&upd(&b)).unwrap();
+        let out = c.take_statements().unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].sql.starts_with("INSERT INTO \"acme\".\"orders\""));
+        assert_eq!(out[0].expect_rows, 1);
+        assert_eq!(col(&out[0], 2), vec![Some("second")]);
+        // The TOAST value the UPDATE left unchanged is the one the INSERT carried.
+        assert_eq!(col(&out[0], 3), vec![Some("x")]);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn updates_are_grouped_by_the_columns_they_set_and_leave_toast_alone() {
+        let mut c = TableChanges::new(&table()).unwrap();
+        let (a, b, d) = (
+            row("1", s("n1"), Datum::UnchangedToast),
+            row("2", s("n2"), s("big2")),
+            row("3", s("n3"), Datum::UnchangedToast),
+        );
+        for t in [&a, &b, &d] {
+            c.add(&upd(t)).unwrap();
+        }
+        let out = c.take_statements().unwrap();
+        assert_eq!(out.len(), 2);
+        let toast = &out[0];
+        assert!(!toast.sql.contains("\"big\" ="), "{}", toast.sql);
+        assert!(toast.sql.contains("\"note\" = CAST(u.v3 AS text)"));
+        let set_list = toast.sql.split(" FROM ").next().unwrap();
+        assert!(!set_list.contains("\"id\" ="), "keys are matched, not set");
+        assert_eq!(toast.expect_rows, 2);
+        assert_eq!(col(toast, 1), vec![Some("1"), Some("3")]);
+        assert!(
+            out[1].sql.contains("\"big\" = CAST(u.v4 AS text)"),
+            "{}",
+            out[1].sql
+        );
+        assert_eq!(out[1].expect_rows, 1);
+    }
+
+    #[test]
+    fn statements_run_deletes_then_updates_then_inserts_then_absence_checks() {
+        let mut c = TableChanges::new(&table()).unwrap();
+        let (i1, u2, d3, i4, d4) = (
+            row("1", s("a"), s("b")),
+            row("2", s("a"), s("b")),
+            key("3"),
+            row("4", s("a"), s("b")),
+            key("4"),
+        );
+        c.add(&ins(&i1)).unwrap();
+        c.add(&upd(&u2)).unwrap();
+        c.add(&RowOp::Delete { old: &d3 }).unwrap();
+        c.add(&ins(&i4)).unwrap();
+        c.add(&RowOp::Delete { old: &d4 }).unwrap();
+        let out = c.take_statements().unwrap();
+        let verbs: Vec<&str> = out
+            .iter()
+            .map(|s| s.sql.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(verbs, ["DELETE", "UPDATE", "INSERT", "SELECT"]);
+        assert_eq!(col(&out[0], 1), vec![Some("3")]);
+        // Inserted and deleted inside the batch: the target must not hold it.
+        assert_eq!(out[3].expect_rows, 0);
+        assert_eq!(col(&out[3], 1), vec![Some("4")]);
+    }
+
+    #[test]
+    fn a_deleted_then_reinserted_key_becomes_a_full_update() {
+        let mut c = TableChanges::new(&table()).unwrap();
+        let (d, i) = (key("5"), row("5", s("again"), Datum::Null));
+        c.add(&RowOp::Delete { old: &d }).unwrap();
+        c.add(&ins(&i)).unwrap();
+        let out = c.take_statements().unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].sql.starts_with("UPDATE"));
+        assert!(out[0].sql.contains("\"big\" ="));
+        assert_eq!(col(&out[0], 3), vec![None], "NULL is written, not kept");
+    }
+
+    #[test]
+    fn contradictions_and_unsupported_changes_are_refused_without_effect() {
+        let mut c = TableChanges::new(&table()).unwrap();
+        let (a, k) = (row("1", s("a"), s("b")), key("1"));
+        c.add(&ins(&a)).unwrap();
+        assert_eq!(c.add(&ins(&a)), Err(Refusal::Contradiction));
+        c.add(&RowOp::Delete { old: &k }).unwrap();
+        assert_eq!(c.add(&upd(&a)), Err(Refusal::Contradiction));
+        assert_eq!(
+            c.add(&RowOp::Delete { old: &k }),
+            Err(Refusal::Contradiction)
+        );
+        assert_eq!(c.add(&RowOp::Truncate), Err(Refusal::Unsupported));
+        let toast = row("2", s("a"), Datum::UnchangedToast);
+        assert_eq!(c.add(&ins(&toast)), Err(Refusal::Unsupported));
+        let nokey = Tuple(vec![s("7"), Datum::Null, Datum::Null, Datum::Null]);
+        assert_eq!(
+            c.add(&RowOp::Delete { old: &nokey }),
+            Err(Refusal::Unsupported)
+        );
+        let out = c.take_statements().unwrap();
+        assert_eq!(out.len(), 1, "only the absence check of key 1");
+        assert_eq!(out[0].expect_rows, 0);
+    }
+
+    #[test]
+    fn tables_whose_keys_are_not_canonical_text_are_not_folded() {
+        let mut t = table();
+        t.columns[1].type_sql = "numeric(10,2)".into();
+        assert!(TableChanges::new(&t).is_none());
+        for c in t.columns.iter_mut() {
+            c.primary_key = false;
+        }
+        assert!(TableChanges::new(&t).is_none());
+    }
+
+    #[test]
+    fn hostile_names_are_quoted_and_values_never_enter_the_sql() {
+        let mut t = table();
+        t.columns[2].name = "no\"te; DROP TABLE x".into();
+        let mut c = TableChanges::new(&t).unwrap();
+        let r = row("1", s("'); DROP TABLE y; --"), s("b"));
+        c.add(&upd(&r)).unwrap();
+        let out = c.take_statements().unwrap();
+        assert!(out[0].sql.contains("\"no\"\"te; DROP TABLE x\" = "));
+        assert!(!out[0].sql.contains("DROP TABLE y"));
+    }
+}
