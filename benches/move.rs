@@ -4,7 +4,9 @@
 //! paused-then-resumed native subscription and by a stopped-then-restarted switchyard.
 //!
 //! Run: `cargo bench --bench move` (SWITCHYARD_BENCH_ROWS, default 1000000, sets the big
-//! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions).
+//! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions;
+//! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
+//! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -125,6 +127,10 @@ async fn main() -> Result<()> {
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
     prepare_target(&dst)?;
+    // The launcher restarts a subscription's worker at most once per
+    // wal_retrieve_retry_interval (5 s by default): later rounds re-create and re-enable the
+    // subscription within seconds, which must not count against native.
+    dst.psql("ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'; SELECT pg_reload_conf();")?;
     src.psql(&format!(
         "{TABLE};
          INSERT INTO public.orders
@@ -155,113 +161,171 @@ async fn main() -> Result<()> {
     let s = src.client().await?;
     let d = dst.client().await?;
     let dn = dst.client_db("native").await?;
-    let mut report = Vec::new();
 
-    // 1. COPY pipe: the floor for moving bytes.
-    let t0 = Instant::now();
-    {
-        let out = s
-            .copy_out("COPY (SELECT * FROM public.orders WHERE tenant_id = 1) TO STDOUT")
-            .await?;
-        let sink = d.copy_in("COPY pipe.orders FROM STDIN").await?;
-        futures_util::pin_mut!(out);
-        futures_util::pin_mut!(sink);
-        // COPY TO yields one message per row: forward them in 1 MiB writes, as `psql | psql`
-        // pipes do, not one network write per row.
-        let mut buf = bytes::BytesMut::with_capacity(1 << 20);
-        while let Some(chunk) = out.next().await {
-            buf.extend_from_slice(&chunk?);
-            if buf.len() >= 1 << 20 {
+    let rounds = env_or("SWITCHYARD_BENCH_ROUNDS", if bench { 3 } else { 1 }) as usize;
+    let mut pipe_t = Vec::new();
+    let mut native_t = Vec::new();
+    let mut sy_t = Vec::new();
+    let mut sy_cpu = Vec::new();
+    let dir = tempfile::tempdir()?;
+    let chunk_rows = env_or("SWITCHYARD_BENCH_CHUNK", 20_000);
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        &format!("[move]\nchunk_rows = {chunk_rows}\n"),
+    )?;
+    let registry = Registry::new("switchyard")?;
+    let mut daemon: Option<InProcess> = None;
+    let mut move_id: Option<i64> = None;
+    for round in 0..rounds {
+        // 1. COPY pipe: the floor for moving bytes.
+        d.batch_execute("TRUNCATE pipe.orders").await?;
+        let t0 = Instant::now();
+        {
+            let out = s
+                .copy_out("COPY (SELECT * FROM public.orders WHERE tenant_id = 1) TO STDOUT")
+                .await?;
+            let sink = d.copy_in("COPY pipe.orders FROM STDIN").await?;
+            futures_util::pin_mut!(out);
+            futures_util::pin_mut!(sink);
+            // COPY TO yields one message per row: forward them in 1 MiB writes, as `psql |
+            // psql` pipes do, not one network write per row.
+            let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+            while let Some(chunk) = out.next().await {
+                buf.extend_from_slice(&chunk?);
+                if buf.len() >= 1 << 20 {
+                    sink.send(buf.split().freeze()).await?;
+                }
+            }
+            if !buf.is_empty() {
                 sink.send(buf.split().freeze()).await?;
             }
+            sink.finish().await?;
         }
-        if !buf.is_empty() {
-            sink.send(buf.split().freeze()).await?;
-        }
-        sink.finish().await?;
-    }
-    let pipe = t0.elapsed();
-    report.push(("COPY pipe (COPY TO → COPY FROM)", pipe));
+        pipe_t.push(t0.elapsed());
 
-    // 2. Native logical replication: initial sync of the row-filtered publication.
-    let t0 = Instant::now();
-    dn.batch_execute(&format!(
-        "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION native_pub",
-        src.port()
-    ))
-    .await?;
-    wait_for("native initial sync", Duration::from_secs(3600), || async {
-        let pending: i64 = dn
-            .query_one(
-                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
-                &[],
+        // 2. Native logical replication: initial sync of the row-filtered publication
+        // (switchyard, if running, is idle: nothing is written meanwhile).
+        if round > 0 {
+            dn.batch_execute("DROP SUBSCRIPTION native_sub").await?;
+            dn.batch_execute("TRUNCATE public.orders").await?;
+        }
+        let t0 = Instant::now();
+        dn.batch_execute(&format!(
+            "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION native_pub",
+            src.port()
+        ))
+        .await?;
+        wait_for("native initial sync", Duration::from_secs(3600), || async {
+            let pending: i64 = dn
+                .query_one(
+                    "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((pending == 0).then_some(()))
+        })
+        .await?;
+        native_t.push(t0.elapsed());
+
+        // 3. switchyard: move request → in sync (backfill under the stream). Later rounds
+        // cancel the previous move and move the tenant again, into a new schema.
+        if daemon.is_none() {
+            daemon = Some(InProcess::start(load_config(&path)?, true));
+            wait_for("the registry", Duration::from_secs(60), || async {
+                Ok(s.query_opt(
+                    "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
+                    &[],
+                )
+                .await?
+                .map(|_| ()))
+            })
+            .await?;
+        }
+        if let Some(id) = move_id {
+            s.execute(
+                "UPDATE switchyard.moves SET state = 'cancelled' WHERE id = $1",
+                &[&id],
             )
+            .await?;
+            wait_state(&s, id, "cancelled", Duration::from_secs(60)).await?;
+            // The daemon lets go of a cancelled tenant within a registry poll.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let schema = format!("big{round}");
+        let t0 = Instant::now();
+        let cpu0 = cpu_seconds();
+        let id = request(&s, &registry, "1", "shard2", &schema).await?;
+        wait_state(&s, id, "streaming", Duration::from_secs(3600)).await?;
+        sy_t.push(t0.elapsed());
+        sy_cpu.push(cpu_seconds() - cpu0);
+        move_id = Some(id);
+        let n: i64 = d
+            .query_one(&format!("SELECT count(*) FROM {schema}.orders"), &[])
             .await?
             .get(0);
-        Ok((pending == 0).then_some(()))
-    })
-    .await?;
-    let native_sync = t0.elapsed();
-    report.push(("native LR initial sync (row filter)", native_sync));
+        anyhow::ensure!(n as u64 == rows, "switchyard copied {n} rows of {rows}");
+    }
+    let schema = format!("big{}", rounds - 1);
 
-    // 3. switchyard: move request → in sync (backfill under the stream).
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), &src, Some(&dst), "[move]\nchunk_rows = 20000\n")?;
-    let daemon = InProcess::start(load_config(&path)?, true);
-    wait_for("the registry", Duration::from_secs(60), || async {
-        Ok(s.query_opt(
-            "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
-            &[],
+    // 4. Backlog apply. Both consumers are stopped while one burst is written; then native
+    // catches up alone (switchyard stopped), then switchyard alone (native disabled), each
+    // timed from resume until its slot confirms the burst's end.
+    let mut native_backlog_t = Vec::new();
+    let mut sy_backlog_t = Vec::new();
+    let mut sy_backlog_cpu = Vec::new();
+    for round in 0..rounds {
+        if let Some(d) = daemon.take() {
+            d.stop().await?;
+        }
+        dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+            .await?;
+        wait_for(
+            "the native worker to stop",
+            Duration::from_secs(60),
+            || async {
+                let active: bool = s
+                    .query_one(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = 'native_sub'",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                Ok((!active).then_some(()))
+            },
         )
-        .await?
-        .map(|_| ()))
-    })
-    .await?;
-    let registry = Registry::new("switchyard")?;
-    let t0 = Instant::now();
-    let cpu0 = cpu_seconds();
-    let id = request(&s, &registry, "1", "shard2", "big").await?;
-    wait_state(&s, id, "streaming", Duration::from_secs(3600)).await?;
-    let sy_sync = t0.elapsed();
-    let sy_sync_cpu = cpu_seconds() - cpu0;
-    report.push(("switchyard backfill to in-sync", sy_sync));
-    let n: i64 = d
-        .query_one("SELECT count(*) FROM big.orders", &[])
-        .await?
-        .get(0);
-    anyhow::ensure!(n as u64 == rows, "switchyard copied {n} rows of {rows}");
-
-    // 4. Backlog apply, native: subscription disabled while the burst is written.
-    dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
         .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    s.batch_execute(&backlog_sql(txns, rows, 1)).await?;
-    let target = lsn(&s).await?;
-    let (native_total, native_backlog) = catch_up(&s, "native_sub", &target, async {
+        s.batch_execute(&backlog_sql(txns, rows, round as u32 + 1))
+            .await?;
+        let target = lsn(&s).await?;
+        s.batch_execute("SELECT pg_logical_emit_message(true, 'bench', 'end')")
+            .await?;
+        let (native_total, _) = catch_up(&s, "native_sub", &target, async {
+            dn.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
+                .await?;
+            Ok(())
+        })
+        .await?;
+        native_backlog_t.push(native_total);
+        dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+            .await?;
+        let cpu0 = cpu_seconds();
+        let (sy_total, _) = catch_up(&s, "sy", &target, async {
+            daemon = Some(InProcess::start(load_config(&path)?, false));
+            Ok(())
+        })
+        .await?;
+        sy_backlog_t.push(sy_total);
+        sy_backlog_cpu.push(cpu_seconds() - cpu0);
         dn.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
             .await?;
-        Ok(())
-    })
-    .await?;
-
-    // 5. Backlog apply, switchyard: daemon stopped while the same burst is written.
-    daemon.stop().await?;
-    s.batch_execute(&backlog_sql(txns, rows, 2)).await?;
-    let target = lsn(&s).await?;
-    s.batch_execute("SELECT pg_logical_emit_message(true, 'bench', 'end')")
-        .await?;
-    let mut daemon = None;
-    let cpu0 = cpu_seconds();
-    let (sy_total, sy_backlog) = catch_up(&s, "sy", &target, async {
-        daemon = Some(InProcess::start(load_config(&path)?, false));
-        Ok(())
-    })
-    .await?;
-    let sy_backlog_cpu = cpu_seconds() - cpu0;
-    if let Some(d) = daemon {
+    }
+    if let Some(d) = daemon.take() {
         d.stop().await?;
     }
-    // Both applied the same kind of burst: the big tenant is equal everywhere.
+    // Both applied the same bursts: the big tenant is equal everywhere.
     let want = {
         let r = s
             .query_one(
@@ -271,54 +335,81 @@ async fn main() -> Result<()> {
             .await?;
         (r.get::<_, i64>(0), r.get::<_, Option<String>>(1))
     };
-    let got = {
-        let r = d
-            .query_one("SELECT count(*), sum(amount)::text FROM big.orders", &[])
-            .await?;
-        (r.get::<_, i64>(0), r.get::<_, Option<String>>(1))
-    };
-    anyhow::ensure!(
-        want == got,
-        "switchyard target differs: {want:?} vs {got:?}"
-    );
+    for (client, table) in [
+        (&d, format!("{schema}.orders")),
+        (&dn, "public.orders".into()),
+    ] {
+        let got = wait_for("the target to match", Duration::from_secs(120), || async {
+            let r = client
+                .query_one(
+                    &format!("SELECT count(*), sum(amount)::text FROM {table}"),
+                    &[],
+                )
+                .await?;
+            let got = (r.get::<_, i64>(0), r.get::<_, Option<String>>(1));
+            Ok((got == want).then_some(got))
+        })
+        .await;
+        anyhow::ensure!(got.is_ok(), "{table} differs from the source: {want:?}");
+    }
 
     let secs = |d: Duration| d.as_secs_f64();
+    let median = |v: &[Duration]| {
+        let mut s: Vec<f64> = v.iter().map(|d| d.as_secs_f64()).collect();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[s.len() / 2]
+    };
+    let list = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.2}", secs(*d)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let total_changes = txns * 3;
-    println!("\n## Moving a {rows}-row tenant (one run, same machine)\n");
-    println!("| pipeline | seconds | rows/s |");
-    println!("|---|---|---|");
-    for (name, d) in &report {
+    println!("\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds)\n");
+    println!("| pipeline | median s | rows/s | rounds (s) |");
+    println!("|---|---|---|---|");
+    for (name, v) in [
+        ("COPY pipe (COPY TO → COPY FROM)", &pipe_t),
+        ("native LR initial sync (row filter)", &native_t),
+        ("switchyard backfill to in-sync", &sy_t),
+    ] {
         println!(
-            "| {name} | {:.2} | {:.0} |",
-            secs(*d),
-            rows as f64 / secs(*d)
+            "| {name} | {:.2} | {:.0} | {} |",
+            median(v),
+            rows as f64 / median(v),
+            list(v)
+        );
+    }
+    let cpu = |v: &[f64]| {
+        v.iter()
+            .map(|c| format!("{c:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "\nbackfill ratio (native median / switchyard median): {:.2}; switchyard's own CPU per round (s): {}",
+        median(&native_t) / median(&sy_t),
+        cpu(&sy_cpu)
+    );
+    println!("\n## Backlog apply: {txns} transactions, {total_changes} row changes per round\n");
+    println!("| pipeline | median resume → caught up (s) | changes/s | rounds (s) |");
+    println!("|---|---|---|---|");
+    for (name, v) in [
+        ("native LR (subscription re-enabled)", &native_backlog_t),
+        ("switchyard (daemon restarted)", &sy_backlog_t),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.0} | {} |",
+            median(v),
+            total_changes as f64 / median(v),
+            list(v)
         );
     }
     println!(
-        "\nbackfill ratio (native sync time / switchyard time): {:.2}; switchyard's own CPU: {:.2} s",
-        secs(native_sync) / secs(sy_sync),
-        sy_sync_cpu
-    );
-    println!("\n## Backlog apply: {txns} transactions, {total_changes} row changes\n");
-    println!("| pipeline | resume → caught up (s) | first progress → caught up (s) | changes/s (apply) |");
-    println!("|---|---|---|---|");
-    println!(
-        "| native LR (subscription re-enabled) | {:.2} | {:.2} | {:.0} |",
-        secs(native_total),
-        secs(native_backlog),
-        total_changes as f64 / secs(native_backlog)
-    );
-    println!(
-        "| switchyard (daemon restarted) | {:.2} | {:.2} | {:.0} |",
-        secs(sy_total),
-        secs(sy_backlog),
-        total_changes as f64 / secs(sy_backlog)
-    );
-    println!(
-        "\nbacklog ratio, resume to caught up (native / switchyard): {:.2}; apply phase: {:.2}; switchyard's own CPU: {:.2} s",
-        secs(native_total) / secs(sy_total),
-        secs(native_backlog) / secs(sy_backlog),
-        sy_backlog_cpu
+        "\nbacklog ratio (native median / switchyard median): {:.2}; switchyard's own CPU per round (s): {}",
+        median(&native_backlog_t) / median(&sy_backlog_t),
+        cpu(&sy_backlog_cpu)
     );
     let _ = dn
         .batch_execute("DROP SUBSCRIPTION native_sub")

@@ -198,6 +198,58 @@ async fn a_schema_per_tenant_moves_to_another_cluster() -> Result<()> {
 /// The real binary, killed with SIGKILL several times mid-backfill and mid-stream, then
 /// stopped with SIGTERM: the targets still end equal to the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_move_stops_and_the_tenant_can_move_again() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(SCHEMA_PER_TENANT)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[tenancy]\nmode = \"schema\"\n[move]\nchunk_rows = 1000\n",
+    )?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(load_config(&path)?, true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+
+    let first = request(&s, &registry, "acme", "shard2", "first").await?;
+    wait_state(&s, first, "streaming", SYNC).await?;
+    s.execute(
+        "UPDATE switchyard.moves SET state = 'cancelled' WHERE id = $1",
+        &[&first],
+    )
+    .await?;
+    // The daemon reads the registry every 500 ms; after that the tenant is no longer
+    // applied to the cancelled move's target.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.batch_execute("INSERT INTO acme.orders VALUES (900001, 'after cancel', NULL)")
+        .await?;
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    let leaked: i64 = d
+        .query_one("SELECT count(*) FROM first.orders WHERE id = 900001", &[])
+        .await?
+        .get(0);
+    assert_eq!(leaked, 0, "a cancelled move kept applying");
+
+    let second = request(&s, &registry, "acme", "shard2", "second").await?;
+    wait_state(&s, second, "streaming", SYNC).await?;
+    s.batch_execute("UPDATE acme.orders SET note = 'moved again' WHERE id = 1")
+        .await?;
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    for table in ["orders", "items"] {
+        let want = digest(&s, &format!("acme.{table}"), "").await?;
+        let got = digest(&d, &format!("second.{table}"), "").await?;
+        assert_eq!(want, got, "second.{table}");
+    }
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_and_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;

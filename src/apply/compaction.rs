@@ -26,20 +26,71 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
-use super::statement::{text, TargetTable};
+use super::statement::TargetTable;
 use super::StatementError;
 use crate::backfill::KeyKind;
 use crate::decode::{Datum, Tuple};
 use crate::route::RowOp;
 use crate::sql::quote_ident;
 
+/// A `text[]` parameter made of the bytes pgoutput sent, encoded straight into the binary
+/// array format: no per-value allocation (the server validates the text as it would any
+/// text parameter).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TextArray(pub Vec<Option<Bytes>>);
+
+impl TextArray {
+    /// The values as text, for tests and messages.
+    pub fn texts(&self) -> Vec<Option<&str>> {
+        self.0
+            .iter()
+            .map(|v| {
+                v.as_deref()
+                    .map(|b| std::str::from_utf8(b).unwrap_or("\u{fffd}"))
+            })
+            .collect()
+    }
+}
+
+impl ToSql for TextArray {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let len = i32::try_from(self.0.len())?;
+        out.put_i32(1); // dimensions
+        out.put_i32(i32::from(self.0.iter().any(Option::is_none)));
+        out.put_u32(Type::TEXT.oid());
+        out.put_i32(len);
+        out.put_i32(1); // lower bound
+        for v in &self.0 {
+            match v {
+                None => out.put_i32(-1),
+                Some(b) => {
+                    out.put_i32(i32::try_from(b.len())?);
+                    out.extend_from_slice(b);
+                }
+            }
+        }
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    to_sql_checked!();
+}
+
 /// One statement over column arrays: parameter `$n` is the text array of the n-th column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetStatement {
     pub sql: String,
-    pub columns: Vec<Vec<Option<String>>>,
+    pub columns: Vec<TextArray>,
     /// Rows the statement must touch (or, for an absence check, return).
     pub expect_rows: u64,
 }
@@ -214,14 +265,14 @@ impl TableChanges {
         Ok(out)
     }
 
-    fn key_text(&self, e: &Entry, k: usize) -> Result<Option<String>, StatementError> {
-        text(&self.table, self.key[k], &Datum::Text(e.key[k].clone()))
-    }
-
-    fn value_text(&self, e: &Entry, i: usize) -> Result<Option<String>, StatementError> {
+    fn value(&self, e: &Entry, i: usize) -> Result<Option<Bytes>, StatementError> {
         match e.after.as_ref().and_then(|row| row[i].as_ref()) {
-            Some(d) => text(&self.table, i, d),
-            None => Ok(None),
+            Some(Datum::Text(b)) => Ok(Some(b.clone())),
+            Some(Datum::Binary(_)) => Err(StatementError::Binary {
+                table: self.table.name.to_string(),
+                column: self.table.columns[i].name.clone(),
+            }),
+            Some(Datum::Null | Datum::UnchangedToast) | None => Ok(None),
         }
     }
 
@@ -256,10 +307,18 @@ impl TableChanges {
             .join(" AND ")
     }
 
-    fn key_arrays(&self, entries: &[&Entry]) -> Result<Vec<Vec<Option<String>>>, StatementError> {
+    fn key_arrays(&self, entries: &[&Entry]) -> Vec<TextArray> {
         (0..self.key.len())
-            .map(|k| entries.iter().map(|e| self.key_text(e, k)).collect())
+            .map(|k| TextArray(entries.iter().map(|e| Some(e.key[k].clone())).collect()))
             .collect()
+    }
+
+    fn value_array(&self, entries: &[&Entry], i: usize) -> Result<TextArray, StatementError> {
+        entries
+            .iter()
+            .map(|e| self.value(e, i))
+            .collect::<Result<_, _>>()
+            .map(TextArray)
     }
 
     /// DELETE of these keys, or (verb SELECT) a query returning those still present.
@@ -279,14 +338,14 @@ impl TableChanges {
         };
         Ok(SetStatement {
             sql,
-            columns: self.key_arrays(entries)?,
+            columns: self.key_arrays(entries),
             expect_rows: entries.len() as u64,
         })
     }
 
     fn update(&self, mask: &[bool], entries: &[&Entry]) -> Result<SetStatement, StatementError> {
         let target = self.table.name.quoted();
-        let mut columns = self.key_arrays(entries)?;
+        let mut columns = self.key_arrays(entries);
         let mut sets = Vec::new();
         let mut set_cols: Vec<usize> = (0..mask.len())
             .filter(|&i| mask[i] && !self.key.contains(&i))
@@ -298,12 +357,7 @@ impl TableChanges {
         }
         for i in set_cols {
             let c = &self.table.columns[i];
-            columns.push(
-                entries
-                    .iter()
-                    .map(|e| self.value_text(e, i))
-                    .collect::<Result<_, _>>()?,
-            );
+            columns.push(self.value_array(entries, i)?);
             sets.push(format!(
                 "{} = CAST(u.v{} AS {})",
                 quote_ident(&c.name),
@@ -327,8 +381,8 @@ impl TableChanges {
         let target = self.table.name.quoted();
         let n = self.table.columns.len();
         let columns = (0..n)
-            .map(|i| entries.iter().map(|e| self.value_text(e, i)).collect())
-            .collect::<Result<Vec<Vec<Option<String>>>, _>>()?;
+            .map(|i| self.value_array(entries, i))
+            .collect::<Result<Vec<_>, _>>()?;
         let names = self
             .table
             .columns
@@ -406,7 +460,7 @@ mod tests {
     }
 
     fn col(st: &SetStatement, n: usize) -> Vec<Option<&str>> {
-        st.columns[n].iter().map(|v| v.as_deref()).collect()
+        st.columns[n].texts()
     }
 
     #[test]
@@ -519,6 +573,21 @@ mod tests {
         let out = c.take_statements().unwrap();
         assert_eq!(out.len(), 1, "only the absence check of key 1");
         assert_eq!(out[0].expect_rows, 0);
+    }
+
+    #[test]
+    fn text_arrays_encode_as_one_dimensional_text_arrays_with_nulls() {
+        let a = TextArray(vec![Some(Bytes::from_static(b"ab")), None]);
+        let mut out = BytesMut::new();
+        a.to_sql_checked(&Type::TEXT_ARRAY, &mut out).unwrap();
+        let mut want = Vec::new();
+        for v in [1i32, 1, 25, 2, 1, 2] {
+            want.extend_from_slice(&v.to_be_bytes());
+        }
+        want.extend_from_slice(b"ab");
+        want.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(out.to_vec(), want);
+        assert!(a.to_sql_checked(&Type::TEXT, &mut out).is_err());
     }
 
     #[test]

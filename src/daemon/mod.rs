@@ -173,6 +173,10 @@ struct Engine {
 /// watermark committed just before it, so a short memory is enough.
 const RECENT_COMMITS: usize = 100_000;
 
+/// Stream messages handled in one round of the main loop, at most (the other arms wait
+/// at most this long).
+const DRAIN_BURST: usize = 256;
+
 fn pg_now() -> i64 {
     // PostgreSQL timestamps count microseconds from 2000-01-01.
     let unix = SystemTime::now()
@@ -306,7 +310,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(engine.config.moves.registry_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report_at = Instant::now();
-    let result: Result<(), Error> = loop {
+    let result: Result<(), Error> = 'run: loop {
         let throttled = engine.tracker.outstanding() >= engine.config.moves.max_inflight_txns;
         let step: Result<(), Error> = tokio::select! {
             biased;
@@ -328,7 +332,26 @@ pub async fn run(
                 r
             }
             ev = stream.recv(), if !throttled => match ev {
-                Ok(Some(ev)) => engine.on_source(ev).await,
+                Ok(Some(ev)) => {
+                    // Take what is already queued before the bookkeeping below runs again:
+                    // a backlog arrives much faster than one select round per message.
+                    let mut r = engine.on_source(ev).await;
+                    let mut drained = 0;
+                    while r.is_ok()
+                        && drained < DRAIN_BURST
+                        && engine.tracker.outstanding() < engine.config.moves.max_inflight_txns
+                    {
+                        match stream.try_recv() {
+                            None => break,
+                            Some(Ok(ev)) => {
+                                drained += 1;
+                                r = engine.on_source(ev).await;
+                            }
+                            Some(Err(e)) => break 'run Err(e.for_slot(&repl.slot).into()),
+                        }
+                    }
+                    r
+                }
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e.for_slot(&repl.slot).into()),
             },
@@ -443,21 +466,27 @@ impl Engine {
         self.ensure_control().await?;
         let moves = self.registry.list(&self.control).await?;
         let excluded = self.excluded_schemas(&moves);
+        // A tenant being moved follows its own move row, whatever other rows say: paused,
+        // cancelled (a finished state) or deleted, it stops.
+        let by_id: HashMap<i64, &Move> = moves.iter().map(|m| (m.id, m)).collect();
+        let mut stopped = Vec::new();
+        for t in self.tenants.values_mut() {
+            match by_id.get(&t.move_id) {
+                Some(mv) if mv.state.consumes_stream() => t.state = mv.state,
+                Some(mv) => stopped.push((t.id.clone(), mv.state.to_string())),
+                None => stopped.push((t.id.clone(), "deleted".to_string())),
+            }
+        }
+        for (tenant, state) in stopped {
+            tracing::info!(%tenant, %state, "move stopped in the registry");
+            self.release(&tenant);
+        }
         let mut seen = BTreeSet::new();
         for mv in moves {
             if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {
                 continue;
             }
-            if let Some(t) = self.tenants.get_mut(&mv.tenant) {
-                if t.move_id != mv.id {
-                    continue;
-                }
-                if !mv.state.consumes_stream() {
-                    tracing::info!(tenant = %mv.tenant, state = %mv.state, "move stopped in the registry");
-                    self.release(&mv.tenant);
-                } else {
-                    t.state = mv.state;
-                }
+            if self.tenants.contains_key(&mv.tenant) {
                 continue;
             }
             let wants = matches!(mv.state, MoveState::Requested | MoveState::Provisioning);

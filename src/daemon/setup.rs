@@ -217,6 +217,7 @@ async fn reset(
         .transaction()
         .await
         .map_err(ClusterError::sql("starting a reset"))?;
+    let mut whole = Vec::new();
     for (t, tenant_col) in tables {
         match tenant_col {
             Some(col) => {
@@ -231,12 +232,15 @@ async fn reset(
                 .await
                 .map_err(ClusterError::sql(format!("removing earlier rows from {t}")))?;
             }
-            None => {
-                tx.batch_execute(&format!("TRUNCATE {}", t.quoted()))
-                    .await
-                    .map_err(ClusterError::sql(format!("emptying {t}")))?;
-            }
+            None => whole.push(t.quoted()),
         }
+    }
+    if !whole.is_empty() {
+        // One statement: tables that reference each other can only be truncated together.
+        let list = whole.join(", ");
+        tx.batch_execute(&format!("TRUNCATE {list}"))
+            .await
+            .map_err(ClusterError::sql(format!("emptying {list}")))?;
     }
     tx.execute(
         &format!("DELETE FROM {progress_table} WHERE tenant = $1"),

@@ -117,6 +117,16 @@ impl ReplicationStream {
         }
     }
 
+    /// The next event if one is already queued (never waits); `None` when none is, or after
+    /// shutdown (then [`Self::recv`] says so). A returned error is final.
+    pub fn try_recv(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        match self.items.try_recv() {
+            Ok(Item::Event(e)) => Some(Ok(e)),
+            Ok(Item::Failed(e)) => Some(Err(e)),
+            Err(_) => None,
+        }
+    }
+
     /// Declares everything up to `lsn` durable downstream; it may now be confirmed.
     /// The task reports it within one feedback tick (20 ms).
     pub fn mark_durable(&self, lsn: Lsn) {
