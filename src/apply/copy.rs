@@ -123,6 +123,15 @@ impl RowBuffer {
         }
     }
 
+    /// Appends a binary row given as its fields' encoded bytes (each a length and the
+    /// value, as in binary COPY data), `count` of them.
+    pub fn push_binary_fields(&mut self, count: usize, encoded: &[u8]) {
+        debug_assert_eq!(self.format, CopyFormat::Binary);
+        self.data.put_i16(count as i16);
+        self.data.extend_from_slice(encoded);
+        self.ends.push(self.data.len());
+    }
+
     fn push_text<'a>(&mut self, values: impl Iterator<Item = Option<&'a [u8]>>) {
         for (i, v) in values.enumerate() {
             if i > 0 {
@@ -171,6 +180,106 @@ impl RowBuffer {
             }
         }
         out.freeze()
+    }
+}
+
+/// Malformed binary COPY data.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("binary COPY data: {0}")]
+pub struct CopyDataError(pub String);
+
+/// Splits binary COPY output (`COPY … TO STDOUT (FORMAT binary)`) into rows as it arrives,
+/// whatever the message boundaries.
+#[derive(Debug, Default)]
+pub struct BinaryRowSplitter {
+    buf: BytesMut,
+    header: bool,
+    done: bool,
+}
+
+impl BinaryRowSplitter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete row (from its field count to its last byte), with the byte range
+    /// of each field's value (`None` for NULL) in `fields`; `None` when more data is needed
+    /// or the trailer was read.
+    pub fn next_row(
+        &mut self,
+        fields: &mut Vec<Option<std::ops::Range<usize>>>,
+    ) -> Result<Option<Bytes>, CopyDataError> {
+        if self.done {
+            return if self.buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(CopyDataError("data after the trailer".into()))
+            };
+        }
+        if !self.header {
+            if self.buf.len() < BINARY_HEADER.len() {
+                return Ok(None);
+            }
+            if self.buf[..11] != BINARY_HEADER[..11] {
+                return Err(CopyDataError("no binary COPY signature".into()));
+            }
+            let ext = u32::from_be_bytes([self.buf[15], self.buf[16], self.buf[17], self.buf[18]])
+                as usize;
+            if self.buf.len() < BINARY_HEADER.len() + ext {
+                return Ok(None);
+            }
+            let _ = self.buf.split_to(BINARY_HEADER.len() + ext);
+            self.header = true;
+        }
+        if self.buf.len() < 2 {
+            return Ok(None);
+        }
+        let count = i16::from_be_bytes([self.buf[0], self.buf[1]]);
+        if count == -1 {
+            let _ = self.buf.split_to(2);
+            self.done = true;
+            return if self.buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(CopyDataError("data after the trailer".into()))
+            };
+        }
+        let count =
+            usize::try_from(count).map_err(|_| CopyDataError(format!("field count {count}")))?;
+        fields.clear();
+        let mut at = 2;
+        for _ in 0..count {
+            let Some(len) = self.buf.get(at..at + 4) else {
+                return Ok(None);
+            };
+            let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+            at += 4;
+            if len == -1 {
+                fields.push(None);
+                continue;
+            }
+            let len =
+                usize::try_from(len).map_err(|_| CopyDataError(format!("field length {len}")))?;
+            if self.buf.len() < at + len {
+                return Ok(None);
+            }
+            fields.push(Some(at..at + len));
+            at += len;
+        }
+        Ok(Some(self.buf.split_to(at).freeze()))
+    }
+
+    /// Checks that the data ended with the trailer.
+    pub fn finish(&self) -> Result<(), CopyDataError> {
+        if self.done && self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(CopyDataError("the data ended before the trailer".into()))
+        }
     }
 }
 
@@ -272,6 +381,52 @@ mod tests {
         );
         assert_eq!(buf.clone().select(&[]).to_vec(), b"".to_vec());
         assert_eq!(buf.select(&[0, 1, 2, 3]).to_vec(), b"a\nb\nc\nd\n".to_vec());
+    }
+
+    #[test]
+    fn binary_rows_split_at_any_message_boundary() {
+        let mut data = BINARY_HEADER.to_vec();
+        let mut rows = RowBuffer::new(CopyFormat::Binary);
+        rows.push([Some(&b"k1"[..]), Some(&[0u8, 0, 0, 1][..]), None].into_iter());
+        rows.push([Some(&b"k2"[..]), Some(&[0u8, 0, 0, 2][..]), Some(&b"x"[..])].into_iter());
+        data.extend_from_slice(&rows.clone().all());
+        data.extend_from_slice(b"\xff\xff");
+        for step in [1, 3, 7, data.len()] {
+            let mut split = BinaryRowSplitter::new();
+            let mut fields = Vec::new();
+            let mut got = Vec::new();
+            for piece in data.chunks(step) {
+                split.feed(piece);
+                while let Some(row) = split.next_row(&mut fields).unwrap() {
+                    let f: Vec<Option<Vec<u8>>> = fields
+                        .iter()
+                        .map(|r| r.clone().map(|r| row[r].to_vec()))
+                        .collect();
+                    got.push(f);
+                }
+            }
+            split.finish().unwrap();
+            assert_eq!(got.len(), 2, "step {step}");
+            assert_eq!(got[0][0].as_deref(), Some(&b"k1"[..]));
+            assert_eq!(got[0][2], None);
+            assert_eq!(got[1][2].as_deref(), Some(&b"x"[..]));
+        }
+    }
+
+    #[test]
+    fn malformed_binary_copy_data_is_an_error_not_a_panic() {
+        let mut split = BinaryRowSplitter::new();
+        split.feed(b"PGCOPY\nXXXXXXXXXXXXXXXXX");
+        assert!(split.next_row(&mut Vec::new()).is_err());
+        let mut split = BinaryRowSplitter::new();
+        split.feed(BINARY_HEADER);
+        split.feed(&[0, 1, 0xff, 0xff, 0xff, 0xfe]);
+        assert!(split.next_row(&mut Vec::new()).is_err(), "negative length");
+        let mut split = BinaryRowSplitter::new();
+        split.feed(BINARY_HEADER);
+        split.feed(&[0, 1, 0, 0]);
+        assert_eq!(split.next_row(&mut Vec::new()), Ok(None));
+        assert!(split.finish().is_err(), "truncated data");
     }
 
     #[test]

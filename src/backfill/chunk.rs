@@ -80,11 +80,11 @@ impl ChunkTable {
         }
     }
 
-    fn key_param(kind: KeyKind, n: usize) -> String {
+    fn key_param(kind: KeyKind, p: &str) -> String {
         match kind {
-            KeyKind::Int => format!("CAST(${n} AS bigint)"),
-            KeyKind::Text => format!("(${n}::text COLLATE \"C\")"),
-            KeyKind::Uuid => format!("CAST(${n} AS uuid)"),
+            KeyKind::Int => format!("CAST({p} AS bigint)"),
+            KeyKind::Text => format!("({p}::text COLLATE \"C\")"),
+            KeyKind::Uuid => format!("CAST({p} AS uuid)"),
         }
     }
 
@@ -103,6 +103,34 @@ impl ChunkTable {
         spec: &ChunkSpec,
         format: CopyFormat,
     ) -> (String, Vec<Option<String>>) {
+        self.build(tenant, spec, format, false)
+    }
+
+    /// The same SELECT in binary, wrapped in `COPY (…) TO STDOUT (FORMAT binary)`, so the rows
+    /// arrive as binary COPY rows. COPY takes no parameters: values are inlined as string
+    /// literals with quotes doubled, which is exact under `standard_conforming_strings = on`
+    /// (the reader's sessions set it).
+    pub fn copy_query(&self, tenant: &str, spec: &ChunkSpec) -> String {
+        let (select, _) = self.build(tenant, spec, CopyFormat::Binary, true);
+        format!("COPY ({select}) TO STDOUT (FORMAT binary)")
+    }
+
+    fn build(
+        &self,
+        tenant: &str,
+        spec: &ChunkSpec,
+        format: CopyFormat,
+        inline: bool,
+    ) -> (String, Vec<Option<String>>) {
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut bind = |v: String| -> String {
+            if inline {
+                format!("'{}'", v.replace('\'', "''"))
+            } else {
+                params.push(Some(v));
+                format!("${}", params.len())
+            }
+        };
         let cast = match format {
             CopyFormat::Text => "::text",
             CopyFormat::Binary => "",
@@ -118,11 +146,10 @@ impl ChunkTable {
             )
             .collect::<Vec<_>>()
             .join(", ");
-        let mut params: Vec<Option<String>> = Vec::new();
         let mut conds = Vec::new();
         if let Some((col, ty)) = &self.tenant {
-            params.push(Some(tenant.to_owned()));
-            conds.push(format!("src.{} = CAST($1 AS {ty})", quote_ident(col)));
+            let p = bind(tenant.to_owned());
+            conds.push(format!("src.{} = CAST({p} AS {ty})", quote_ident(col)));
         }
         let key_row = format!(
             "({})",
@@ -138,8 +165,8 @@ impl ChunkTable {
                 if let Cursor::After(k) = after {
                     let mut ps = Vec::new();
                     for (i, v) in k.iter().enumerate() {
-                        params.push(Some(Self::key_text(v)));
-                        ps.push(Self::key_param(self.key[i].1, params.len()));
+                        let p = bind(Self::key_text(v));
+                        ps.push(Self::key_param(self.key[i].1, &p));
                     }
                     conds.push(format!("{key_row} > ({})", ps.join(", ")));
                 }
@@ -149,8 +176,8 @@ impl ChunkTable {
                 for k in keys {
                     let mut ps = Vec::new();
                     for (i, v) in k.iter().enumerate() {
-                        params.push(Some(Self::key_text(v)));
-                        ps.push(Self::key_param(self.key[i].1, params.len()));
+                        let p = bind(Self::key_text(v));
+                        ps.push(Self::key_param(self.key[i].1, &p));
                     }
                     tuples.push(format!("({})", ps.join(", ")));
                 }
@@ -264,6 +291,33 @@ mod tests {
             Some("o'k".into()),
             "values are bound, never inlined"
         );
+    }
+
+    #[test]
+    fn copy_queries_inline_values_as_quoted_literals() {
+        let after = Cursor::After(vec![
+            KeyValue::Int(7),
+            KeyValue::Int(5),
+            KeyValue::Text("o'k'); DROP TABLE x; --".into()),
+        ]);
+        let sql = table().copy_query("7'", &ChunkSpec::Range { after, limit: 10 });
+        assert!(
+            sql.starts_with("COPY (SELECT src.\"tenant_id\"::text"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("LIMIT 10) TO STDOUT (FORMAT binary)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("src.\"tenant_id\" = CAST('7''' AS integer)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("('o''k''); DROP TABLE x; --'::text COLLATE \"C\")"),
+            "{sql}"
+        );
+        assert!(!sql.contains('$'), "{sql}");
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub enum MoveError {
     TenantNotInIdentity { table: String, column: String },
     #[error("{table}: a row has a NULL or unreadable primary key value")]
     KeyValue { table: String },
+    #[error("{table}: the chunk data the source sent is malformed: {detail}")]
+    ChunkData { table: String, detail: String },
     #[error("target table {table} already holds rows of this tenant that switchyard did not write; empty it or choose another target schema")]
     TargetNotEmpty { table: String },
     #[error("target {target} has no progress record for this tenant although {recorded} was applied there (restored from a backup?); resume the move to copy it again")]

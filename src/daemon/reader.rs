@@ -17,6 +17,7 @@ use tokio_postgres::Client;
 
 use futures_util::StreamExt;
 
+use crate::apply::copy::{BinaryRowSplitter, CopyDataError};
 use crate::apply::{CopyFormat, RowBuffer};
 use crate::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL};
 use crate::backfill::{ChunkSpec, Key};
@@ -89,9 +90,14 @@ impl Pool {
             _ => {
                 let c = self.endpoint.connect_sql().await?;
                 // A chunk SELECT is meant to be short; a stuck one must not pin the source.
-                c.batch_execute("SET statement_timeout = '10min'; SET lock_timeout = '10s'")
-                    .await
-                    .map_err(ClusterError::sql("setting up a backfill connection"))?;
+                // Chunk COPY queries inline values as literals, exact only with standard
+                // strings (backslashes are not escapes).
+                c.batch_execute(
+                    "SET statement_timeout = '10min'; SET lock_timeout = '10s'; \
+                     SET standard_conforming_strings = on",
+                )
+                .await
+                .map_err(ClusterError::sql("setting up a backfill connection"))?;
                 Ok(c)
             }
         }
@@ -162,6 +168,12 @@ async fn read(
         .get(0);
     let nkeys = job.layout.key.len();
     let width = job.layout.columns.len();
+    if nkeys == 0 || width == 0 {
+        // Setup refuses tables without a primary key; this is a guard, not a path.
+        return Err(Error::Move(super::MoveError::KeyValue {
+            table: job.table.to_string(),
+        }));
+    }
     // Binary rows go to the target untouched when every column type is built in; the
     // statement's result types tell (user-defined types are read as text instead).
     let mut format = CopyFormat::Binary;
@@ -188,14 +200,6 @@ async fn read(
             table: job.table.to_string(),
         }));
     }
-    let stream = tx
-        .query_raw(&statement, params.iter().map(|p| p as &(dyn ToSql + Sync)))
-        .await
-        .map_err(ClusterError::sql(format!(
-            "reading a chunk of {}",
-            job.table
-        )))?;
-    futures_util::pin_mut!(stream);
     let mut rows = RowBuffer::new(format);
     let mut keys = Vec::new();
     let bad_key = || {
@@ -203,21 +207,71 @@ async fn read(
             table: job.table.to_string(),
         })
     };
-    while let Some(r) = stream.next().await {
-        let r = r.map_err(ClusterError::sql(format!(
-            "reading a chunk of {}",
-            job.table
-        )))?;
-        let texts = (0..nkeys)
-            .map(|i| r.try_get::<_, Option<&str>>(i))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| bad_key())?;
-        keys.push(job.layout.key_from(&texts).ok_or_else(bad_key)?);
-        let values = (nkeys..nkeys + width)
-            .map(|i| r.try_get::<_, Option<Raw<'_>>>(i).map(|v| v.map(|v| v.0)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| bad_key())?;
-        rows.push(values.into_iter());
+    let read_err = || ClusterError::sql(format!("reading a chunk of {}", job.table));
+    if format == CopyFormat::Binary {
+        // Binary rows come as COPY data and go on as they came: only the key columns (text,
+        // in front) are read, the rest is moved without parsing.
+        let stream = tx
+            .copy_out(&job.layout.copy_query(job.tenant.as_str(), &job.spec))
+            .await
+            .map_err(read_err())?;
+        futures_util::pin_mut!(stream);
+        let mut split = BinaryRowSplitter::new();
+        let mut fields = Vec::new();
+        let bad_data = |e: CopyDataError| {
+            Error::Move(super::MoveError::ChunkData {
+                table: job.table.to_string(),
+                detail: e.to_string(),
+            })
+        };
+        while let Some(data) = stream.next().await {
+            split.feed(&data.map_err(read_err())?);
+            while let Some(row) = split.next_row(&mut fields).map_err(bad_data)? {
+                if fields.len() != nkeys + width {
+                    return Err(bad_data(CopyDataError(format!(
+                        "a row has {} fields, the chunk query {}",
+                        fields.len(),
+                        nkeys + width
+                    ))));
+                }
+                let texts = fields[..nkeys]
+                    .iter()
+                    .map(|f| match f {
+                        Some(r) => std::str::from_utf8(&row[r.clone()]).map(Some),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| bad_key())?;
+                keys.push(job.layout.key_from(&texts).ok_or_else(bad_key)?);
+                // Key values are not NULL (checked above): the value columns start right
+                // after the last key field.
+                let start = fields[nkeys - 1]
+                    .as_ref()
+                    .map(|r| r.end)
+                    .ok_or_else(bad_key)?;
+                rows.push_binary_fields(width, &row[start..]);
+            }
+        }
+        split.finish().map_err(bad_data)?;
+    } else {
+        let stream = tx
+            .query_raw(&statement, params.iter().map(|p| p as &(dyn ToSql + Sync)))
+            .await
+            .map_err(read_err())?;
+        futures_util::pin_mut!(stream);
+        while let Some(r) = stream.next().await {
+            let r = r.map_err(read_err())?;
+            let texts = (0..nkeys)
+                .map(|i| r.try_get::<_, Option<&str>>(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad_key())?;
+            keys.push(job.layout.key_from(&texts).ok_or_else(bad_key)?);
+            let values = (nkeys..nkeys + width)
+                .map(|i| r.try_get::<_, Option<Raw<'_>>>(i).map(|v| v.map(|v| v.0)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad_key())?;
+            rows.push(values.into_iter());
+        }
     }
     tx.commit()
         .await

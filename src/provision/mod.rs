@@ -756,6 +756,13 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
     tx.batch_execute("SET LOCAL search_path = ''")
         .await
         .map_err(ClusterError::sql("setting an empty search_path"))?;
+    // Tenants provisioned at once on one database share objects (a source's enum types):
+    // one provisioning at a time, so "check, then create" cannot race.
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('switchyard.provision'))")
+        .await
+        .map_err(ClusterError::sql(
+            "waiting for other provisioning on the target",
+        ))?;
     let mut created = 0;
     for step in &plan.steps {
         let (sql, exists) = match step {

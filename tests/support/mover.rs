@@ -53,9 +53,13 @@ pub fn load_config(path: &Path) -> Result<Config> {
     )?)
 }
 
-/// Grants the `switchyard` role what a target needs: create schemas, set the replica role.
+/// Grants the `switchyard` role what a target needs: create schemas, set the replica role,
+/// and create user-defined types in the schema they have on the source (`public` here).
 pub fn prepare_target(pg: &PgCluster) -> Result<()> {
-    pg.psql("GRANT SET ON PARAMETER session_replication_role TO switchyard;")?;
+    pg.psql(
+        "GRANT SET ON PARAMETER session_replication_role TO switchyard;
+         GRANT CREATE ON SCHEMA public TO switchyard;",
+    )?;
     Ok(())
 }
 
@@ -379,8 +383,10 @@ pub fn shared_schema(tenants: &[i32], rows: i32) -> String {
            tenant_id int NOT NULL, id bigint NOT NULL, order_id bigint NOT NULL, qty int,
            PRIMARY KEY (tenant_id, id),
            FOREIGN KEY (tenant_id, order_id) REFERENCES public.orders ON DELETE CASCADE);
+         -- A user-defined type: its table is copied in text, the others in binary.
+         CREATE TYPE public.mood AS ENUM ('ok', 'it''s bad');
          CREATE TABLE public.events (tenant_id int NOT NULL, id text NOT NULL, payload jsonb,
-           PRIMARY KEY (tenant_id, id));
+           mood public.mood NOT NULL DEFAULT 'ok', PRIMARY KEY (tenant_id, id));
          CREATE TABLE public.countries (code text PRIMARY KEY, name text);
          INSERT INTO public.countries VALUES ('NZ', 'New Zealand'), ('FR', 'France');
          INSERT INTO public.orders (tenant_id, id, note, big, amount)
@@ -389,7 +395,9 @@ pub fn shared_schema(tenants: &[i32], rows: i32) -> String {
                   g * 1.25
              FROM unnest(ARRAY[{list}]) t, generate_series(1, {rows}) g;
          INSERT INTO public.items SELECT tenant_id, id, id, 1 FROM public.orders;
-         INSERT INTO public.events SELECT t, 'e' || g, jsonb_build_object('g', g)
+         INSERT INTO public.events
+           SELECT t, 'e' || g, jsonb_build_object('g', g),
+                  CASE WHEN g % 3 = 0 THEN 'it''s bad' ELSE 'ok' END::public.mood
              FROM unnest(ARRAY[{list}]) t, generate_series(1, {rows}) g;
          CREATE PUBLICATION sy_pub FOR TABLE public.orders, public.items, public.events, public.countries;
          GRANT SELECT ON ALL TABLES IN SCHEMA public TO switchyard;"
