@@ -514,3 +514,65 @@ async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_chunk_copies_share_one_copy_and_keep_their_place() -> Result<()> {
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let d = two.dst.client().await?;
+    let mut w = TargetWriter::with_client(
+        TargetId::new("shard2")?,
+        two.dst.client().await?,
+        "switchyard",
+    )
+    .await?;
+    assert!(w.use_replica_role().await?);
+    let table = QualifiedName::parse("acme.orders")?;
+    let columns: Vec<String> = ["tenant_id", "id", "note", "big", "amount", "tags"]
+        .map(String::from)
+        .to_vec();
+    let chunk = |ids: std::ops::RangeInclusive<i32>| {
+        let rows: Vec<Vec<Option<String>>> = ids
+            .map(|i| {
+                vec![
+                    Some("7".into()),
+                    Some(i.to_string()),
+                    Some(format!("c{i}")),
+                    None,
+                    None,
+                    Some("{a,\"b c\"}".into()),
+                ]
+            })
+            .collect();
+        Work::Copy(apply::CopyRows::from_text(
+            table.clone(),
+            columns.clone(),
+            &rows,
+        ))
+    };
+    // Three chunks in a row: one COPY. Then a chunk, a change to a row it copied, and the
+    // next chunk: the change must land after the first COPY and is not overtaken.
+    let before = w.stats().copies;
+    w.commit(&txns(
+        10,
+        vec![chunk(1..=10), chunk(11..=20), chunk(21..=30)],
+    ))
+    .await?;
+    assert_eq!(w.stats().copies - before, 1);
+    w.commit(&txns(
+        20,
+        vec![
+            chunk(31..=40),
+            upd(order(35, "changed", Some("b"))),
+            chunk(41..=50),
+        ],
+    ))
+    .await?;
+    assert_eq!(w.stats().copies - before, 3);
+    let rows = rows(
+        &d,
+        "SELECT concat_ws('|', count(*), sum(id), max(note) FILTER (WHERE id = 35), max(tags::text)) FROM acme.orders",
+    )
+    .await?;
+    assert_eq!(rows, ["50|1275|changed|{a,\"b c\"}"]);
+    Ok(())
+}

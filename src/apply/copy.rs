@@ -283,43 +283,53 @@ impl BinaryRowSplitter {
     }
 }
 
-/// Runs the COPY of `rows` inside `tx`.
-pub async fn copy(tx: &tokio_postgres::Transaction<'_>, rows: &CopyRows) -> Result<(), ApplyError> {
-    if rows.rows == 0 {
+/// Runs one COPY inside `tx` for `parts`, which are rows for the same table, columns and
+/// format (consecutive chunks are sent as one statement).
+pub async fn copy(
+    tx: &tokio_postgres::Transaction<'_>,
+    parts: &[&CopyRows],
+) -> Result<(), ApplyError> {
+    let Some(first) = parts.first() else {
+        return Ok(());
+    };
+    let expected: u64 = parts.iter().map(|p| p.rows).sum();
+    if expected == 0 {
         return Ok(());
     }
-    let cols = rows
+    let cols = first
         .columns
         .iter()
         .map(|c| quote_ident(c))
         .collect::<Vec<_>>()
         .join(", ");
-    let format = match rows.format {
+    let format = match first.format {
         CopyFormat::Text => "",
         CopyFormat::Binary => " (FORMAT binary)",
     };
-    let sql = format!("COPY {} ({cols}) FROM STDIN{format}", rows.table.quoted());
+    let sql = format!("COPY {} ({cols}) FROM STDIN{format}", first.table.quoted());
     let sink = tx
         .copy_in::<_, Bytes>(&sql)
         .await
         .map_err(ClusterError::sql(format!("starting {sql}")))?;
     futures_util::pin_mut!(sink);
     let send_err = || ClusterError::sql(format!("sending rows for {sql}"));
-    if rows.format == CopyFormat::Binary {
+    if first.format == CopyFormat::Binary {
         sink.send(Bytes::from_static(BINARY_HEADER))
             .await
             .map_err(send_err())?;
     }
-    // Large writes: the rows are already one buffer; slicing it copies nothing.
-    let mut at = 0;
-    while at < rows.data.len() {
-        let end = (at + (1 << 20)).min(rows.data.len());
-        sink.send(rows.data.slice(at..end))
-            .await
-            .map_err(send_err())?;
-        at = end;
+    for part in parts {
+        // Large writes: the rows are already one buffer; slicing it copies nothing.
+        let mut at = 0;
+        while at < part.data.len() {
+            let end = (at + (1 << 20)).min(part.data.len());
+            sink.send(part.data.slice(at..end))
+                .await
+                .map_err(send_err())?;
+            at = end;
+        }
     }
-    if rows.format == CopyFormat::Binary {
+    if first.format == CopyFormat::Binary {
         sink.send(Bytes::from_static(b"\xff\xff"))
             .await
             .map_err(send_err())?;
@@ -328,10 +338,10 @@ pub async fn copy(tx: &tokio_postgres::Transaction<'_>, rows: &CopyRows) -> Resu
         .finish()
         .await
         .map_err(ClusterError::sql(format!("finishing {sql}")))?;
-    if n != rows.rows {
+    if n != expected {
         return Err(ApplyError::Divergence {
             sql,
-            expected: rows.rows,
+            expected,
             actual: n,
         });
     }

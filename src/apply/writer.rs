@@ -12,8 +12,11 @@
 //! - Rows and the applied position commit together or not at all, so after any crash the
 //!   target itself says exactly which source transactions it holds: replaying from an earlier
 //!   position skips them (exactly once), whatever RocksDB or the slot say.
-//! - Source order is kept: batches are applied in the order given, statements in the order of
-//!   their source transaction.
+//! - Source order is kept per table: batches are applied in the order given, and a table's
+//!   changes (single statements, folded sets, copies) in the order of their source
+//!   transactions. Across tables the order may differ only under the replica role (folding
+//!   and merging consecutive copies of a table are used only then), where no trigger or
+//!   foreign key observes it.
 //! - A failed batch rolls back entirely and leaves the in-memory positions untouched.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -267,6 +270,8 @@ pub struct WriterStats {
     pub compacted: u64,
     /// Compacted attempts that failed and were replayed change by change.
     pub replayed: u64,
+    /// COPY statements run (consecutive chunks of a table share one).
+    pub copies: u64,
 }
 
 /// Statements sent ahead before their results are read.
@@ -354,6 +359,23 @@ async fn pipeline<'a>(
         }
     }
     pending.clear();
+    Ok(())
+}
+
+/// Runs the pending COPY, if any (one statement for all its parts).
+async fn finish_copy<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    copying: &mut Option<(&'a TenantId, Vec<&'a CopyRows>)>,
+    failed_tenant: &mut Option<TenantId>,
+    copies: &mut u64,
+) -> Result<(), ApplyError> {
+    if let Some((tenant, parts)) = copying.take() {
+        *copies += 1;
+        if let Err(e) = copy(tx, &parts).await {
+            *failed_tenant = Some(tenant.clone());
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
@@ -506,6 +528,7 @@ impl TargetWriter {
         let mut advanced: BTreeMap<TenantId, (Lsn, Option<&str>)> = BTreeMap::new();
         let mut pending: Vec<(&TenantId, Pending<'_>)> = Vec::new();
         let mut folds: Vec<(&TenantId, TableChanges)> = Vec::new();
+        let mut copying: Option<(&TenantId, Vec<&CopyRows>)> = None;
         for txn in batch {
             for (tenant, work) in &txn.parts {
                 let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
@@ -515,6 +538,26 @@ impl TargetWriter {
                 for w in work {
                     let statement = match w {
                         Work::Copy(c) => {
+                            // Consecutive copies into one table with nothing else done to it
+                            // in between become one COPY statement.
+                            let joins = compact
+                                && copying.as_ref().is_some_and(|(t, parts)| {
+                                    *t == tenant
+                                        && parts[0].table == c.table
+                                        && parts[0].columns == c.columns
+                                        && parts[0].format == c.format
+                                });
+                            if let (true, Some((_, parts))) = (joins, copying.as_mut()) {
+                                parts.push(c);
+                                continue;
+                            }
+                            finish_copy(
+                                &tx,
+                                &mut copying,
+                                &mut self.failed_tenant,
+                                &mut self.stats.copies,
+                            )
+                            .await?;
                             // COPY is not pipelined: send what is queued first, in order.
                             flush_folds(
                                 &mut folds,
@@ -529,17 +572,33 @@ impl TargetWriter {
                                 &mut self.failed_tenant,
                             )
                             .await?;
-                            if let Err(e) = copy(&tx, c).await {
-                                self.failed_tenant = Some(tenant.clone());
-                                return Err(e);
-                            }
+                            copying = Some((tenant, vec![c]));
                             continue;
                         }
                         Work::Statement(st) => {
+                            finish_copy(
+                                &tx,
+                                &mut copying,
+                                &mut self.failed_tenant,
+                                &mut self.stats.copies,
+                            )
+                            .await?;
                             flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
                             Cow::Borrowed(st)
                         }
                         Work::Row(r) => {
+                            if copying
+                                .as_ref()
+                                .is_some_and(|(_, parts)| parts[0].table == r.table)
+                            {
+                                finish_copy(
+                                    &tx,
+                                    &mut copying,
+                                    &mut self.failed_tenant,
+                                    &mut self.stats.copies,
+                                )
+                                .await?;
+                            }
                             let layout = match self
                                 .catalog
                                 .table(&tx, &r.table, &r.identity, r.tenant_column.as_deref())
@@ -601,6 +660,14 @@ impl TargetWriter {
                     };
                     pending.push((tenant, Pending::One(statement)));
                     if pending.len() >= PIPELINE_DEPTH {
+                        // Statements queued after a pending COPY run after it.
+                        finish_copy(
+                            &tx,
+                            &mut copying,
+                            &mut self.failed_tenant,
+                            &mut self.stats.copies,
+                        )
+                        .await?;
                         pipeline(
                             &tx,
                             &mut self.prepared,
@@ -627,6 +694,13 @@ impl TargetWriter {
             }
         }
         flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
+        finish_copy(
+            &tx,
+            &mut copying,
+            &mut self.failed_tenant,
+            &mut self.stats.copies,
+        )
+        .await?;
         pipeline(
             &tx,
             &mut self.prepared,
