@@ -238,6 +238,29 @@ impl TableCopy {
         } else {
             return None;
         };
+        Some(self.open(spec))
+    }
+
+    /// The next chunk of the range scan, even while keys wait for a re-read: a reader that
+    /// goes on with the range right after its previous chunk reads exactly this (re-reads
+    /// come when the range is done). `None` when a chunk is in flight or the range is done.
+    pub fn next_range(&mut self, limit: usize) -> Option<(u64, ChunkSpec)> {
+        if self.window.is_some() || self.cursor == Cursor::End {
+            return None;
+        }
+        Some(self.open(ChunkSpec::Range {
+            after: self.cursor.clone(),
+            limit,
+        }))
+    }
+
+    /// Chunk numbers up to `chunk` are never handed out again (a reader that was stopped
+    /// may still write watermarks for them).
+    pub fn retire_through(&mut self, chunk: u64) {
+        self.next_chunk = self.next_chunk.max(chunk + 1);
+    }
+
+    fn open(&mut self, spec: ChunkSpec) -> (u64, ChunkSpec) {
         let chunk = self.next_chunk;
         self.next_chunk += 1;
         self.window = Some(Window {
@@ -247,7 +270,7 @@ impl TableCopy {
             changed: BTreeSet::new(),
             rows: None,
         });
-        Some((chunk, spec))
+        (chunk, spec)
     }
 
     /// The low watermark of `chunk` arrived in the stream.
@@ -410,6 +433,42 @@ mod tests {
 
     fn k(i: i64) -> Key {
         vec![KeyValue::Int(i)]
+    }
+
+    #[test]
+    fn a_continued_range_skips_requeued_keys_and_retired_numbers_are_not_reused() {
+        let mut c = TableCopy::new();
+        let (first, _) = c.next_chunk(2).unwrap();
+        c.low(first).unwrap();
+        c.rows(first, vec![(k(1), 0), (k(2), 1)]).unwrap();
+        assert_eq!(
+            c.change(&k(2)),
+            Verdict::Skip,
+            "not copied before its window closes"
+        );
+        assert_eq!(
+            c.high(first).unwrap(),
+            vec![0],
+            "key 2 changed in the window"
+        );
+        assert!(c.requeued().contains(&k(2)));
+        // The plain scheduler would re-read key 2 first; the continuation goes on with the
+        // range, exactly as a reader that did not wait would.
+        let (next, spec) = c.next_range(2).unwrap();
+        assert_eq!(next, first + 1);
+        assert_eq!(
+            spec,
+            ChunkSpec::Range {
+                after: Cursor::After(k(2)),
+                limit: 2
+            }
+        );
+        assert_eq!(c.next_range(2), None, "one window at a time");
+        c.abandon(next);
+        c.retire_through(next + 1);
+        let (again, spec) = c.next_chunk(2).unwrap();
+        assert_eq!(again, next + 2, "a stopped reader's numbers are not reused");
+        assert_eq!(spec, ChunkSpec::Keys([k(2)].into()));
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::apply::progress::DurableTracker;
 use crate::apply::writer::{OwnedRowOp, RowChange};
 use crate::apply::{CopyRows, SourceTxn, Work};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
-use crate::backfill::{BackfillError, RekeyPlan, Verdict};
+use crate::backfill::{BackfillError, ChunkSpec, RekeyPlan, Verdict};
 use crate::checkpoint::{Batch, SlotRecord, Store};
 use crate::cluster::ClusterError;
 use crate::config::Config;
@@ -928,20 +928,19 @@ impl Engine {
                 else {
                     return;
                 };
-                if tm.copy.in_flight() != Some(chunk) {
-                    return;
-                }
-                let keyed = keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect();
-                if let Err(e) = tm.copy.rows(chunk, keyed) {
-                    tracing::error!(%tenant, %table, error = %e, "chunk rejected; reading it again");
-                    tm.abandon(chunk);
-                    return;
-                }
-                tm.rows = Some(ChunkRows {
+                let rows = ChunkRows {
                     chunk,
                     rows,
+                    keys,
                     in_progress,
-                });
+                };
+                match tm.copy.in_flight() {
+                    Some(c) if c == chunk => take_rows(&tenant, &table, tm, rows),
+                    // Read ahead by the following reader: its window opens at the high
+                    // watermark of the chunk in flight.
+                    Some(c) if tm.follow.is_some() && c + 1 == chunk => tm.ahead = Some(rows),
+                    _ => {}
+                }
             }
             ChunkEvent::Failed {
                 tenant,
@@ -956,7 +955,15 @@ impl Engine {
                 else {
                     return;
                 };
-                tm.abandon(chunk);
+                if tm.copy.in_flight() == Some(chunk) {
+                    tm.abandon(chunk);
+                } else if tm.copy.in_flight().map(|c| c + 1) == Some(chunk) {
+                    // The reader died reading ahead: the chunk in flight completes, the
+                    // range then goes on through the scheduler.
+                    tm.stop_following(chunk);
+                } else {
+                    return;
+                }
                 if error.classify() == ErrorClass::Transient {
                     tracing::warn!(%tenant, %table, chunk, %error, "chunk read failed; reading it again");
                 } else {
@@ -1077,6 +1084,7 @@ impl Engine {
             return Ok(());
         };
         let target = t.destination.target.clone();
+        let chunk_rows = self.config.moves.chunk_rows;
         let Some(tm) = t.tables.get_mut(&table) else {
             return Ok(());
         };
@@ -1122,6 +1130,30 @@ impl Engine {
                     .copy
                     .high(w.chunk)
                     .map_err(|e| Box::new((tenant.clone(), Error::Move(e.into()))))?;
+                if let Some(follow) = tm.follow.take() {
+                    // The reader goes on with the range: open its next window now, before
+                    // its low watermark (written after this high one) arrives.
+                    match tm.copy.next_range(chunk_rows) {
+                        Some((next, _)) if next == w.chunk + 1 => {
+                            tm.follow = Some(follow);
+                            if let Some(ahead) = tm.ahead.take().filter(|a| a.chunk == next) {
+                                take_rows(&tenant, &table, tm, ahead);
+                            }
+                            if let Some(follow) = &tm.follow {
+                                let _ = follow.send(w.chunk);
+                            }
+                        }
+                        Some((next, _)) => {
+                            tm.copy.abandon(next);
+                            tm.copy.retire_through(w.chunk + 1);
+                            tm.ahead = None;
+                        }
+                        None => {
+                            tm.copy.retire_through(w.chunk + 1);
+                            tm.ahead = None;
+                        }
+                    }
+                }
                 t.rows_copied += picked.len() as i64;
                 if !picked.is_empty() {
                     let format = result.rows.format();
@@ -1222,6 +1254,14 @@ impl Engine {
                 }
                 if let Some((chunk, spec)) = tm.copy.next_chunk(self.config.moves.chunk_rows) {
                     open += 1;
+                    let follow = match spec {
+                        ChunkSpec::Range { .. } => {
+                            let (tx, rx) = tokio::sync::watch::channel(0);
+                            tm.follow = Some(tx);
+                            Some(rx)
+                        }
+                        ChunkSpec::Keys(_) => None,
+                    };
                     reader::spawn(
                         ChunkJob {
                             run: self.run_id,
@@ -1230,6 +1270,7 @@ impl Engine {
                             chunk,
                             spec,
                             layout: tm.chunk.clone(),
+                            follow,
                         },
                         self.pool.clone(),
                         self.chunk_events.clone(),
@@ -1330,6 +1371,27 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Hands a chunk's rows to the table's copy (the chunk's window is the one in flight).
+fn take_rows(
+    tenant: &TenantId,
+    table: &QualifiedName,
+    tm: &mut moving::TableMove,
+    mut rows: ChunkRows,
+) {
+    let chunk = rows.chunk;
+    let keyed = std::mem::take(&mut rows.keys)
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
+    if let Err(e) = tm.copy.rows(chunk, keyed) {
+        tracing::error!(%tenant, %table, error = %e, "chunk rejected; reading it again");
+        tm.abandon(chunk);
+        return;
+    }
+    tm.rows = Some(rows);
 }
 
 /// What to apply for one routed operation of a tenant's table, given its backfill state.

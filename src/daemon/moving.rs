@@ -33,6 +33,12 @@ pub(crate) struct TableMove {
     pub rows: Option<ChunkRows>,
     /// Where the low watermark of the chunk in flight committed: (chunk, end LSN).
     pub low_at: Option<(u64, Lsn)>,
+    /// While a reader goes on with the range scan on its own: tells it which chunk's high
+    /// watermark the pipeline has handled (it stays at most one chunk ahead); dropping it
+    /// stops the reader.
+    pub follow: Option<tokio::sync::watch::Sender<u64>>,
+    /// Rows of the chunk after the one in flight, read ahead by the following reader.
+    pub ahead: Option<ChunkRows>,
 }
 
 impl TableMove {
@@ -43,6 +49,8 @@ impl TableMove {
             copy: TableCopy::new(),
             rows: None,
             low_at: None,
+            follow: None,
+            ahead: None,
         }
     }
 
@@ -51,6 +59,16 @@ impl TableMove {
         self.copy.abandon(chunk);
         self.rows = None;
         self.low_at = None;
+        self.stop_following(chunk + 1);
+    }
+
+    /// Stops the reader that goes on with the range; it may still be reading up to chunk
+    /// `last`, whose number is never reused.
+    pub fn stop_following(&mut self, last: u64) {
+        if self.follow.take().is_some() {
+            self.copy.retire_through(last);
+        }
+        self.ahead = None;
     }
 
     /// The key of a stream tuple, in the chunk's key order; `None` when a key column is
@@ -72,6 +90,7 @@ impl TableMove {
 pub(crate) struct ChunkRows {
     pub chunk: u64,
     pub rows: crate::apply::RowBuffer,
+    pub keys: Vec<Key>,
     /// Transactions running in the chunk's snapshot.
     pub in_progress: Vec<u32>,
 }

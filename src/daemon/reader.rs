@@ -1,5 +1,5 @@
-//! Backfill chunk readers: low watermark, one keyset SELECT, high watermark, each in its
-//! own short autocommit transaction on the source.
+//! Backfill chunk readers: low watermark, one keyset read (a SELECT, or COPY of a SELECT for
+//! binary rows), high watermark, each in its own short transaction on the source.
 //!
 //! Invariants:
 //! - The chunk's rows are handed to the pipeline *before* the high watermark is written, so
@@ -8,10 +8,14 @@
 //!   for the backfill longer than one chunk SELECT.
 //! - A failed reader reports the chunk as failed; the pipeline abandons the window and
 //!   reads the range again, so a partly written window never leaks rows.
+//! - A range reader goes on with the next chunk right after a full chunk's high watermark
+//!   (its low watermark therefore follows that high one in the stream, so windows never
+//!   overlap), but starts chunk n + 2 only once the pipeline has handled chunk n: at most
+//!   one chunk is read ahead per table. Dropping the pipeline's sender stops it.
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
@@ -20,7 +24,7 @@ use futures_util::StreamExt;
 use crate::apply::copy::{BinaryRowSplitter, CopyDataError};
 use crate::apply::{CopyFormat, RowBuffer};
 use crate::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL};
-use crate::backfill::{ChunkSpec, Key};
+use crate::backfill::{ChunkSpec, Cursor, Key};
 use crate::cluster::{ClusterError, Endpoint};
 use crate::error::Error;
 use crate::sql::QualifiedName;
@@ -34,6 +38,12 @@ pub(crate) struct ChunkJob {
     pub chunk: u64,
     pub spec: ChunkSpec,
     pub layout: ChunkTable,
+    /// For a range chunk: go on with the range right after this chunk's high watermark,
+    /// without waiting for the pipeline to schedule the next one. The value is the last
+    /// chunk whose high watermark the pipeline has handled; the reader starts chunk n + 2
+    /// only once chunk n is handled (one chunk ahead at most), and stops when the sender
+    /// is dropped.
+    pub follow: Option<watch::Receiver<u64>>,
 }
 
 #[derive(Debug)]
@@ -108,16 +118,42 @@ impl Pool {
     }
 }
 
-pub(crate) fn spawn(job: ChunkJob, pool: Arc<Pool>, events: mpsc::UnboundedSender<ChunkEvent>) {
+pub(crate) fn spawn(mut job: ChunkJob, pool: Arc<Pool>, events: mpsc::UnboundedSender<ChunkEvent>) {
     tokio::spawn(async move {
-        let (tenant, table, chunk) = (job.tenant.clone(), job.table.clone(), job.chunk);
-        if let Err(error) = read(&job, &pool, &events).await {
-            let _ = events.send(ChunkEvent::Failed {
-                tenant,
-                table,
-                chunk,
-                error,
-            });
+        let first = job.chunk;
+        loop {
+            let (tenant, table, chunk) = (job.tenant.clone(), job.table.clone(), job.chunk);
+            let last = match read(&job, &pool, &events).await {
+                Ok(last) => last,
+                Err(error) => {
+                    let _ = events.send(ChunkEvent::Failed {
+                        tenant,
+                        table,
+                        chunk,
+                        error,
+                    });
+                    return;
+                }
+            };
+            // A full range chunk: the range goes on after its last key.
+            let (Some(last), ChunkSpec::Range { limit, .. }, Some(follow)) =
+                (last, &job.spec, job.follow.as_mut())
+            else {
+                return;
+            };
+            if chunk > first
+                && follow
+                    .wait_for(|handled| *handled + 1 >= chunk)
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            job.spec = ChunkSpec::Range {
+                after: Cursor::After(last),
+                limit: *limit,
+            };
+            job.chunk += 1;
         }
     });
 }
@@ -126,7 +162,7 @@ async fn read(
     job: &ChunkJob,
     pool: &Pool,
     events: &mpsc::UnboundedSender<ChunkEvent>,
-) -> Result<(), Error> {
+) -> Result<Option<Key>, Error> {
     let mut client = pool.get().await?;
     let mark = |m| {
         Watermark {
@@ -276,6 +312,11 @@ async fn read(
     tx.commit()
         .await
         .map_err(ClusterError::sql("ending a chunk snapshot"))?;
+    let full = match &job.spec {
+        ChunkSpec::Range { limit, .. } => keys.len() == *limit,
+        ChunkSpec::Keys(_) => false,
+    };
+    let last = if full { keys.last().cloned() } else { None };
     if events
         .send(ChunkEvent::Rows {
             tenant: job.tenant.clone(),
@@ -287,12 +328,12 @@ async fn read(
         })
         .is_err()
     {
-        return Ok(());
+        return Ok(None);
     }
     client
         .execute(EMIT_SQL, &[&mark(Mark::High)])
         .await
         .map_err(ClusterError::sql("writing a high watermark"))?;
     pool.put(client);
-    Ok(())
+    Ok(last)
 }
