@@ -558,6 +558,14 @@ async fn check_reports_each_target() -> Result<()> {
         .fix
         .unwrap_or_default()
         .contains("GRANT SET ON PARAMETER"));
+    // The source's enum type would go to public, where the role may not create.
+    let types = item(&report, "target shard2 types")?;
+    assert_eq!(types.status, switchyard::source::check::Status::Fail);
+    assert!(types.detail.contains("\"public\".\"mood\""), "{types:?}");
+    assert!(types
+        .fix
+        .unwrap_or_default()
+        .contains("GRANT CREATE ON SCHEMA \"public\" TO \"switchyard\";"));
     prepare_target(&dst)?;
     let report = switchyard::source::check::run(&config).await;
     let shard2 = item(&report, "target shard2")?;
@@ -565,6 +573,12 @@ async fn check_reports_each_target() -> Result<()> {
         shard2.status,
         switchyard::source::check::Status::Ok,
         "{shard2:?}"
+    );
+    let types = item(&report, "target shard2 types")?;
+    assert_eq!(
+        types.status,
+        switchyard::source::check::Status::Ok,
+        "{types:?}"
     );
     // Unreachable: a failure naming the target's settings.
     dst.stop();

@@ -109,12 +109,47 @@ pub async fn run(config: &Config) -> Report {
         report.push("query", Status::Fail, e.to_string(), None);
     }
     replication_login(config, &mut report).await;
-    targets(config, &mut report).await;
+    // Enum types of the published tables: provisioning creates them on each target in the
+    // schema they have on the source.
+    let enums = if config.targets.is_empty() {
+        Vec::new()
+    } else {
+        enum_types_of_publication(&client, config, &mut report).await
+    };
+    targets(config, &enums, &mut report).await;
     report
 }
 
-/// Each target: reachable, may create schemas, may apply like a replication worker.
-async fn targets(config: &Config, r: &mut Report) {
+async fn enum_types_of_publication(
+    client: &Client,
+    config: &Config,
+    report: &mut Report,
+) -> Vec<(String, String)> {
+    match client
+        .query(
+            "SELECT DISTINCT n.nspname::text, t.typname::text \
+               FROM pg_publication_tables pt \
+               JOIN pg_namespace tn ON tn.nspname = pt.schemaname \
+               JOIN pg_class c ON c.relnamespace = tn.oid AND c.relname = pt.tablename \
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+               JOIN pg_type t ON (t.oid = a.atttypid OR t.typarray = a.atttypid) AND t.typtype = 'e' \
+               JOIN pg_namespace n ON n.oid = t.typnamespace \
+              WHERE pt.pubname = $1 ORDER BY 1, 2",
+            &[&config.replication.publication],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        Err(e) => {
+            report.push("enum types", Status::Fail, e.to_string(), None);
+            Vec::new()
+        }
+    }
+}
+
+/// Each target: reachable, may create schemas, may apply like a replication worker, and
+/// may create the source's enum types that it lacks.
+async fn targets(config: &Config, enums: &[(String, String)], r: &mut Report) {
     for (name, ep) in &config.targets {
         let check = format!("target {name}");
         let client = match ep.connect_sql().await {
@@ -179,6 +214,74 @@ async fn targets(config: &Config, r: &mut Report) {
                 }
             }
         }
+        if !enums.is_empty() {
+            enum_types(&client, name.as_str(), enums, r).await;
+        }
+    }
+}
+
+/// Enum types the target lacks must be creatable in their schema (a schema that does not
+/// exist yet is created by switchyard, which the database privilege covers).
+async fn enum_types(client: &Client, target: &str, enums: &[(String, String)], r: &mut Report) {
+    let check = format!("target {target} types");
+    let mut blocked: Vec<String> = Vec::new();
+    let mut fixes: Vec<String> = Vec::new();
+    for (schema, name) in enums {
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+                                 WHERE n.nspname = $1 AND t.typname = $2), \
+                        (SELECT has_schema_privilege(current_user, oid, 'CREATE') \
+                           FROM pg_namespace WHERE nspname = $1), \
+                        current_user::text",
+                &[schema, name],
+            )
+            .await;
+        match row {
+            Err(e) => {
+                r.push(check, Status::Fail, e.to_string(), None);
+                return;
+            }
+            Ok(row) => {
+                let (exists, may_create, user): (bool, Option<bool>, String) =
+                    (row.get(0), row.get(1), row.get(2));
+                if !exists && may_create == Some(false) {
+                    blocked.push(format!("{}.{}", quote_ident(schema), quote_ident(name)));
+                    let fix = format!(
+                        "GRANT CREATE ON SCHEMA {} TO {};",
+                        quote_ident(schema),
+                        quote_ident(&user)
+                    );
+                    if !fixes.contains(&fix) {
+                        fixes.push(fix);
+                    }
+                }
+            }
+        }
+    }
+    if blocked.is_empty() {
+        r.push(
+            check,
+            Status::Ok,
+            format!(
+                "the source's enum types exist or can be created ({})",
+                enums.len()
+            ),
+            None,
+        );
+    } else {
+        r.push(
+            check,
+            Status::Fail,
+            format!(
+                "enum types {} are missing and may not be created in their schema",
+                blocked.join(", ")
+            ),
+            Some(format!(
+                "{} (or create the types yourself)",
+                fixes.join(" ")
+            )),
+        );
     }
 }
 
