@@ -409,10 +409,8 @@ fn txns(from: u64, works: Vec<Work>) -> Vec<SourceTxn> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()> {
-    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
-    let d = two.dst.client().await?;
+/// A writer for shard2 applying under the replica role (so it folds and merges copies).
+async fn replica_writer(two: &TwoClusters) -> Result<TargetWriter> {
     let mut w = TargetWriter::with_client(
         TargetId::new("shard2")?,
         two.dst.client().await?,
@@ -420,6 +418,14 @@ async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()
     )
     .await?;
     assert!(w.use_replica_role().await?, "the test role is a superuser");
+    Ok(w)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()> {
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let d = two.dst.client().await?;
+    let mut w = replica_writer(&two).await?;
     let state = || async {
         rows(
             &d,
@@ -519,13 +525,7 @@ async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()
 async fn consecutive_chunk_copies_share_one_copy_and_keep_their_place() -> Result<()> {
     let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
     let d = two.dst.client().await?;
-    let mut w = TargetWriter::with_client(
-        TargetId::new("shard2")?,
-        two.dst.client().await?,
-        "switchyard",
-    )
-    .await?;
-    assert!(w.use_replica_role().await?);
+    let mut w = replica_writer(&two).await?;
     let table = QualifiedName::parse("acme.orders")?;
     let columns: Vec<String> = ["tenant_id", "id", "note", "big", "amount", "tags"]
         .map(String::from)

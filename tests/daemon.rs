@@ -128,8 +128,18 @@ GRANT USAGE ON SCHEMA acme, globex TO switchyard;
 GRANT SELECT ON ALL TABLES IN SCHEMA acme, globex TO switchyard;
 ";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schema_per_tenant_moves_to_another_cluster() -> Result<()> {
+/// A schema-per-tenant source, a prepared target cluster and the daemon running on them.
+struct SchemaPerTenant {
+    src: PgCluster,
+    dst: PgCluster,
+    _dir: tempfile::TempDir,
+    s: tokio_postgres::Client,
+    d: tokio_postgres::Client,
+    daemon: InProcess,
+    registry: Registry,
+}
+
+async fn schema_per_tenant(chunk_rows: usize) -> Result<SchemaPerTenant> {
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
     src.psql(SCHEMA_PER_TENANT)?;
@@ -139,13 +149,34 @@ async fn a_schema_per_tenant_moves_to_another_cluster() -> Result<()> {
         dir.path(),
         &src,
         Some(&dst),
-        "[tenancy]\nmode = \"schema\"\n[move]\nchunk_rows = 400\n",
+        &format!("[tenancy]\nmode = \"schema\"\n[move]\nchunk_rows = {chunk_rows}\n"),
     )?;
     let s = src.client().await?;
     let d = dst.client().await?;
     let daemon = InProcess::start(load_config(&path)?, true);
     registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
+    Ok(SchemaPerTenant {
+        src,
+        dst,
+        _dir: dir,
+        s,
+        d,
+        daemon,
+        registry: Registry::new("switchyard")?,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_per_tenant_moves_to_another_cluster() -> Result<()> {
+    let SchemaPerTenant {
+        src,
+        dst: _dst,
+        _dir,
+        s,
+        d,
+        daemon,
+        registry,
+    } = schema_per_tenant(400).await?;
 
     let w = src.client().await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -195,26 +226,17 @@ async fn a_schema_per_tenant_moves_to_another_cluster() -> Result<()> {
     Ok(())
 }
 
-/// The real binary, killed with SIGKILL several times mid-backfill and mid-stream, then
-/// stopped with SIGTERM: the targets still end equal to the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_move_stops_and_the_tenant_can_move_again() -> Result<()> {
-    let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
-    src.psql(SCHEMA_PER_TENANT)?;
-    prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
-        &src,
-        Some(&dst),
-        "[tenancy]\nmode = \"schema\"\n[move]\nchunk_rows = 1000\n",
-    )?;
-    let s = src.client().await?;
-    let d = dst.client().await?;
-    let daemon = InProcess::start(load_config(&path)?, true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
+    let SchemaPerTenant {
+        src: _src,
+        dst: _dst,
+        _dir,
+        s,
+        d,
+        daemon,
+        registry,
+    } = schema_per_tenant(1000).await?;
 
     let first = request(&s, &registry, "acme", "shard2", "first").await?;
     wait_state(&s, first, "streaming", SYNC).await?;
@@ -249,6 +271,8 @@ async fn a_cancelled_move_stops_and_the_tenant_can_move_again() -> Result<()> {
     Ok(())
 }
 
+/// The real binary, killed with SIGKILL several times mid-backfill and mid-stream, then
+/// stopped with SIGTERM: the targets still end equal to the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_and_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
     let src = PgCluster::start()?;

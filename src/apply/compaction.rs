@@ -412,31 +412,7 @@ impl TableChanges {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::statement::TargetColumn;
-    use crate::sql::QualifiedName;
-
-    fn table() -> TargetTable {
-        let col = |name: &str, ty: &str, pk: bool| TargetColumn {
-            name: name.into(),
-            type_sql: ty.into(),
-            primary_key: pk,
-            identity: pk,
-        };
-        TargetTable {
-            name: QualifiedName::parse("acme.orders").unwrap(),
-            columns: vec![
-                col("tenant_id", "integer", true),
-                col("id", "bigint", true),
-                col("note", "text", false),
-                col("big", "text", false),
-            ],
-            tenant_column: Some("tenant_id".into()),
-        }
-    }
-
-    fn s(v: &str) -> Datum {
-        Datum::Text(Bytes::copy_from_slice(v.as_bytes()))
-    }
+    use crate::apply::statement::tests::{s, table};
 
     fn row(id: &str, note: Datum, big: Datum) -> Tuple {
         Tuple(vec![s("7"), s(id), note, big])

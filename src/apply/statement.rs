@@ -238,11 +238,13 @@ pub fn build(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn table() -> TargetTable {
+    /// `acme.orders (tenant_id, id, note, big)`, keyed by `(tenant_id, id)` (also used by
+    /// the compaction tests).
+    pub(crate) fn table() -> TargetTable {
         let col = |name: &str, ty: &str, pk: bool| TargetColumn {
             name: name.into(),
             type_sql: ty.into(),
@@ -264,7 +266,7 @@ mod tests {
     fn t(vals: &[Datum]) -> Tuple {
         Tuple(vals.to_vec())
     }
-    fn s(v: &str) -> Datum {
+    pub(crate) fn s(v: &str) -> Datum {
         Datum::Text(Bytes::copy_from_slice(v.as_bytes()))
     }
 

@@ -379,6 +379,20 @@ async fn finish_copy<'a>(
     Ok(())
 }
 
+/// Sends what is queued: the pending COPY first, then the pipelined statements, which were
+/// all queued after that COPY began. Every send goes through here, so that order holds.
+async fn send_queued<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    prepared: &mut HashMap<String, tokio_postgres::Statement>,
+    pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
+    copying: &mut Option<(&'a TenantId, Vec<&'a CopyRows>)>,
+    failed_tenant: &mut Option<TenantId>,
+    copies: &mut u64,
+) -> Result<(), ApplyError> {
+    finish_copy(tx, copying, failed_tenant, copies).await?;
+    pipeline(tx, prepared, pending, failed_tenant).await
+}
+
 /// Moves the statements of every folded table (or of those of `table` only) into `pending`.
 fn flush_folds<'a>(
     folds: &mut [(&'a TenantId, TableChanges)],
@@ -551,13 +565,6 @@ impl TargetWriter {
                                 parts.push(c);
                                 continue;
                             }
-                            finish_copy(
-                                &tx,
-                                &mut copying,
-                                &mut self.failed_tenant,
-                                &mut self.stats.copies,
-                            )
-                            .await?;
                             // COPY is not pipelined: send what is queued first, in order.
                             flush_folds(
                                 &mut folds,
@@ -565,11 +572,13 @@ impl TargetWriter {
                                 &mut pending,
                                 &mut self.failed_tenant,
                             )?;
-                            pipeline(
+                            send_queued(
                                 &tx,
                                 &mut self.prepared,
                                 &mut pending,
+                                &mut copying,
                                 &mut self.failed_tenant,
+                                &mut self.stats.copies,
                             )
                             .await?;
                             copying = Some((tenant, vec![c]));
@@ -660,19 +669,13 @@ impl TargetWriter {
                     };
                     pending.push((tenant, Pending::One(statement)));
                     if pending.len() >= PIPELINE_DEPTH {
-                        // Statements queued after a pending COPY run after it.
-                        finish_copy(
-                            &tx,
-                            &mut copying,
-                            &mut self.failed_tenant,
-                            &mut self.stats.copies,
-                        )
-                        .await?;
-                        pipeline(
+                        send_queued(
                             &tx,
                             &mut self.prepared,
                             &mut pending,
+                            &mut copying,
                             &mut self.failed_tenant,
+                            &mut self.stats.copies,
                         )
                         .await?;
                     }
@@ -694,18 +697,13 @@ impl TargetWriter {
             }
         }
         flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
-        finish_copy(
-            &tx,
-            &mut copying,
-            &mut self.failed_tenant,
-            &mut self.stats.copies,
-        )
-        .await?;
-        pipeline(
+        send_queued(
             &tx,
             &mut self.prepared,
             &mut pending,
+            &mut copying,
             &mut self.failed_tenant,
+            &mut self.stats.copies,
         )
         .await?;
         let upsert = format!(

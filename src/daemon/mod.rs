@@ -1130,12 +1130,11 @@ impl Engine {
                     .copy
                     .high(w.chunk)
                     .map_err(|e| Box::new((tenant.clone(), Error::Move(e.into()))))?;
-                if let Some(follow) = tm.follow.take() {
+                if tm.follow.is_some() {
                     // The reader goes on with the range: open its next window now, before
                     // its low watermark (written after this high one) arrives.
                     match tm.copy.next_range(chunk_rows) {
                         Some((next, _)) if next == w.chunk + 1 => {
-                            tm.follow = Some(follow);
                             if let Some(ahead) = tm.ahead.take().filter(|a| a.chunk == next) {
                                 take_rows(&tenant, &table, tm, ahead);
                             }
@@ -1143,14 +1142,11 @@ impl Engine {
                                 let _ = follow.send(w.chunk);
                             }
                         }
-                        Some((next, _)) => {
-                            tm.copy.abandon(next);
-                            tm.copy.retire_through(w.chunk + 1);
-                            tm.ahead = None;
-                        }
-                        None => {
-                            tm.copy.retire_through(w.chunk + 1);
-                            tm.ahead = None;
+                        other => {
+                            if let Some((next, _)) = other {
+                                tm.copy.abandon(next);
+                            }
+                            tm.stop_following(w.chunk + 1);
                         }
                     }
                 }

@@ -121,9 +121,10 @@ impl Pool {
 pub(crate) fn spawn(mut job: ChunkJob, pool: Arc<Pool>, events: mpsc::UnboundedSender<ChunkEvent>) {
     tokio::spawn(async move {
         let first = job.chunk;
+        let mut format = None;
         loop {
             let (tenant, table, chunk) = (job.tenant.clone(), job.table.clone(), job.chunk);
-            let last = match read(&job, &pool, &events).await {
+            let last = match read(&job, &pool, &events, &mut format).await {
                 Ok(last) => last,
                 Err(error) => {
                     let _ = events.send(ChunkEvent::Failed {
@@ -158,10 +159,13 @@ pub(crate) fn spawn(mut job: ChunkJob, pool: Arc<Pool>, events: mpsc::UnboundedS
     });
 }
 
+/// Reads one chunk; `format` caches the reader's COPY format once known. Returns the last
+/// key of a full range chunk (where the range goes on).
 async fn read(
     job: &ChunkJob,
     pool: &Pool,
     events: &mpsc::UnboundedSender<ChunkEvent>,
+    format: &mut Option<CopyFormat>,
 ) -> Result<Option<Key>, Error> {
     let mut client = pool.get().await?;
     let mark = |m| {
@@ -210,32 +214,29 @@ async fn read(
             table: job.table.to_string(),
         }));
     }
-    // Binary rows go to the target untouched when every column type is built in; the
-    // statement's result types tell (user-defined types are read as text instead).
-    let mut format = CopyFormat::Binary;
-    let mut statement = None;
-    for f in [CopyFormat::Binary, CopyFormat::Text] {
-        let sql = job.layout.query(job.tenant.as_str(), &job.spec, f).0;
-        let st = tx
-            .prepare_typed(&sql, &types)
-            .await
-            .map_err(ClusterError::sql(format!(
-                "preparing the chunk query on {}",
-                job.table
-            )))?;
-        let oids = st.columns().iter().skip(nkeys).map(|c| c.type_().oid());
-        if f == CopyFormat::Text || CopyFormat::for_type_oids(oids) == CopyFormat::Binary {
-            format = f;
-            statement = Some(st);
-            break;
+    let format = match *format {
+        Some(f) => f,
+        None => {
+            // Binary rows go to the target untouched when every column type is built in; the
+            // binary query's result types tell (user-defined types are read as text). Decided
+            // once per reader: a table's column types do not change under a move (DDL pauses it).
+            let sql = job
+                .layout
+                .query(job.tenant.as_str(), &job.spec, CopyFormat::Binary)
+                .0;
+            let st = tx
+                .prepare_typed(&sql, &types)
+                .await
+                .map_err(ClusterError::sql(format!(
+                    "preparing the chunk query on {}",
+                    job.table
+                )))?;
+            let f =
+                CopyFormat::for_type_oids(st.columns().iter().skip(nkeys).map(|c| c.type_().oid()));
+            *format = Some(f);
+            f
         }
-    }
-    let statement = statement.expect("the text query is always taken");
-    if statement.columns().len() != nkeys + width {
-        return Err(Error::Move(super::MoveError::KeyValue {
-            table: job.table.to_string(),
-        }));
-    }
+    };
     let mut rows = RowBuffer::new(format);
     let mut keys = Vec::new();
     let bad_key = || {
@@ -290,6 +291,20 @@ async fn read(
         }
         split.finish().map_err(bad_data)?;
     } else {
+        let sql = job
+            .layout
+            .query(job.tenant.as_str(), &job.spec, CopyFormat::Text)
+            .0;
+        let statement = tx
+            .prepare_typed(&sql, &types)
+            .await
+            .map_err(ClusterError::sql(format!(
+                "preparing the chunk query on {}",
+                job.table
+            )))?;
+        if statement.columns().len() != nkeys + width {
+            return Err(bad_key());
+        }
         let stream = tx
             .query_raw(&statement, params.iter().map(|p| p as &(dyn ToSql + Sync)))
             .await
