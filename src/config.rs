@@ -66,6 +66,20 @@ struct FileConfig {
     registry: FileRegistry,
     #[serde(default, rename = "move")]
     moves: FileMoves,
+    #[serde(default)]
+    cutover: FileCutover,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCutover {
+    pause_budget_ms: Option<u64>,
+    max_lag_mb: Option<u64>,
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    verify: Option<bool>,
+    retention_hours: Option<u64>,
+    old_transaction_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +312,79 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
     Ok(m)
 }
 
+/// How cutovers are run (seed 003: a write pause under 100 ms that users do not notice).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CutoverSettings {
+    /// The longest a tenant's writes may wait, lock wait included; an attempt that would
+    /// take longer is aborted (and retried later).
+    pub pause_budget: Duration,
+    /// Attempts start only while the target trails the stream by less than this.
+    pub max_lag_bytes: u64,
+    /// Backoff between aborted attempts: doubles from the first up to the second.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Verify (count and content hash per chunk) before fencing; a difference that does
+    /// not converge stops the cutover.
+    pub verify: bool,
+    /// How long the old location is kept after a cutover before `cleanup` may remove it.
+    pub retention: Duration,
+    /// How long to wait for transactions older than the fence to end before an attempt.
+    pub old_transaction_wait: Duration,
+}
+
+impl Default for CutoverSettings {
+    fn default() -> Self {
+        CutoverSettings {
+            pause_budget: Duration::from_millis(100),
+            max_lag_bytes: 16 << 20,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            verify: true,
+            retention: Duration::from_secs(24 * 3600),
+            old_transaction_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+fn cutover(f: FileCutover) -> Result<CutoverSettings, ConfigError> {
+    let d = CutoverSettings::default();
+    let ms = |field: &str, v: Option<u64>, default: Duration, min: u64| match v {
+        Some(v) if v < min => Err(invalid(
+            &format!("cutover.{field}"),
+            format!("must be at least {min}"),
+        )),
+        Some(v) => Ok(Duration::from_millis(v)),
+        None => Ok(default),
+    };
+    let c = CutoverSettings {
+        pause_budget: ms("pause_budget_ms", f.pause_budget_ms, d.pause_budget, 10)?,
+        max_lag_bytes: f
+            .max_lag_mb
+            .map(|mb| mb.saturating_mul(1 << 20))
+            .unwrap_or(d.max_lag_bytes),
+        retry_initial: ms("retry_initial_ms", f.retry_initial_ms, d.retry_initial, 1)?,
+        retry_max: ms("retry_max_ms", f.retry_max_ms, d.retry_max, 1)?,
+        verify: f.verify.unwrap_or(d.verify),
+        retention: f
+            .retention_hours
+            .map(|h| Duration::from_secs(h.saturating_mul(3600)))
+            .unwrap_or(d.retention),
+        old_transaction_wait: ms(
+            "old_transaction_wait_ms",
+            f.old_transaction_wait_ms,
+            d.old_transaction_wait,
+            0,
+        )?,
+    };
+    if c.retry_max < c.retry_initial {
+        return Err(invalid(
+            "cutover.retry_max_ms",
+            "must not be below cutover.retry_initial_ms",
+        ));
+    }
+    Ok(c)
+}
+
 /// The whole validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -310,6 +397,7 @@ pub struct Config {
     /// Schema of the registry tables in the control database (the source database).
     pub registry_schema: String,
     pub moves: MoveSettings,
+    pub cutover: CutoverSettings,
 }
 
 /// Where environment overrides come from; a function so tests need not touch the process env.
@@ -378,6 +466,7 @@ impl Config {
             tenancy,
             registry_schema,
             moves: moves(file.moves)?,
+            cutover: cutover(file.cutover)?,
         })
     }
 }
@@ -665,6 +754,33 @@ mod tests {
         let c = load(&text, &e).unwrap();
         assert_eq!(c.targets.len(), 2);
         assert!(!c.replication.tables.is_empty());
+        assert_eq!(c.cutover, CutoverSettings::default());
+    }
+
+    #[test]
+    fn cutover_settings_are_validated() {
+        let c = load(
+            &format!(
+                "{MINIMAL}[cutover]\npause_budget_ms = 250\nretention_hours = 0\nverify = false\n"
+            ),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.cutover.pause_budget, Duration::from_millis(250));
+        assert_eq!(c.cutover.retention, Duration::ZERO);
+        assert!(!c.cutover.verify);
+        for bad in [
+            "pause_budget_ms = 5",
+            "retry_initial_ms = 0",
+            "retry_initial_ms = 500\nretry_max_ms = 100",
+            "pause = 3",
+        ] {
+            let err = load(&format!("{MINIMAL}[cutover]\n{bad}\n"), &env(&[])).unwrap_err();
+            assert!(
+                err.to_string().contains("cutover") || err.to_string().contains("pause"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

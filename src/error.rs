@@ -11,12 +11,14 @@ use crate::apply::ApplyError;
 use crate::checkpoint::CheckpointError;
 use crate::cluster::ClusterError;
 use crate::config::ConfigError;
+use crate::cutover::CutoverError;
 use crate::daemon::MoveError;
 use crate::decode::{DecodeError, RelationError};
 use crate::provision::ProvisionError;
 use crate::registry::RegistryError;
 use crate::route::RouteError;
 use crate::source::SourceError;
+use crate::verify::VerifyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,6 +44,10 @@ pub enum Error {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Move(#[from] MoveError),
+    #[error(transparent)]
+    Cutover(#[from] CutoverError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -109,6 +115,13 @@ impl Error {
             Error::Decode(_) | Error::Relation(_) => ErrorClass::Fatal,
             Error::Io { .. } => ErrorClass::Fatal,
             Error::Move(e) => e.class(),
+            Error::Cutover(CutoverError::Cluster(e)) | Error::Verify(VerifyError::Cluster(e)) => {
+                classify_cluster(e)
+            }
+            // Re-read the registry and decide again.
+            Error::Cutover(CutoverError::Conflict(_)) => ErrorClass::Transient,
+            Error::Cutover(CutoverError::AlreadyMoved | CutoverError::CannotSeeSessions)
+            | Error::Verify(_) => ErrorClass::TenantFatal,
         }
     }
 }

@@ -81,6 +81,23 @@ enum Command {
         #[arg(long)]
         auto: bool,
     },
+    /// Compare the tenant's rows at the source and the target (count and content hash per
+    /// chunk; other tenants' rows in the target). Exit status 1 when they differ.
+    Verify {
+        tenant: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the daemon to cut the tenant over (fence, catch up, flip the route) and wait.
+    Cutover {
+        tenant: String,
+        /// How long to wait for the cutover, in seconds (it goes on in the daemon after).
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
+    /// Remove a cut-over tenant from its old location (after the retention window).
+    Cleanup { tenant: String },
 }
 
 fn parse_lsn(s: &str) -> Result<Lsn, String> {
@@ -172,6 +189,77 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "move {id} requested: tenant {tenant} ({} tables) to {target} schema {schema} ({} cutover)",
                 tables.len(),
                 mode.as_str()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { tenant, json } => {
+            let tenant = TenantId::new(tenant)?;
+            let report = switchyard::cutover::request::verify_tenant(&config, &tenant).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for t in &report.tables {
+                    println!(
+                        "{:<40} {:>10} rows  {:>10} at target  {:>4} chunks  {}",
+                        t.table,
+                        t.source_rows,
+                        t.target_rows,
+                        t.chunks,
+                        if t.ok() { "equal" } else { "DIFFERENT" }
+                    );
+                }
+                println!("{} ({} ms)", report.summary(), report.millis);
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Cutover { tenant, wait } => {
+            let tenant = TenantId::new(tenant)?;
+            let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
+                &config,
+                &tenant,
+                std::time::Duration::from_secs(wait),
+            )
+            .await?;
+            for a in &attempts {
+                println!(
+                    "attempt {}: {}{}{}{}",
+                    a.attempt,
+                    a.result,
+                    a.step
+                        .as_deref()
+                        .map(|s| format!(" at {s}"))
+                        .unwrap_or_default(),
+                    a.pause_ms
+                        .map(|p| format!(", pause {p:.1} ms"))
+                        .unwrap_or_default(),
+                    a.detail
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default(),
+                );
+            }
+            println!("move {} of tenant {tenant}: {}", mv.id, mv.state);
+            Ok(if mv.state == switchyard::registry::MoveState::CutOver {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Cleanup { tenant } => {
+            let tenant = TenantId::new(tenant)?;
+            let cleaned = switchyard::cutover::request::cleanup_tenant(&config, &tenant).await?;
+            println!(
+                "tenant {tenant} removed from its old location: {} rows deleted, {} tables dropped{}",
+                cleaned.rows_deleted,
+                cleaned.tables_dropped.len(),
+                cleaned
+                    .schema_dropped
+                    .map(|s| format!(", schema {s} dropped"))
+                    .unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -69,7 +69,7 @@ impl Watermark {
 pub const EMIT_SQL: &str = "SELECT pg_logical_emit_message(true, 'switchyard.watermark', $1::text)";
 
 impl ChunkTable {
-    fn key_expr(&self, i: usize) -> String {
+    pub(crate) fn key_expr(&self, i: usize) -> String {
         let (col, kind) = self.key[i];
         // Qualified: a bare name in ORDER BY would pick the `col::text` output column and
         // sort numbers as text.
@@ -80,7 +80,7 @@ impl ChunkTable {
         }
     }
 
-    fn key_param(kind: KeyKind, p: &str) -> String {
+    pub(crate) fn key_param(kind: KeyKind, p: &str) -> String {
         match kind {
             KeyKind::Int => format!("CAST({p} AS bigint)"),
             KeyKind::Text => format!("({p}::text COLLATE \"C\")"),
@@ -88,7 +88,7 @@ impl ChunkTable {
         }
     }
 
-    fn key_text(v: &KeyValue) -> String {
+    pub(crate) fn key_text(v: &KeyValue) -> String {
         match v {
             KeyValue::Int(i) => i.to_string(),
             KeyValue::Text(s) => s.clone(),

@@ -25,11 +25,12 @@
 //!   stale shape.
 
 pub(crate) mod applier;
+mod cutting;
 mod moving;
 mod reader;
 mod setup;
 
-pub use setup::check_move;
+pub use setup::{check_move, tenant_layout};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use crate::backfill::{BackfillError, ChunkSpec, RekeyPlan, Verdict};
 use crate::checkpoint::{Batch, SlotRecord, Store};
 use crate::cluster::ClusterError;
 use crate::config::Config;
+use crate::cutover::CutoverMsg;
 use crate::decode::{Datum, Message, Relation, RelationCache, RelationChange};
 use crate::error::{Error, ErrorClass};
 use crate::lsn::Lsn;
@@ -169,6 +171,8 @@ struct Engine {
     /// check), oldest first for eviction.
     recent: HashMap<u32, Lsn>,
     recent_order: VecDeque<u32>,
+    cutovers: cutting::Cutovers,
+    cutover_tx: mpsc::UnboundedSender<CutoverMsg>,
 }
 
 /// Committed transactions remembered for the snapshot check; a transaction racing a low
@@ -229,6 +233,7 @@ pub async fn run(
     let (apply_tx, mut apply_rx) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
     let (setup_tx, mut setup_rx) = mpsc::unbounded_channel();
+    let (cutover_tx, mut cutover_rx) = mpsc::unbounded_channel();
     let run_id = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -262,6 +267,8 @@ pub async fn run(
         stopped: Vec::new(),
         recent: HashMap::new(),
         recent_order: VecDeque::new(),
+        cutovers: cutting::Cutovers::default(),
+        cutover_tx,
     };
 
     // Every tenant that was moving resumes before the stream starts, so none of its
@@ -323,6 +330,7 @@ pub async fn run(
                 r
             }
             Some(ev) = engine.chunk_rx.recv() => { engine.on_chunk(ev); Ok(()) }
+            Some(msg) = cutover_rx.recv() => { engine.on_cutover(msg); Ok(()) }
             Some((mv, res)) = setup_rx.recv() => engine.on_setup(mv, res).await,
             Some(_) = notifications.recv() => engine.poll_registry().await,
             _ = tick.tick() => {
@@ -365,6 +373,7 @@ pub async fn run(
             }
         }
         engine.record_stops().await;
+        engine.answer_cutover_waits();
         // Transactions that touched no target are durable as soon as they are read; the
         // confirmed position must follow them too (an idle or filtered stream would
         // otherwise hold WAL until the next applied change).
@@ -483,6 +492,7 @@ impl Engine {
             tracing::info!(%tenant, %state, "move stopped in the registry");
             self.release(&tenant);
         }
+        self.start_cutovers(&moves).await;
         let mut seen = BTreeSet::new();
         for mv in moves {
             if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {
@@ -747,6 +757,16 @@ impl Engine {
                 }
                 Ok(())
             }
+            Message::Message(m) if m.prefix == crate::cutover::MARKER_PREFIX => {
+                match std::str::from_utf8(&m.content)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                {
+                    Some(token) => self.on_cutover_marker(token),
+                    None => tracing::warn!("a cutover marker that is not ours is ignored"),
+                }
+                Ok(())
+            }
             Message::StreamStart(_)
             | Message::StreamStop
             | Message::StreamCommit(_)
@@ -1003,7 +1023,7 @@ impl Engine {
             let Some(t) = self.tenants.get_mut(id) else {
                 continue;
             };
-            if t.state == MoveState::Streaming {
+            if matches!(t.state, MoveState::Streaming | MoveState::CuttingOver) {
                 continue;
             }
             let state = t.copy_state().to_json();

@@ -186,6 +186,55 @@ async fn identity_has(
     })
 }
 
+/// Where a move puts the tenant's tables.
+fn placement(config: &Config, mv: &Move, defs: &[TableDef]) -> Placement {
+    let names: Vec<QualifiedName> = defs.iter().map(|d| d.name.clone()).collect();
+    let same = config
+        .targets
+        .get(&mv.target)
+        .is_some_and(|t| config.source.same_database(t));
+    match config.tenancy.mode {
+        TenancyMode::Shared => Placement::into_schema(&names, &mv.target_schema, same),
+        TenancyMode::Schema => {
+            Placement::schema_to_schema(&names, mv.tenant.as_str(), &mv.target_schema, same)
+        }
+    }
+}
+
+/// A tenant's tables as `mv` places them, read from the source catalog: the source layout
+/// and the target table of each (what `verify` and `cleanup` work on). `moves` are all
+/// registry rows: schemas other moves created on the source cluster are not the tenant's.
+pub async fn tenant_layout(
+    config: &Config,
+    source: &Client,
+    mv: &Move,
+    moves: &[Move],
+) -> Result<Vec<(ChunkTable, QualifiedName)>, Error> {
+    let excluded: BTreeSet<String> = moves
+        .iter()
+        .filter(|m| {
+            config
+                .targets
+                .get(&m.target)
+                .is_some_and(|t| config.source.same_database(t))
+        })
+        .map(|m| m.target_schema.clone())
+        .collect();
+    let defs = tenant_tables(config, source, &mv.tenant, &excluded).await?;
+    let placement = placement(config, mv, &defs);
+    let mut out = Vec::new();
+    for def in &defs {
+        let chunk = layout(config, source, def).await?;
+        let target = placement
+            .tables
+            .get(&def.name)
+            .cloned()
+            .ok_or_else(|| MoveError::UnknownTarget(mv.target.to_string()))?;
+        out.push((chunk, target));
+    }
+    Ok(out)
+}
+
 /// Checks a move request before it is written (what `switchyard move` runs): the target
 /// is configured, the tenant has tables, and each can be copied and routed. Returns the
 /// tenant's tables.
@@ -270,14 +319,7 @@ pub(crate) async fn prepare(
     // The reset below deletes children and parents in table order, as apply does.
     crate::apply::writer::replica_role(&target).await?;
     let defs = tenant_tables(config, &source, &mv.tenant, excluded_schemas).await?;
-    let names: Vec<QualifiedName> = defs.iter().map(|d| d.name.clone()).collect();
-    let same = config.source.same_database(endpoint);
-    let placement = match config.tenancy.mode {
-        TenancyMode::Shared => Placement::into_schema(&names, &mv.target_schema, same),
-        TenancyMode::Schema => {
-            Placement::schema_to_schema(&names, mv.tenant.as_str(), &mv.target_schema, same)
-        }
-    };
+    let placement = placement(config, mv, &defs);
     let plan = provision::plan(&defs, &placement)?;
     for w in &plan.warnings {
         tracing::warn!(tenant = %mv.tenant, warning = %w, "provisioning");

@@ -54,6 +54,10 @@ pub enum RegistryError {
     },
     #[error("move {0} does not exist")]
     UnknownMove(i64),
+    #[error("tenant {0} has no unfinished move")]
+    NoMove(TenantId),
+    #[error("{0}")]
+    NotYet(String),
     #[error("registry row {id} holds an invalid {field}: {detail}")]
     BadRow {
         id: i64,
@@ -131,7 +135,6 @@ impl MoveState {
                 | MoveState::Copying
                 | MoveState::Streaming
                 | MoveState::CuttingOver
-                | MoveState::CutOver
         )
     }
 
@@ -203,6 +206,23 @@ pub struct Move {
     pub rows_total: Option<i64>,
     pub lag_bytes: Option<i64>,
     pub last_error: Option<String>,
+    /// An operator asked for the cutover (`switchyard cutover`).
+    pub cutover_requested: bool,
+    /// Cutover attempts so far, aborted ones included.
+    pub cutover_attempts: i32,
+    /// The last verification of this move found source and target equal.
+    pub verified: bool,
+}
+
+/// One recorded cutover attempt.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Attempt {
+    pub attempt: i32,
+    /// `cut_over`, `aborted` or `different`.
+    pub result: String,
+    pub step: Option<String>,
+    pub pause_ms: Option<f64>,
+    pub detail: Option<String>,
 }
 
 /// Progress of one move as the daemon reports it.
@@ -226,6 +246,11 @@ impl Registry {
         Ok(Registry { schema })
     }
 
+    /// A registry table's quoted, qualified name.
+    pub fn table(&self, table: &str) -> String {
+        self.t(table)
+    }
+
     fn t(&self, table: &str) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
     }
@@ -247,6 +272,8 @@ impl Registry {
             .collect::<Vec<_>>()
             .join(", ");
         let notify_fn = self.t("notify_moves");
+        let attempts = self.t("cutover_attempts");
+        let fences = crate::cutover::fence::ddl(&self.schema);
         format!(
             "CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {moves} (
@@ -272,13 +299,32 @@ CREATE TABLE IF NOT EXISTS {routes} (
   schema_name text NOT NULL,
   version bigint NOT NULL DEFAULT 1,
   updated_at timestamptz NOT NULL DEFAULT now());
+ALTER TABLE {moves}
+  ADD COLUMN IF NOT EXISTS cutover_requested boolean NOT NULL DEFAULT false,
+  ADD COLUMN IF NOT EXISTS cutover_attempts integer NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS pause_ms double precision,
+  ADD COLUMN IF NOT EXISTS verify_ok boolean,
+  ADD COLUMN IF NOT EXISTS verify_result text,
+  ADD COLUMN IF NOT EXISTS verified_at timestamptz,
+  ADD COLUMN IF NOT EXISTS cut_over_at timestamptz,
+  ADD COLUMN IF NOT EXISTS cleanup_after timestamptz;
+CREATE TABLE IF NOT EXISTS {attempts} (
+  move_id bigint NOT NULL,
+  attempt integer NOT NULL,
+  result text NOT NULL,
+  step text,
+  pause_ms double precision,
+  detail text,
+  at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (move_id, attempt));
+{fences}
 CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   PERFORM pg_notify('{CHANNEL}', NEW.id::text);
   RETURN NEW;
 END $$;
 DROP TRIGGER IF EXISTS moves_notify ON {moves};
-CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state ON {moves}
+CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested ON {moves}
   FOR EACH ROW EXECUTE FUNCTION {notify_fn}();"
         )
     }
@@ -347,7 +393,8 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state ON {moves}
     fn select(&self) -> String {
         format!(
             "SELECT id, tenant, target, target_schema, cutover_mode, state, rows_copied, rows_total, \
-                    lag_bytes, last_error FROM {}",
+                    lag_bytes, last_error, cutover_requested, cutover_attempts, \
+                    coalesce(verify_ok, false) FROM {}",
             self.t("moves")
         )
     }
@@ -374,6 +421,9 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state ON {moves}
             rows_total: row.get(7),
             lag_bytes: row.get(8),
             last_error: row.get(9),
+            cutover_requested: row.get(10),
+            cutover_attempts: row.get(11),
+            verified: row.get(12),
         })
     }
 
@@ -495,6 +545,118 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state ON {moves}
             .await
             .map_err(ClusterError::sql("recording a move's error"))?;
         Ok(())
+    }
+
+    /// Asks for the cutover of the tenant's move (in sync or still copying: the daemon cuts
+    /// over once it is in sync). Returns the move.
+    pub async fn request_cutover(
+        &self,
+        client: &Client,
+        tenant: &TenantId,
+    ) -> Result<Move, RegistryError> {
+        let mv = self
+            .active_for(client, tenant)
+            .await?
+            .ok_or_else(|| RegistryError::NoMove(tenant.clone()))?;
+        if !matches!(
+            mv.state,
+            MoveState::Provisioning
+                | MoveState::Copying
+                | MoveState::Streaming
+                | MoveState::CuttingOver
+        ) {
+            return Err(RegistryError::Transition {
+                id: mv.id,
+                from: mv.state,
+                to: MoveState::CuttingOver,
+            });
+        }
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET cutover_requested = true, updated_at = now() WHERE id = $1",
+                    self.t("moves")
+                ),
+                &[&mv.id],
+            )
+            .await
+            .map_err(ClusterError::sql("requesting a cutover"))?;
+        self.get(client, mv.id).await
+    }
+
+    /// Records a verification result.
+    pub async fn record_verification(
+        &self,
+        client: &Client,
+        id: i64,
+        ok: bool,
+        summary: &str,
+    ) -> Result<(), RegistryError> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET verify_ok = $2, verify_result = $3, verified_at = now(), \
+                            updated_at = now() WHERE id = $1",
+                    self.t("moves")
+                ),
+                &[&id, &ok, &summary],
+            )
+            .await
+            .map_err(ClusterError::sql("recording a verification"))?;
+        Ok(())
+    }
+
+    /// Records one cutover attempt (and the count on the move).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_attempt(
+        &self,
+        client: &Client,
+        id: i64,
+        attempt: i32,
+        result: &str,
+        step: Option<&str>,
+        pause_ms: Option<f64>,
+        detail: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        client
+            .execute(
+                &format!(
+                    "WITH a AS (INSERT INTO {} (move_id, attempt, result, step, pause_ms, detail) \
+                                VALUES ($1, $2, $3, $4, $5, $6) \
+                                ON CONFLICT (move_id, attempt) DO NOTHING) \
+                     UPDATE {} SET cutover_attempts = greatest(cutover_attempts, $2) WHERE id = $1",
+                    self.t("cutover_attempts"),
+                    self.t("moves")
+                ),
+                &[&id, &attempt, &result, &step, &pause_ms, &detail],
+            )
+            .await
+            .map_err(ClusterError::sql("recording a cutover attempt"))?;
+        Ok(())
+    }
+
+    /// The attempts of a move, oldest first: (attempt, result, step, pause in ms, detail).
+    pub async fn attempts(&self, client: &Client, id: i64) -> Result<Vec<Attempt>, RegistryError> {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT attempt, result, step, pause_ms, detail FROM {} WHERE move_id = $1 ORDER BY attempt",
+                    self.t("cutover_attempts")
+                ),
+                &[&id],
+            )
+            .await
+            .map_err(ClusterError::sql("reading cutover attempts"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Attempt {
+                attempt: r.get(0),
+                result: r.get(1),
+                step: r.get(2),
+                pause_ms: r.get(3),
+                detail: r.get(4),
+            })
+            .collect())
     }
 
     /// Where the tenant lives now, as applications should read it.

@@ -499,6 +499,24 @@ async fn checks(
         ),
     }
 
+    match crate::cutover::fence::sees_all_sessions(client).await {
+        Ok(true) => r.push(
+            "sessions",
+            Status::Ok,
+            "the role sees every session's transaction (cutovers can wait out old ones)",
+            None,
+        ),
+        Ok(false) => r.push(
+            "sessions",
+            Status::Warn,
+            "the role cannot see other roles' transactions; cutovers refuse to start",
+            Some(format!(
+                "GRANT pg_read_all_stats TO {};",
+                quote_ident(&rolname)
+            )),
+        ),
+        Err(e) => r.push("sessions", Status::Warn, format!("cannot tell: {e}"), None),
+    }
     for table in &repl.tables {
         check_table(client, table, r).await?;
         if config.tenancy.mode == crate::config::TenancyMode::Shared {
@@ -519,7 +537,8 @@ async fn check_table(
             "SELECT c.relreplident::text, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
-                    has_table_privilege(c.oid, 'SELECT'), c.relkind::text \
+                    has_table_privilege(c.oid, 'SELECT'), c.relkind::text, \
+                    has_table_privilege(c.oid, 'TRIGGER') \
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
               WHERE n.nspname = $1 AND c.relname = $2",
             &[&table.schema, &table.name],
@@ -536,6 +555,7 @@ async fn check_table(
     };
     let (ident, has_pk, has_ident_index, can_select, kind): (String, bool, bool, bool, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let can_fence: bool = row.get(5);
     if kind != "r" && kind != "p" {
         r.push(
             &name,
@@ -552,6 +572,17 @@ async fn check_table(
             "no SELECT privilege (needed to copy existing rows)",
             Some(format!(
                 "GRANT SELECT ON {} TO <switchyard role>;",
+                table.quoted()
+            )),
+        );
+    }
+    if !can_fence && (kind == "r" || kind == "p") {
+        r.push(
+            &name,
+            Status::Warn,
+            "no TRIGGER privilege: a cutover cannot install the write fence on it",
+            Some(format!(
+                "GRANT TRIGGER ON {} TO <switchyard role>;",
                 table.quoted()
             )),
         );

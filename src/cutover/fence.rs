@@ -1,0 +1,369 @@
+//! The write fence at the old location: per-tenant, enforced by a row trigger on each of the
+//! tenant's source tables, decided by one row of `<registry>.fences`.
+//!
+//! ```text
+//!   writer (any tenant)        trigger ─► fences row for that tenant?
+//!                                            none   → go on (one index probe; other tenants)
+//!                                            armed  → advisory lock SHARED (tenant), re-read:
+//!                                                     moved → refuse (SQLSTATE SY001)
+//!   cutover                    advisory lock EXCLUSIVE (tenant), bounded by lock_timeout:
+//!                              waits for the tenant's open writers, holds off new ones;
+//!                              ... catch up, flip routes, fences row → moved, COMMIT
+//! ```
+//!
+//! Invariants:
+//! - A writer of a fenced tenant holds the tenant's shared advisory lock from its write to
+//!   its transaction's end, so the cutover's exclusive lock means: no transaction that
+//!   wrote the tenant is open, and none can write it until the cutover ends.
+//! - After the cutover commits, every later write of the tenant reads the `moved` row and
+//!   fails: read committed re-reads it after the lock (a new snapshot per statement);
+//!   repeatable read and serializable lock the row `FOR SHARE`, which fails with a
+//!   serialization error if the cutover changed it after their snapshot (the retry then
+//!   sees `moved`). Transactions older than the fence row that hold a snapshot or wrote
+//!   anything are waited out before an attempt ([`old_transactions`]): they took no lock.
+//! - Other tenants are never locked: they pay one lookup in a small table per written row.
+//! - Every name in generated SQL is quoted; function bodies are string literals, never
+//!   dollar-quoted text that a hostile name could close.
+//! - Trigger functions run as their owner (SECURITY DEFINER, fixed search_path), so
+//!   applications need no rights on the registry and cannot redirect its names.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::cluster::ClusterError;
+use crate::sql::{quote_ident, quote_literal, QualifiedName};
+use crate::tenant::TenantId;
+
+/// The SQLSTATE of a write refused because the tenant moved (class `SY`, switchyard's own).
+pub const MOVED_SQLSTATE: &str = "SY001";
+
+/// The name of the fence trigger on every fenced table.
+pub const TRIGGER: &str = "switchyard_fence";
+
+/// Session setting that lets `cleanup` delete a moved tenant's old rows.
+pub const CLEANUP_SETTING: &str = "switchyard.cleanup_tenant";
+
+/// Arguments of the tenant's advisory lock (`$1` is the tenant id).
+pub const LOCK_ARGS: &str = "hashtext('switchyard fence'), hashtext($1)";
+
+/// How a fenced table names its tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TenantOf {
+    /// Shared table: the tenant column.
+    Column(String),
+    /// Schema-per-tenant: every row is this tenant's.
+    Whole(TenantId),
+}
+
+/// The fences table and the check every fence trigger calls; part of the registry DDL.
+pub fn ddl(registry_schema: &str) -> String {
+    let schema = quote_ident(registry_schema);
+    let body = format!(
+        "DECLARE f record;
+BEGIN
+  IF t IS NULL OR current_setting({cleanup}, true) = t THEN
+    RETURN;
+  END IF;
+  PERFORM 1 FROM {schema}.fences WHERE tenant = t;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  PERFORM pg_advisory_xact_lock_shared(hashtext('switchyard fence'), hashtext(t));
+  IF current_setting('transaction_isolation') = 'read committed' THEN
+    SELECT state, location, schema_name, version INTO f FROM {schema}.fences WHERE tenant = t;
+  ELSE
+    SELECT state, location, schema_name, version INTO f FROM {schema}.fences WHERE tenant = t FOR SHARE;
+  END IF;
+  IF f.state = 'moved' THEN
+    RAISE EXCEPTION USING
+      ERRCODE = '{MOVED_SQLSTATE}',
+      MESSAGE = format('tenant %s has moved to %s (schema %s, route version %s); this location no longer takes its writes', t, f.location, f.schema_name, f.version),
+      HINT = 'Re-read {registry}.routes and write to the new location.';
+  END IF;
+END",
+        cleanup = quote_literal(CLEANUP_SETTING),
+        registry = registry_schema.replace('\'', "''"),
+    );
+    format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.fences (
+  tenant text PRIMARY KEY,
+  state text NOT NULL CHECK (state IN ('armed', 'moved')),
+  location text,
+  schema_name text,
+  version bigint,
+  armed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  moved_at timestamptz);
+CREATE OR REPLACE FUNCTION {schema}.fence_check(t text) RETURNS void LANGUAGE plpgsql AS {};
+CREATE OR REPLACE FUNCTION {schema}.fence_whole() RETURNS trigger LANGUAGE plpgsql \
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {};",
+        quote_literal(&body),
+        quote_literal(&format!(
+            "BEGIN
+  PERFORM {schema}.fence_check(TG_ARGV[0]);
+  IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+  RETURN NEW;
+END"
+        )),
+    )
+}
+
+/// The trigger function of a shared table (one per table: it reads the tenant column by
+/// name, which a generic function could only do dynamically, per row).
+pub fn column_function(registry_schema: &str, function: &str, column: &str) -> String {
+    let schema = quote_ident(registry_schema);
+    let col = quote_ident(column);
+    let body = format!(
+        "BEGIN
+  IF TG_OP <> 'INSERT' THEN
+    PERFORM {schema}.fence_check(OLD.{col}::text);
+  END IF;
+  IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.{col} IS DISTINCT FROM OLD.{col}) THEN
+    PERFORM {schema}.fence_check(NEW.{col}::text);
+  END IF;
+  IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+  RETURN NEW;
+END"
+    );
+    format!(
+        "CREATE OR REPLACE FUNCTION {schema}.{}() RETURNS trigger LANGUAGE plpgsql \
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}",
+        quote_ident(function),
+        quote_literal(&body)
+    )
+}
+
+/// The trigger on `table`.
+pub fn trigger_sql(
+    registry_schema: &str,
+    table: &QualifiedName,
+    function: &str,
+    tenant: &TenantOf,
+) -> String {
+    let args = match tenant {
+        TenantOf::Column(_) => String::new(),
+        TenantOf::Whole(t) => quote_literal(t.as_str()),
+    };
+    format!(
+        "CREATE TRIGGER {} BEFORE INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {}.{}({args})",
+        quote_ident(TRIGGER),
+        table.quoted(),
+        quote_ident(registry_schema),
+        quote_ident(function),
+    )
+}
+
+/// Installs the fence trigger on `table` unless it is there. Creating a trigger locks the
+/// table against writes for a moment (it waits for open writers): the wait is bounded and
+/// retried rather than queueing every writer of every tenant behind it.
+pub async fn install(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    tenant: &TenantOf,
+    lock_wait: Duration,
+    give_up_after: Duration,
+) -> Result<bool, ClusterError> {
+    let started = Instant::now();
+    loop {
+        match try_install(client, registry_schema, table, tenant, lock_wait).await {
+            Err(e)
+                if e.sqlstate() == Some("55P03")
+                    && started.elapsed() + lock_wait < give_up_after =>
+            {
+                tracing::debug!(%table, "fence trigger: table busy; trying again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_install(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    tenant: &TenantOf,
+    lock_wait: Duration,
+) -> Result<bool, ClusterError> {
+    let ctx = |what: &str| format!("{what} the fence trigger on {table}");
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ClusterError::sql(ctx("installing")))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        lock_wait.as_millis().max(1)
+    ))
+    .await
+    .map_err(ClusterError::sql(ctx("installing")))?;
+    let row = tx
+        .query_one(
+            "SELECT c.oid, EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $3) \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name, &TRIGGER],
+        )
+        .await
+        .map_err(ClusterError::sql(ctx("looking for")))?;
+    let (oid, exists): (u32, bool) = (row.get(0), row.get(1));
+    if exists {
+        return Ok(false);
+    }
+    let function = match tenant {
+        TenantOf::Column(col) => {
+            let f = format!("fence_{oid}");
+            tx.batch_execute(&column_function(registry_schema, &f, col))
+                .await
+                .map_err(ClusterError::sql(ctx("creating the function of")))?;
+            f
+        }
+        TenantOf::Whole(_) => "fence_whole".to_owned(),
+    };
+    tx.batch_execute(&trigger_sql(registry_schema, table, &function, tenant))
+        .await
+        .map_err(ClusterError::sql(ctx("creating")))?;
+    tx.commit()
+        .await
+        .map_err(ClusterError::sql(ctx("committing")))?;
+    Ok(true)
+}
+
+/// Whether a fences row says the tenant has moved away already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Armed {
+    Armed,
+    Moved,
+}
+
+/// Arms the fence for `tenant` (idempotent): from now on its writers take the shared lock.
+pub async fn arm(
+    client: &Client,
+    registry_schema: &str,
+    tenant: &TenantId,
+) -> Result<Armed, ClusterError> {
+    let fences = format!("{}.fences", quote_ident(registry_schema));
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {fences} (tenant, state) VALUES ($1, 'armed') ON CONFLICT (tenant) DO NOTHING"
+            ),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql("arming the write fence"))?;
+    let state: String = client
+        .query_one(
+            &format!("SELECT state FROM {fences} WHERE tenant = $1"),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql("reading the write fence"))?
+        .get(0);
+    Ok(if state == "moved" {
+        Armed::Moved
+    } else {
+        Armed::Armed
+    })
+}
+
+/// Removes an armed (not moved) fence, e.g. when a move is cancelled.
+pub async fn disarm(
+    client: &Client,
+    registry_schema: &str,
+    tenant: &TenantId,
+) -> Result<(), ClusterError> {
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {}.fences WHERE tenant = $1 AND state = 'armed'",
+                quote_ident(registry_schema)
+            ),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql("removing the write fence"))?;
+    Ok(())
+}
+
+/// Whether this session may see every backend's transaction start and snapshot (superuser
+/// or `pg_read_all_stats`); without that, [`old_transactions`] would miss other roles'.
+pub async fn sees_all_sessions(client: &Client) -> Result<bool, ClusterError> {
+    Ok(client
+        .query_one(
+            "SELECT pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
+                    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(ClusterError::sql("checking the role's rights"))?
+        .get(0))
+}
+
+/// Backends of this database in a transaction older than the tenant's fence row that
+/// either holds a snapshot (repeatable read: it may not see the fence) or wrote something
+/// (it may have written the tenant before the fence, and commit after the cutover).
+/// Returns their pids.
+pub async fn old_transactions(
+    client: &Client,
+    registry_schema: &str,
+    tenant: &TenantId,
+) -> Result<Vec<i32>, ClusterError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT a.pid FROM pg_stat_activity a, {}.fences f \
+                  WHERE f.tenant = $1 AND a.datname = current_database() \
+                    AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend' \
+                    AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL) \
+                    AND a.xact_start < f.armed_at",
+                quote_ident(registry_schema)
+            ),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql(
+            "looking for transactions older than the fence",
+        ))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_literals_so_hostile_names_cannot_close_them() {
+        let sql = column_function("reg$$", "fence_1", "t$x$'; DROP TABLE a; --\"");
+        assert!(sql.starts_with("CREATE OR REPLACE FUNCTION \"reg$$\".\"fence_1\"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"));
+        assert!(sql.contains("SET search_path = pg_catalog, pg_temp AS '"));
+        // A quoted identifier (its `"` doubled) inside a literal (its `'` doubled).
+        assert!(
+            sql.contains("OLD.\"t$x$''; DROP TABLE a; --\"\"\"::text"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("END'"));
+        let ddl = ddl("ops\"reg");
+        assert!(ddl.contains("CREATE TABLE IF NOT EXISTS \"ops\"\"reg\".fences"));
+        assert!(ddl.contains(MOVED_SQLSTATE));
+    }
+
+    #[test]
+    fn schema_tenants_pass_their_id_as_a_literal_argument() {
+        let t = TenantId::new("acme'); DROP SCHEMA x; --").unwrap();
+        let table = QualifiedName::new("acme", "orders").unwrap();
+        let sql = trigger_sql("switchyard", &table, "fence_whole", &TenantOf::Whole(t));
+        assert_eq!(
+            sql,
+            "CREATE TRIGGER \"switchyard_fence\" BEFORE INSERT OR UPDATE OR DELETE ON \"acme\".\"orders\" \
+             FOR EACH ROW EXECUTE FUNCTION \"switchyard\".\"fence_whole\"('acme''); DROP SCHEMA x; --')"
+        );
+        let shared = trigger_sql(
+            "switchyard",
+            &table,
+            "fence_42",
+            &TenantOf::Column("tenant_id".into()),
+        );
+        assert!(shared.ends_with("\"switchyard\".\"fence_42\"()"));
+    }
+}

@@ -1,0 +1,547 @@
+//! The cutover: an in-sync tenant becomes a finished move with a bounded write pause.
+//!
+//! ```text
+//!  prepare (no pause):  streaming → cutting_over, verify (once per move), arm the fence,
+//!                       wait out transactions older than the fence
+//!  attempt (pause):     BEGIN on the source
+//!                       advisory lock EXCLUSIVE on the tenant   lock_timeout = budget / 2
+//!                       marker = pg_logical_emit_message(false, 'switchyard.cutover', token)
+//!                       wait: the pipeline saw the marker and the target holds everything
+//!                             of the tenant before it          until 9/10 of the budget
+//!                       sequences: target set past the source values
+//!                       fences → moved, routes flipped (version + 1), move → cut_over
+//!                       COMMIT (only inside the budget)         pause = commit − lock request
+//!  abort:               ROLLBACK (the writers go on at the old location), cutting_over →
+//!                       streaming with the reason, retry after a backoff
+//! ```
+//!
+//! Invariants:
+//! - The route flip, the fence turning to `moved` and the move becoming `cut_over` are one
+//!   source transaction: applications never see a route to the target while the old location
+//!   still takes the tenant's writes, nor the reverse.
+//! - Nothing is flipped before the target durably holds every change the tenant committed
+//!   at the source (the marker follows them in the WAL, and the pipeline answers only when
+//!   its target acknowledged every transaction before it).
+//! - Every attempt, aborted or not, is recorded with its step, reason and measured pause.
+//! - An attempt that cannot finish within the pause budget leaves everything as it was.
+
+pub mod cleanup;
+pub mod fence;
+pub mod policy;
+pub mod request;
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Client;
+
+use crate::backfill::chunk::ChunkTable;
+use crate::cluster::ClusterError;
+use crate::config::Config;
+use crate::error::Error;
+use crate::registry::{Move, MoveState, Registry};
+use crate::sql::{quote_ident, QualifiedName};
+use crate::tenant::TenantId;
+use crate::verify::{self, VerifyOptions, VerifyTable};
+
+pub use policy::Step;
+
+/// The prefix of the cutover marker (a non-transactional logical message).
+pub const MARKER_PREFIX: &str = "switchyard.cutover";
+
+/// Errors that stop an attempt without a verdict (connections, the registry).
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("the move changed while cutting over: {0}")]
+    Conflict(String),
+    #[error("the tenant was moved away already (its fence says moved)")]
+    AlreadyMoved,
+    #[error("the source role cannot see other sessions' transactions, so it cannot tell whether one could write past the fence. Fix: GRANT pg_read_all_stats TO <the switchyard role>")]
+    CannotSeeSessions,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum Outcome {
+    CutOver {
+        pause: Duration,
+        lock_wait: Duration,
+        catch_up: Duration,
+        route_version: i64,
+    },
+    Aborted {
+        step: Step,
+        reason: String,
+        /// How long the tenant's writers waited in this attempt (none if no fence was taken).
+        pause: Option<Duration>,
+    },
+    /// Verification found rows that differ and stay different: the move failed.
+    Different { summary: String },
+}
+
+/// What the pipeline and an attempt tell each other.
+#[derive(Debug)]
+pub(crate) enum CutoverMsg {
+    /// Answer on `reply` once the marker `token` was read and `tenant`'s target holds every
+    /// transaction before it.
+    Wait {
+        token: u64,
+        tenant: TenantId,
+        reply: oneshot::Sender<()>,
+    },
+    Finished {
+        tenant: TenantId,
+        move_id: i64,
+        outcome: Result<Outcome, Error>,
+    },
+}
+
+/// One of the tenant's tables.
+#[derive(Clone, Debug)]
+pub struct FencedTable {
+    pub chunk: ChunkTable,
+    pub target: QualifiedName,
+}
+
+/// Everything an attempt needs.
+#[derive(Clone, Debug)]
+pub(crate) struct Job {
+    pub config: Config,
+    pub mv: Move,
+    pub tables: Vec<FencedTable>,
+    pub attempt: i32,
+    pub token: u64,
+}
+
+/// Runs one attempt as a task and reports it to the pipeline.
+pub(crate) async fn run(job: Job, pipeline: mpsc::UnboundedSender<CutoverMsg>) {
+    let tenant = job.mv.tenant.clone();
+    let move_id = job.mv.id;
+    let outcome = attempt(&job, &pipeline).await;
+    let _ = pipeline.send(CutoverMsg::Finished {
+        tenant,
+        move_id,
+        outcome,
+    });
+}
+
+async fn attempt(
+    job: &Job,
+    pipeline: &mpsc::UnboundedSender<CutoverMsg>,
+) -> Result<Outcome, Error> {
+    let cfg = &job.config;
+    let registry = Registry::new(cfg.registry_schema.clone())?;
+    let mut source = cfg.source.connect_sql().await?;
+    let endpoint = cfg
+        .targets
+        .get(&job.mv.target)
+        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(job.mv.target.to_string()))?;
+    let target = endpoint.connect_sql().await?;
+    registry
+        .transition(
+            &source,
+            job.mv.id,
+            MoveState::Streaming,
+            MoveState::CuttingOver,
+            None,
+        )
+        .await?;
+    let outcome = match prepare(job, &mut source, &target, &registry).await {
+        Ok(None) => fenced(job, &mut source, &target, &registry, pipeline).await,
+        Ok(Some(o)) => Ok(o),
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            // The attempt could not finish: the move goes back to streaming and retries.
+            let _ = registry
+                .transition(
+                    &source,
+                    job.mv.id,
+                    MoveState::CuttingOver,
+                    MoveState::Streaming,
+                    Some(&format!("cutover attempt {}: {e}", job.attempt)),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    record(job, &source, &registry, &outcome).await;
+    Ok(outcome)
+}
+
+/// The steps before the fence. `Some` ends the attempt.
+async fn prepare(
+    job: &Job,
+    source: &mut Client,
+    target: &Client,
+    registry: &Registry,
+) -> Result<Option<Outcome>, Error> {
+    let cfg = &job.config;
+    let tenant = &job.mv.tenant;
+    if cfg.cutover.verify && !job.mv.verified {
+        let tables: Vec<VerifyTable> = job
+            .tables
+            .iter()
+            .map(|t| VerifyTable {
+                chunk: t.chunk.clone(),
+                target: t.target.clone(),
+            })
+            .collect();
+        let opts = VerifyOptions {
+            slot: Some(cfg.replication.slot.clone()),
+            ..VerifyOptions::default()
+        };
+        let report = verify::verify(source, target, tenant.as_str(), &tables, &opts).await?;
+        registry
+            .record_verification(source, job.mv.id, report.ok, &report.summary())
+            .await?;
+        tracing::info!(%tenant, ok = report.ok, millis = report.millis, summary = %report.summary(), "verified");
+        if !report.ok {
+            return Ok(Some(Outcome::Different {
+                summary: report.summary(),
+            }));
+        }
+    }
+    for t in &job.tables {
+        let of = match &t.chunk.tenant {
+            Some((col, _)) => fence::TenantOf::Column(col.clone()),
+            None => fence::TenantOf::Whole(tenant.clone()),
+        };
+        fence::install(
+            source,
+            &cfg.registry_schema,
+            &t.chunk.source,
+            &of,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    if fence::arm(source, &cfg.registry_schema, tenant).await? == fence::Armed::Moved {
+        return Err(CutoverError::AlreadyMoved.into());
+    }
+    if !fence::sees_all_sessions(source).await? {
+        return Err(CutoverError::CannotSeeSessions.into());
+    }
+    let deadline = Instant::now() + cfg.cutover.old_transaction_wait;
+    loop {
+        let old = fence::old_transactions(source, &cfg.registry_schema, tenant).await?;
+        if old.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Ok(Some(Outcome::Aborted {
+                step: Step::OldTransactions,
+                reason: format!(
+                    "transactions older than the fence are still open (pids {old:?}); they could write without seeing it"
+                ),
+                pause: None,
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(None)
+}
+
+/// The tenant's sequences: (source, target) pairs that exist on both sides.
+async fn sequences(
+    job: &Job,
+    source: &Client,
+    target: &Client,
+) -> Result<Vec<(QualifiedName, QualifiedName)>, ClusterError> {
+    let mut pairs = Vec::new();
+    for t in &job.tables {
+        let rows = source
+            .query(
+                "SELECT sn.nspname::text, s.relname::text FROM pg_depend d \
+                   JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
+                   JOIN pg_namespace sn ON sn.oid = s.relnamespace \
+                  WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                    AND d.refobjid = CAST($1::text AS regclass) AND d.deptype IN ('a', 'i')",
+                &[&t.chunk.source.quoted()],
+            )
+            .await
+            .map_err(ClusterError::sql(format!(
+                "reading the sequences of {}",
+                t.chunk.source
+            )))?;
+        for r in rows {
+            let src = QualifiedName {
+                schema: r.get(0),
+                name: r.get(1),
+            };
+            let dst = QualifiedName {
+                schema: t.target.schema.clone(),
+                name: src.name.clone(),
+            };
+            let exists: bool = target
+                .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&dst.quoted()])
+                .await
+                .map_err(ClusterError::sql("looking for a target sequence"))?
+                .get(0);
+            if exists {
+                pairs.push((src, dst));
+            }
+        }
+    }
+    Ok(pairs)
+}
+
+fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| c.code()) == Some("55P03")
+}
+
+/// The fenced part: everything from the lock request to the commit.
+async fn fenced(
+    job: &Job,
+    source: &mut Client,
+    target: &Client,
+    registry: &Registry,
+    pipeline: &mpsc::UnboundedSender<CutoverMsg>,
+) -> Result<Outcome, Error> {
+    let cfg = &job.config;
+    let tenant = &job.mv.tenant;
+    let seqs = sequences(job, source, target).await?;
+    let flusher = cfg.source.connect_sql().await?;
+    let clock = policy::Clock {
+        budget: cfg.cutover.pause_budget,
+    };
+    let sql = |ctx: &'static str| ClusterError::sql(ctx);
+    let tx = source
+        .transaction()
+        .await
+        .map_err(sql("starting the cutover"))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        clock.lock_wait().as_millis().max(1)
+    ))
+    .await
+    .map_err(sql("setting the fence's lock timeout"))?;
+    let t0 = Instant::now();
+    let aborted = |step, reason: String| Outcome::Aborted {
+        step,
+        reason,
+        pause: Some(t0.elapsed()),
+    };
+    if let Err(e) = tx
+        .execute(
+            &format!("SELECT pg_advisory_xact_lock({})", fence::LOCK_ARGS),
+            &[&tenant.as_str()],
+        )
+        .await
+    {
+        if is_lock_timeout(&e) {
+            return Ok(aborted(
+                Step::Fence,
+                format!(
+                    "the tenant's open transactions did not end within {} ms",
+                    clock.lock_wait().as_millis()
+                ),
+            ));
+        }
+        return Err(sql("taking the write fence")(e).into());
+    }
+    let lock_wait = t0.elapsed();
+
+    // Everything the tenant committed is now before this point in the WAL.
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if pipeline
+        .send(CutoverMsg::Wait {
+            token: job.token,
+            tenant: tenant.clone(),
+            reply: reply_tx,
+        })
+        .is_err()
+    {
+        return Ok(aborted(Step::CatchUp, "the pipeline is stopping".into()));
+    }
+    tx.execute(
+        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
+        &[&MARKER_PREFIX, &job.token.to_string()],
+    )
+    .await
+    .map_err(sql("writing the cutover marker"))?;
+    // A walsender sends only flushed WAL, and nothing flushes a non-transactional record
+    // on a partly filled page of an idle server: a committed transaction that wrote WAL
+    // flushes everything before it.
+    flusher
+        .batch_execute("SELECT pg_logical_emit_message(true, 'switchyard.flush', '')")
+        .await
+        .map_err(sql("flushing the cutover marker"))?;
+    let Some(wait) = clock.catch_up(t0.elapsed()) else {
+        return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
+    };
+    match tokio::time::timeout(wait, reply_rx).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {
+            return Ok(aborted(
+                Step::CatchUp,
+                "the pipeline dropped the wait".into(),
+            ))
+        }
+        Err(_) => {
+            return Ok(aborted(
+                Step::CatchUp,
+                format!(
+                    "the target did not catch up within the pause budget ({} ms)",
+                    cfg.cutover.pause_budget.as_millis()
+                ),
+            ))
+        }
+    }
+    let catch_up = t0.elapsed() - lock_wait;
+
+    for (src, dst) in &seqs {
+        let row = tx
+            .query_one(
+                &format!("SELECT last_value, is_called FROM {}", src.quoted()),
+                &[],
+            )
+            .await
+            .map_err(sql("reading a source sequence"))?;
+        let (last, called): (i64, bool) = (row.get(0), row.get(1));
+        if called {
+            target
+                .execute(
+                    &format!(
+                        "SELECT setval(CAST($1::text AS regclass), $2) FROM {} AS s WHERE s.last_value < $2 OR NOT s.is_called",
+                        dst.quoted()
+                    ),
+                    &[&dst.quoted(), &last],
+                )
+                .await
+                .map_err(sql("setting a target sequence"))?;
+        }
+    }
+    if clock.left(t0.elapsed()).is_none() {
+        return Ok(aborted(
+            Step::Sequences,
+            "the pause budget ran out while setting sequences".into(),
+        ));
+    }
+
+    let route_version: i64 = tx
+        .query_one(
+            &format!(
+                "INSERT INTO {routes} AS r (tenant, location, schema_name) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant) DO UPDATE SET location = EXCLUDED.location, \
+                    schema_name = EXCLUDED.schema_name, version = r.version + 1, updated_at = now() \
+                 RETURNING version",
+                routes = registry.table("routes")
+            ),
+            &[&tenant.as_str(), &job.mv.target.as_str(), &job.mv.target_schema],
+        )
+        .await
+        .map_err(sql("flipping the route"))?
+        .get(0);
+    tx.execute(
+        &format!(
+            "UPDATE {}.fences SET state = 'moved', location = $2, schema_name = $3, version = $4, \
+                    moved_at = now() WHERE tenant = $1",
+            quote_ident(&cfg.registry_schema)
+        ),
+        &[
+            &tenant.as_str(),
+            &job.mv.target.as_str(),
+            &job.mv.target_schema,
+            &route_version,
+        ],
+    )
+    .await
+    .map_err(sql("closing the write fence"))?;
+    let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE {} SET state = 'cut_over', last_error = NULL, pause_ms = $2, \
+                        cutover_attempts = $3, cut_over_at = now(), \
+                        cleanup_after = now() + make_interval(secs => $4), updated_at = now() \
+                  WHERE id = $1 AND state = 'cutting_over'",
+                registry.table("moves")
+            ),
+            &[
+                &job.mv.id,
+                &pause_ms,
+                &job.attempt,
+                &cfg.cutover.retention.as_secs_f64(),
+            ],
+        )
+        .await
+        .map_err(sql("recording the cutover"))?;
+    if n != 1 {
+        return Err(CutoverError::Conflict("the move is no longer cutting_over".into()).into());
+    }
+    if clock.left(t0.elapsed()).is_none() {
+        return Ok(aborted(
+            Step::Flip,
+            "the pause budget ran out before the commit".into(),
+        ));
+    }
+    tx.commit().await.map_err(sql("committing the cutover"))?;
+    Ok(Outcome::CutOver {
+        pause: t0.elapsed(),
+        lock_wait,
+        catch_up,
+        route_version,
+    })
+}
+
+/// Writes the attempt into the registry; an aborted attempt returns the move to streaming.
+async fn record(job: &Job, source: &Client, registry: &Registry, outcome: &Outcome) {
+    let ms = |d: &Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let (result, step, reason, pause) = match outcome {
+        Outcome::CutOver { pause, .. } => ("cut_over", None, None, Some(*pause)),
+        Outcome::Aborted {
+            step,
+            reason,
+            pause,
+        } => ("aborted", Some(step.as_str()), Some(reason.clone()), *pause),
+        Outcome::Different { summary } => (
+            "different",
+            Some(Step::Verify.as_str()),
+            Some(summary.clone()),
+            None,
+        ),
+    };
+    if let Err(e) = registry
+        .record_attempt(
+            source,
+            job.mv.id,
+            job.attempt,
+            result,
+            step,
+            ms(&pause),
+            reason.as_deref(),
+        )
+        .await
+    {
+        tracing::warn!(tenant = %job.mv.tenant, error = %e, "recording the cutover attempt");
+    }
+    let back = match outcome {
+        Outcome::CutOver { .. } => return,
+        Outcome::Aborted { step, reason, .. } => Some((
+            MoveState::Streaming,
+            format!(
+                "cutover attempt {} aborted at {}: {reason}; retrying",
+                job.attempt,
+                step.as_str()
+            ),
+        )),
+        Outcome::Different { summary } => Some((
+            MoveState::Failed,
+            format!("verification before the cutover: {summary}"),
+        )),
+    };
+    if let Some((to, why)) = back {
+        if let Err(e) = registry
+            .transition(source, job.mv.id, MoveState::CuttingOver, to, Some(&why))
+            .await
+        {
+            tracing::warn!(tenant = %job.mv.tenant, error = %e, "recording the aborted cutover");
+        }
+    }
+}

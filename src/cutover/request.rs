@@ -1,0 +1,133 @@
+//! What an operator asks for from the command line: verify a tenant, cut it over, clean up
+//! its old location. Each reads the tenant's move from the registry and records its result
+//! there, so `switchyard` commands and a running daemon see the same state.
+//!
+//! Invariants:
+//! - `cutover` only asks (a registry flag); the daemon, which holds the stream, runs the
+//!   attempts. The command waits and reports what the registry says.
+//! - `cleanup` checks the move's state, its verification and its retention window first.
+
+use std::time::{Duration, Instant};
+
+use super::cleanup::{self, Cleaned};
+use super::FencedTable;
+use crate::config::Config;
+use crate::error::Error;
+use crate::registry::{Attempt, Move, MoveState, Registry, RegistryError};
+use crate::tenant::TenantId;
+use crate::verify::{self, VerifyOptions, VerifyReport, VerifyTable};
+
+async fn tenant_move(
+    config: &Config,
+    tenant: &TenantId,
+) -> Result<(Registry, tokio_postgres::Client, Move), Error> {
+    let registry = Registry::new(config.registry_schema.clone())?;
+    let mut client = config.source.connect_sql().await?;
+    registry.install(&mut client).await?;
+    let mv = registry
+        .active_for(&client, tenant)
+        .await?
+        .ok_or_else(|| RegistryError::NoMove(tenant.clone()))?;
+    Ok((registry, client, mv))
+}
+
+async fn tables(
+    config: &Config,
+    registry: &Registry,
+    client: &tokio_postgres::Client,
+    mv: &Move,
+) -> Result<Vec<FencedTable>, Error> {
+    let moves = registry.list(client).await?;
+    Ok(crate::daemon::tenant_layout(config, client, mv, &moves)
+        .await?
+        .into_iter()
+        .map(|(chunk, target)| FencedTable { chunk, target })
+        .collect())
+}
+
+/// Compares the tenant's rows on the source and its target and records the result.
+pub async fn verify_tenant(config: &Config, tenant: &TenantId) -> Result<VerifyReport, Error> {
+    let (registry, source, mv) = tenant_move(config, tenant).await?;
+    let endpoint = config
+        .targets
+        .get(&mv.target)
+        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(mv.target.to_string()))?;
+    let target = endpoint.connect_sql().await?;
+    let tables: Vec<VerifyTable> = tables(config, &registry, &source, &mv)
+        .await?
+        .into_iter()
+        .map(|t| VerifyTable {
+            chunk: t.chunk,
+            target: t.target,
+        })
+        .collect();
+    // Before the cutover the daemon keeps the target current: its confirmed position says
+    // when a different chunk is worth a second look.
+    let streaming = matches!(
+        mv.state,
+        MoveState::Copying | MoveState::Streaming | MoveState::CuttingOver
+    );
+    let opts = VerifyOptions {
+        slot: streaming.then(|| config.replication.slot.clone()),
+        rechecks: if streaming { 5 } else { 0 },
+        ..VerifyOptions::default()
+    };
+    let report = verify::verify(&source, &target, tenant.as_str(), &tables, &opts).await?;
+    registry
+        .record_verification(&source, mv.id, report.ok, &report.summary())
+        .await?;
+    Ok(report)
+}
+
+/// Asks the daemon to cut the tenant over and waits up to `wait` for the move to be cut
+/// over (or to fail). Returns the move as it stands and its attempts so far.
+pub async fn cutover_tenant(
+    config: &Config,
+    tenant: &TenantId,
+    wait: Duration,
+) -> Result<(Move, Vec<Attempt>), Error> {
+    let (registry, client, _) = tenant_move(config, tenant).await?;
+    let mv = registry.request_cutover(&client, tenant).await?;
+    let deadline = Instant::now() + wait;
+    let mut mv = mv;
+    while Instant::now() < deadline
+        && !matches!(
+            mv.state,
+            MoveState::CutOver | MoveState::Failed | MoveState::Paused
+        )
+        && !mv.state.is_finished()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mv = registry.get(&client, mv.id).await?;
+    }
+    let attempts = registry.attempts(&client, mv.id).await?;
+    Ok((mv, attempts))
+}
+
+/// Removes the tenant from its old location (see [`cleanup`]) and marks the move cleaned.
+pub async fn cleanup_tenant(config: &Config, tenant: &TenantId) -> Result<Cleaned, Error> {
+    let (registry, mut client, mv) = tenant_move(config, tenant).await?;
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce(extract(epoch FROM cleanup_after - now())::float8, 0), \
+                        coalesce(cleanup_after::text, '') FROM {} WHERE id = $1",
+                registry.table("moves")
+            ),
+            &[&mv.id],
+        )
+        .await
+        .map_err(crate::cluster::ClusterError::sql(
+            "reading the retention window",
+        ))?;
+    let (left, until): (f64, String) = (row.get(0), row.get(1));
+    cleanup::may_clean(&mv, left, &until).map_err(|e| RegistryError::NotYet(e.to_string()))?;
+    let tables = tables(config, &registry, &client, &mv).await?;
+    let mut cleaned = cleanup::drop_tables(&client, &tables).await?;
+    cleaned.rows_deleted =
+        cleanup::delete_rows(&mut client, tenant.as_str(), &tables, 5_000).await?;
+    registry
+        .transition(&client, mv.id, MoveState::CutOver, MoveState::Cleaned, None)
+        .await?;
+    Ok(cleaned)
+}

@@ -1,0 +1,567 @@
+//! Verification: does the target hold exactly the tenant's rows of the source?
+//!
+//! ```text
+//!   per table, keyset chunks of the source (boundaries read from the source):
+//!     source:  count(*), sum(hash(row))  WHERE tenant AND after < key <= upto  ─┐ equal? next chunk
+//!     target:  the same statement on the target table                        ─┘ else: wait until the
+//!              slot confirmed the source's position, re-check (bounded), report what stays different
+//!   isolation: rows in the target tables that belong to another tenant
+//! ```
+//!
+//! Invariants:
+//! - Never a long transaction: every statement runs on its own (autocommit) and reads one
+//!   chunk, so verification can run next to production writes for as long as it takes.
+//! - The comparison is order-independent (count and a sum of 64-bit row hashes per chunk)
+//!   and both sessions render values with the same settings (time zone, date and float
+//!   formats), so equal rows hash equally on two clusters.
+//! - A chunk is reported as different only after it stayed different once the target had
+//!   applied everything the source showed (the slot's confirmed position passed the source
+//!   position read after the source statement) `rechecks` times: live writes make a chunk
+//!   differ for a moment, never for good.
+//! - Names are quoted and values bound as parameters, as everywhere.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use crate::backfill::chunk::ChunkTable;
+use crate::backfill::{Key, KeyValue};
+use crate::cluster::ClusterError;
+use crate::lsn::Lsn;
+use crate::sql::{quote_ident, QualifiedName};
+
+/// Settings both sessions use, so that values render identically as text.
+pub const SESSION_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \
+     SET standard_conforming_strings = on";
+
+/// Errors of verification itself (a difference is a result, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("{table}: a key value read back from the source does not parse")]
+    Key { table: String },
+}
+
+/// One table to compare: the source layout and where its rows went.
+#[derive(Clone, Debug)]
+pub struct VerifyTable {
+    pub chunk: ChunkTable,
+    pub target: QualifiedName,
+}
+
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// Rows per compared chunk.
+    pub chunk_rows: usize,
+    /// How often a different chunk is compared again before it is reported.
+    pub rechecks: u32,
+    /// The slot whose confirmed position tells that the target caught up; without it a
+    /// different chunk is re-checked after `settle` instead.
+    pub slot: Option<String>,
+    /// How long to wait for the slot to pass a position (or to settle without a slot).
+    pub settle: Duration,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            chunk_rows: 50_000,
+            rechecks: 5,
+            slot: None,
+            settle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A chunk that stayed different.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ChunkDiff {
+    /// Keys after this one (none: from the start) ...
+    pub after: Option<Vec<String>>,
+    /// ... up to and including this one (none: to the end).
+    pub upto: Option<Vec<String>>,
+    pub source_rows: i64,
+    pub target_rows: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub target: String,
+    pub source_rows: i64,
+    pub target_rows: i64,
+    pub chunks: u64,
+    /// Chunks compared more than once before they matched (or were reported).
+    pub rechecked: u64,
+    pub different: Vec<ChunkDiff>,
+    /// Rows in the target table that belong to another tenant (shared layouts only).
+    pub foreign_rows: i64,
+}
+
+impl TableReport {
+    pub fn ok(&self) -> bool {
+        self.different.is_empty() && self.foreign_rows == 0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct VerifyReport {
+    pub tenant: String,
+    pub ok: bool,
+    pub tables: Vec<TableReport>,
+    pub millis: u64,
+}
+
+impl VerifyReport {
+    /// One line for logs and the registry.
+    pub fn summary(&self) -> String {
+        let rows: i64 = self.tables.iter().map(|t| t.source_rows).sum();
+        if self.ok {
+            return format!(
+                "ok: {} tables, {rows} rows equal, no foreign rows",
+                self.tables.len()
+            );
+        }
+        let bad: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|t| !t.ok())
+            .map(|t| {
+                format!(
+                    "{} ({} different chunks, source {} rows, target {} rows, {} rows of other tenants)",
+                    t.table,
+                    t.different.len(),
+                    t.source_rows,
+                    t.target_rows,
+                    t.foreign_rows
+                )
+            })
+            .collect();
+        format!("different: {}", bad.join("; "))
+    }
+}
+
+/// A statement with its text parameters.
+type Query = (String, Vec<Option<String>>);
+
+fn bind(params: &mut Vec<Option<String>>, v: String) -> String {
+    params.push(Some(v));
+    format!("${}", params.len())
+}
+
+fn key_row(chunk: &ChunkTable) -> String {
+    format!(
+        "({})",
+        (0..chunk.key.len())
+            .map(|i| chunk.key_expr(i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn key_literal(chunk: &ChunkTable, params: &mut Vec<Option<String>>, key: &Key) -> String {
+    let parts: Vec<String> = key
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let p = bind(params, ChunkTable::key_text(v));
+            ChunkTable::key_param(chunk.key[i].1, &p)
+        })
+        .collect();
+    format!("({})", parts.join(", "))
+}
+
+/// `WHERE` conditions selecting the tenant's rows with keys in `(after, upto]`.
+fn range_conditions(
+    chunk: &ChunkTable,
+    tenant: &str,
+    after: Option<&Key>,
+    upto: Option<&Key>,
+    params: &mut Vec<Option<String>>,
+) -> Vec<String> {
+    let mut conds = Vec::new();
+    if let Some((col, ty)) = &chunk.tenant {
+        let p = bind(params, tenant.to_owned());
+        conds.push(format!("src.{} = CAST({p} AS {ty})", quote_ident(col)));
+    }
+    if let Some(k) = after {
+        let lit = key_literal(chunk, params, k);
+        conds.push(format!("{} > {lit}", key_row(chunk)));
+    }
+    if let Some(k) = upto {
+        let lit = key_literal(chunk, params, k);
+        conds.push(format!("{} <= {lit}", key_row(chunk)));
+    }
+    conds
+}
+
+fn where_clause(conds: &[String]) -> String {
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    }
+}
+
+/// The last key of the chunk of `rows` keys after `after` (none: fewer rows remain).
+pub fn boundary_query(chunk: &ChunkTable, tenant: &str, after: Option<&Key>, rows: usize) -> Query {
+    let mut params = Vec::new();
+    let conds = range_conditions(chunk, tenant, after, None, &mut params);
+    let keys = chunk
+        .key
+        .iter()
+        .map(|(i, _)| format!("src.{}::text", quote_ident(&chunk.columns[*i])))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let order = (0..chunk.key.len())
+        .map(|i| chunk.key_expr(i))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {keys} FROM {} AS src{} ORDER BY {order} LIMIT 1 OFFSET {}",
+        chunk.source.quoted(),
+        where_clause(&conds),
+        rows.saturating_sub(1)
+    );
+    (sql, params)
+}
+
+/// Count and hash sum (as text: a numeric) of the tenant's rows of `table` with keys in
+/// `(after, upto]`. `table` is the source table or its target; the columns are the
+/// source's, so a target with extra columns compares only what was moved.
+pub fn hash_query(
+    chunk: &ChunkTable,
+    table: &QualifiedName,
+    tenant: &str,
+    after: Option<&Key>,
+    upto: Option<&Key>,
+) -> Query {
+    let mut params = Vec::new();
+    let conds = range_conditions(chunk, tenant, after, upto, &mut params);
+    let row = chunk
+        .columns
+        .iter()
+        .map(|c| format!("src.{}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT count(*), coalesce(sum(hashtextextended(ROW({row})::text, 0)), 0)::text FROM {} AS src{}",
+        table.quoted(),
+        where_clause(&conds)
+    );
+    (sql, params)
+}
+
+/// Rows of other tenants in a target table (`None` for schema-per-tenant layouts, where
+/// the table is the tenant's as a whole).
+pub fn foreign_query(chunk: &ChunkTable, target: &QualifiedName, tenant: &str) -> Option<Query> {
+    let (col, ty) = chunk.tenant.as_ref()?;
+    Some((
+        format!(
+            "SELECT count(*) FROM {} AS src WHERE src.{} IS DISTINCT FROM CAST($1 AS {ty})",
+            target.quoted(),
+            quote_ident(col)
+        ),
+        vec![Some(tenant.to_owned())],
+    ))
+}
+
+/// Runs a query whose parameters are all text (the SQL casts them to the column types).
+async fn rows(
+    client: &Client,
+    (sql, params): &Query,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_typed(sql, &vec![Type::TEXT; params.len()])
+        .await?;
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    client.query(&statement, &refs).await
+}
+
+async fn hash(client: &Client, query: &Query, what: &str) -> Result<(i64, String), ClusterError> {
+    let r = rows(client, query)
+        .await
+        .map_err(ClusterError::sql(format!("hashing {what}")))?;
+    // An aggregate without GROUP BY returns exactly one row.
+    Ok(r.first()
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap_or((0, "0".to_owned())))
+}
+
+async fn current_lsn(client: &Client) -> Result<Lsn, ClusterError> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(ClusterError::sql("reading the source position"))?
+        .get(0);
+    Ok(text.parse().unwrap_or(Lsn::INVALID))
+}
+
+/// Waits until `slot` confirmed `lsn` (or `settle` passed); false if it did not.
+async fn wait_confirmed(client: &Client, slot: &str, lsn: Lsn, settle: Duration) -> bool {
+    let deadline = Instant::now() + settle;
+    loop {
+        let confirmed = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|t| t.parse::<Lsn>().ok());
+        if confirmed.is_some_and(|c| c >= lsn) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn key_texts(key: Option<&Key>) -> Option<Vec<String>> {
+    key.map(|k| k.iter().map(ChunkTable::key_text).collect())
+}
+
+/// Compares the tenant's rows of every table on `source` and `target`.
+pub async fn verify(
+    source: &Client,
+    target: &Client,
+    tenant: &str,
+    tables: &[VerifyTable],
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    for c in [source, target] {
+        c.batch_execute(SESSION_SQL)
+            .await
+            .map_err(ClusterError::sql("preparing a verification session"))?;
+    }
+    let mut reports = Vec::new();
+    for t in tables {
+        reports.push(verify_table(source, target, tenant, t, opts).await?);
+    }
+    Ok(VerifyReport {
+        tenant: tenant.to_owned(),
+        ok: reports.iter().all(TableReport::ok),
+        tables: reports,
+        millis: started.elapsed().as_millis() as u64,
+    })
+}
+
+async fn verify_table(
+    source: &Client,
+    target: &Client,
+    tenant: &str,
+    t: &VerifyTable,
+    opts: &VerifyOptions,
+) -> Result<TableReport, VerifyError> {
+    let name = t.chunk.source.to_string();
+    let mut report = TableReport {
+        table: name.clone(),
+        target: t.target.to_string(),
+        source_rows: 0,
+        target_rows: 0,
+        chunks: 0,
+        rechecked: 0,
+        different: Vec::new(),
+        foreign_rows: 0,
+    };
+    let mut after: Option<Key> = None;
+    loop {
+        let bounds = boundary_query(&t.chunk, tenant, after.as_ref(), opts.chunk_rows);
+        let upto: Option<Key> = match rows(source, &bounds)
+            .await
+            .map_err(ClusterError::sql(format!("reading chunk bounds of {name}")))?
+            .into_iter()
+            .next()
+        {
+            Some(row) => {
+                let texts: Vec<Option<&str>> = (0..t.chunk.key.len()).map(|i| row.get(i)).collect();
+                Some(t.chunk.key_from(&texts).ok_or_else(|| VerifyError::Key {
+                    table: name.clone(),
+                })?)
+            }
+            None => None,
+        };
+        let src_q = hash_query(
+            &t.chunk,
+            &t.chunk.source,
+            tenant,
+            after.as_ref(),
+            upto.as_ref(),
+        );
+        let dst_q = hash_query(&t.chunk, &t.target, tenant, after.as_ref(), upto.as_ref());
+        let mut attempt = 0;
+        let (src, dst) = loop {
+            let src = hash(source, &src_q, &name).await?;
+            let at = current_lsn(source).await?;
+            let dst = hash(target, &dst_q, &name).await?;
+            if src == dst || attempt >= opts.rechecks {
+                break (src, dst);
+            }
+            // The target may still be applying what the source statement saw: once the
+            // slot confirmed `at`, it holds at least that.
+            attempt += 1;
+            report.rechecked += 1;
+            match &opts.slot {
+                Some(slot) => {
+                    wait_confirmed(source, slot, at, opts.settle).await;
+                }
+                None => tokio::time::sleep(opts.settle.min(Duration::from_secs(1))).await,
+            }
+            let dst = hash(target, &dst_q, &name).await?;
+            if src == dst {
+                break (src, dst);
+            }
+        };
+        report.chunks += 1;
+        report.source_rows += src.0;
+        report.target_rows += dst.0;
+        if src != dst {
+            report.different.push(ChunkDiff {
+                after: key_texts(after.as_ref()),
+                upto: key_texts(upto.as_ref()),
+                source_rows: src.0,
+                target_rows: dst.0,
+            });
+        }
+        match upto {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
+    if let Some(q) = foreign_query(&t.chunk, &t.target, tenant) {
+        let what = format!("counting other tenants' rows in {}", t.target);
+        report.foreign_rows = rows(target, &q)
+            .await
+            .map_err(ClusterError::sql(what))?
+            .first()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+    }
+    Ok(report)
+}
+
+/// A key value as the chunk query reads it back (for callers holding text keys).
+pub fn key_value(v: &KeyValue) -> String {
+    ChunkTable::key_text(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backfill::KeyKind;
+
+    fn table() -> ChunkTable {
+        ChunkTable {
+            source: QualifiedName::new("public", "or\"ders").unwrap(),
+            columns: vec!["tenant_id".into(), "id".into(), "note".into()],
+            key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
+            tenant: Some(("tenant_id".into(), "bigint".into())),
+        }
+    }
+
+    #[test]
+    fn hash_query_binds_values_and_quotes_names() {
+        let t = table();
+        let after = vec![KeyValue::Int(7), KeyValue::Int(10)];
+        let upto = vec![KeyValue::Int(7), KeyValue::Int(99)];
+        let target = QualifiedName::new("acme'; DROP", "or\"ders").unwrap();
+        let (sql, params) = hash_query(&t, &target, "7", Some(&after), Some(&upto));
+        assert!(
+            sql.contains("FROM \"acme'; DROP\".\"or\"\"ders\" AS src"),
+            "{sql}"
+        );
+        assert!(sql.contains(
+            "hashtextextended(ROW(src.\"tenant_id\", src.\"id\", src.\"note\")::text, 0)"
+        ));
+        assert!(sql.contains("src.\"tenant_id\" = CAST($1 AS bigint)"));
+        assert!(
+            sql.contains(
+                "(src.\"tenant_id\", src.\"id\") > (CAST($2 AS bigint), CAST($3 AS bigint))"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "(src.\"tenant_id\", src.\"id\") <= (CAST($4 AS bigint), CAST($5 AS bigint))"
+            ),
+            "{sql}"
+        );
+        let expect: Vec<Option<String>> = ["7", "7", "10", "7", "99"]
+            .iter()
+            .map(|s| Some(s.to_string()))
+            .collect();
+        assert_eq!(params, expect);
+    }
+
+    #[test]
+    fn boundaries_and_open_ranges() {
+        let t = table();
+        let (sql, params) = boundary_query(&t, "7", None, 1000);
+        assert!(
+            sql.ends_with("ORDER BY src.\"tenant_id\", src.\"id\" LIMIT 1 OFFSET 999"),
+            "{sql}"
+        );
+        assert_eq!(params.len(), 1);
+        let (sql, _) = hash_query(&t, &t.source, "7", None, None);
+        assert!(!sql.contains('>') && !sql.contains("<="), "{sql}");
+        let schema_mode = ChunkTable { tenant: None, ..t };
+        let (sql, params) = hash_query(&schema_mode, &schema_mode.source, "7", None, None);
+        assert!(!sql.contains("WHERE"), "{sql}");
+        assert!(params.is_empty());
+        assert!(foreign_query(&schema_mode, &schema_mode.source, "7").is_none());
+    }
+
+    #[test]
+    fn text_keys_compare_bytewise() {
+        let t = ChunkTable {
+            source: QualifiedName::new("public", "users").unwrap(),
+            columns: vec!["org".into(), "email".into()],
+            key: vec![(0, KeyKind::Text), (1, KeyKind::Text)],
+            tenant: Some(("org".into(), "text".into())),
+        };
+        let k = vec![KeyValue::Text("acme".into()), KeyValue::Text("a'b".into())];
+        let (sql, params) = hash_query(&t, &t.source, "acme", Some(&k), None);
+        assert!(sql.contains("src.\"email\" COLLATE \"C\""), "{sql}");
+        assert!(params.contains(&Some("a'b".to_string())));
+    }
+
+    #[test]
+    fn the_summary_names_what_differs() {
+        let mut t = TableReport {
+            table: "public.orders".into(),
+            target: "acme.orders".into(),
+            source_rows: 10,
+            target_rows: 9,
+            chunks: 1,
+            rechecked: 5,
+            different: vec![ChunkDiff {
+                after: None,
+                upto: None,
+                source_rows: 10,
+                target_rows: 9,
+            }],
+            foreign_rows: 0,
+        };
+        let r = VerifyReport {
+            tenant: "acme".into(),
+            ok: false,
+            tables: vec![t.clone()],
+            millis: 3,
+        };
+        assert!(r
+            .summary()
+            .contains("public.orders (1 different chunks, source 10 rows, target 9 rows"));
+        t.different.clear();
+        assert!(t.ok());
+        t.foreign_rows = 1;
+        assert!(!t.ok(), "a row of another tenant fails the isolation check");
+    }
+}

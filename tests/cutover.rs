@@ -1,0 +1,408 @@
+//! Cutover end to end on real clusters: verification, the fenced flip with writers of the
+//! moving tenant and of other tenants running, refused stale writes, an attempt aborted by
+//! a transaction that holds the tenant's fence, sequences, and cleanup.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use support::mover::{
+    assert_parity, digest, load_config, prepare_target, request, shared_schema, state_of,
+    wait_drained, wait_state, write_config, InProcess,
+};
+use support::{wait_for, wait_for_row, PgCluster};
+use switchyard::registry::Registry;
+use switchyard::tenant::TenantId;
+use tokio_postgres::Client;
+
+const SYNC: Duration = Duration::from_secs(180);
+
+/// What the source's switchyard role needs for cutovers: fence triggers on the moved
+/// tables and a view of every session's transaction.
+const FENCE_GRANTS: &str = "GRANT TRIGGER ON ALL TABLES IN SCHEMA public TO switchyard;
+     GRANT pg_read_all_stats TO switchyard;";
+
+async fn registry_ready(client: &Client) -> Result<()> {
+    wait_for_row(
+        client,
+        "the daemon to install the registry",
+        Duration::from_secs(60),
+        "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
+        &[],
+    )
+    .await
+}
+
+/// Writes one tenant's rows in small transactions until stopped or, with
+/// `stop_when_refused`, until the source refuses them. Keeps the longest transaction time.
+struct TenantWriter {
+    stop: Arc<AtomicBool>,
+    max_micros: Arc<AtomicI64>,
+    task: tokio::task::JoinHandle<Result<(i64, Option<String>)>>,
+}
+
+impl TenantWriter {
+    fn start(client: Client, tenant: i32, stop_when_refused: bool) -> TenantWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max_micros = Arc::new(AtomicI64::new(0));
+        let (s, m) = (stop.clone(), max_micros.clone());
+        let task = tokio::spawn(async move {
+            let mut i: i64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                i += 1;
+                let sql = format!(
+                    "BEGIN;
+                     INSERT INTO public.orders (tenant_id, id, note, amount) VALUES ({tenant}, {new}, 'w{i}', 1);
+                     UPDATE public.orders SET note = 'u{i}' WHERE tenant_id = {tenant} AND id = {upd};
+                     COMMIT;",
+                    new = 500_000 + i,
+                    upd = (i * 7919) % 1000 + 1,
+                );
+                let t = Instant::now();
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        let code = e.code().map(|c| c.code().to_owned());
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        if stop_when_refused {
+                            let msg = e.as_db_error().map(|d| d.message().to_owned());
+                            return Ok((
+                                i - 1,
+                                code.map(|c| format!("{c}: {}", msg.unwrap_or_default())),
+                            ));
+                        }
+                        bail!("write of tenant {tenant} failed: {e:?}");
+                    }
+                }
+                m.fetch_max(t.elapsed().as_micros() as i64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok((i, None))
+        });
+        TenantWriter {
+            stop,
+            max_micros,
+            task,
+        }
+    }
+
+    async fn stop(self) -> Result<(i64, Option<String>, Duration)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (n, refused) = self.task.await??;
+        Ok((
+            n,
+            refused,
+            Duration::from_micros(self.max_micros.load(Ordering::Relaxed) as u64),
+        ))
+    }
+
+    fn finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+async fn route(s: &Client, tenant: &str) -> Result<Option<(String, String, i64)>> {
+    Ok(s.query_opt(
+        "SELECT location, schema_name, version FROM switchyard.routes WHERE tenant = $1",
+        &[&tenant],
+    )
+    .await?
+    .map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are_cleaned_up(
+) -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2, 3], 1000))?;
+    src.psql(FENCE_GRANTS)?;
+    // Cleanup deletes the tenant's old rows.
+    src.psql("GRANT DELETE ON ALL TABLES IN SCHEMA public TO switchyard;")?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[move]\nchunk_rows = 300\n[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n\
+         retention_hours = 0\n",
+    )?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+
+    let moving = TenantWriter::start(src.client().await?, 1, true);
+    let others = [
+        TenantWriter::start(src.client().await?, 2, false),
+        TenantWriter::start(src.client().await?, 3, false),
+    ];
+    let id = request(&s, &registry, "1", "shard2", "t1").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+
+    // Verification while the writers run converges (different chunks are looked at again
+    // once the slot passed them).
+    let tenant = TenantId::new("1")?;
+    let report = switchyard::cutover::request::verify_tenant(&config, &tenant).await?;
+    ensure!(report.ok, "verify before the cutover: {}", report.summary());
+    ensure!(report.tables.len() == 3, "{:?}", report.tables);
+
+    let (mv, attempts) =
+        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(
+        mv.state.as_str() == "cut_over",
+        "state {} ({:?}); attempts {attempts:?}",
+        mv.state,
+        mv.last_error
+    );
+    let last = attempts.last().context("no attempt recorded")?;
+    assert_eq!(last.result, "cut_over");
+    let pause = last.pause_ms.context("no pause recorded")?;
+    assert!(pause > 0.0 && pause <= 1500.0, "pause {pause} ms");
+
+    // The moving tenant's writer was refused at the old location, with the documented error.
+    wait_for(
+        "the old location to refuse the tenant",
+        Duration::from_secs(30),
+        || async { Ok(moving.finished().then_some(())) },
+    )
+    .await?;
+    let (written, refused, _) = moving.stop().await?;
+    let refused = refused.context("the tenant's writer was never refused")?;
+    assert!(
+        refused.starts_with("SY001: tenant 1 has moved to shard2"),
+        "{refused}"
+    );
+    assert!(
+        written > 10,
+        "the tenant was written during the move ({written})"
+    );
+    // Other tenants kept writing through the cutover.
+    let mut slowest = Duration::ZERO;
+    for w in others {
+        let (n, refused, max) = w.stop().await?;
+        assert!(refused.is_none() && n > 10, "{n} {refused:?}");
+        slowest = slowest.max(max);
+    }
+    eprintln!("cutover pause {pause:.1} ms; slowest transaction of another tenant {slowest:?}");
+
+    // Nothing lost: every write the source accepted for the tenant is at the target.
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    assert_parity(&s, &d, 1, "t1").await?;
+    assert_eq!(
+        route(&s, "1").await?,
+        Some(("shard2".into(), "t1".into(), 1))
+    );
+    let stale = s
+        .batch_execute("DELETE FROM public.orders WHERE tenant_id = 1 AND id = 5")
+        .await
+        .expect_err("a stale delete must be refused");
+    let db = stale.as_db_error().context("a server error")?;
+    assert_eq!(db.code().code(), "SY001");
+    assert!(db.hint().unwrap_or_default().contains("switchyard.routes"));
+    s.batch_execute("INSERT INTO public.orders (tenant_id, id, note) VALUES (2, 9999999, 'x')")
+        .await
+        .context("other tenants still write")?;
+
+    // Cleanup: exactly the tenant's rows leave the old location; the fence stays.
+    let before_2 = digest(&s, "public.orders", "WHERE tenant_id = 2").await?;
+    let cleaned = switchyard::cutover::request::cleanup_tenant(&config, &tenant).await?;
+    assert!(cleaned.rows_deleted > 3000, "{cleaned:?}");
+    for table in ["orders", "items", "events"] {
+        let left: i64 = s
+            .query_one(
+                &format!("SELECT count(*) FROM public.{table} WHERE tenant_id = 1"),
+                &[],
+            )
+            .await?
+            .get(0);
+        assert_eq!(left, 0, "{table}");
+    }
+    assert_eq!(
+        digest(&s, "public.orders", "WHERE tenant_id = 2").await?,
+        before_2
+    );
+    assert_eq!(state_of(&s, id).await?.0, "cleaned");
+    let err = s
+        .batch_execute("INSERT INTO public.orders (tenant_id, id) VALUES (1, 1)")
+        .await
+        .expect_err("the fence outlives the cleanup");
+    assert_eq!(err.code().map(|c| c.code()), Some("SY001"));
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_that_cannot_take_the_fence_in_time_aborts_and_retries() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 500))?;
+    src.psql(FENCE_GRANTS)?;
+    prepare_target(&src)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        None,
+        "[cutover]\npause_budget_ms = 300\nretry_initial_ms = 300\nretry_max_ms = 600\n\
+         old_transaction_wait_ms = 500\n",
+    )?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let id = request(&s, &registry, "2", "local", "two").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+
+    // Arm the fence the way an attempt does, then hold it from a long transaction that
+    // wrote the tenant (as an application transaction would).
+    let tenant = TenantId::new("2")?;
+    let mut c = src.client().await?;
+    let table = switchyard::sql::QualifiedName::new("public", "orders")?;
+    switchyard::cutover::fence::install(
+        &mut c,
+        "switchyard",
+        &table,
+        &switchyard::cutover::fence::TenantOf::Column("tenant_id".into()),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+    )
+    .await?;
+    switchyard::cutover::fence::arm(&c, "switchyard", &tenant).await?;
+    let long = src.client().await?;
+    long.batch_execute(
+        "BEGIN; UPDATE public.orders SET note = 'held' WHERE tenant_id = 2 AND id = 1",
+    )
+    .await?;
+
+    s.execute(
+        "UPDATE switchyard.moves SET cutover_requested = true WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    wait_for_row(
+        &s,
+        "an aborted attempt",
+        Duration::from_secs(60),
+        "SELECT 1 FROM switchyard.cutover_attempts WHERE move_id = $1 AND result = 'aborted' AND step = 'fence'",
+        &[&id],
+    )
+    .await?;
+    // Aborted: the tenant is writable again (another session writes it) and streaming.
+    let w = src.client().await?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        w.batch_execute(
+            "UPDATE public.orders SET note = 'meanwhile' WHERE tenant_id = 2 AND id = 2",
+        ),
+    )
+    .await
+    .context("the tenant stayed fenced after the abort")??;
+    let (state, error, _) = state_of(&s, id).await?;
+    ensure!(
+        matches!(state.as_str(), "streaming" | "cutting_over"),
+        "state {state} ({error:?})"
+    );
+
+    // Once the long transaction ends, a later attempt gets the fence and cuts over.
+    long.batch_execute("COMMIT").await?;
+    wait_state(&s, id, "cut_over", Duration::from_secs(60)).await?;
+    let attempts = registry.attempts(&s, id).await?;
+    assert!(attempts.len() >= 2, "{attempts:?}");
+    assert_eq!(attempts.last().map(|a| a.result.as_str()), Some("cut_over"));
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    // Both the held transaction's write and the one made meanwhile reached the target.
+    assert_parity(&s, &s, 2, "two").await?;
+    let notes: Vec<String> = s
+        .query(
+            "SELECT note FROM two.orders WHERE id IN (1, 2) ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, ["held", "meanwhile"]);
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_per_tenant_cuts_over_with_its_sequences_and_its_schema_is_dropped() -> Result<()>
+{
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(
+        "CREATE SCHEMA acme; CREATE SCHEMA globex;
+         CREATE TABLE acme.orders (id bigserial PRIMARY KEY, note text);
+         CREATE TABLE globex.orders (id bigserial PRIMARY KEY, note text);
+         INSERT INTO acme.orders (note) SELECT 'n' || g FROM generate_series(1, 2000) g;
+         INSERT INTO globex.orders (note) SELECT 'g' || g FROM generate_series(1, 10) g;
+         CREATE PUBLICATION sy_pub FOR TABLE acme.orders, globex.orders;
+         GRANT USAGE ON SCHEMA acme, globex TO switchyard;
+         GRANT SELECT ON ALL TABLES IN SCHEMA acme, globex TO switchyard;
+         GRANT SELECT ON ALL SEQUENCES IN SCHEMA acme, globex TO switchyard;
+         GRANT TRIGGER ON ALL TABLES IN SCHEMA acme, globex TO switchyard;
+         GRANT pg_read_all_stats TO switchyard;
+         ALTER SCHEMA acme OWNER TO switchyard; ALTER TABLE acme.orders OWNER TO switchyard;",
+    )?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[tenancy]\nmode = \"schema\"\n[cutover]\npause_budget_ms = 1500\nretention_hours = 0\n",
+    )?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let id = request(&s, &registry, "acme", "shard2", "acme").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    // More rows from the source's sequence while streaming.
+    s.batch_execute("INSERT INTO acme.orders (note) SELECT 'late' FROM generate_series(1, 25)")
+        .await?;
+    let tenant = TenantId::new("acme")?;
+    let (mv, attempts) =
+        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+    assert_eq!(
+        digest(&s, "acme.orders", "").await?,
+        digest(&d, "acme.orders", "").await?
+    );
+    // The application's next insert at the target gets an id past every source id.
+    let next: i64 = d
+        .query_one(
+            "INSERT INTO acme.orders (note) VALUES ('after') RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(next > 2025, "target sequence at {next}");
+    let err = s
+        .batch_execute("INSERT INTO acme.orders (note) VALUES ('stale')")
+        .await
+        .expect_err("stale write refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("SY001"));
+    let cleaned = switchyard::cutover::request::cleanup_tenant(&config, &tenant).await?;
+    assert_eq!(cleaned.tables_dropped, ["acme.orders"]);
+    assert_eq!(cleaned.schema_dropped.as_deref(), Some("acme"));
+    assert!(s
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'acme'", &[])
+        .await?
+        .is_none());
+    assert_eq!(digest(&s, "globex.orders", "").await?.0, 10);
+    daemon.stop().await?;
+    Ok(())
+}
