@@ -98,6 +98,9 @@ enum Command {
     },
     /// Remove a cut-over tenant from its old location (after the retention window).
     Cleanup { tenant: String },
+    /// Cancel a move before its cutover: the daemon stops it and what it wrote at the
+    /// target is removed; the source is left as it is.
+    Cancel { tenant: String },
 }
 
 fn parse_lsn(s: &str) -> Result<Lsn, String> {
@@ -258,6 +261,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cleaned.tables_dropped.len(),
                 cleaned
                     .schema_dropped
+                    .map(|s| format!(", schema {s} dropped"))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { tenant } => {
+            let tenant = TenantId::new(tenant)?;
+            let c = switchyard::cutover::request::cancel_tenant(&config, &tenant).await?;
+            println!(
+                "move of tenant {tenant} cancelled; at the target: {} tables dropped, {} rows deleted{}",
+                c.tables_dropped.len(),
+                c.rows_deleted,
+                c.schema_dropped
                     .map(|s| format!(", schema {s} dropped"))
                     .unwrap_or_default()
             );

@@ -406,3 +406,55 @@ async fn a_schema_per_tenant_cuts_over_with_its_sequences_and_its_schema_is_drop
     daemon.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_source() -> Result<()>
+{
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 400))?;
+    src.psql(FENCE_GRANTS)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "")?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let id = request(&s, &registry, "1", "shard2", "one").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    let before = digest(&s, "public.orders", "").await?;
+
+    let tenant = TenantId::new("1")?;
+    let c = switchyard::cutover::request::cancel_tenant(&config, &tenant).await?;
+    assert_eq!(c.tables_dropped.len(), 3, "{c:?}");
+    assert_eq!(c.schema_dropped.as_deref(), Some("one"));
+    assert_eq!(state_of(&s, id).await?.0, "cancelled");
+    assert!(d
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'one'", &[])
+        .await?
+        .is_none());
+    let progress: i64 = d
+        .query_one(
+            "SELECT count(*) FROM switchyard.applied WHERE tenant = '1'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(progress, 0);
+    // The source is untouched and still writable for the tenant.
+    assert_eq!(digest(&s, "public.orders", "").await?, before);
+    s.batch_execute(
+        "UPDATE public.orders SET note = 'after cancel' WHERE tenant_id = 1 AND id = 1",
+    )
+    .await?;
+    // The tenant may move again.
+    let again = request(&s, &registry, "1", "shard2", "one").await?;
+    wait_state(&s, again, "streaming", SYNC).await?;
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    assert_parity(&s, &d, 1, "one").await?;
+    daemon.stop().await?;
+    Ok(())
+}

@@ -6,6 +6,10 @@
 //! - `cutover` only asks (a registry flag); the daemon, which holds the stream, runs the
 //!   attempts. The command waits and reports what the registry says.
 //! - `cleanup` checks the move's state, its verification and its retention window first.
+//! - `cancel` only before the cutover, and it never touches the source: it stops the move,
+//!   lifts an armed fence, and removes what the move wrote at the target (tables that hold
+//!   only the tenant's rows are dropped, others lose the tenant's rows; the target schema
+//!   goes if it is left empty).
 
 use std::time::{Duration, Instant};
 
@@ -102,6 +106,152 @@ pub async fn cutover_tenant(
     }
     let attempts = registry.attempts(&client, mv.id).await?;
     Ok((mv, attempts))
+}
+
+/// What `cancel` removed at the target.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Cancelled {
+    pub tables_dropped: Vec<String>,
+    pub rows_deleted: i64,
+    pub schema_dropped: Option<String>,
+}
+
+/// Cancels the tenant's move (before its cutover) and removes what it wrote at the target.
+pub async fn cancel_tenant(config: &Config, tenant: &TenantId) -> Result<Cancelled, Error> {
+    let (registry, client, mv) = tenant_move(config, tenant).await?;
+    let tables = tables(config, &registry, &client, &mv).await?;
+    registry
+        .transition(
+            &client,
+            mv.id,
+            mv.state,
+            MoveState::Cancelled,
+            Some("cancelled by an operator"),
+        )
+        .await?;
+    super::fence::disarm(&client, &config.registry_schema, tenant).await?;
+    let endpoint = config
+        .targets
+        .get(&mv.target)
+        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(mv.target.to_string()))?;
+    let mut target = endpoint.connect_sql().await?;
+    // The daemon stops applying the tenant within a registry poll; an apply batch still
+    // running holds its tables, so the removal waits for it (bounded, retried).
+    let deadline = Instant::now() + Duration::from_secs(30) + config.moves.registry_poll * 4;
+    loop {
+        match remove_target(&mut target, config, tenant, &mv, &tables).await {
+            Err(Error::Cluster(e))
+                if e.sqlstate() == Some("55P03") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn remove_target(
+    target: &mut tokio_postgres::Client,
+    config: &Config,
+    tenant: &TenantId,
+    mv: &Move,
+    tables: &[FencedTable],
+) -> Result<Cancelled, Error> {
+    use crate::cluster::ClusterError;
+    use crate::sql::quote_ident;
+    let mut out = Cancelled::default();
+    let tx = target
+        .transaction()
+        .await
+        .map_err(ClusterError::sql("starting the removal"))?;
+    tx.batch_execute("SET LOCAL lock_timeout = '2s'")
+        .await
+        .map_err(ClusterError::sql("starting the removal"))?;
+    let mut drop = Vec::new();
+    for t in tables {
+        let exists: bool = tx
+            .query_one(
+                "SELECT to_regclass($1::text) IS NOT NULL",
+                &[&t.target.quoted()],
+            )
+            .await
+            .map_err(ClusterError::sql("looking for a target table"))?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        let shared_with_others = match &t.chunk.tenant {
+            Some((col, ty)) => tx
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS DISTINCT FROM CAST($1::text AS {ty}))",
+                        t.target.quoted(),
+                        quote_ident(col)
+                    ),
+                    &[&tenant.as_str()],
+                )
+                .await
+                .map_err(ClusterError::sql("looking for other tenants' rows"))?
+                .get(0),
+            None => false,
+        };
+        match (&t.chunk.tenant, shared_with_others) {
+            (Some((col, ty)), true) => {
+                out.rows_deleted += tx
+                    .execute(
+                        &format!(
+                            "DELETE FROM {} WHERE {} = CAST($1::text AS {ty})",
+                            t.target.quoted(),
+                            quote_ident(col)
+                        ),
+                        &[&tenant.as_str()],
+                    )
+                    .await
+                    .map_err(ClusterError::sql(format!(
+                        "removing the tenant's rows from {}",
+                        t.target
+                    )))? as i64;
+            }
+            _ => drop.push(t.target.clone()),
+        }
+    }
+    if !drop.is_empty() {
+        let list: Vec<String> = drop.iter().map(|t| t.quoted()).collect();
+        // One statement: tables that reference each other go together.
+        tx.batch_execute(&format!("DROP TABLE {}", list.join(", ")))
+            .await
+            .map_err(ClusterError::sql("dropping the target tables"))?;
+        out.tables_dropped = drop.iter().map(|t| t.to_string()).collect();
+    }
+    let progress = crate::apply::writer::progress_table(&config.registry_schema);
+    let has_progress: bool = tx
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&progress])
+        .await
+        .map_err(ClusterError::sql("looking for the progress table"))?
+        .get(0);
+    if has_progress {
+        tx.execute(
+            &format!("DELETE FROM {progress} WHERE tenant = $1"),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql("removing the progress row"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(ClusterError::sql("committing the removal"))?;
+    let schema = &mv.target_schema;
+    if schema != "public" && schema != &config.registry_schema {
+        // RESTRICT: a schema that holds anything else stays.
+        if target
+            .batch_execute(&format!("DROP SCHEMA {}", quote_ident(schema)))
+            .await
+            .is_ok()
+        {
+            out.schema_dropped = Some(schema.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Removes the tenant from its old location (see [`cleanup`]) and marks the move cleaned.

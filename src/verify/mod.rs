@@ -16,8 +16,11 @@
 //!   formats), so equal rows hash equally on two clusters.
 //! - A chunk is reported as different only after it stayed different once the target had
 //!   applied everything the source showed (the slot's confirmed position passed the source
-//!   position read after the source statement) `rechecks` times: live writes make a chunk
-//!   differ for a moment, never for good.
+//!   position read after the source statement). A chunk that still differs is compared row
+//!   by row, then only its differing rows are compared again, `rechecks` times, each after
+//!   the target caught up: a chunk under constant writes never matches as a whole, but a
+//!   row that is not rewritten all the time does, so live writes make rows differ for a
+//!   moment, never for good.
 //! - Names are quoted and values bound as parameters, as everywhere.
 
 use std::time::{Duration, Instant};
@@ -85,6 +88,8 @@ pub struct ChunkDiff {
     pub upto: Option<Vec<String>>,
     pub source_rows: i64,
     pub target_rows: i64,
+    /// Keys of rows that stayed different (the first ten).
+    pub keys: Vec<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -324,6 +329,147 @@ async fn wait_confirmed(client: &Client, slot: &str, lsn: Lsn, settle: Duration)
     }
 }
 
+/// Waits until the target holds what the source had at `at` (or a while, without a slot).
+async fn settle(source: &Client, opts: &VerifyOptions, at: Lsn) {
+    match &opts.slot {
+        Some(slot) => {
+            wait_confirmed(source, slot, at, opts.settle).await;
+        }
+        None => tokio::time::sleep(opts.settle.min(Duration::from_secs(1))).await,
+    }
+}
+
+/// Each row's key and hash, for the tenant's rows of `table` in `(after, upto]` or with
+/// one of `keys`.
+pub fn row_hash_query(
+    chunk: &ChunkTable,
+    table: &QualifiedName,
+    tenant: &str,
+    range: Option<(Option<&Key>, Option<&Key>)>,
+    keys: &[Key],
+) -> Query {
+    let mut params = Vec::new();
+    let (after, upto) = range.unwrap_or((None, None));
+    let mut conds = range_conditions(chunk, tenant, after, upto, &mut params);
+    if range.is_none() {
+        let list: Vec<String> = keys
+            .iter()
+            .map(|k| key_literal(chunk, &mut params, k))
+            .collect();
+        conds.push(if list.is_empty() {
+            "false".to_owned()
+        } else {
+            format!("{} IN ({})", key_row(chunk), list.join(", "))
+        });
+    }
+    let key_cols = chunk
+        .key
+        .iter()
+        .map(|(i, _)| format!("src.{}::text", quote_ident(&chunk.columns[*i])))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = chunk
+        .columns
+        .iter()
+        .map(|c| format!("src.{}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        format!(
+            "SELECT {key_cols}, hashtextextended(ROW({row})::text, 0) FROM {} AS src{}",
+            table.quoted(),
+            where_clause(&conds)
+        ),
+        params,
+    )
+}
+
+async fn row_hashes(
+    client: &Client,
+    t: &VerifyTable,
+    query: &Query,
+) -> Result<std::collections::HashMap<Key, i64>, VerifyError> {
+    let name = t.chunk.source.to_string();
+    let n = t.chunk.key.len();
+    let mut out = std::collections::HashMap::new();
+    for row in rows(client, query)
+        .await
+        .map_err(ClusterError::sql(format!("hashing rows of {name}")))?
+    {
+        let texts: Vec<Option<&str>> = (0..n).map(|i| row.get(i)).collect();
+        let key = t.chunk.key_from(&texts).ok_or_else(|| VerifyError::Key {
+            table: name.clone(),
+        })?;
+        out.insert(key, row.get(n));
+    }
+    Ok(out)
+}
+
+/// Keys whose rows differ (or exist on one side only) between the two hash maps, sorted.
+pub fn differing(
+    a: &std::collections::HashMap<Key, i64>,
+    b: &std::collections::HashMap<Key, i64>,
+) -> Vec<Key> {
+    let mut keys: Vec<Key> = a
+        .iter()
+        .filter(|(k, h)| b.get(*k) != Some(*h))
+        .map(|(k, _)| k.clone())
+        .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+async fn row_diff(
+    source: &Client,
+    target: &Client,
+    t: &VerifyTable,
+    tenant: &str,
+    after: Option<&Key>,
+    upto: Option<&Key>,
+) -> Result<Vec<Key>, VerifyError> {
+    let range = Some((after, upto));
+    let a = row_hashes(
+        source,
+        t,
+        &row_hash_query(&t.chunk, &t.chunk.source, tenant, range, &[]),
+    )
+    .await?;
+    let b = row_hashes(
+        target,
+        t,
+        &row_hash_query(&t.chunk, &t.target, tenant, range, &[]),
+    )
+    .await?;
+    Ok(differing(&a, &b))
+}
+
+async fn key_diff(
+    source: &Client,
+    target: &Client,
+    t: &VerifyTable,
+    tenant: &str,
+    keys: &[Key],
+) -> Result<Vec<Key>, VerifyError> {
+    let mut still = Vec::new();
+    for part in keys.chunks(1000) {
+        let a = row_hashes(
+            source,
+            t,
+            &row_hash_query(&t.chunk, &t.chunk.source, tenant, None, part),
+        )
+        .await?;
+        let b = row_hashes(
+            target,
+            t,
+            &row_hash_query(&t.chunk, &t.target, tenant, None, part),
+        )
+        .await?;
+        still.extend(differing(&a, &b));
+    }
+    Ok(still)
+}
+
 fn key_texts(key: Option<&Key>) -> Option<Vec<String>> {
     key.map(|k| k.iter().map(ChunkTable::key_text).collect())
 }
@@ -397,38 +543,44 @@ async fn verify_table(
             upto.as_ref(),
         );
         let dst_q = hash_query(&t.chunk, &t.target, tenant, after.as_ref(), upto.as_ref());
-        let mut attempt = 0;
-        let (src, dst) = loop {
-            let src = hash(source, &src_q, &name).await?;
-            let at = current_lsn(source).await?;
-            let dst = hash(target, &dst_q, &name).await?;
-            if src == dst || attempt >= opts.rechecks {
-                break (src, dst);
-            }
+        let src = hash(source, &src_q, &name).await?;
+        let at = current_lsn(source).await?;
+        let mut dst = hash(target, &dst_q, &name).await?;
+        if src != dst && opts.rechecks > 0 {
             // The target may still be applying what the source statement saw: once the
             // slot confirmed `at`, it holds at least that.
-            attempt += 1;
             report.rechecked += 1;
-            match &opts.slot {
-                Some(slot) => {
-                    wait_confirmed(source, slot, at, opts.settle).await;
-                }
-                None => tokio::time::sleep(opts.settle.min(Duration::from_secs(1))).await,
+            settle(source, opts, at).await;
+            dst = hash(target, &dst_q, &name).await?;
+        }
+        let mut keys = Vec::new();
+        if src != dst && opts.rechecks > 0 {
+            // A chunk that keeps being written never matches as a whole: compare its rows,
+            // then only the rows that differ, each time after the target caught up.
+            keys = row_diff(source, target, t, tenant, after.as_ref(), upto.as_ref()).await?;
+            let mut attempt = 1;
+            while !keys.is_empty() && attempt < opts.rechecks {
+                attempt += 1;
+                report.rechecked += 1;
+                let at = current_lsn(source).await?;
+                settle(source, opts, at).await;
+                keys = key_diff(source, target, t, tenant, &keys).await?;
             }
-            let dst = hash(target, &dst_q, &name).await?;
-            if src == dst {
-                break (src, dst);
-            }
-        };
+        }
         report.chunks += 1;
         report.source_rows += src.0;
         report.target_rows += dst.0;
-        if src != dst {
+        if src != dst && (opts.rechecks == 0 || !keys.is_empty()) {
             report.different.push(ChunkDiff {
                 after: key_texts(after.as_ref()),
                 upto: key_texts(upto.as_ref()),
                 source_rows: src.0,
                 target_rows: dst.0,
+                keys: keys
+                    .iter()
+                    .take(10)
+                    .map(|k| k.iter().map(ChunkTable::key_text).collect())
+                    .collect(),
             });
         }
         match upto {
@@ -534,6 +686,30 @@ mod tests {
     }
 
     #[test]
+    fn rows_differ_by_hash_or_by_presence() {
+        let k = |i| vec![KeyValue::Int(i)];
+        let a: std::collections::HashMap<Key, i64> = [(k(1), 10), (k(2), 20), (k(3), 30)].into();
+        let b: std::collections::HashMap<Key, i64> = [(k(1), 10), (k(2), 21), (k(4), 40)].into();
+        assert_eq!(differing(&a, &b), vec![k(2), k(3), k(4)]);
+        assert!(differing(&a, &a).is_empty());
+        let t = ChunkTable {
+            source: QualifiedName::new("public", "orders").unwrap(),
+            columns: vec!["tenant_id".into(), "id".into()],
+            key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
+            tenant: Some(("tenant_id".into(), "int".into())),
+        };
+        let keys = vec![
+            vec![KeyValue::Int(7), KeyValue::Int(1)],
+            vec![KeyValue::Int(7), KeyValue::Int(2)],
+        ];
+        let (sql, params) = row_hash_query(&t, &t.source, "7", None, &keys);
+        assert!(sql.contains("IN ((CAST($2 AS bigint), CAST($3 AS bigint)), (CAST($4 AS bigint), CAST($5 AS bigint)))"), "{sql}");
+        assert_eq!(params.len(), 5);
+        let (sql, _) = row_hash_query(&t, &t.source, "7", None, &[]);
+        assert!(sql.contains("AND false"), "{sql}");
+    }
+
+    #[test]
     fn the_summary_names_what_differs() {
         let mut t = TableReport {
             table: "public.orders".into(),
@@ -547,6 +723,7 @@ mod tests {
                 upto: None,
                 source_rows: 10,
                 target_rows: 9,
+                keys: vec![vec!["7".into(), "3".into()]],
             }],
             foreign_rows: 0,
         };
