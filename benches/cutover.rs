@@ -223,7 +223,9 @@ async fn main() -> Result<()> {
         &src,
         None,
         &format!(
-            "[cutover]\npause_budget_ms = {budget}\nretry_initial_ms = 200\nretry_max_ms = 2000\n"
+            // Without reverse replication: 24 reverse slots would exceed the cluster's
+            // max_replication_slots; the reverse stream adds no work inside the pause.
+            "[cutover]\npause_budget_ms = {budget}\nretry_initial_ms = 200\nretry_max_ms = 2000\nrollback = false\n"
         ),
     )?;
     let s = src.client().await?;

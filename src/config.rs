@@ -80,6 +80,7 @@ struct FileCutover {
     verify: Option<bool>,
     retention_hours: Option<u64>,
     old_transaction_wait_ms: Option<u64>,
+    rollback: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -330,6 +331,9 @@ pub struct CutoverSettings {
     pub retention: Duration,
     /// How long to wait for transactions older than the fence to end before an attempt.
     pub old_transaction_wait: Duration,
+    /// Keep the old location current from the new one after the cutover (a slot at the
+    /// target), so `rollback` loses nothing; until the cleanup.
+    pub rollback: bool,
 }
 
 impl Default for CutoverSettings {
@@ -342,6 +346,7 @@ impl Default for CutoverSettings {
             verify: true,
             retention: Duration::from_secs(24 * 3600),
             old_transaction_wait: Duration::from_secs(30),
+            rollback: true,
         }
     }
 }
@@ -375,6 +380,7 @@ fn cutover(f: FileCutover) -> Result<CutoverSettings, ConfigError> {
             d.old_transaction_wait,
             0,
         )?,
+        rollback: f.rollback.unwrap_or(d.rollback),
     };
     if c.retry_max < c.retry_initial {
         return Err(invalid(

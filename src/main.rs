@@ -98,6 +98,14 @@ enum Command {
     },
     /// Remove a cut-over tenant from its old location (after the retention window).
     Cleanup { tenant: String },
+    /// Roll a cutover back: a bounded cutover to the old location, which reverse
+    /// replication kept current, so no write made since the cutover is lost.
+    Rollback {
+        tenant: String,
+        /// How long to wait, in seconds (it goes on in the daemon after).
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
     /// Cancel a move before its cutover: the daemon stops it and what it wrote at the
     /// target is removed; the source is left as it is.
     Cancel { tenant: String },
@@ -265,6 +273,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollback { tenant, wait } => {
+            let tenant = TenantId::new(tenant)?;
+            let (mv, attempts) = switchyard::cutover::request::rollback_tenant(
+                &config,
+                &tenant,
+                std::time::Duration::from_secs(wait),
+            )
+            .await?;
+            for a in attempts.iter().filter(|a| a.result.starts_with("roll")) {
+                println!(
+                    "attempt {}: {}{}{}",
+                    a.attempt,
+                    a.result,
+                    a.pause_ms
+                        .map(|p| format!(", pause {p:.1} ms"))
+                        .unwrap_or_default(),
+                    a.detail
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default(),
+                );
+            }
+            println!("move {} of tenant {tenant}: {}", mv.id, mv.state);
+            Ok(if mv.state == switchyard::registry::MoveState::RolledBack {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Cancel { tenant } => {
             let tenant = TenantId::new(tenant)?;

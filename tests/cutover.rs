@@ -251,7 +251,7 @@ async fn a_cutover_that_cannot_take_the_fence_in_time_aborts_and_retries() -> Re
         &src,
         None,
         "[cutover]\npause_budget_ms = 300\nretry_initial_ms = 300\nretry_max_ms = 600\n\
-         old_transaction_wait_ms = 500\n",
+         old_transaction_wait_ms = 500\nrollback = false\n",
     )?;
     let config = load_config(&path)?;
     let s = src.client().await?;
@@ -455,6 +455,98 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
     wait_state(&s, again, "streaming", SYNC).await?;
     wait_drained(&s, Duration::from_secs(60)).await?;
     assert_parity(&s, &d, 1, "one").await?;
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_brings_writes_made_after_the_cutover_back_to_the_old_location() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 500))?;
+    src.psql(FENCE_GRANTS)?;
+    // The reverse apply writes the tenant's rows back (as the replica role, like an apply).
+    src.psql(
+        "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
+         GRANT SET ON PARAMETER session_replication_role TO switchyard;",
+    )?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n",
+    )?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let id = request(&s, &registry, "1", "shard2", "t1").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    let tenant = TenantId::new("1")?;
+    let (mv, attempts) =
+        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+    ensure!(mv.reverse_slot.is_some(), "{mv:?}");
+
+    // The application now writes the tenant at its new place.
+    d.batch_execute(
+        "INSERT INTO t1.orders (tenant_id, id, note) VALUES (1, 900001, 'after cutover');
+         UPDATE t1.orders SET note = 'changed at the target' WHERE tenant_id = 1 AND id = 7;
+         DELETE FROM t1.orders WHERE tenant_id = 1 AND id = 8;
+         UPDATE t1.events SET payload = '{\"moved\": true}' WHERE tenant_id = 1 AND id = 'e3';",
+    )
+    .await?;
+    let (mv, attempts) =
+        switchyard::cutover::request::rollback_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(mv.state.as_str() == "rolled_back", "{mv:?} {attempts:?}");
+    // Every write made at the target after the cutover is at the old location.
+    for table in ["orders", "items", "events"] {
+        assert_eq!(
+            digest(&s, &format!("public.{table}"), "WHERE tenant_id = 1").await?,
+            digest(&d, &format!("t1.{table}"), "").await?,
+            "{table}"
+        );
+    }
+    let note: String = s
+        .query_one(
+            "SELECT note FROM public.orders WHERE tenant_id = 1 AND id = 7",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(note, "changed at the target");
+    assert_eq!(
+        route(&s, "1").await?,
+        Some(("source".into(), "public".into(), 2))
+    );
+    // The source takes the tenant's writes again; the target refuses them.
+    s.batch_execute("UPDATE public.orders SET note = 'home again' WHERE tenant_id = 1 AND id = 9")
+        .await
+        .context("the source must take the tenant's writes after the rollback")?;
+    let err = d
+        .batch_execute("UPDATE t1.orders SET note = 'stale' WHERE tenant_id = 1 AND id = 9")
+        .await
+        .expect_err("the target must refuse the tenant after the rollback");
+    assert_eq!(err.code().map(|c| c.code()), Some("SY001"));
+    // The reverse slot is gone, so the target keeps no WAL for it.
+    wait_for(
+        "the reverse slot to go",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = d
+                .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+                .await?
+                .get(0);
+            Ok((n == 0).then_some(()))
+        },
+    )
+    .await?;
     daemon.stop().await?;
     Ok(())
 }

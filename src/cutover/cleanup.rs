@@ -13,7 +13,7 @@
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
-use super::fence::CLEANUP_SETTING;
+use super::fence::BYPASS_SETTING;
 use super::FencedTable;
 use crate::cluster::ClusterError;
 use crate::registry::{Move, MoveState};
@@ -91,7 +91,7 @@ pub async fn delete_rows(
                     .map_err(ClusterError::sql("starting a cleanup batch"))?;
                 tx.execute(
                     "SELECT set_config($1, $2, true)",
-                    &[&CLEANUP_SETTING, &tenant],
+                    &[&BYPASS_SETTING, &tenant],
                 )
                 .await
                 .map_err(ClusterError::sql("marking the cleanup session"))?;
@@ -182,6 +182,9 @@ mod tests {
             cutover_requested: true,
             cutover_attempts: 1,
             verified,
+            reverse_slot: None,
+            reverse_from: None,
+            rollback_requested: false,
         }
     }
 

@@ -41,8 +41,9 @@ pub const MOVED_SQLSTATE: &str = "SY001";
 /// The name of the fence trigger on every fenced table.
 pub const TRIGGER: &str = "switchyard_fence";
 
-/// Session setting that lets `cleanup` delete a moved tenant's old rows.
-pub const CLEANUP_SETTING: &str = "switchyard.cleanup_tenant";
+/// Session setting that lets switchyard's own sessions write a fenced tenant (cleanup's
+/// deletes, the reverse apply); it names the one tenant it lets through.
+pub const BYPASS_SETTING: &str = "switchyard.bypass_tenant";
 
 /// Arguments of the tenant's advisory lock (`$1` is the tenant id).
 pub const LOCK_ARGS: &str = "hashtext('switchyard fence'), hashtext($1)";
@@ -82,7 +83,7 @@ BEGIN
       HINT = 'Re-read {registry}.routes and write to the new location.';
   END IF;
 END",
-        cleanup = quote_literal(CLEANUP_SETTING),
+        cleanup = quote_literal(BYPASS_SETTING),
         registry = registry_schema.replace('\'', "''"),
     );
     format!(

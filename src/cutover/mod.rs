@@ -29,6 +29,7 @@ pub mod cleanup;
 pub mod fence;
 pub mod policy;
 pub mod request;
+pub mod reverse;
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,12 @@ pub(crate) enum CutoverMsg {
         move_id: i64,
         outcome: Result<Outcome, Error>,
     },
+    /// A rollback attempt ended (`Outcome::CutOver` means: rolled back).
+    RolledBack {
+        tenant: TenantId,
+        move_id: i64,
+        outcome: Result<Outcome, Error>,
+    },
 }
 
 /// One of the tenant's tables.
@@ -138,7 +145,7 @@ async fn attempt(
         .targets
         .get(&job.mv.target)
         .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(job.mv.target.to_string()))?;
-    let target = endpoint.connect_sql().await?;
+    let mut target = endpoint.connect_sql().await?;
     registry
         .transition(
             &source,
@@ -148,7 +155,7 @@ async fn attempt(
             None,
         )
         .await?;
-    let outcome = match prepare(job, &mut source, &target, &registry).await {
+    let outcome = match prepare(job, &mut source, &mut target, &registry).await {
         Ok(None) => fenced(job, &mut source, &target, &registry, pipeline).await,
         Ok(Some(o)) => Ok(o),
         Err(e) => Err(e),
@@ -177,7 +184,7 @@ async fn attempt(
 async fn prepare(
     job: &Job,
     source: &mut Client,
-    target: &Client,
+    target: &mut Client,
     registry: &Registry,
 ) -> Result<Option<Outcome>, Error> {
     let cfg = &job.config;
@@ -221,6 +228,17 @@ async fn prepare(
         )
         .await?;
     }
+    if cfg.cutover.rollback {
+        reverse::prepare(
+            target,
+            &cfg.registry_schema,
+            tenant,
+            job.mv.id,
+            &job.tables,
+            cfg.cutover.old_transaction_wait,
+        )
+        .await?;
+    }
     if fence::arm(source, &cfg.registry_schema, tenant).await? == fence::Armed::Moved {
         return Err(CutoverError::AlreadyMoved.into());
     }
@@ -248,7 +266,7 @@ async fn prepare(
 }
 
 /// The tenant's sequences: (source, target) pairs that exist on both sides.
-async fn sequences(
+pub(crate) async fn sequences(
     job: &Job,
     source: &Client,
     target: &Client,
@@ -394,6 +412,20 @@ async fn fenced(
         }
     }
     let catch_up = t0.elapsed() - lock_wait;
+    // From here on every change of the tenant's tables at the target is an application's
+    // (the move applied all of its own): the reverse stream starts after this position.
+    let reverse_from: Option<String> = if cfg.cutover.rollback {
+        Some(
+            target
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(sql("reading the target's position"))?
+                .get(0),
+        )
+    } else {
+        None
+    };
+    let reverse_slot = cfg.cutover.rollback.then(|| reverse::slot_name(job.mv.id));
 
     for (src, dst) in &seqs {
         let row = tx
@@ -459,7 +491,8 @@ async fn fenced(
             &format!(
                 "UPDATE {} SET state = 'cut_over', last_error = NULL, pause_ms = $2, \
                         cutover_attempts = $3, cut_over_at = now(), \
-                        cleanup_after = now() + make_interval(secs => $4), updated_at = now() \
+                        cleanup_after = now() + make_interval(secs => $4), updated_at = now(), \
+                        reverse_slot = $5, reverse_from = $6 \
                   WHERE id = $1 AND state = 'cutting_over'",
                 registry.table("moves")
             ),
@@ -468,6 +501,8 @@ async fn fenced(
                 &pause_ms,
                 &job.attempt,
                 &cfg.cutover.retention.as_secs_f64(),
+                &reverse_slot,
+                &reverse_from,
             ],
         )
         .await

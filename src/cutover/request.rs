@@ -108,6 +108,24 @@ pub async fn cutover_tenant(
     Ok((mv, attempts))
 }
 
+/// Asks the daemon to roll the tenant's cutover back (reverse replication has kept the old
+/// location current) and waits up to `wait` for it. Returns the move and its attempts.
+pub async fn rollback_tenant(
+    config: &Config,
+    tenant: &TenantId,
+    wait: Duration,
+) -> Result<(Move, Vec<Attempt>), Error> {
+    let (registry, client, _) = tenant_move(config, tenant).await?;
+    let mut mv = registry.request_rollback(&client, tenant).await?;
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline && mv.state == MoveState::CutOver {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mv = registry.get(&client, mv.id).await?;
+    }
+    let attempts = registry.attempts(&client, mv.id).await?;
+    Ok((mv, attempts))
+}
+
 /// What `cancel` removed at the target.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Cancelled {
@@ -279,5 +297,12 @@ pub async fn cleanup_tenant(config: &Config, tenant: &TenantId) -> Result<Cleane
     registry
         .transition(&client, mv.id, MoveState::CutOver, MoveState::Cleaned, None)
         .await?;
+    if mv.reverse_slot.is_some() {
+        // The daemon stops the reverse stream once it sees `cleaned`; the slot goes then.
+        if let Some(endpoint) = config.targets.get(&mv.target) {
+            let target = endpoint.connect_sql().await?;
+            super::reverse::drop_slot(&target, mv.id).await?;
+        }
+    }
     Ok(cleaned)
 }

@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::Engine;
-use crate::cutover::{self, policy, CutoverMsg, FencedTable, Job, Outcome};
+use crate::cutover::{self, policy, reverse, CutoverMsg, FencedTable, Job, Outcome};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::registry::{CutoverMode, Move, MoveState};
@@ -30,6 +30,14 @@ pub(super) struct CatchUpWait {
     reply: oneshot::Sender<()>,
 }
 
+/// A running reverse stream (after a cutover, until rollback or cleanup).
+struct Reversing {
+    stop: Option<oneshot::Sender<()>>,
+    waits: mpsc::UnboundedSender<reverse::MarkerWait>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+    tables: Vec<FencedTable>,
+}
+
 /// Cutover bookkeeping of the pipeline.
 #[derive(Default)]
 pub(super) struct Cutovers {
@@ -38,6 +46,11 @@ pub(super) struct Cutovers {
     /// Aborted attempts per tenant in this run, and when the next may start.
     backoff: HashMap<TenantId, (u32, Instant)>,
     tokens: u64,
+    /// Reverse streams by move id; when a failed one may start again.
+    reversing: HashMap<i64, Reversing>,
+    reverse_retry: HashMap<i64, Instant>,
+    /// Rollback attempts running, by move id.
+    rolling_back: HashMap<i64, Instant>,
 }
 
 impl Engine {
@@ -107,6 +120,143 @@ impl Engine {
         }
     }
 
+    /// Keeps a reverse stream running for every cut-over move that has one, stops those of
+    /// moves that are finished, and starts the rollbacks operators asked for.
+    pub(super) async fn run_reverse(&mut self, moves: &[Move]) {
+        let wanted: HashMap<i64, &Move> = moves
+            .iter()
+            .filter(|m| m.state == MoveState::CutOver && m.reverse_slot.is_some())
+            .map(|m| (m.id, m))
+            .collect();
+        let gone: Vec<i64> = self
+            .cutovers
+            .reversing
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(mut r) = self.cutovers.reversing.remove(&id) {
+                if let Some(stop) = r.stop.take() {
+                    let _ = stop.send(());
+                }
+                tracing::info!(move_id = id, "reverse replication stopped");
+            }
+        }
+        for (id, mv) in wanted {
+            if let Some(r) = self.cutovers.reversing.get(&id) {
+                if !r.task.is_finished() {
+                    if mv.rollback_requested && !self.cutovers.rolling_back.contains_key(&id) {
+                        self.start_rollback(mv);
+                    }
+                    continue;
+                }
+                let r = self
+                    .cutovers
+                    .reversing
+                    .remove(&id)
+                    .expect("looked up above");
+                match r.task.await {
+                    Ok(Err(e)) => {
+                        tracing::warn!(move_id = id, error = %e, "reverse replication failed; restarting")
+                    }
+                    Err(e) => {
+                        tracing::warn!(move_id = id, error = %e, "reverse replication task ended")
+                    }
+                    Ok(Ok(())) => {}
+                }
+                self.cutovers
+                    .reverse_retry
+                    .insert(id, Instant::now() + std::time::Duration::from_secs(2));
+            }
+            if self
+                .cutovers
+                .reverse_retry
+                .get(&id)
+                .is_some_and(|at| Instant::now() < *at)
+            {
+                continue;
+            }
+            let Some(from) = mv.reverse_from else {
+                continue;
+            };
+            let tables = match crate::daemon::tenant_layout(&self.config, &self.control, mv, moves)
+                .await
+            {
+                Ok(t) => t
+                    .into_iter()
+                    .map(|(chunk, target)| FencedTable { chunk, target })
+                    .collect::<Vec<_>>(),
+                Err(e) => {
+                    tracing::warn!(move_id = id, error = %e, "reverse replication: reading the tenant's tables");
+                    self.cutovers
+                        .reverse_retry
+                        .insert(id, Instant::now() + std::time::Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let (waits_tx, waits_rx) = mpsc::unbounded_channel();
+            let task = tokio::spawn(reverse::run(
+                self.config.clone(),
+                reverse::Reverse {
+                    move_id: id,
+                    tenant: mv.tenant.clone(),
+                    target: mv.target.clone(),
+                    target_schema: mv.target_schema.clone(),
+                    from,
+                    tables: tables.clone(),
+                },
+                waits_rx,
+                stop_rx,
+            ));
+            self.cutovers.reversing.insert(
+                id,
+                Reversing {
+                    stop: Some(stop_tx),
+                    waits: waits_tx,
+                    task,
+                    tables,
+                },
+            );
+        }
+    }
+
+    fn start_rollback(&mut self, mv: &Move) {
+        let Some(r) = self.cutovers.reversing.get(&mv.id) else {
+            return;
+        };
+        if self
+            .cutovers
+            .backoff
+            .get(&mv.tenant)
+            .is_some_and(|(_, at)| Instant::now() < *at)
+        {
+            return;
+        }
+        self.cutovers.tokens += 1;
+        let job = reverse::RollbackJob {
+            config: self.config.clone(),
+            mv: mv.clone(),
+            tables: r.tables.clone(),
+            token: self.run_id.wrapping_add(self.cutovers.tokens),
+            reverse: r.waits.clone(),
+        };
+        self.cutovers.rolling_back.insert(mv.id, Instant::now());
+        tracing::info!(tenant = %mv.tenant, move_id = mv.id, "rollback attempt");
+        let tx = self.cutover_tx.clone();
+        let attempt = mv.cutover_attempts + 1;
+        tokio::spawn(async move {
+            let outcome = reverse::rollback(&job).await;
+            record_rollback(&job, attempt, &outcome).await;
+            let _ = tx.send(CutoverMsg::RolledBack {
+                tenant: job.mv.tenant.clone(),
+                move_id: job.mv.id,
+                outcome,
+            });
+        });
+    }
+
     pub(super) fn on_cutover(&mut self, msg: CutoverMsg) {
         match msg {
             CutoverMsg::Wait {
@@ -124,6 +274,32 @@ impl Engine {
                 move_id,
                 outcome,
             } => self.on_cutover_finished(tenant, move_id, outcome),
+            CutoverMsg::RolledBack {
+                tenant,
+                move_id,
+                outcome,
+            } => {
+                self.cutovers.rolling_back.remove(&move_id);
+                match outcome {
+                    Ok(Outcome::CutOver { pause, .. }) => {
+                        tracing::info!(%tenant, move_id, pause_ms = pause.as_secs_f64() * 1e3, "rolled back");
+                        self.cutovers.backoff.remove(&tenant);
+                        if let Some(mut r) = self.cutovers.reversing.remove(&move_id) {
+                            if let Some(stop) = r.stop.take() {
+                                let _ = stop.send(());
+                            }
+                        }
+                    }
+                    Ok(other) => {
+                        let n = self.back_off(&tenant);
+                        tracing::warn!(%tenant, outcome = ?other, attempt = n, "rollback attempt aborted");
+                    }
+                    Err(e) => {
+                        let n = self.back_off(&tenant);
+                        tracing::warn!(%tenant, error = %e, attempt = n, "rollback attempt failed");
+                    }
+                }
+            }
         }
     }
 
@@ -255,6 +431,66 @@ impl Engine {
             self.last_end.bytes_since(caught)
         } else {
             0
+        }
+    }
+}
+
+/// Records a rollback attempt in the registry; a successful one also drops the reverse slot.
+async fn record_rollback(
+    job: &reverse::RollbackJob,
+    attempt: i32,
+    outcome: &Result<Outcome, Error>,
+) {
+    let Ok(registry) = crate::registry::Registry::new(job.config.registry_schema.clone()) else {
+        return;
+    };
+    let Ok(source) = job.config.source.connect_sql().await else {
+        return;
+    };
+    let (result, step, pause, detail) = match outcome {
+        Ok(Outcome::CutOver { pause, .. }) => ("rolled_back", None, Some(*pause), None),
+        Ok(Outcome::Aborted {
+            step,
+            reason,
+            pause,
+        }) => (
+            "rollback_aborted",
+            Some(step.as_str()),
+            *pause,
+            Some(reason.clone()),
+        ),
+        Ok(Outcome::Different { summary }) => {
+            ("rollback_aborted", None, None, Some(summary.clone()))
+        }
+        Err(e) => ("rollback_failed", None, None, Some(e.to_string())),
+    };
+    let _ = registry
+        .record_attempt(
+            &source,
+            job.mv.id,
+            attempt,
+            result,
+            step,
+            pause.map(|p| p.as_secs_f64() * 1e3),
+            detail.as_deref(),
+        )
+        .await;
+    if let Some(d) = &detail {
+        let _ = registry
+            .note_error(
+                &source,
+                job.mv.id,
+                &format!("rollback attempt {attempt}: {d}"),
+            )
+            .await;
+    }
+    if matches!(outcome, Ok(Outcome::CutOver { .. })) {
+        if let Some(endpoint) = job.config.targets.get(&job.mv.target) {
+            if let Ok(target) = endpoint.connect_sql().await {
+                if let Err(e) = reverse::drop_slot(&target, job.mv.id).await {
+                    tracing::warn!(move_id = job.mv.id, error = %e, "dropping the reverse slot");
+                }
+            }
         }
     }
 }

@@ -493,6 +493,7 @@ impl Engine {
             self.release(&tenant);
         }
         self.start_cutovers(&moves).await;
+        self.run_reverse(&moves).await;
         let mut seen = BTreeSet::new();
         for mv in moves {
             if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {

@@ -23,6 +23,7 @@ use std::str::FromStr;
 use tokio_postgres::Client;
 
 use crate::cluster::ClusterError;
+use crate::lsn::Lsn;
 use crate::sql::{check_name, quote_ident, NameError};
 use crate::tenant::{TargetId, TenantId};
 
@@ -212,6 +213,12 @@ pub struct Move {
     pub cutover_attempts: i32,
     /// The last verification of this move found source and target equal.
     pub verified: bool,
+    /// After the cutover: the target's slot that keeps the old location current, and the
+    /// target position from which its changes are the applications' (not the move's).
+    pub reverse_slot: Option<String>,
+    pub reverse_from: Option<Lsn>,
+    /// An operator asked to roll the cutover back (`switchyard rollback`).
+    pub rollback_requested: bool,
 }
 
 /// One recorded cutover attempt.
@@ -307,7 +314,10 @@ ALTER TABLE {moves}
   ADD COLUMN IF NOT EXISTS verify_result text,
   ADD COLUMN IF NOT EXISTS verified_at timestamptz,
   ADD COLUMN IF NOT EXISTS cut_over_at timestamptz,
-  ADD COLUMN IF NOT EXISTS cleanup_after timestamptz;
+  ADD COLUMN IF NOT EXISTS cleanup_after timestamptz,
+  ADD COLUMN IF NOT EXISTS reverse_slot text,
+  ADD COLUMN IF NOT EXISTS reverse_from text,
+  ADD COLUMN IF NOT EXISTS rollback_requested boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS {attempts} (
   move_id bigint NOT NULL,
   attempt integer NOT NULL,
@@ -324,7 +334,7 @@ BEGIN
   RETURN NEW;
 END $$;
 DROP TRIGGER IF EXISTS moves_notify ON {moves};
-CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested ON {moves}
+CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, rollback_requested ON {moves}
   FOR EACH ROW EXECUTE FUNCTION {notify_fn}();"
         )
     }
@@ -394,7 +404,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested O
         format!(
             "SELECT id, tenant, target, target_schema, cutover_mode, state, rows_copied, rows_total, \
                     lag_bytes, last_error, cutover_requested, cutover_attempts, \
-                    coalesce(verify_ok, false) FROM {}",
+                    coalesce(verify_ok, false), reverse_slot, reverse_from, rollback_requested FROM {}",
             self.t("moves")
         )
     }
@@ -424,6 +434,15 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested O
             cutover_requested: row.get(10),
             cutover_attempts: row.get(11),
             verified: row.get(12),
+            reverse_slot: row.get(13),
+            reverse_from: row
+                .get::<_, Option<String>>(14)
+                .map(|t| {
+                    t.parse::<Lsn>()
+                        .map_err(|e| bad("reverse_from", e.to_string()))
+                })
+                .transpose()?,
+            rollback_requested: row.get(15),
         })
     }
 
@@ -581,6 +600,41 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested O
             )
             .await
             .map_err(ClusterError::sql("requesting a cutover"))?;
+        self.get(client, mv.id).await
+    }
+
+    /// Asks for the rollback of the tenant's cut-over move. Returns the move.
+    pub async fn request_rollback(
+        &self,
+        client: &Client,
+        tenant: &TenantId,
+    ) -> Result<Move, RegistryError> {
+        let mv = self
+            .active_for(client, tenant)
+            .await?
+            .ok_or_else(|| RegistryError::NoMove(tenant.clone()))?;
+        if mv.state != MoveState::CutOver {
+            return Err(RegistryError::NotYet(format!(
+                "move {} is {}; only a cut_over move can be rolled back",
+                mv.id, mv.state
+            )));
+        }
+        if mv.reverse_slot.is_none() {
+            return Err(RegistryError::NotYet(format!(
+                "move {} was cut over without reverse replication (cutover.rollback = false): a rollback would lose the writes made since",
+                mv.id
+            )));
+        }
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET rollback_requested = true, updated_at = now() WHERE id = $1",
+                    self.t("moves")
+                ),
+                &[&mv.id],
+            )
+            .await
+            .map_err(ClusterError::sql("requesting a rollback"))?;
         self.get(client, mv.id).await
     }
 

@@ -1,0 +1,564 @@
+//! Reverse replication and rollback: after a cutover, the old location is kept current from
+//! the new one, so a rollback loses no write made after the cutover.
+//!
+//! ```text
+//!  at the cutover (before the pause): target gets the fence (armed), a publication of the
+//!      tenant's target tables and a slot; in the pause, the target's WAL position P is
+//!      recorded with the flip
+//!  after: target slot ─► decode ─► (target table → source table) ─► source, exactly once
+//!      (progress row on the source), transactions ending at or before P skipped (they
+//!      are the forward apply's own writes)
+//!  rollback (a cutover back, bounded the same way):
+//!      target: advisory lock EXCLUSIVE (tenant) → marker → the reverse stream applied
+//!      everything before it → source sequences past the target's → target fence → moved,
+//!      COMMIT (the target refuses the tenant) → source: route back, fence removed, move →
+//!      rolled_back, COMMIT
+//! ```
+//!
+//! Invariants:
+//! - The reverse apply bypasses the source's fence for this tenant only (a session
+//!   setting), and records its position in the same source transaction as the rows.
+//! - A rollback flips the route only after the source holds every change the tenant
+//!   committed at the target, and the target refuses the tenant before the route says
+//!   "source": at no moment do both places take its writes. If the second commit fails the
+//!   tenant is refused at both places (unavailable, never split) until the rollback is
+//!   retried.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Client;
+
+use super::fence::{self, TenantOf};
+use super::{policy, FencedTable, Outcome, Step, MARKER_PREFIX};
+use crate::apply::writer::{OwnedRowOp, RowChange, SourceTxn, TargetWriter, Work};
+use crate::cluster::ClusterError;
+use crate::config::{Config, TenancyMode};
+use crate::decode::{Message, RelationCache};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::registry::{Move, Registry};
+use crate::route::Router;
+use crate::source::{ReplicationStream, SourceEvent, StreamSettings};
+use crate::sql::{quote_ident, QualifiedName};
+use crate::tenant::{TargetId, TenantId};
+
+/// The reverse slot's and publication's name for a move.
+pub fn slot_name(move_id: i64) -> String {
+    format!("switchyard_rev_{move_id}")
+}
+
+/// The schema of the reverse apply's progress table on the source.
+pub fn progress_schema(registry_schema: &str) -> String {
+    format!("{registry_schema}_rollback")
+}
+
+/// Prepares reverse replication at the target (outside the pause; idempotent): the fence
+/// (armed, so a rollback can take it), a publication of the tenant's target tables and a
+/// logical slot that keeps every later change.
+pub async fn prepare(
+    target: &mut Client,
+    registry_schema: &str,
+    tenant: &TenantId,
+    move_id: i64,
+    tables: &[FencedTable],
+    slot_wait: Duration,
+) -> Result<(), ClusterError> {
+    target
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {};\n{}",
+            quote_ident(registry_schema),
+            fence::ddl(registry_schema)
+        ))
+        .await
+        .map_err(ClusterError::sql("installing the fence at the target"))?;
+    for t in tables {
+        let of = match &t.chunk.tenant {
+            Some((col, _)) => TenantOf::Column(col.clone()),
+            None => TenantOf::Whole(tenant.clone()),
+        };
+        fence::install(
+            target,
+            registry_schema,
+            &t.target,
+            &of,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    fence::arm(target, registry_schema, tenant).await?;
+    let name = slot_name(move_id);
+    let has_publication: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(ClusterError::sql("looking for the reverse publication"))?
+        .get(0);
+    if !has_publication {
+        let list: Vec<String> = tables.iter().map(|t| t.target.quoted()).collect();
+        target
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&name),
+                list.join(", ")
+            ))
+            .await
+            .map_err(ClusterError::sql("creating the reverse publication"))?;
+    }
+    let has_slot: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(ClusterError::sql("looking for the reverse slot"))?
+        .get(0);
+    if !has_slot {
+        // A new slot waits for the transactions running at the target to end: bounded,
+        // so a long transaction there delays the cutover instead of hanging it.
+        let tx = target
+            .transaction()
+            .await
+            .map_err(ClusterError::sql("creating the reverse slot"))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = '{}ms'",
+            slot_wait.as_millis().max(1)
+        ))
+        .await
+        .map_err(ClusterError::sql("creating the reverse slot"))?;
+        tx.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await
+        .map_err(ClusterError::sql(
+            "creating the reverse slot (it waits for the target's open transactions)",
+        ))?;
+        tx.commit()
+            .await
+            .map_err(ClusterError::sql("creating the reverse slot"))?;
+    }
+    Ok(())
+}
+
+/// Drops the reverse slot and publication (after a rollback or a cleanup). The slot may
+/// still be in use by a reverse stream that is stopping: retried for a while.
+pub async fn drop_slot(target: &Client, move_id: i64) -> Result<(), ClusterError> {
+    let name = slot_name(move_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = target
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if e.code().map(|c| c.code()) == Some("55006") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(ClusterError::sql("dropping the reverse slot")(e)),
+        }
+    }
+    target
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(&name)
+        ))
+        .await
+        .map_err(ClusterError::sql("dropping the reverse publication"))?;
+    Ok(())
+}
+
+/// What a rollback asks the reverse stream.
+#[derive(Debug)]
+pub(crate) struct MarkerWait {
+    pub token: u64,
+    pub reply: oneshot::Sender<()>,
+}
+
+/// A reverse stream for one cut-over move.
+pub(crate) struct Reverse {
+    pub move_id: i64,
+    pub tenant: TenantId,
+    pub target: TargetId,
+    pub target_schema: String,
+    pub from: Lsn,
+    /// Target table → source table.
+    pub tables: Vec<FencedTable>,
+}
+
+/// Applies the target's changes of the tenant to the source until `stop` resolves or the
+/// stream fails (the caller restarts it; the progress row makes that exact).
+pub(crate) async fn run(
+    config: Config,
+    rev: Reverse,
+    mut waits: mpsc::UnboundedReceiver<MarkerWait>,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<(), Error> {
+    let endpoint = config
+        .targets
+        .get(&rev.target)
+        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(rev.target.to_string()))?
+        .clone();
+    let source = config.source.connect_sql().await?;
+    // Only this tenant's writes pass the source's fence, and only on this session.
+    source
+        .execute(
+            "SELECT set_config($1, $2, false)",
+            &[&fence::BYPASS_SETTING, &rev.tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql("preparing the reverse apply session"))?;
+    let mut writer = TargetWriter::with_client(
+        TargetId::new("source").expect("\"source\" is a valid target name"),
+        source,
+        &progress_schema(&config.registry_schema),
+    )
+    .await?;
+    let _ = writer.use_replica_role().await;
+    let applied = writer
+        .load_applied()
+        .await?
+        .get(&rev.tenant)
+        .copied()
+        .unwrap_or(Lsn::INVALID);
+    let skip_through = applied.max(rev.from);
+    let name = slot_name(rev.move_id);
+    let mut replication = config.replication.clone();
+    replication.slot = name.clone();
+    replication.publication = name;
+    replication.tables = Vec::new();
+    replication.streaming = false;
+    let mut stream = ReplicationStream::start(StreamSettings {
+        endpoint,
+        replication,
+        ack: true,
+        start: Lsn::INVALID,
+    })
+    .await?;
+    // Every table at the target is the tenant's: route by the target schema.
+    let mut router = Router::new(crate::config::Tenancy {
+        mode: TenancyMode::Schema,
+        ..config.tenancy.clone()
+    });
+    let schema_id = TenantId::new(rev.target_schema.clone()).map_err(|e| {
+        crate::daemon::MoveError::BadState(format!("target schema {:?}: {e}", rev.target_schema))
+    })?;
+    router.start(
+        schema_id,
+        crate::route::Destination {
+            target: rev.target.clone(),
+            schema: rev.target_schema.clone(),
+        },
+    );
+    let mut relations = RelationCache::new();
+    let mut works: Vec<Work> = Vec::new();
+    let mut in_txn = false;
+    let mut pending: Vec<MarkerWait> = Vec::new();
+    tracing::info!(tenant = %rev.tenant, from = %skip_through, "reverse replication running");
+    let result = loop {
+        let ev = tokio::select! {
+            _ = &mut stop => break Ok(()),
+            Some(w) = waits.recv() => { pending.push(w); continue; }
+            ev = stream.recv() => ev,
+        };
+        let message = match ev {
+            Ok(Some(SourceEvent::Message(r))) => r.message,
+            Ok(Some(SourceEvent::Restarted { .. })) => {
+                works.clear();
+                in_txn = false;
+                continue;
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(Error::from(e)),
+        };
+        match &message {
+            Message::Begin(_) => {
+                works.clear();
+                in_txn = true;
+            }
+            Message::Relation(rel) => {
+                relations.apply(rel.clone());
+            }
+            Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
+                let routed = match router.message(&relations, &message) {
+                    Ok(r) => r,
+                    Err(e) => break Err(Error::Route(e)),
+                };
+                for (rel, ops) in routed {
+                    let from = QualifiedName {
+                        schema: rel.namespace.clone(),
+                        name: rel.name.clone(),
+                    };
+                    let Some(t) = rev.tables.iter().find(|t| t.target == from) else {
+                        continue;
+                    };
+                    let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
+                    for op in ops {
+                        works.push(Work::Row(RowChange {
+                            table: t.chunk.source.clone(),
+                            identity: identity.clone(),
+                            tenant_column: t.chunk.tenant.as_ref().map(|c| c.0.clone()),
+                            op: OwnedRowOp::from_op(&op.op),
+                        }));
+                    }
+                }
+            }
+            Message::Commit(c) => {
+                in_txn = false;
+                let end = c.end_lsn;
+                if end > skip_through && !works.is_empty() {
+                    let txn = SourceTxn {
+                        end_lsn: end,
+                        parts: vec![(rev.tenant.clone(), std::mem::take(&mut works))],
+                        states: Vec::new(),
+                    };
+                    if let Err(e) = writer.commit(std::slice::from_ref(&txn)).await {
+                        break Err(Error::Apply(e));
+                    }
+                }
+                works.clear();
+                stream.mark_durable(end);
+            }
+            Message::Message(m) if m.prefix == MARKER_PREFIX && !in_txn => {
+                // Everything before the marker is applied (commits are applied in order,
+                // before the next message is read).
+                let token: Option<u64> = std::str::from_utf8(&m.content)
+                    .ok()
+                    .and_then(|t| t.parse().ok());
+                let mut i = 0;
+                while i < pending.len() {
+                    if Some(pending[i].token) == token {
+                        let w = pending.swap_remove(i);
+                        let _ = w.reply.send(());
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    };
+    stream.shutdown().await;
+    result
+}
+
+/// Everything a rollback attempt needs.
+pub(crate) struct RollbackJob {
+    pub config: Config,
+    pub mv: Move,
+    pub tables: Vec<FencedTable>,
+    pub token: u64,
+    pub reverse: mpsc::UnboundedSender<MarkerWait>,
+}
+
+/// One rollback attempt: a cutover back to the source, bounded by the same pause budget.
+pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
+    let cfg = &job.config;
+    let tenant = &job.mv.tenant;
+    let registry = Registry::new(cfg.registry_schema.clone())?;
+    let endpoint = cfg
+        .targets
+        .get(&job.mv.target)
+        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(job.mv.target.to_string()))?;
+    let mut target = endpoint.connect_sql().await?;
+    let flusher = endpoint.connect_sql().await?;
+    let mut source = cfg.source.connect_sql().await?;
+    let seqs = sequences(job, &source, &target).await?;
+    let home = job
+        .tables
+        .first()
+        .map(|t| t.chunk.source.schema.clone())
+        .unwrap_or_default();
+    let clock = policy::Clock {
+        budget: cfg.cutover.pause_budget,
+    };
+    let sql = |ctx: &'static str| ClusterError::sql(ctx);
+    let tx = target
+        .transaction()
+        .await
+        .map_err(sql("starting the rollback"))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        clock.lock_wait().as_millis().max(1)
+    ))
+    .await
+    .map_err(sql("setting the fence's lock timeout"))?;
+    let t0 = Instant::now();
+    let aborted = |step, reason: String| Outcome::Aborted {
+        step,
+        reason,
+        pause: Some(t0.elapsed()),
+    };
+    if let Err(e) = tx
+        .execute(
+            &format!("SELECT pg_advisory_xact_lock({})", fence::LOCK_ARGS),
+            &[&tenant.as_str()],
+        )
+        .await
+    {
+        if e.code().map(|c| c.code()) == Some("55P03") {
+            return Ok(aborted(
+                Step::Fence,
+                "the tenant's open transactions at the target did not end in time".into(),
+            ));
+        }
+        return Err(sql("taking the write fence at the target")(e).into());
+    }
+    let lock_wait = t0.elapsed();
+    let (reply, answered) = oneshot::channel();
+    if job
+        .reverse
+        .send(MarkerWait {
+            token: job.token,
+            reply,
+        })
+        .is_err()
+    {
+        return Ok(aborted(
+            Step::CatchUp,
+            "reverse replication is not running".into(),
+        ));
+    }
+    tx.execute(
+        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
+        &[&MARKER_PREFIX, &job.token.to_string()],
+    )
+    .await
+    .map_err(sql("writing the rollback marker"))?;
+    flusher
+        .batch_execute("SELECT pg_logical_emit_message(true, 'switchyard.flush', '')")
+        .await
+        .map_err(sql("flushing the rollback marker"))?;
+    let Some(wait) = clock.catch_up(t0.elapsed()) else {
+        return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
+    };
+    match tokio::time::timeout(wait, answered).await {
+        Ok(Ok(())) => {}
+        _ => {
+            return Ok(aborted(
+                Step::CatchUp,
+                "the source did not catch up with the target within the pause budget".into(),
+            ))
+        }
+    }
+    let catch_up = t0.elapsed() - lock_wait;
+    for (src, dst) in &seqs {
+        let row = tx
+            .query_one(
+                &format!("SELECT last_value, is_called FROM {}", dst.quoted()),
+                &[],
+            )
+            .await
+            .map_err(sql("reading a target sequence"))?;
+        let (last, called): (i64, bool) = (row.get(0), row.get(1));
+        if called {
+            source
+                .execute(
+                    &format!(
+                        "SELECT setval(CAST($1::text AS regclass), $2) FROM {} AS s WHERE s.last_value < $2",
+                        src.quoted()
+                    ),
+                    &[&src.quoted(), &last],
+                )
+                .await
+                .map_err(sql("setting a source sequence"))?;
+        }
+    }
+    tx.execute(
+        &format!(
+            "UPDATE {}.fences SET state = 'moved', location = 'source', schema_name = $2, \
+                    version = NULL, moved_at = now() WHERE tenant = $1",
+            quote_ident(&cfg.registry_schema)
+        ),
+        &[&tenant.as_str(), &home],
+    )
+    .await
+    .map_err(sql("closing the fence at the target"))?;
+    if clock.left(t0.elapsed()).is_none() {
+        return Ok(aborted(
+            Step::Flip,
+            "the pause budget ran out before the commit".into(),
+        ));
+    }
+    tx.commit()
+        .await
+        .map_err(sql("committing the target's fence"))?;
+    // From here the target refuses the tenant: the route must come back to the source.
+    let stx = source
+        .transaction()
+        .await
+        .map_err(sql("starting the route flip back"))?;
+    let route_version: i64 = stx
+        .query_one(
+            &format!(
+                "UPDATE {} SET location = 'source', schema_name = $2, version = version + 1, \
+                        updated_at = now() WHERE tenant = $1 RETURNING version",
+                registry.table("routes")
+            ),
+            &[&tenant.as_str(), &home],
+        )
+        .await
+        .map_err(sql("flipping the route back"))?
+        .get(0);
+    stx.execute(
+        &format!(
+            "DELETE FROM {}.fences WHERE tenant = $1",
+            quote_ident(&cfg.registry_schema)
+        ),
+        &[&tenant.as_str()],
+    )
+    .await
+    .map_err(sql("lifting the source's fence"))?;
+    stx.execute(
+        &format!(
+            "UPDATE {} SET state = 'rolled_back', last_error = NULL, finished_at = now(), \
+                    updated_at = now() WHERE id = $1 AND state = 'cut_over'",
+            registry.table("moves")
+        ),
+        &[&job.mv.id],
+    )
+    .await
+    .map_err(sql("recording the rollback"))?;
+    stx.commit()
+        .await
+        .map_err(sql("committing the route flip back"))?;
+    Ok(Outcome::CutOver {
+        pause: t0.elapsed(),
+        lock_wait,
+        catch_up,
+        route_version,
+    })
+}
+
+/// The tenant's sequences: (source, target) pairs.
+async fn sequences(
+    job: &RollbackJob,
+    source: &Client,
+    target: &Client,
+) -> Result<Vec<(QualifiedName, QualifiedName)>, ClusterError> {
+    let job = super::Job {
+        config: job.config.clone(),
+        mv: job.mv.clone(),
+        tables: job.tables.clone(),
+        attempt: 0,
+        token: job.token,
+    };
+    super::sequences(&job, source, target).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_per_move() {
+        assert_eq!(slot_name(42), "switchyard_rev_42");
+        assert_eq!(progress_schema("switchyard"), "switchyard_rollback");
+    }
+}
