@@ -81,6 +81,7 @@ struct FileCutover {
     retention_hours: Option<u64>,
     old_transaction_wait_ms: Option<u64>,
     rollback: Option<bool>,
+    auto_cleanup: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -334,6 +335,8 @@ pub struct CutoverSettings {
     /// Keep the old location current from the new one after the cutover (a slot at the
     /// target), so `rollback` loses nothing; until the cleanup.
     pub rollback: bool,
+    /// The daemon cleans up a verified, cut-over move when its retention window ends.
+    pub auto_cleanup: bool,
 }
 
 impl Default for CutoverSettings {
@@ -347,6 +350,7 @@ impl Default for CutoverSettings {
             retention: Duration::from_secs(24 * 3600),
             old_transaction_wait: Duration::from_secs(30),
             rollback: true,
+            auto_cleanup: true,
         }
     }
 }
@@ -381,6 +385,7 @@ fn cutover(f: FileCutover) -> Result<CutoverSettings, ConfigError> {
             0,
         )?,
         rollback: f.rollback.unwrap_or(d.rollback),
+        auto_cleanup: f.auto_cleanup.unwrap_or(d.auto_cleanup),
     };
     if c.retry_max < c.retry_initial {
         return Err(invalid(

@@ -129,7 +129,7 @@ async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are
         &src,
         Some(&dst),
         "[move]\nchunk_rows = 300\n[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n\
-         retention_hours = 0\n",
+         retention_hours = 0\nauto_cleanup = false\n",
     )?;
     let config = load_config(&path)?;
     let s = src.client().await?;
@@ -359,7 +359,7 @@ async fn a_schema_per_tenant_cuts_over_with_its_sequences_and_its_schema_is_drop
         dir.path(),
         &src,
         Some(&dst),
-        "[tenancy]\nmode = \"schema\"\n[cutover]\npause_budget_ms = 1500\nretention_hours = 0\n",
+        "[tenancy]\nmode = \"schema\"\n[cutover]\npause_budget_ms = 1500\nretention_hours = 1\n",
     )?;
     let config = load_config(&path)?;
     let s = src.client().await?;
@@ -395,13 +395,25 @@ async fn a_schema_per_tenant_cuts_over_with_its_sequences_and_its_schema_is_drop
         .await
         .expect_err("stale write refused");
     assert_eq!(err.code().map(|c| c.code()), Some("SY001"));
-    let cleaned = switchyard::cutover::request::cleanup_tenant(&config, &tenant).await?;
-    assert_eq!(cleaned.tables_dropped, ["acme.orders"]);
-    assert_eq!(cleaned.schema_dropped.as_deref(), Some("acme"));
-    assert!(s
-        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'acme'", &[])
-        .await?
-        .is_none());
+    // Nothing is removed inside the retention window; an operator shortening it lets the
+    // daemon clean up on its own, dropping the old schema.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(state_of(&s, mv.id).await?.0, "cut_over");
+    s.execute(
+        "UPDATE switchyard.moves SET cleanup_after = now() WHERE id = $1",
+        &[&mv.id],
+    )
+    .await?;
+    wait_state(&s, mv.id, "cleaned", Duration::from_secs(60)).await?;
+    wait_for("the old schema to go", Duration::from_secs(30), || async {
+        Ok(
+            s.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'acme'", &[])
+                .await?
+                .is_none()
+                .then_some(()),
+        )
+    })
+    .await?;
     assert_eq!(digest(&s, "globex.orders", "").await?.0, 10);
     daemon.stop().await?;
     Ok(())
@@ -461,8 +473,20 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_brings_writes_made_after_the_cutover_back_to_the_old_location() -> Result<()> {
+    rollback_case(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_from_a_schema_of_the_same_cluster() -> Result<()> {
+    rollback_case(true).await
+}
+
+/// Cut over tenant 1 (to another cluster, or to a schema of the source cluster), write it at
+/// its new place, roll back, and check that the old place has every write.
+async fn rollback_case(same_cluster: bool) -> Result<()> {
     let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
+    let other = PgCluster::start()?;
+    let dst = if same_cluster { &src } else { &other };
     src.psql(&shared_schema(&[1, 2], 500))?;
     src.psql(FENCE_GRANTS)?;
     // The reverse apply writes the tenant's rows back (as the replica role, like an apply).
@@ -470,12 +494,12 @@ async fn a_rollback_brings_writes_made_after_the_cutover_back_to_the_old_locatio
         "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
          GRANT SET ON PARAMETER session_replication_role TO switchyard;",
     )?;
-    prepare_target(&dst)?;
+    prepare_target(dst)?;
     let dir = tempfile::tempdir()?;
     let path = write_config(
         dir.path(),
         &src,
-        Some(&dst),
+        Some(&other),
         "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n",
     )?;
     let config = load_config(&path)?;
@@ -484,7 +508,8 @@ async fn a_rollback_brings_writes_made_after_the_cutover_back_to_the_old_locatio
     let daemon = InProcess::start(config.clone(), true);
     registry_ready(&s).await?;
     let registry = Registry::new("switchyard")?;
-    let id = request(&s, &registry, "1", "shard2", "t1").await?;
+    let target = if same_cluster { "local" } else { "shard2" };
+    let id = request(&s, &registry, "1", target, "t1").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     let tenant = TenantId::new("1")?;
     let (mv, attempts) =
@@ -540,7 +565,10 @@ async fn a_rollback_brings_writes_made_after_the_cutover_back_to_the_old_locatio
         Duration::from_secs(30),
         || async {
             let n: i64 = d
-                .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+                .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'switchyard\\_rev\\_%'",
+                &[],
+            )
                 .await?
                 .get(0);
             Ok((n == 0).then_some(()))

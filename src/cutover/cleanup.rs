@@ -185,6 +185,7 @@ mod tests {
             reverse_slot: None,
             reverse_from: None,
             rollback_requested: false,
+            cleanup_due: true,
         }
     }
 

@@ -233,6 +233,7 @@ async fn prepare(
             target,
             &cfg.registry_schema,
             tenant,
+            &job.mv.target_schema,
             job.mv.id,
             &job.tables,
             cfg.cutover.old_transaction_wait,

@@ -48,6 +48,12 @@ pub fn slot_name(move_id: i64) -> String {
     format!("switchyard_rev_{move_id}")
 }
 
+/// The fence key of the tenant's new location: its own, so that a target in the source's
+/// own database (whose fences table is the source's) fences the two places apart.
+pub fn target_key(tenant: &TenantId, target_schema: &str) -> TenantId {
+    TenantId::new(format!("{tenant}@{target_schema}")).unwrap_or_else(|_| tenant.clone())
+}
+
 /// The schema of the reverse apply's progress table on the source.
 pub fn progress_schema(registry_schema: &str) -> String {
     format!("{registry_schema}_rollback")
@@ -60,10 +66,12 @@ pub async fn prepare(
     target: &mut Client,
     registry_schema: &str,
     tenant: &TenantId,
+    target_schema: &str,
     move_id: i64,
     tables: &[FencedTable],
     slot_wait: Duration,
 ) -> Result<(), ClusterError> {
+    let key = target_key(tenant, target_schema);
     target
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {};\n{}",
@@ -73,21 +81,18 @@ pub async fn prepare(
         .await
         .map_err(ClusterError::sql("installing the fence at the target"))?;
     for t in tables {
-        let of = match &t.chunk.tenant {
-            Some((col, _)) => TenantOf::Column(col.clone()),
-            None => TenantOf::Whole(tenant.clone()),
-        };
+        // Every row of the tenant's target tables is the tenant's.
         fence::install(
             target,
             registry_schema,
             &t.target,
-            &of,
+            &TenantOf::Whole(key.clone()),
             Duration::from_millis(500),
             Duration::from_secs(30),
         )
         .await?;
     }
-    fence::arm(target, registry_schema, tenant).await?;
+    fence::arm(target, registry_schema, &key).await?;
     let name = slot_name(move_id);
     let has_publication: bool = target
         .query_one(
@@ -361,6 +366,7 @@ pub(crate) struct RollbackJob {
 pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     let cfg = &job.config;
     let tenant = &job.mv.tenant;
+    let key = target_key(tenant, &job.mv.target_schema);
     let registry = Registry::new(cfg.registry_schema.clone())?;
     let endpoint = cfg
         .targets
@@ -398,7 +404,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     if let Err(e) = tx
         .execute(
             &format!("SELECT pg_advisory_xact_lock({})", fence::LOCK_ARGS),
-            &[&tenant.as_str()],
+            &[&key.as_str()],
         )
         .await
     {
@@ -476,7 +482,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
                     version = NULL, moved_at = now() WHERE tenant = $1",
             quote_ident(&cfg.registry_schema)
         ),
-        &[&tenant.as_str(), &home],
+        &[&key.as_str(), &home],
     )
     .await
     .map_err(sql("closing the fence at the target"))?;
@@ -559,6 +565,8 @@ mod tests {
     #[test]
     fn names_are_per_move() {
         assert_eq!(slot_name(42), "switchyard_rev_42");
+        let t = TenantId::new("acme").unwrap();
+        assert_eq!(target_key(&t, "shard_acme").as_str(), "acme@shard_acme");
         assert_eq!(progress_schema("switchyard"), "switchyard_rollback");
     }
 }

@@ -51,6 +51,8 @@ pub(super) struct Cutovers {
     reverse_retry: HashMap<i64, Instant>,
     /// Rollback attempts running, by move id.
     rolling_back: HashMap<i64, Instant>,
+    /// Automatic cleanups running or failed (not retried before the time given), by move id.
+    cleaning: HashMap<i64, Instant>,
 }
 
 impl Engine {
@@ -219,6 +221,48 @@ impl Engine {
                     tables,
                 },
             );
+        }
+    }
+
+    /// Cleans up verified cut-over moves whose retention window is over (unless an
+    /// operator asked for a rollback).
+    pub(super) fn auto_cleanup(&mut self, moves: &[Move]) {
+        if !self.config.cutover.auto_cleanup {
+            return;
+        }
+        for mv in moves.iter().filter(|m| {
+            m.state == MoveState::CutOver && m.cleanup_due && m.verified && !m.rollback_requested
+        }) {
+            if self
+                .cutovers
+                .cleaning
+                .get(&mv.id)
+                .is_some_and(|at| Instant::now() < *at)
+            {
+                continue;
+            }
+            // One try per hour at most: a failed cleanup leaves its error in the registry.
+            self.cutovers
+                .cleaning
+                .insert(mv.id, Instant::now() + std::time::Duration::from_secs(3600));
+            let (config, tenant, id) = (self.config.clone(), mv.tenant.clone(), mv.id);
+            tracing::info!(%tenant, move_id = id, "retention window over: cleaning up the old location");
+            tokio::spawn(async move {
+                match cutover::request::cleanup_tenant(&config, &tenant).await {
+                    Ok(c) => {
+                        tracing::info!(%tenant, move_id = id, rows = c.rows_deleted, tables = c.tables_dropped.len(), "cleaned up")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%tenant, move_id = id, error = %e, "cleanup failed");
+                        if let (Ok(r), Ok(c)) = (
+                            crate::registry::Registry::new(config.registry_schema.clone()),
+                            config.source.connect_sql().await,
+                        ) {
+                            let _ = r.note_error(&c, id, &format!("cleanup: {e}")).await;
+                        }
+                    }
+                }
+            });
         }
     }
 

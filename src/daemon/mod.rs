@@ -494,6 +494,7 @@ impl Engine {
         }
         self.start_cutovers(&moves).await;
         self.run_reverse(&moves).await;
+        self.auto_cleanup(&moves);
         let mut seen = BTreeSet::new();
         for mv in moves {
             if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {

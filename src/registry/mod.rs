@@ -219,6 +219,8 @@ pub struct Move {
     pub reverse_from: Option<Lsn>,
     /// An operator asked to roll the cutover back (`switchyard rollback`).
     pub rollback_requested: bool,
+    /// The retention window after the cutover is over (`cleanup_after` passed).
+    pub cleanup_due: bool,
 }
 
 /// One recorded cutover attempt.
@@ -404,7 +406,8 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         format!(
             "SELECT id, tenant, target, target_schema, cutover_mode, state, rows_copied, rows_total, \
                     lag_bytes, last_error, cutover_requested, cutover_attempts, \
-                    coalesce(verify_ok, false), reverse_slot, reverse_from, rollback_requested FROM {}",
+                    coalesce(verify_ok, false), reverse_slot, reverse_from, rollback_requested, \
+                    coalesce(cleanup_after <= now(), false) FROM {}",
             self.t("moves")
         )
     }
@@ -443,6 +446,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
                 })
                 .transpose()?,
             rollback_requested: row.get(15),
+            cleanup_due: row.get(16),
         })
     }
 
