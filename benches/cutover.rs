@@ -55,6 +55,31 @@ struct Sample {
 /// Where each tenant's writes go, as an application would cache `switchyard.routes`.
 type Routes = Arc<Mutex<HashMap<i32, String>>>;
 
+/// Where the application's cache says `tenant` lives (its schema; `public` until moved).
+fn route_of(routes: &Routes, tenant: i32) -> String {
+    routes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&tenant)
+        .cloned()
+        .unwrap_or_else(|| "public".into())
+}
+
+/// What an application does on SY001: re-read the tenant's route.
+async fn reroute(client: &tokio_postgres::Client, routes: &Routes, tenant: i32) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT schema_name FROM switchyard.routes WHERE tenant = $1",
+            &[&tenant.to_string()],
+        )
+        .await?;
+    routes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(tenant, row.get(0));
+    Ok(())
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -99,10 +124,7 @@ async fn load(
                 let start = now_micros();
                 let t0 = Instant::now();
                 loop {
-                    let schema = routes
-                        .lock()
-                        .map(|r| r.get(&tenant).cloned().unwrap_or_else(|| "public".into()))
-                        .unwrap_or_else(|p| p.into_inner().get(&tenant).cloned().unwrap_or_default());
+                    let schema = route_of(&routes, tenant);
                     let sql = format!(
                         "BEGIN;
                          UPDATE \"{schema}\".orders SET amount = amount + 1 WHERE tenant_id = {tenant} AND id = {k};
@@ -114,16 +136,7 @@ async fn load(
                         Ok(()) => break,
                         Err(e) if e.code().map(|c| c.code()) == Some("SY001") => {
                             let _ = client.batch_execute("ROLLBACK").await;
-                            let row = client
-                                .query_one(
-                                    "SELECT schema_name FROM switchyard.routes WHERE tenant = $1",
-                                    &[&tenant.to_string()],
-                                )
-                                .await?;
-                            routes
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(tenant, row.get(0));
+                            reroute(&client, &routes, tenant).await?;
                         }
                         Err(e) => {
                             let _ = client.batch_execute("ROLLBACK").await;
@@ -159,26 +172,12 @@ async fn hammer(
             i += 1;
             let t0 = Instant::now();
             loop {
-                let schema = routes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&tenant)
-                    .cloned()
-                    .unwrap_or_else(|| "public".into());
+                let schema = route_of(&routes, tenant);
                 let sql = format!("INSERT INTO \"{schema}\".orders VALUES ({tenant}, {i}, 'h', 1)");
                 match client.batch_execute(&sql).await {
                     Ok(()) => break,
                     Err(e) if e.code().map(|c| c.code()) == Some("SY001") => {
-                        let row = client
-                            .query_one(
-                                "SELECT schema_name FROM switchyard.routes WHERE tenant = $1",
-                                &[&tenant.to_string()],
-                            )
-                            .await?;
-                        routes
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(tenant, row.get(0));
+                        reroute(&client, &routes, tenant).await?;
                     }
                     Err(e) => return Err(e).context(format!("a write of tenant {tenant}")),
                 }

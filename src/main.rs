@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
 use switchyard::lsn::Lsn;
-use switchyard::registry::{CutoverMode, Registry};
+use switchyard::registry::{CutoverMode, MoveState, Registry};
 use switchyard::source::{self, ReplicationStream, StreamSettings};
 use switchyard::tail::{Output, Renderer};
 use switchyard::tenant::{TargetId, TenantId};
@@ -109,6 +109,24 @@ enum Command {
     /// Cancel a move before its cutover: the daemon stops it and what it wrote at the
     /// target is removed; the source is left as it is.
     Cancel { tenant: String },
+}
+
+/// Prints a move's attempts and where it stands; success when it reached `done`.
+fn report<'a>(
+    tenant: &TenantId,
+    mv: &switchyard::registry::Move,
+    attempts: impl Iterator<Item = &'a switchyard::registry::Attempt>,
+    done: MoveState,
+) -> ExitCode {
+    for a in attempts {
+        println!("{a}");
+    }
+    println!("move {} of tenant {tenant}: {}", mv.id, mv.state);
+    if mv.state == done {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn parse_lsn(s: &str) -> Result<Lsn, String> {
@@ -235,30 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::time::Duration::from_secs(wait),
             )
             .await?;
-            for a in &attempts {
-                println!(
-                    "attempt {}: {}{}{}{}",
-                    a.attempt,
-                    a.result,
-                    a.step
-                        .as_deref()
-                        .map(|s| format!(" at {s}"))
-                        .unwrap_or_default(),
-                    a.pause_ms
-                        .map(|p| format!(", pause {p:.1} ms"))
-                        .unwrap_or_default(),
-                    a.detail
-                        .as_deref()
-                        .map(|d| format!(": {d}"))
-                        .unwrap_or_default(),
-                );
-            }
-            println!("move {} of tenant {tenant}: {}", mv.id, mv.state);
-            Ok(if mv.state == switchyard::registry::MoveState::CutOver {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(report(&tenant, &mv, attempts.iter(), MoveState::CutOver))
         }
         Command::Cleanup { tenant } => {
             let tenant = TenantId::new(tenant)?;
@@ -282,26 +277,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::time::Duration::from_secs(wait),
             )
             .await?;
-            for a in attempts.iter().filter(|a| a.result.starts_with("roll")) {
-                println!(
-                    "attempt {}: {}{}{}",
-                    a.attempt,
-                    a.result,
-                    a.pause_ms
-                        .map(|p| format!(", pause {p:.1} ms"))
-                        .unwrap_or_default(),
-                    a.detail
-                        .as_deref()
-                        .map(|d| format!(": {d}"))
-                        .unwrap_or_default(),
-                );
-            }
-            println!("move {} of tenant {tenant}: {}", mv.id, mv.state);
-            Ok(if mv.state == switchyard::registry::MoveState::RolledBack {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let rollbacks = attempts.iter().filter(|a| a.result.starts_with("roll"));
+            Ok(report(&tenant, &mv, rollbacks, MoveState::RolledBack))
         }
         Command::Cancel { tenant } => {
             let tenant = TenantId::new(tenant)?;

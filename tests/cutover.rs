@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use support::mover::{
-    assert_parity, digest, load_config, prepare_target, request, shared_schema, state_of,
-    wait_drained, wait_state, write_config, InProcess,
+    assert_parity, digest, load_config, prepare_target, registry_ready, request, shared_schema,
+    state_of, wait_drained, wait_state, write_config, InProcess,
 };
 use support::{wait_for, wait_for_row, PgCluster};
 use switchyard::registry::Registry;
@@ -25,15 +25,29 @@ const SYNC: Duration = Duration::from_secs(180);
 const FENCE_GRANTS: &str = "GRANT TRIGGER ON ALL TABLES IN SCHEMA public TO switchyard;
      GRANT pg_read_all_stats TO switchyard;";
 
-async fn registry_ready(client: &Client) -> Result<()> {
-    wait_for_row(
-        client,
-        "the daemon to install the registry",
-        Duration::from_secs(60),
-        "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
-        &[],
-    )
-    .await
+/// The daemon running in-process on `src` (with `other` as target `shard2`).
+struct Running {
+    config: switchyard::config::Config,
+    s: Client,
+    daemon: InProcess,
+    registry: Registry,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(src: &PgCluster, other: Option<&PgCluster>, extra: &str) -> Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), src, other, extra)?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    Ok(Running {
+        config,
+        s,
+        daemon,
+        registry: Registry::new("switchyard")?,
+        _dir: dir,
+    })
 }
 
 /// Writes one tenant's rows in small transactions until stopped or, with
@@ -123,20 +137,20 @@ async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are
     // Cleanup deletes the tenant's old rows.
     src.psql("GRANT DELETE ON ALL TABLES IN SCHEMA public TO switchyard;")?;
     prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+    } = start(
         &src,
         Some(&dst),
         "[move]\nchunk_rows = 300\n[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n\
          retention_hours = 0\nauto_cleanup = false\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
+    )
+    .await?;
     let d = dst.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
 
     let moving = TenantWriter::start(src.client().await?, 1, true);
     let others = [
@@ -245,19 +259,19 @@ async fn a_cutover_that_cannot_take_the_fence_in_time_aborts_and_retries() -> Re
     src.psql(&shared_schema(&[1, 2], 500))?;
     src.psql(FENCE_GRANTS)?;
     prepare_target(&src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    let Running {
+        s,
+        daemon,
+        registry,
+        _dir,
+        ..
+    } = start(
         &src,
         None,
         "[cutover]\npause_budget_ms = 300\nretry_initial_ms = 300\nretry_max_ms = 600\n\
          old_transaction_wait_ms = 500\nrollback = false\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
+    )
+    .await?;
     let id = request(&s, &registry, "2", "local", "two").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
 
@@ -354,19 +368,19 @@ async fn a_schema_per_tenant_cuts_over_with_its_sequences_and_its_schema_is_drop
          ALTER SCHEMA acme OWNER TO switchyard; ALTER TABLE acme.orders OWNER TO switchyard;",
     )?;
     prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+    } = start(
         &src,
         Some(&dst),
         "[tenancy]\nmode = \"schema\"\n[cutover]\npause_budget_ms = 1500\nretention_hours = 1\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
+    )
+    .await?;
     let d = dst.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
     let id = request(&s, &registry, "acme", "shard2", "acme").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     // More rows from the source's sequence while streaming.
@@ -427,14 +441,14 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
     src.psql(&shared_schema(&[1, 2], 400))?;
     src.psql(FENCE_GRANTS)?;
     prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), &src, Some(&dst), "")?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+    } = start(&src, Some(&dst), "").await?;
     let d = dst.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
     let id = request(&s, &registry, "1", "shard2", "one").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     let before = digest(&s, "public.orders", "").await?;
@@ -495,19 +509,19 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
          GRANT SET ON PARAMETER session_replication_role TO switchyard;",
     )?;
     prepare_target(dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+    } = start(
         &src,
         Some(&other),
         "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
+    )
+    .await?;
     let d = dst.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
     let target = if same_cluster { "local" } else { "shard2" };
     let id = request(&s, &registry, "1", target, "t1").await?;
     wait_state(&s, id, "streaming", SYNC).await?;

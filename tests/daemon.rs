@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use support::mover::{
-    assert_parity, digest, load_config, prepare_target, request, shared_schema, state_of,
-    wait_drained, wait_state, write_config, InProcess, Process, Writer,
+    assert_parity, digest, load_config, prepare_target, registry_ready, request, shared_schema,
+    state_of, wait_drained, wait_state, write_config, InProcess, Process, Writer,
 };
-use support::{wait_for, wait_for_row, PgCluster};
+use support::{wait_for, PgCluster};
 use switchyard::registry::Registry;
 
 const SYNC: Duration = Duration::from_secs(180);
@@ -27,17 +27,6 @@ async fn schemas(c: &tokio_postgres::Client) -> Result<Vec<String>> {
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-async fn registry_ready(client: &tokio_postgres::Client) -> Result<()> {
-    wait_for_row(
-        client,
-        "the daemon to install the registry",
-        Duration::from_secs(60),
-        "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
-        &[],
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,6 +230,32 @@ async fn try_install(
     Ok(true)
 }
 
+/// Takes `key`'s fence exclusively inside `tx`, waiting at most `wait` for the tenant's open
+/// writers (new ones queue behind it). `Ok(false)`: the wait ran out and nothing is held.
+pub async fn take(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &TenantId,
+    wait: Duration,
+) -> Result<bool, ClusterError> {
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        wait.as_millis().max(1)
+    ))
+    .await
+    .map_err(ClusterError::sql("setting the fence's lock timeout"))?;
+    match tx
+        .execute(
+            &format!("SELECT pg_advisory_xact_lock({LOCK_ARGS})"),
+            &[&key.as_str()],
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.code().map(|c| c.code()) == Some("55P03") => Ok(false),
+        Err(e) => Err(ClusterError::sql("taking the write fence")(e)),
+    }
+}
+
 /// Whether a fences row says the tenant has moved away already.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Armed {

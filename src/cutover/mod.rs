@@ -310,8 +310,26 @@ pub(crate) async fn sequences(
     Ok(pairs)
 }
 
-fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
-    e.code().map(|c| c.code()) == Some("55P03")
+/// Writes the marker `token` into the WAL from inside the fence's transaction `tx`.
+async fn mark(
+    tx: &tokio_postgres::Transaction<'_>,
+    flusher: &Client,
+    token: u64,
+) -> Result<(), ClusterError> {
+    tx.execute(
+        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
+        &[&MARKER_PREFIX, &token.to_string()],
+    )
+    .await
+    .map_err(ClusterError::sql("writing the cutover marker"))?;
+    // A walsender sends only flushed WAL, and nothing flushes a non-transactional record
+    // on a partly filled page of an idle server: a committed transaction that wrote WAL
+    // flushes everything before it.
+    flusher
+        .batch_execute("SELECT pg_logical_emit_message(true, 'switchyard.flush', '')")
+        .await
+        .map_err(ClusterError::sql("flushing the cutover marker"))?;
+    Ok(())
 }
 
 /// The fenced part: everything from the lock request to the commit.
@@ -334,35 +352,20 @@ async fn fenced(
         .transaction()
         .await
         .map_err(sql("starting the cutover"))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        clock.lock_wait().as_millis().max(1)
-    ))
-    .await
-    .map_err(sql("setting the fence's lock timeout"))?;
     let t0 = Instant::now();
     let aborted = |step, reason: String| Outcome::Aborted {
         step,
         reason,
         pause: Some(t0.elapsed()),
     };
-    if let Err(e) = tx
-        .execute(
-            &format!("SELECT pg_advisory_xact_lock({})", fence::LOCK_ARGS),
-            &[&tenant.as_str()],
-        )
-        .await
-    {
-        if is_lock_timeout(&e) {
-            return Ok(aborted(
-                Step::Fence,
-                format!(
-                    "the tenant's open transactions did not end within {} ms",
-                    clock.lock_wait().as_millis()
-                ),
-            ));
-        }
-        return Err(sql("taking the write fence")(e).into());
+    if !fence::take(&tx, tenant, clock.lock_wait()).await? {
+        return Ok(aborted(
+            Step::Fence,
+            format!(
+                "the tenant's open transactions did not end within {} ms",
+                clock.lock_wait().as_millis()
+            ),
+        ));
     }
     let lock_wait = t0.elapsed();
 
@@ -378,19 +381,7 @@ async fn fenced(
     {
         return Ok(aborted(Step::CatchUp, "the pipeline is stopping".into()));
     }
-    tx.execute(
-        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
-        &[&MARKER_PREFIX, &job.token.to_string()],
-    )
-    .await
-    .map_err(sql("writing the cutover marker"))?;
-    // A walsender sends only flushed WAL, and nothing flushes a non-transactional record
-    // on a partly filled page of an idle server: a committed transaction that wrote WAL
-    // flushes everything before it.
-    flusher
-        .batch_execute("SELECT pg_logical_emit_message(true, 'switchyard.flush', '')")
-        .await
-        .map_err(sql("flushing the cutover marker"))?;
+    mark(&tx, &flusher, job.token).await?;
     let Some(wait) = clock.catch_up(t0.elapsed()) else {
         return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
     };

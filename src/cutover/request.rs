@@ -153,6 +153,9 @@ pub async fn cancel_tenant(config: &Config, tenant: &TenantId) -> Result<Cancell
         .get(&mv.target)
         .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(mv.target.to_string()))?;
     let mut target = endpoint.connect_sql().await?;
+    // An aborted cutover attempt may have prepared reverse replication: its slot would
+    // keep WAL at the target for nothing.
+    super::reverse::drop_slot(&target, mv.id).await?;
     // The daemon stops applying the tenant within a registry poll; an apply batch still
     // running holds its tables, so the removal waits for it (bounded, retried).
     let deadline = Instant::now() + Duration::from_secs(30) + config.moves.registry_poll * 4;

@@ -389,32 +389,17 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         .transaction()
         .await
         .map_err(sql("starting the rollback"))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        clock.lock_wait().as_millis().max(1)
-    ))
-    .await
-    .map_err(sql("setting the fence's lock timeout"))?;
     let t0 = Instant::now();
     let aborted = |step, reason: String| Outcome::Aborted {
         step,
         reason,
         pause: Some(t0.elapsed()),
     };
-    if let Err(e) = tx
-        .execute(
-            &format!("SELECT pg_advisory_xact_lock({})", fence::LOCK_ARGS),
-            &[&key.as_str()],
-        )
-        .await
-    {
-        if e.code().map(|c| c.code()) == Some("55P03") {
-            return Ok(aborted(
-                Step::Fence,
-                "the tenant's open transactions at the target did not end in time".into(),
-            ));
-        }
-        return Err(sql("taking the write fence at the target")(e).into());
+    if !fence::take(&tx, &key, clock.lock_wait()).await? {
+        return Ok(aborted(
+            Step::Fence,
+            "the tenant's open transactions at the target did not end in time".into(),
+        ));
     }
     let lock_wait = t0.elapsed();
     let (reply, answered) = oneshot::channel();
@@ -431,16 +416,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
             "reverse replication is not running".into(),
         ));
     }
-    tx.execute(
-        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
-        &[&MARKER_PREFIX, &job.token.to_string()],
-    )
-    .await
-    .map_err(sql("writing the rollback marker"))?;
-    flusher
-        .batch_execute("SELECT pg_logical_emit_message(true, 'switchyard.flush', '')")
-        .await
-        .map_err(sql("flushing the rollback marker"))?;
+    super::mark(&tx, &flusher, job.token).await?;
     let Some(wait) = clock.catch_up(t0.elapsed()) else {
         return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
     };

@@ -234,6 +234,22 @@ pub struct Attempt {
     pub detail: Option<String>,
 }
 
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "attempt {}: {}", self.attempt, self.result)?;
+        if let Some(s) = &self.step {
+            write!(f, " at {s}")?;
+        }
+        if let Some(p) = self.pause_ms {
+            write!(f, ", pause {p:.1} ms")?;
+        }
+        if let Some(d) = &self.detail {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Progress of one move as the daemon reports it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Report {
@@ -594,17 +610,24 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
                 to: MoveState::CuttingOver,
             });
         }
+        self.raise(client, mv.id, "cutover_requested").await
+    }
+
+    /// Sets one of the operator's request flags of move `id` (NOTIFY wakes the daemon) and
+    /// returns the move.
+    async fn raise(&self, client: &Client, id: i64, flag: &str) -> Result<Move, RegistryError> {
         client
             .execute(
                 &format!(
-                    "UPDATE {} SET cutover_requested = true, updated_at = now() WHERE id = $1",
-                    self.t("moves")
+                    "UPDATE {} SET {} = true, updated_at = now() WHERE id = $1",
+                    self.t("moves"),
+                    quote_ident(flag)
                 ),
-                &[&mv.id],
+                &[&id],
             )
             .await
-            .map_err(ClusterError::sql("requesting a cutover"))?;
-        self.get(client, mv.id).await
+            .map_err(ClusterError::sql(format!("setting {flag}")))?;
+        self.get(client, id).await
     }
 
     /// Asks for the rollback of the tenant's cut-over move. Returns the move.
@@ -629,17 +652,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
                 mv.id
             )));
         }
-        client
-            .execute(
-                &format!(
-                    "UPDATE {} SET rollback_requested = true, updated_at = now() WHERE id = $1",
-                    self.t("moves")
-                ),
-                &[&mv.id],
-            )
-            .await
-            .map_err(ClusterError::sql("requesting a rollback"))?;
-        self.get(client, mv.id).await
+        self.raise(client, mv.id, "rollback_requested").await
     }
 
     /// Records a verification result.

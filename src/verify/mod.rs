@@ -203,6 +203,27 @@ fn range_conditions(
     conds
 }
 
+/// The key columns as text, in key order.
+fn key_texts_sql(chunk: &ChunkTable) -> String {
+    chunk
+        .key
+        .iter()
+        .map(|(i, _)| format!("src.{}::text", quote_ident(&chunk.columns[*i])))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every moved column, for `ROW(…)`: the source's columns, so a target with extra columns
+/// compares only what was moved.
+fn row_sql(chunk: &ChunkTable) -> String {
+    chunk
+        .columns
+        .iter()
+        .map(|c| format!("src.{}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn where_clause(conds: &[String]) -> String {
     if conds.is_empty() {
         String::new()
@@ -215,12 +236,7 @@ fn where_clause(conds: &[String]) -> String {
 pub fn boundary_query(chunk: &ChunkTable, tenant: &str, after: Option<&Key>, rows: usize) -> Query {
     let mut params = Vec::new();
     let conds = range_conditions(chunk, tenant, after, None, &mut params);
-    let keys = chunk
-        .key
-        .iter()
-        .map(|(i, _)| format!("src.{}::text", quote_ident(&chunk.columns[*i])))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let keys = key_texts_sql(chunk);
     let order = (0..chunk.key.len())
         .map(|i| chunk.key_expr(i))
         .collect::<Vec<_>>()
@@ -246,12 +262,7 @@ pub fn hash_query(
 ) -> Query {
     let mut params = Vec::new();
     let conds = range_conditions(chunk, tenant, after, upto, &mut params);
-    let row = chunk
-        .columns
-        .iter()
-        .map(|c| format!("src.{}", quote_ident(c)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let row = row_sql(chunk);
     let sql = format!(
         "SELECT count(*), coalesce(sum(hashtextextended(ROW({row})::text, 0)), 0)::text FROM {} AS src{}",
         table.quoted(),
@@ -362,18 +373,8 @@ pub fn row_hash_query(
             format!("{} IN ({})", key_row(chunk), list.join(", "))
         });
     }
-    let key_cols = chunk
-        .key
-        .iter()
-        .map(|(i, _)| format!("src.{}::text", quote_ident(&chunk.columns[*i])))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let row = chunk
-        .columns
-        .iter()
-        .map(|c| format!("src.{}", quote_ident(c)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let key_cols = key_texts_sql(chunk);
+    let row = row_sql(chunk);
     (
         format!(
             "SELECT {key_cols}, hashtextextended(ROW({row})::text, 0) FROM {} AS src{}",

@@ -14,7 +14,7 @@ use switchyard::tenant::{TargetId, TenantId};
 use tokio_postgres::Client;
 
 use super::pipeline::NoEnv;
-use super::{wait_for, PgCluster};
+use super::{wait_for, wait_for_row, PgCluster};
 
 /// A config for `src` (and `dst` as target `shard2`; target `local` is the source itself).
 pub fn write_config(
@@ -188,6 +188,18 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Waits until the daemon has installed the registry.
+pub async fn registry_ready(client: &Client) -> Result<()> {
+    wait_for_row(
+        client,
+        "the daemon to install the registry",
+        Duration::from_secs(60),
+        "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'moves'",
+        &[],
+    )
+    .await
 }
 
 pub async fn request(
