@@ -592,3 +592,48 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
     daemon.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_interrupted_by_a_crash_is_reset_and_the_cutover_completes() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 300))?;
+    src.psql(FENCE_GRANTS)?;
+    prepare_target(&src)?;
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+    } = start(&src, None, "[cutover]\nrollback = false\n").await?;
+    let id = request(&s, &registry, "2", "local", "two").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    daemon.stop().await?;
+    // What a daemon killed inside an attempt leaves: the move says cutting_over, its fence
+    // transaction died with its connection.
+    s.execute(
+        "UPDATE switchyard.moves SET state = 'cutting_over' WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    s.batch_execute("UPDATE public.orders SET note = 'while down' WHERE tenant_id = 2 AND id = 3")
+        .await?;
+    let daemon = InProcess::start(config.clone(), false);
+    wait_state(&s, id, "streaming", Duration::from_secs(60)).await?;
+    let (_, error, _) = state_of(&s, id).await?;
+    assert!(
+        error.unwrap_or_default().contains("interrupted"),
+        "the reset says why"
+    );
+    let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
+        &config,
+        &TenantId::new("2")?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    assert_parity(&s, &s, 2, "two").await?;
+    daemon.stop().await?;
+    Ok(())
+}

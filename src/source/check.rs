@@ -217,6 +217,41 @@ async fn targets(config: &Config, enums: &[(String, String)], r: &mut Report) {
         if !enums.is_empty() {
             enum_types(&client, name.as_str(), enums, r).await;
         }
+        if config.cutover.rollback {
+            rollback_rights(&client, name.as_str(), r).await;
+        }
+    }
+}
+
+/// Reverse replication after a cutover needs a slot at the target (REPLICATION).
+async fn rollback_rights(client: &Client, target: &str, r: &mut Report) {
+    let check = format!("target {target} rollback");
+    match client
+        .query_one(
+            "SELECT rolreplication OR rolsuper, rolname::text FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(row) if row.get::<_, bool>(0) => r.push(
+            check,
+            Status::Ok,
+            "may create the slot that keeps the old location current after a cutover",
+            None,
+        ),
+        Ok(row) => {
+            let user: String = row.get(1);
+            r.push(
+                check,
+                Status::Fail,
+                format!("{user} lacks REPLICATION: cutovers cannot prepare the rollback (cutover.rollback = true)"),
+                Some(format!(
+                    "ALTER ROLE {} REPLICATION; or set cutover.rollback = false",
+                    quote_ident(&user)
+                )),
+            );
+        }
+        Err(e) => r.push(check, Status::Warn, format!("cannot tell: {e}"), None),
     }
 }
 
