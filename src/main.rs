@@ -106,6 +106,15 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         wait: u64,
     },
+    /// Every move: state, rows copied, rate, lag, ETA, cutover pause, last error.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds until interrupted (rates from the samples).
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
+    },
     /// Cancel a move before its cutover: the daemon stops it and what it wrote at the
     /// target is removed; the source is left as it is.
     Cancel { tenant: String },
@@ -267,6 +276,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|s| format!(", schema {s} dropped"))
                     .unwrap_or_default()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, watch } => {
+            use std::io::IsTerminal;
+            use switchyard::registry::status;
+            let registry = Registry::new(config.registry_schema.clone())?;
+            let mut client = config.source.connect_sql().await?;
+            registry.install(&mut client).await?;
+            let tty = std::io::stdout().is_terminal();
+            let mut previous: Option<(Vec<status::MoveStatus>, std::time::Instant)> = None;
+            loop {
+                let rows = registry.status(&client).await?;
+                let rows = status::with_rates(
+                    rows,
+                    previous
+                        .as_ref()
+                        .map(|(p, at)| (p.as_slice(), at.elapsed().as_secs_f64())),
+                );
+                if json {
+                    println!("{}", serde_json::to_string(&rows)?);
+                } else {
+                    if tty && previous.is_some() {
+                        // Redraw in place on a terminal.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", status::render(&rows, tty));
+                }
+                let Some(secs) = watch else {
+                    break;
+                };
+                previous = Some((rows, std::time::Instant::now()));
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Rollback { tenant, wait } => {

@@ -28,6 +28,7 @@ const FENCE_GRANTS: &str = "GRANT TRIGGER ON ALL TABLES IN SCHEMA public TO swit
 /// The daemon running in-process on `src` (with `other` as target `shard2`).
 struct Running {
     config: switchyard::config::Config,
+    path: std::path::PathBuf,
     s: Client,
     daemon: InProcess,
     registry: Registry,
@@ -43,6 +44,7 @@ async fn start(src: &PgCluster, other: Option<&PgCluster>, extra: &str) -> Resul
     registry_ready(&s).await?;
     Ok(Running {
         config,
+        path,
         s,
         daemon,
         registry: Registry::new("switchyard")?,
@@ -143,6 +145,7 @@ async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are
         daemon,
         registry,
         _dir,
+        ..
     } = start(
         &src,
         Some(&dst),
@@ -374,6 +377,7 @@ async fn a_schema_per_tenant_cuts_over_with_its_sequences_and_its_schema_is_drop
         daemon,
         registry,
         _dir,
+        ..
     } = start(
         &src,
         Some(&dst),
@@ -443,6 +447,7 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
     prepare_target(&dst)?;
     let Running {
         config,
+        path,
         s,
         daemon,
         registry,
@@ -452,6 +457,31 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
     let id = request(&s, &registry, "1", "shard2", "one").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     let before = digest(&s, "public.orders", "").await?;
+
+    // `switchyard status` shows the move in sync, as JSON for tools and as a table.
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let out = std::process::Command::new(bin)
+        .args(["--config", &path.display().to_string(), "status", "--json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let row = &rows[0];
+    assert_eq!(row["tenant"], "1");
+    assert_eq!(row["state"], "streaming");
+    assert_eq!(row["rows_copied"], row["rows_total"], "{row}");
+    assert!(row["lag_bytes"].is_i64(), "{row}");
+    let out = std::process::Command::new(bin)
+        .args(["--config", &path.display().to_string(), "status"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("shard2.one") && text.contains("streaming"),
+        "{text}"
+    );
 
     let tenant = TenantId::new("1")?;
     let c = switchyard::cutover::request::cancel_tenant(&config, &tenant).await?;
@@ -515,6 +545,7 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
         daemon,
         registry,
         _dir,
+        ..
     } = start(
         &src,
         Some(&other),
@@ -605,6 +636,7 @@ async fn an_attempt_interrupted_by_a_crash_is_reset_and_the_cutover_completes() 
         daemon,
         registry,
         _dir,
+        ..
     } = start(&src, None, "[cutover]\nrollback = false\n").await?;
     let id = request(&s, &registry, "2", "local", "two").await?;
     wait_state(&s, id, "streaming", SYNC).await?;

@@ -1328,8 +1328,18 @@ impl Engine {
                 tracing::error!(%tenant, error = %e, "recording the state");
             }
             tracing::info!(%tenant, "in sync: backfill done, streaming");
+            // The final progress goes with the state, not up to a second later.
+            let progress = Report {
+                rows_copied: t.rows_copied,
+                rows_total: t.rows_total,
+                lag_bytes: Some(self.lag_bytes(&tenant) as i64),
+                lag_seconds: None,
+            };
             self.set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
                 .await;
+            if let Err(e) = self.registry.report(&self.control, id, &progress).await {
+                tracing::warn!(%tenant, error = %e, "reporting progress");
+            }
         }
     }
 

@@ -17,6 +17,8 @@
 //!   state in its WHERE clause, so a concurrent change is detected, not overwritten.
 //! - Tenant ids and names are always bound parameters; the schema name is a fixed identifier.
 
+pub mod status;
+
 use std::fmt;
 use std::str::FromStr;
 
