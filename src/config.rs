@@ -68,6 +68,15 @@ struct FileConfig {
     moves: FileMoves,
     #[serde(default)]
     cutover: FileCutover,
+    #[serde(default)]
+    metrics: FileMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: Option<String>,
+    tenant_label: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -396,6 +405,45 @@ fn cutover(f: FileCutover) -> Result<CutoverSettings, ConfigError> {
     Ok(c)
 }
 
+/// The metrics and health endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// `host:port` of `/metrics`, `/healthz` and `/readyz`; `None` (`listen = "off"`): none.
+    pub listen: Option<String>,
+    /// Export per-tenant series (the one high-cardinality label).
+    pub tenant_label: bool,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: Some("127.0.0.1:9187".into()),
+            tenant_label: true,
+        }
+    }
+}
+
+fn metrics_settings(f: FileMetrics) -> Result<MetricsSettings, ConfigError> {
+    let d = MetricsSettings::default();
+    let listen = match f.listen {
+        None => d.listen,
+        Some(l) if l == "off" => None,
+        Some(l) => {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{l:?} is not an address:port (or \"off\")"),
+                ));
+            }
+            Some(l)
+        }
+    };
+    Ok(MetricsSettings {
+        listen,
+        tenant_label: f.tenant_label.unwrap_or(d.tenant_label),
+    })
+}
+
 /// The whole validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -409,6 +457,7 @@ pub struct Config {
     pub registry_schema: String,
     pub moves: MoveSettings,
     pub cutover: CutoverSettings,
+    pub metrics: MetricsSettings,
 }
 
 /// Where environment overrides come from; a function so tests need not touch the process env.
@@ -478,6 +527,7 @@ impl Config {
             registry_schema,
             moves: moves(file.moves)?,
             cutover: cutover(file.cutover)?,
+            metrics: metrics_settings(file.metrics)?,
         })
     }
 }
@@ -766,6 +816,30 @@ mod tests {
         assert_eq!(c.targets.len(), 2);
         assert!(!c.replication.tables.is_empty());
         assert_eq!(c.cutover, CutoverSettings::default());
+        assert_eq!(c.metrics, MetricsSettings::default());
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        let c = load(
+            &format!("{MINIMAL}[metrics]\nlisten = \"off\"\n"),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.metrics.listen, None);
+        let c = load(
+            &format!("{MINIMAL}[metrics]\nlisten = \"0.0.0.0:9000\"\ntenant_label = false\n"),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("0.0.0.0:9000"));
+        assert!(!c.metrics.tenant_label);
+        let err = load(
+            &format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n"),
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
     }
 
     #[test]

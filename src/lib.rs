@@ -25,5 +25,6 @@ pub mod route;
 pub mod source;
 pub mod sql;
 pub mod tail;
+pub mod telemetry;
 pub mod tenant;
 pub mod verify;

@@ -669,3 +669,96 @@ async fn an_attempt_interrupted_by_a_crash_is_reset_and_the_cutover_completes() 
     daemon.stop().await?;
     Ok(())
 }
+
+/// One HTTP GET on loopback: (status line, body).
+async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("an HTTP response")?;
+    Ok((
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_per_tenant_lag_progress_state_and_cutover_pauses() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 300))?;
+    src.psql(FENCE_GRANTS)?;
+    prepare_target(&src)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+        ..
+    } = start(
+        &src,
+        None,
+        &format!("[cutover]\nrollback = false\n[metrics]\nlisten = \"{addr}\"\n"),
+    )
+    .await?;
+    wait_for("the endpoint", Duration::from_secs(30), || async {
+        Ok(http_get(&addr, "/readyz")
+            .await
+            .ok()
+            .filter(|(status, _)| status.contains("200"))
+            .map(|_| ()))
+    })
+    .await?;
+    assert!(http_get(&addr, "/healthz").await?.0.contains("200"));
+    assert!(http_get(&addr, "/nothing").await?.0.contains("404"));
+    let id = request(&s, &registry, "2", "local", "two").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    let (mv, _) = switchyard::cutover::request::cutover_tenant(
+        &config,
+        &TenantId::new("2")?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(mv.state.as_str() == "cut_over", "{mv:?}");
+    // The report runs every second; the cut-over tenant's last figures stay. (Other tests
+    // of this binary share the process's recorder, so counts are at least, not exactly.)
+    let body = wait_for("the metrics", Duration::from_secs(30), || async {
+        let (_, body) = http_get(&addr, "/metrics").await?;
+        Ok(body
+            .contains("switchyard_cutover_attempts_total{result=\"done\"}")
+            .then_some(body))
+    })
+    .await?;
+    for expected in [
+        "switchyard_tenant_lag_bytes{tenant=\"2\"}",
+        "switchyard_tenant_copied_rows{tenant=\"2\"}",
+        "switchyard_tenant_state{tenant=\"2\",state=\"streaming\"}",
+        "switchyard_cutover_pause_seconds_bucket",
+        "switchyard_slot_confirmed_lsn",
+        "switchyard_slot_retained_wal_bytes",
+        "switchyard_apply_transactions_total{target=\"local\"}",
+    ] {
+        assert!(body.contains(expected), "{expected} missing from:\n{body}");
+    }
+    // Every sample line is `name{labels} value`, with a HELP/TYPE-free but parseable shape.
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap_or_default();
+        assert!(value.parse::<f64>().is_ok(), "unparseable sample: {line}");
+        assert!(line.starts_with("switchyard_"), "foreign metric: {line}");
+    }
+    daemon.stop().await?;
+    Ok(())
+}

@@ -324,6 +324,7 @@ impl Engine {
                 outcome,
             } => {
                 self.cutovers.rolling_back.remove(&move_id);
+                count_attempt(&outcome, "rollback_");
                 match outcome {
                     Ok(Outcome::CutOver { pause, .. }) => {
                         tracing::info!(%tenant, move_id, pause_ms = pause.as_secs_f64() * 1e3, "rolled back");
@@ -354,6 +355,7 @@ impl Engine {
         outcome: Result<Outcome, Error>,
     ) {
         let started = self.cutovers.running.remove(&tenant);
+        count_attempt(&outcome, "");
         self.cutovers.waits.retain(|w| w.tenant != tenant);
         let took = started.map(|s| s.elapsed().as_millis()).unwrap_or_default();
         match outcome {
@@ -537,4 +539,19 @@ async fn record_rollback(
             }
         }
     }
+}
+
+/// Counts an attempt by result and records a finished one's pause.
+fn count_attempt(outcome: &Result<Outcome, Error>, prefix: &str) {
+    use crate::telemetry as m;
+    let result = match outcome {
+        Ok(Outcome::CutOver { pause, .. }) => {
+            metrics::histogram!(m::CUTOVER_PAUSE).record(pause.as_secs_f64());
+            "done"
+        }
+        Ok(Outcome::Aborted { .. }) => "aborted",
+        Ok(Outcome::Different { .. }) => "different",
+        Err(_) => "failed",
+    };
+    metrics::counter!(m::CUTOVER_ATTEMPTS, "result" => format!("{prefix}{result}")).increment(1);
 }

@@ -199,6 +199,12 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    crate::telemetry::init();
+    let endpoint_task = config
+        .metrics
+        .listen
+        .clone()
+        .map(|listen| tokio::spawn(crate::telemetry::serve(listen)));
     let store = Store::open(&config.state_dir)?;
     let registry = Registry::new(config.registry_schema.clone())?;
     let (mut control, mut notifications) = config.source.connect_listen().await?;
@@ -314,6 +320,7 @@ pub async fn run(
         tenants = engine.tenants.len(),
         "switchyard running"
     );
+    crate::telemetry::set_ready(true);
 
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(engine.config.moves.registry_poll);
@@ -367,6 +374,12 @@ pub async fn run(
             },
         };
         if let Err(e) = step {
+            let class = match e.classify() {
+                ErrorClass::Transient => "transient",
+                ErrorClass::TenantFatal => "tenant_fatal",
+                ErrorClass::Fatal => "fatal",
+            };
+            metrics::counter!(crate::telemetry::PIPELINE_ERRORS, "class" => class).increment(1);
             match e.classify() {
                 ErrorClass::Fatal => break Err(e),
                 class => tracing::warn!(error = %e, ?class, "pipeline step failed; going on"),
@@ -414,6 +427,10 @@ pub async fn run(
         }
     }
     stream.shutdown().await;
+    crate::telemetry::set_ready(false);
+    if let Some(t) = endpoint_task {
+        t.abort();
+    }
     tracing::info!(confirmed = %engine.tracker.durable(), "switchyard stopped");
     result
 }
@@ -1204,9 +1221,12 @@ impl Engine {
             } => {
                 self.tracker.on_flushed(&target, up_to);
                 if let Some(q) = self.unacked.get_mut(&target) {
+                    let before = q.len();
                     while q.front().is_some_and(|(end, _)| *end <= up_to) {
                         q.pop_front();
                     }
+                    metrics::counter!(crate::telemetry::APPLIED_TRANSACTIONS, "target" => target.to_string())
+                        .increment((before - q.len()) as u64);
                 }
                 let caught = self.caught_up.entry(target).or_insert(Lsn::INVALID);
                 *caught = (*caught).max(up_to);
@@ -1379,6 +1399,24 @@ impl Engine {
             if lag_bytes > budget {
                 over.push((t.id.clone(), lag_bytes));
             }
+            if self.config.metrics.tenant_label {
+                use crate::telemetry as m;
+                let tenant = t.id.to_string();
+                metrics::gauge!(m::TENANT_LAG_BYTES, "tenant" => tenant.clone())
+                    .set(lag_bytes as f64);
+                metrics::gauge!(m::TENANT_LAG_SECONDS, "tenant" => tenant.clone()).set(lag_seconds);
+                metrics::gauge!(m::TENANT_ROWS_COPIED, "tenant" => tenant.clone())
+                    .set(t.rows_copied as f64);
+                if let Some(total) = t.rows_total {
+                    metrics::gauge!(m::TENANT_ROWS_TO_COPY, "tenant" => tenant.clone())
+                        .set(total as f64);
+                }
+                for state in MoveState::ALL {
+                    let on = if state == t.state { 1.0 } else { 0.0 };
+                    metrics::gauge!(m::TENANT_STATE, "tenant" => tenant.clone(), "state" => state.as_str())
+                        .set(on);
+                }
+            }
             reports.push((
                 t.move_id,
                 Report {
@@ -1396,6 +1434,18 @@ impl Engine {
         self.ensure_control().await?;
         for (id, r) in reports {
             self.registry.report(&self.control, id, &r).await?;
+        }
+        metrics::gauge!(crate::telemetry::SLOT_CONFIRMED_LSN).set(self.tracker.durable().0 as f64);
+        if let Ok(row) = self
+            .control
+            .query_one(
+                "SELECT coalesce((pg_current_wal_lsn() - restart_lsn)::float8, 0) \
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.replication.slot],
+            )
+            .await
+        {
+            metrics::gauge!(crate::telemetry::SLOT_RETAINED_BYTES).set(row.get::<_, f64>(0));
         }
         Ok(())
     }
