@@ -66,6 +66,9 @@ enum Command {
         /// Create the publication and slot if they do not exist (first start only).
         #[arg(long)]
         create_slot: bool,
+        /// If another daemon runs this slot, wait and take over when it stops.
+        #[arg(long)]
+        standby: bool,
     },
     /// Request a tenant move: writes a row into the registry's moves table.
     Move {
@@ -338,7 +341,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { create_slot } => {
+        Command::Run {
+            create_slot,
+            standby,
+        } => {
             let shutdown = async {
                 let mut term =
                     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -358,7 +364,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             switchyard::daemon::run(
                 config,
-                switchyard::daemon::RunOptions { create_slot },
+                switchyard::daemon::RunOptions {
+                    create_slot,
+                    standby,
+                },
                 shutdown,
             )
             .await?;

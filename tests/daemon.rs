@@ -12,7 +12,7 @@ use support::mover::{
     assert_parity, digest, load_config, prepare_target, registry_ready, request, shared_schema,
     state_of, wait_drained, wait_state, write_config, InProcess, Process, Writer,
 };
-use support::{wait_for, PgCluster};
+use support::{wait_for, wait_for_row, PgCluster};
 use switchyard::registry::Registry;
 
 const SYNC: Duration = Duration::from_secs(180);
@@ -600,5 +600,59 @@ async fn check_reports_each_target() -> Result<()> {
     assert_eq!(shard2.status, switchyard::source::check::Status::Fail);
     assert!(shard2.fix.unwrap_or_default().contains("targets.shard2"));
     assert!(!report.passed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_slot_is_refused_and_a_standby_takes_over() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 300))?;
+    prepare_target(&src)?;
+    let one = tempfile::tempdir()?;
+    let two = tempfile::tempdir()?;
+    let first = load_config(&write_config(one.path(), &src, None, "")?)?;
+    // Another host's daemon: the same slot, its own state directory.
+    let second = load_config(&write_config(two.path(), &src, None, "")?)?;
+    let s = src.client().await?;
+    let daemon = InProcess::start(first, true);
+    registry_ready(&s).await?;
+    wait_for_row(
+        &s,
+        "the first daemon to stream",
+        Duration::from_secs(60),
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND active",
+        &[],
+    )
+    .await?;
+
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        switchyard::daemon::run(
+            second.clone(),
+            switchyard::daemon::RunOptions::default(),
+            std::future::pending(),
+        ),
+    )
+    .await
+    .context("a second daemon must be refused, not run")?
+    .expect_err("a second daemon on the same slot must be refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("another switchyard daemon runs slot"),
+        "{refused}"
+    );
+
+    let standby = InProcess::start_with(second, false, true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    standby.check_alive()?;
+    daemon.stop().await?;
+    // The standby takes the lease and moves tenants from here on.
+    let registry = Registry::new("switchyard")?;
+    let id = request(&s, &registry, "1", "local", "one").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    assert_parity(&s, &s, 1, "one").await?;
+    standby.stop().await?;
     Ok(())
 }

@@ -106,12 +106,19 @@ pub enum MoveError {
     },
     #[error("replication protocol: {0}")]
     Protocol(String),
+    #[error("another switchyard daemon runs slot {slot:?} (it holds the daemon lease); start this one with --standby to take over when that one stops")]
+    Leased { slot: String },
+    #[error("the registry connection that held the daemon lease for slot {slot:?} was lost and another daemon holds it now; stopping")]
+    LeaseLost { slot: String },
 }
 
 impl MoveError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            MoveError::WrongCluster { .. } | MoveError::Protocol(_) => ErrorClass::Fatal,
+            MoveError::WrongCluster { .. }
+            | MoveError::Protocol(_)
+            | MoveError::Leased { .. }
+            | MoveError::LeaseLost { .. } => ErrorClass::Fatal,
             _ => ErrorClass::TenantFatal,
         }
     }
@@ -123,6 +130,34 @@ pub struct RunOptions {
     /// Create the publication and slot if they are missing (first start only: a state
     /// directory that recorded a slot never gets a new one).
     pub create_slot: bool,
+    /// If another daemon holds this slot's lease, wait and take over when it stops
+    /// (instead of refusing to start).
+    pub standby: bool,
+}
+
+/// Takes the daemon lease of `slot` on the registry connection (a session advisory lock:
+/// it ends with the connection, so a dead daemon's lease is free at once).
+async fn take_lease(control: &Client, slot: &str) -> Result<bool, Error> {
+    Ok(control
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('switchyard daemon'), hashtext($1::text))",
+            &[&slot],
+        )
+        .await
+        .map_err(ClusterError::sql("taking the daemon lease"))?
+        .get(0))
+}
+
+/// Stops the metrics endpoint with the daemon, whichever way `run` returns.
+struct Endpoint(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        crate::telemetry::set_ready(false);
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
 }
 
 /// A source transaction being assembled.
@@ -200,15 +235,35 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     crate::telemetry::init();
-    let endpoint_task = config
-        .metrics
-        .listen
-        .clone()
-        .map(|listen| tokio::spawn(crate::telemetry::serve(listen)));
-    let store = Store::open(&config.state_dir)?;
+    let _endpoint = Endpoint(
+        config
+            .metrics
+            .listen
+            .clone()
+            .map(|listen| tokio::spawn(crate::telemetry::serve(listen))),
+    );
+    tokio::pin!(shutdown);
     let registry = Registry::new(config.registry_schema.clone())?;
     let (mut control, mut notifications) = config.source.connect_listen().await?;
     registry.install(&mut control).await?;
+    let slot_name = config.replication.slot.clone();
+    if !take_lease(&control, &slot_name).await? {
+        if !options.standby {
+            return Err(MoveError::Leased { slot: slot_name }.into());
+        }
+        tracing::info!(slot = %slot_name, "another daemon runs this slot; standing by");
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if take_lease(&control, &slot_name).await? {
+                tracing::info!(slot = %slot_name, "took over the slot");
+                break;
+            }
+        }
+    }
+    let store = Store::open(&config.state_dir)?;
     control
         .batch_execute(&format!("LISTEN {}", quote_ident(registry::CHANNEL)))
         .await
@@ -322,7 +377,6 @@ pub async fn run(
     );
     crate::telemetry::set_ready(true);
 
-    tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(engine.config.moves.registry_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report_at = Instant::now();
@@ -427,10 +481,6 @@ pub async fn run(
         }
     }
     stream.shutdown().await;
-    crate::telemetry::set_ready(false);
-    if let Some(t) = endpoint_task {
-        t.abort();
-    }
     tracing::info!(confirmed = %engine.tracker.durable(), "switchyard stopped");
     result
 }
@@ -457,6 +507,12 @@ impl Engine {
         if self.control.is_closed() {
             let mut c = self.config.source.connect_sql().await?;
             self.registry.install(&mut c).await?;
+            // The lease went with the old connection: take it again, or another daemon
+            // has taken over and this one must stop.
+            let slot = self.config.replication.slot.clone();
+            if !take_lease(&c, &slot).await? {
+                return Err(MoveError::LeaseLost { slot }.into());
+            }
             self.control = c;
         }
         Ok(())

@@ -82,11 +82,19 @@ pub fn init_logs() {
 
 impl InProcess {
     pub fn start(config: Config, create_slot: bool) -> InProcess {
+        InProcess::start_with(config, create_slot, false)
+    }
+
+    /// With `standby`: waits for the slot's lease if another daemon holds it.
+    pub fn start_with(config: Config, create_slot: bool, standby: bool) -> InProcess {
         init_logs();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(switchyard::daemon::run(
             config,
-            switchyard::daemon::RunOptions { create_slot },
+            switchyard::daemon::RunOptions {
+                create_slot,
+                standby,
+            },
             async move {
                 let _ = rx.await;
             },
