@@ -214,6 +214,9 @@ struct Engine {
 /// watermark committed just before it, so a short memory is enough.
 const RECENT_COMMITS: usize = 100_000;
 
+/// How long a daemon that is not a standby waits for a lease held by another session.
+const LEASE_GRACE: Duration = Duration::from_secs(10);
+
 /// Stream messages handled in one round of the main loop, at most (the other arms wait
 /// at most this long).
 const DRAIN_BURST: usize = 256;
@@ -248,17 +251,20 @@ pub async fn run(
     registry.install(&mut control).await?;
     let slot_name = config.replication.slot.clone();
     if !take_lease(&control, &slot_name).await? {
-        if !options.standby {
-            return Err(MoveError::Leased { slot: slot_name }.into());
-        }
-        tracing::info!(slot = %slot_name, "another daemon runs this slot; standing by");
+        // A daemon restarted right after a crash may find its predecessor's session not
+        // yet gone: a short wait tells that apart from a second daemon.
+        let give_up = (!options.standby).then(|| Instant::now() + LEASE_GRACE);
+        tracing::info!(slot = %slot_name, standby = options.standby, "another daemon holds this slot's lease; waiting");
         loop {
+            if give_up.is_some_and(|t| Instant::now() >= t) {
+                return Err(MoveError::Leased { slot: slot_name }.into());
+            }
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             if take_lease(&control, &slot_name).await? {
-                tracing::info!(slot = %slot_name, "took over the slot");
+                tracing::info!(slot = %slot_name, "took the slot's lease");
                 break;
             }
         }
