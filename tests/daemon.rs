@@ -656,3 +656,52 @@ async fn a_second_daemon_on_the_slot_is_refused_and_a_standby_takes_over() -> Re
     standby.stop().await?;
     Ok(())
 }
+
+/// The real binary stopped with SIGTERM mid-backfill (a deploy, say) exits cleanly; started
+/// again it finishes the move without copying from scratch, and the target ends equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_move_then_restart_completes_with_parity() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 20000))?;
+    prepare_target(&src)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        None,
+        "[move]\nchunk_rows = 50\nbackfill_workers = 1\n",
+    )?;
+    let log = dir.path().join("daemon.log");
+    let s = src.client().await?;
+    let mut daemon = Process::start(&path, &log, true)?;
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let writer = Writer::start(src.client().await?, vec![1, 2], Duration::from_millis(3));
+    let id = request(&s, &registry, "1", "local", "one").await?;
+    wait_for("the copy to be under way", SYNC, || async {
+        let (state, error, copied) = state_of(&s, id).await?;
+        anyhow::ensure!(state != "failed", "{error:?}");
+        Ok((copied >= 2000 && state == "copying").then_some(()))
+    })
+    .await?;
+    daemon.terminate().context("SIGTERM mid-backfill")?;
+    let (state, _, copied_at_stop) = state_of(&s, id).await?;
+    assert_eq!(state, "copying", "stopped mid-backfill");
+    let mut daemon = Process::start(&path, &log, false)?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    let rounds = writer.stop().await?;
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    daemon.terminate().context("clean stop")?;
+    assert_parity(&s, &s, 1, "one").await?;
+    assert!(rounds > 50, "{rounds}");
+    let text = std::fs::read_to_string(&log)?;
+    assert!(
+        text.contains("stopping: finishing in-flight work"),
+        "{text}"
+    );
+    assert!(
+        text.contains("resuming the move"),
+        "the restart resumed rather than copying again (stopped at {copied_at_stop} rows):\n{text}"
+    );
+    Ok(())
+}
