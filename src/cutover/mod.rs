@@ -36,14 +36,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Client;
 
-use crate::backfill::chunk::ChunkTable;
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::error::Error;
 use crate::registry::{Move, MoveState, Registry};
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::TenantId;
-use crate::verify::{self, VerifyOptions, VerifyTable};
+use crate::verify::{self, VerifyOptions};
 
 pub use policy::Step;
 
@@ -105,12 +104,9 @@ pub(crate) enum CutoverMsg {
     },
 }
 
-/// One of the tenant's tables.
-#[derive(Clone, Debug)]
-pub struct FencedTable {
-    pub chunk: ChunkTable,
-    pub target: QualifiedName,
-}
+/// One of the tenant's tables and where its rows went: the same pair verification
+/// compares, so one type serves both.
+pub use crate::verify::VerifyTable as FencedTable;
 
 /// Everything an attempt needs.
 #[derive(Clone, Debug)]
@@ -190,19 +186,11 @@ async fn prepare(
     let cfg = &job.config;
     let tenant = &job.mv.tenant;
     if cfg.cutover.verify && !job.mv.verified {
-        let tables: Vec<VerifyTable> = job
-            .tables
-            .iter()
-            .map(|t| VerifyTable {
-                chunk: t.chunk.clone(),
-                target: t.target.clone(),
-            })
-            .collect();
         let opts = VerifyOptions {
             slot: Some(cfg.replication.slot.clone()),
             ..VerifyOptions::default()
         };
-        let report = verify::verify(source, target, tenant.as_str(), &tables, &opts).await?;
+        let report = verify::verify(source, target, tenant.as_str(), &job.tables, &opts).await?;
         registry
             .record_verification(source, job.mv.id, report.ok, &report.summary())
             .await?;
@@ -268,12 +256,12 @@ async fn prepare(
 
 /// The tenant's sequences: (source, target) pairs that exist on both sides.
 pub(crate) async fn sequences(
-    job: &Job,
+    tables: &[FencedTable],
     source: &Client,
     target: &Client,
 ) -> Result<Vec<(QualifiedName, QualifiedName)>, ClusterError> {
     let mut pairs = Vec::new();
-    for t in &job.tables {
+    for t in tables {
         let rows = source
             .query(
                 "SELECT sn.nspname::text, s.relname::text FROM pg_depend d \
@@ -310,6 +298,37 @@ pub(crate) async fn sequences(
     Ok(pairs)
 }
 
+/// Sets sequence `to` (on `to_client`) past the value sequence `from` has handed out, unless
+/// it is past it already, so the new location never hands out a value the old one did.
+pub(crate) async fn carry_sequence(
+    from_client: &impl tokio_postgres::GenericClient,
+    from: &QualifiedName,
+    to_client: &Client,
+    to: &QualifiedName,
+) -> Result<(), ClusterError> {
+    let row = from_client
+        .query_one(
+            &format!("SELECT last_value, is_called FROM {}", from.quoted()),
+            &[],
+        )
+        .await
+        .map_err(ClusterError::sql(format!("reading sequence {from}")))?;
+    let (last, called): (i64, bool) = (row.get(0), row.get(1));
+    if called {
+        to_client
+            .execute(
+                &format!(
+                    "SELECT setval(CAST($1::text AS regclass), $2) FROM {} AS s WHERE s.last_value < $2 OR NOT s.is_called",
+                    to.quoted()
+                ),
+                &[&to.quoted(), &last],
+            )
+            .await
+            .map_err(ClusterError::sql(format!("setting sequence {to}")))?;
+    }
+    Ok(())
+}
+
 /// Writes the marker `token` into the WAL from inside the fence's transaction `tx`.
 async fn mark(
     tx: &tokio_postgres::Transaction<'_>,
@@ -342,7 +361,7 @@ async fn fenced(
 ) -> Result<Outcome, Error> {
     let cfg = &job.config;
     let tenant = &job.mv.tenant;
-    let seqs = sequences(job, source, target).await?;
+    let seqs = sequences(&job.tables, source, target).await?;
     let flusher = cfg.source.connect_sql().await?;
     let clock = policy::Clock {
         budget: cfg.cutover.pause_budget,
@@ -420,26 +439,7 @@ async fn fenced(
     let reverse_slot = cfg.cutover.rollback.then(|| reverse::slot_name(job.mv.id));
 
     for (src, dst) in &seqs {
-        let row = tx
-            .query_one(
-                &format!("SELECT last_value, is_called FROM {}", src.quoted()),
-                &[],
-            )
-            .await
-            .map_err(sql("reading a source sequence"))?;
-        let (last, called): (i64, bool) = (row.get(0), row.get(1));
-        if called {
-            target
-                .execute(
-                    &format!(
-                        "SELECT setval(CAST($1::text AS regclass), $2) FROM {} AS s WHERE s.last_value < $2 OR NOT s.is_called",
-                        dst.quoted()
-                    ),
-                    &[&dst.quoted(), &last],
-                )
-                .await
-                .map_err(sql("setting a target sequence"))?;
-        }
+        carry_sequence(&tx, src, target, dst).await?;
     }
     if clock.left(t0.elapsed()).is_none() {
         return Ok(aborted(

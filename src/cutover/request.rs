@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::registry::{Attempt, Move, MoveState, Registry, RegistryError};
 use crate::tenant::TenantId;
-use crate::verify::{self, VerifyOptions, VerifyReport, VerifyTable};
+use crate::verify::{self, VerifyOptions, VerifyReport};
 
 async fn tenant_move(
     config: &Config,
@@ -28,10 +28,7 @@ async fn tenant_move(
     let registry = Registry::new(config.registry_schema.clone())?;
     let mut client = config.source.connect_sql().await?;
     registry.install(&mut client).await?;
-    let mv = registry
-        .active_for(&client, tenant)
-        .await?
-        .ok_or_else(|| RegistryError::NoMove(tenant.clone()))?;
+    let mv = registry.active(&client, tenant).await?;
     Ok((registry, client, mv))
 }
 
@@ -57,14 +54,7 @@ pub async fn verify_tenant(config: &Config, tenant: &TenantId) -> Result<VerifyR
         .get(&mv.target)
         .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(mv.target.to_string()))?;
     let target = endpoint.connect_sql().await?;
-    let tables: Vec<VerifyTable> = tables(config, &registry, &source, &mv)
-        .await?
-        .into_iter()
-        .map(|t| VerifyTable {
-            chunk: t.chunk,
-            target: t.target,
-        })
-        .collect();
+    let tables = tables(config, &registry, &source, &mv).await?;
     // Before the cutover the daemon keeps the target current: its confirmed position says
     // when a different chunk is worth a second look.
     let streaming = matches!(

@@ -375,7 +375,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     let mut target = endpoint.connect_sql().await?;
     let flusher = endpoint.connect_sql().await?;
     let mut source = cfg.source.connect_sql().await?;
-    let seqs = sequences(job, &source, &target).await?;
+    let seqs = super::sequences(&job.tables, &source, &target).await?;
     let home = job
         .tables
         .first()
@@ -431,26 +431,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     }
     let catch_up = t0.elapsed() - lock_wait;
     for (src, dst) in &seqs {
-        let row = tx
-            .query_one(
-                &format!("SELECT last_value, is_called FROM {}", dst.quoted()),
-                &[],
-            )
-            .await
-            .map_err(sql("reading a target sequence"))?;
-        let (last, called): (i64, bool) = (row.get(0), row.get(1));
-        if called {
-            source
-                .execute(
-                    &format!(
-                        "SELECT setval(CAST($1::text AS regclass), $2) FROM {} AS s WHERE s.last_value < $2",
-                        src.quoted()
-                    ),
-                    &[&src.quoted(), &last],
-                )
-                .await
-                .map_err(sql("setting a source sequence"))?;
-        }
+        super::carry_sequence(&tx, dst, &source, src).await?;
     }
     tx.execute(
         &format!(
@@ -516,22 +497,6 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         catch_up,
         route_version,
     })
-}
-
-/// The tenant's sequences: (source, target) pairs.
-async fn sequences(
-    job: &RollbackJob,
-    source: &Client,
-    target: &Client,
-) -> Result<Vec<(QualifiedName, QualifiedName)>, ClusterError> {
-    let job = super::Job {
-        config: job.config.clone(),
-        mv: job.mv.clone(),
-        tables: job.tables.clone(),
-        attempt: 0,
-        token: job.token,
-    };
-    super::sequences(&job, source, target).await
 }
 
 #[cfg(test)]

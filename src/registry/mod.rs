@@ -497,6 +497,13 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         row.map(|r| Self::parse(&r)).transpose()
     }
 
+    /// The tenant's unfinished move, or [`RegistryError::NoMove`].
+    pub async fn active(&self, client: &Client, tenant: &TenantId) -> Result<Move, RegistryError> {
+        self.active_for(client, tenant)
+            .await?
+            .ok_or_else(|| RegistryError::NoMove(tenant.clone()))
+    }
+
     /// Every move, newest first.
     pub async fn list(&self, client: &Client) -> Result<Vec<Move>, RegistryError> {
         let rows = client
@@ -595,10 +602,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         client: &Client,
         tenant: &TenantId,
     ) -> Result<Move, RegistryError> {
-        let mv = self
-            .active_for(client, tenant)
-            .await?
-            .ok_or_else(|| RegistryError::NoMove(tenant.clone()))?;
+        let mv = self.active(client, tenant).await?;
         if !matches!(
             mv.state,
             MoveState::Provisioning
@@ -638,10 +642,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         client: &Client,
         tenant: &TenantId,
     ) -> Result<Move, RegistryError> {
-        let mv = self
-            .active_for(client, tenant)
-            .await?
-            .ok_or_else(|| RegistryError::NoMove(tenant.clone()))?;
+        let mv = self.active(client, tenant).await?;
         if mv.state != MoveState::CutOver {
             return Err(RegistryError::NotYet(format!(
                 "move {} is {}; only a cut_over move can be rolled back",
