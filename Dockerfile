@@ -18,7 +18,16 @@ COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
 COPY config/switchyard.toml /etc/switchyard/switchyard.toml
 USER switchyard
 WORKDIR /var/lib/switchyard
+# RocksDB checkpoints (config `[state] dir = "state"`, relative to the working directory):
+# keep this volume across restarts, or the moving tenants are copied again.
 VOLUME ["/var/lib/switchyard/state"]
 ENV SWITCHYARD_CONFIG=/etc/switchyard/switchyard.toml
+# /metrics, /healthz, /readyz (set `[metrics] listen = "0.0.0.0:9187"` to scrape from outside).
+EXPOSE 9187
+# `switchyard health` asks the daemon's /healthz on `[metrics] listen`; no curl in the image.
+HEALTHCHECK --interval=15s --timeout=7s --start-period=60s --retries=3 \
+    CMD ["/usr/local/bin/switchyard", "health"]
+# SIGTERM: finish the in-flight target transaction, checkpoint, confirm, exit.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/switchyard"]
-CMD ["check"]
+CMD ["run"]

@@ -6,7 +6,8 @@
 //! Run: `cargo bench --bench move` (SWITCHYARD_BENCH_ROWS, default 1000000, sets the big
 //! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions;
 //! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
-//! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`).
+//! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
+//! SWITCHYARD_BENCH_LANES, default 4, its `move.apply_lanes`).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -150,11 +151,12 @@ async fn main() -> Result<()> {
     let mut sy_cpu = Vec::new();
     let dir = tempfile::tempdir()?;
     let chunk_rows = env_or("SWITCHYARD_BENCH_CHUNK", 20_000);
+    let lanes = env_or("SWITCHYARD_BENCH_LANES", 4);
     let path = write_config(
         dir.path(),
         &src,
         Some(&dst),
-        &format!("[move]\nchunk_rows = {chunk_rows}\n"),
+        &format!("[move]\nchunk_rows = {chunk_rows}\napply_lanes = {lanes}\n"),
     )?;
     let registry = Registry::new("switchyard")?;
     let mut daemon: Option<InProcess> = None;

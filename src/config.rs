@@ -100,6 +100,7 @@ struct FileMoves {
     backfill_workers: Option<usize>,
     batch_max_txns: Option<usize>,
     batch_max_bytes: Option<usize>,
+    apply_lanes: Option<usize>,
     max_inflight_txns: Option<usize>,
     wal_budget_mb: Option<u64>,
     registry_poll_ms: Option<u64>,
@@ -254,6 +255,9 @@ pub struct MoveSettings {
     pub batch_max_txns: usize,
     /// Bytes of values batched into one target transaction, about.
     pub batch_max_bytes: usize,
+    /// Connections per target applying row changes in parallel, spread by key (one where
+    /// the target role may not use the replica role). See `apply::lanes`.
+    pub apply_lanes: usize,
     /// Source transactions handed to appliers and not yet durable; reading the slot pauses
     /// above this.
     pub max_inflight_txns: usize,
@@ -271,6 +275,7 @@ impl Default for MoveSettings {
             backfill_workers: 4,
             batch_max_txns: 2_000,
             batch_max_bytes: 32 << 20,
+            apply_lanes: 4,
             max_inflight_txns: 20_000,
             wal_budget_bytes: 16 << 30,
             registry_poll: Duration::from_millis(500),
@@ -293,6 +298,7 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
         backfill_workers: positive("backfill_workers", f.backfill_workers, d.backfill_workers)?,
         batch_max_txns: positive("batch_max_txns", f.batch_max_txns, d.batch_max_txns)?,
         batch_max_bytes: positive("batch_max_bytes", f.batch_max_bytes, d.batch_max_bytes)?,
+        apply_lanes: positive("apply_lanes", f.apply_lanes, d.apply_lanes)?,
         max_inflight_txns: positive(
             "max_inflight_txns",
             f.max_inflight_txns,

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
@@ -43,6 +45,31 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show the whole product on this machine: two throwaway PostgreSQL clusters, a
+    /// multi-tenant SaaS schema under a live write workload, two tenants moved (one to
+    /// its own schema, one to the other cluster), progress, cutover, verification and a
+    /// summary. Needs only PostgreSQL server binaries; removes everything on exit.
+    Demo {
+        /// Small data and a short run (a minute or less).
+        #[arg(long)]
+        short: bool,
+        /// Tenants to seed (default 40; 12 with --short).
+        #[arg(long)]
+        tenants: Option<usize>,
+        /// Orders to seed over all tenants (default 200000; 6000 with --short).
+        #[arg(long)]
+        orders: Option<u64>,
+        /// Workload transactions per second.
+        #[arg(long)]
+        tps: Option<u32>,
+    },
+    /// Exit 0 when the running daemon answers /healthz on its metrics address (for
+    /// container health checks); the address is `[metrics] listen` unless given.
+    Health {
+        /// host:port of the daemon's metrics listener.
+        #[arg(long)]
+        addr: Option<String>,
+    },
     /// Check the source's prerequisites; each failure comes with its fix.
     Check {
         /// Print the report as JSON.
@@ -141,14 +168,52 @@ fn report<'a>(
     }
 }
 
+/// GET /healthz on `addr`: success on an HTTP 200 within 5 s.
+async fn health(addr: &str) -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: switchyard\r\n\r\n")
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        Ok::<bool, std::io::Error>(
+            std::str::from_utf8(&head[..n])
+                .unwrap_or("")
+                .split_whitespace()
+                .nth(1)
+                == Some("200"),
+        )
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
+        Ok(Ok(true)) => {
+            println!("healthy");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(false)) => {
+            println!("unhealthy: /healthz did not answer 200");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            println!("unhealthy: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            println!("unhealthy: {addr} did not answer within 5 s");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn parse_lsn(s: &str) -> Result<Lsn, String> {
     s.parse()
         .map_err(|e: switchyard::lsn::ParseLsnError| e.to_string())
 }
 
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -160,7 +225,15 @@ fn init_logs(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // The demo draws progress on the terminal: the daemon inside it only says what is wrong.
+    init_logs(
+        cli.log_format,
+        if matches!(cli.command, Command::Demo { .. }) {
+            "warn"
+        } else {
+            "info"
+        },
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -181,8 +254,29 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Demo {
+        short,
+        tenants,
+        orders,
+        tps,
+    } = cli.command
+    {
+        let mut options = demo::DemoOptions::new(short);
+        options.tenants = tenants.unwrap_or(options.tenants).max(3);
+        options.orders = orders.unwrap_or(options.orders).max(100);
+        options.tps = tps.unwrap_or(options.tps).max(1);
+        return demo::run(options).await;
+    }
+    if let Command::Health { addr: Some(addr) } = &cli.command {
+        return Ok(health(addr).await);
+    }
     let config = Config::load(&cli.config)?;
     match cli.command {
+        Command::Demo { .. } => unreachable!("handled above"),
+        Command::Health { .. } => match &config.metrics.listen {
+            Some(addr) => Ok(health(addr).await),
+            None => anyhow::bail!("[metrics] listen is off: there is no health endpoint"),
+        },
         Command::Check { json } => {
             let report = source::check::run(&config).await;
             if json {

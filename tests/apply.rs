@@ -576,3 +576,126 @@ async fn consecutive_chunk_copies_share_one_copy_and_keep_their_place() -> Resul
     assert_eq!(rows, ["50|1275|changed|{a,\"b c\"}"]);
     Ok(())
 }
+
+/// A writer for `lane` of shard2, under the replica role.
+async fn lane_writer(two: &TwoClusters, lane: usize) -> Result<TargetWriter> {
+    let mut w = TargetWriter::with_client_lane(
+        TargetId::new("shard2")?,
+        two.dst.client().await?,
+        "switchyard",
+        lane,
+    )
+    .await?;
+    assert!(w.use_replica_role().await?, "the test role is a superuser");
+    Ok(w)
+}
+
+/// Commits `segment` split over `lanes`, but only on the lanes in `only` (a crash in the
+/// middle of a segment leaves the others behind).
+async fn commit_lanes(
+    lanes: &mut [TargetWriter],
+    segment: Vec<SourceTxn>,
+    only: &[usize],
+) -> Result<()> {
+    use switchyard::apply::lanes::{split, Segment};
+    let shares = split(
+        Segment {
+            barrier: false,
+            txns: segment,
+        },
+        lanes.len(),
+        &Default::default(),
+    );
+    for (lane, (w, share)) in lanes.iter_mut().zip(shares).enumerate() {
+        if only.contains(&lane) {
+            w.commit(&share).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<()> {
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let d = two.dst.client().await?;
+    let seven = TenantId::new("7")?;
+    let mut lanes = Vec::new();
+    for lane in 0..3 {
+        lanes.push(lane_writer(&two, lane).await?);
+    }
+    // Nothing recorded yet: three lanes may be taken.
+    assert_eq!(lanes[0].settle_lanes(3).await?, 3);
+
+    // 40 keys inserted, spread over the lanes by key.
+    let inserts: Vec<Work> = (1..=40).map(|i| ins(order(i, "a", Some("big")))).collect();
+    commit_lanes(&mut lanes, txns(100, inserts), &[0, 1, 2]).await?;
+    let per_lane = d
+        .query_one("SELECT count(*) FROM switchyard.applied_lanes", &[])
+        .await?
+        .get::<_, i64>(0);
+    assert_eq!(per_lane, 2, "lanes 1 and 2 recorded the tenant");
+
+    // The next segment commits on lanes 0 and 1 only, as if the daemon died in between.
+    let updates = || -> Vec<Work> {
+        (1..=40)
+            .flat_map(|i| {
+                if i % 4 == 0 {
+                    vec![del(i)]
+                } else {
+                    vec![upd(order(i, "b", None)), upd(order(i, "c", None))]
+                }
+            })
+            .collect()
+    };
+    commit_lanes(&mut lanes, txns(1000, updates()), &[0, 1]).await?;
+    let progress = switchyard::apply::writer::read_resume_progress(&d, "switchyard").await?;
+    let resume = progress[&seven].lsn;
+    assert!(
+        resume < Lsn(1000),
+        "a tenant resumes from its lowest lane: {resume}"
+    );
+    // The lanes are apart: the lane count cannot change now.
+    assert_eq!(lanes[0].settle_lanes(2).await?, 3);
+
+    // The restarted daemon replays the segment to the same lanes: lanes 0 and 1 skip what
+    // they hold, lane 2 applies its share; a double apply would fail (a second DELETE finds
+    // no row) or show in the notes.
+    let mut again = Vec::new();
+    for lane in 0..3 {
+        again.push(lane_writer(&two, lane).await?);
+    }
+    commit_lanes(&mut again, txns(1000, updates()), &[0, 1, 2]).await?;
+    let notes = rows(
+        &d,
+        "SELECT note || ':' || count(*) FROM acme.orders GROUP BY note ORDER BY note",
+    )
+    .await?;
+    assert_eq!(notes, ["c:30"]);
+    let progress = switchyard::apply::writer::read_resume_progress(&d, "switchyard").await?;
+    assert_eq!(progress[&seven].lsn, Lsn(1000 + updates().len() as u64 - 1));
+
+    // The lanes agree again: a new count takes effect, starting from lane 0's positions.
+    assert_eq!(again[0].settle_lanes(2).await?, 2);
+    let lanes_left = rows(
+        &d,
+        "SELECT lane || ':' || lsn FROM switchyard.applied_lanes ORDER BY lane",
+    )
+    .await?;
+    assert_eq!(lanes_left.len(), 1, "{lanes_left:?}");
+    let mut two_lanes = Vec::new();
+    for lane in 0..2 {
+        two_lanes.push(lane_writer(&two, lane).await?);
+    }
+    let more: Vec<Work> = (1..=40)
+        .filter(|i| i % 4 != 0)
+        .map(|i| upd(order(i, "d", None)))
+        .collect();
+    commit_lanes(&mut two_lanes, txns(5000, more), &[0, 1]).await?;
+    let notes = rows(
+        &d,
+        "SELECT note || ':' || count(*) FROM acme.orders GROUP BY note ORDER BY note",
+    )
+    .await?;
+    assert_eq!(notes, ["d:30"]);
+    Ok(())
+}

@@ -721,8 +721,34 @@ async fn metrics_show_per_tenant_lag_progress_state_and_cutover_pauses() -> Resu
     .await?;
     assert!(http_get(&addr, "/healthz").await?.0.contains("200"));
     assert!(http_get(&addr, "/nothing").await?.0.contains("404"));
+    // The container health check: `switchyard health` against the daemon, and against an
+    // address where nothing answers.
+    let health = |addr: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["health", "--addr", &addr])
+            .output()
+    };
+    let up = health(addr.clone())?;
+    ensure!(
+        up.status.success() && String::from_utf8_lossy(&up.stdout).contains("healthy"),
+        "{up:?}"
+    );
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let down = health(nobody.to_string())?;
+    ensure!(
+        !down.status.success() && String::from_utf8_lossy(&down.stdout).contains("unhealthy"),
+        "{down:?}"
+    );
     let id = request(&s, &registry, "2", "local", "two").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
+    // The per-tenant series are refreshed about once a second: see them while streaming.
+    wait_for("the tenant's series", Duration::from_secs(30), || async {
+        let (_, body) = http_get(&addr, "/metrics").await?;
+        Ok(body
+            .contains("switchyard_tenant_lag_bytes{tenant=\"2\"}")
+            .then_some(()))
+    })
+    .await?;
     let (mv, _) = switchyard::cutover::request::cutover_tenant(
         &config,
         &TenantId::new("2")?,
@@ -759,6 +785,34 @@ async fn metrics_show_per_tenant_lag_progress_state_and_cutover_pauses() -> Resu
         assert!(value.parse::<f64>().is_ok(), "unparseable sample: {line}");
         assert!(line.starts_with("switchyard_"), "foreign metric: {line}");
     }
+    // Prometheus' own linter (scripts/install-deps installs promtool).
+    let lint = promtool(&["check", "metrics"], Some(&body))?;
+    ensure!(lint.status.success(), "promtool check metrics: {lint:?}");
+    let rules = promtool(
+        &[
+            "check",
+            "rules",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml"),
+        ],
+        None,
+    )?;
+    ensure!(rules.status.success(), "promtool check rules: {rules:?}");
     daemon.stop().await?;
     Ok(())
+}
+
+/// Runs promtool (installed by scripts/install-deps) with `stdin` piped in.
+fn promtool(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool is not installed: run scripts/install-deps")?;
+    let mut input = child.stdin.take().context("promtool stdin")?;
+    input.write_all(stdin.unwrap_or("").as_bytes())?;
+    drop(input);
+    Ok(child.wait_with_output()?)
 }

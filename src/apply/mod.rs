@@ -10,6 +10,7 @@
 
 pub mod compaction;
 pub mod copy;
+pub mod lanes;
 pub mod progress;
 pub mod spill;
 pub mod statement;

@@ -252,7 +252,14 @@ pub struct TargetWriter {
     id: TargetId,
     client: Client,
     progress_table: String,
+    /// This writer's apply lane (see [`super::lanes`]): lane 0 records in `applied`, with
+    /// the backfill states; lane k > 0 records its own positions in `applied_lanes`.
+    lane: usize,
+    lanes_table: String,
     applied: HashMap<TenantId, Lsn>,
+    /// Tables whose row changes may be spread over lanes by key (see
+    /// [`TargetWriter::spreads_by_key`]).
+    spreadable: HashMap<QualifiedName, bool>,
     catalog: TargetCatalog,
     failed_tenant: Option<TenantId>,
     /// Prepared statements of this connection, by SQL text (row statements repeat).
@@ -426,17 +433,40 @@ impl TargetWriter {
         Self::with_client(id, client, schema).await
     }
 
+    /// A writer for apply lane `lane` of a target (see [`super::lanes`]).
+    pub async fn connect_lane(
+        id: TargetId,
+        endpoint: &Endpoint,
+        schema: &str,
+        lane: usize,
+    ) -> Result<Self, ApplyError> {
+        let client = endpoint.connect_sql().await?;
+        Self::with_client_lane(id, client, schema, lane).await
+    }
+
     pub async fn with_client(
         id: TargetId,
         client: Client,
         schema: &str,
+    ) -> Result<Self, ApplyError> {
+        Self::with_client_lane(id, client, schema, 0).await
+    }
+
+    pub async fn with_client_lane(
+        id: TargetId,
+        client: Client,
+        schema: &str,
+        lane: usize,
     ) -> Result<Self, ApplyError> {
         let progress_table = ensure_progress_table(&client, schema).await?;
         let mut w = TargetWriter {
             id,
             client,
             progress_table,
+            lane,
+            lanes_table: lanes_table(schema),
             applied: HashMap::new(),
+            spreadable: HashMap::new(),
             catalog: TargetCatalog::new(),
             failed_tenant: None,
             prepared: HashMap::new(),
@@ -463,7 +493,11 @@ impl TargetWriter {
 
     /// Re-reads positions and backfill states from the target.
     pub async fn load_progress(&mut self) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
-        let out = read_progress(&self.client, &self.progress_table).await?;
+        let out = if self.lane == 0 {
+            read_progress(&self.client, &self.progress_table).await?
+        } else {
+            read_lane(&self.client, &self.lanes_table, self.lane).await?
+        };
         self.applied = out.iter().map(|(t, p)| (t.clone(), p.lsn)).collect();
         Ok(out)
     }
@@ -706,16 +740,37 @@ impl TargetWriter {
             &mut self.stats.copies,
         )
         .await?;
-        let upsert = format!(
-            "INSERT INTO {} (tenant, lsn, state) VALUES ($1, $2::text::pg_lsn, $3) \
-             ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn), \
-               state = COALESCE(EXCLUDED.state, {0}.state), updated_at = now()",
-            self.progress_table
-        );
-        for (tenant, (lsn, state)) in &advanced {
-            tx.execute(&upsert, &[&tenant.as_str(), &lsn.to_string(), state])
-                .await
-                .map_err(ClusterError::sql("recording the applied position"))?;
+        if self.lane == 0 {
+            let upsert = format!(
+                "INSERT INTO {} (tenant, lsn, state) VALUES ($1, $2::text::pg_lsn, $3) \
+                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn), \
+                   state = COALESCE(EXCLUDED.state, {0}.state), updated_at = now()",
+                self.progress_table
+            );
+            for (tenant, (lsn, state)) in &advanced {
+                tx.execute(&upsert, &[&tenant.as_str(), &lsn.to_string(), state])
+                    .await
+                    .map_err(ClusterError::sql("recording the applied position"))?;
+            }
+        } else {
+            if let Some((tenant, _)) = advanced.iter().find(|(_, (_, s))| s.is_some()) {
+                // Lanes split batches so that states only reach lane 0 (see lanes::split).
+                return Err(ApplyError::Corrupt(format!(
+                    "a backfill state of {tenant} reached apply lane {}",
+                    self.lane
+                )));
+            }
+            let upsert = format!(
+                "INSERT INTO {} (tenant, lane, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
+                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn)",
+                self.lanes_table
+            );
+            let lane = self.lane as i32;
+            for (tenant, (lsn, _)) in &advanced {
+                tx.execute(&upsert, &[&tenant.as_str(), &lane, &lsn.to_string()])
+                    .await
+                    .map_err(ClusterError::sql("recording the applied position"))?;
+            }
         }
         tx.commit()
             .await
@@ -730,6 +785,207 @@ impl TargetWriter {
     pub fn tenants(&self) -> BTreeSet<TenantId> {
         self.applied.keys().cloned().collect()
     }
+
+    /// Whether `change`'s table may have its rows spread over lanes by key: its only
+    /// unique index is the primary key, made of exactly the replica-identity columns.
+    /// Otherwise two keys could conflict (a unique value moving from one row to another)
+    /// and the table goes whole to one lane, which keeps its order.
+    pub async fn spreads_by_key(&mut self, change: &RowChange) -> Result<bool, ApplyError> {
+        if let Some(known) = self.spreadable.get(&change.table) {
+            return Ok(*known);
+        }
+        let layout = self
+            .catalog
+            .table(
+                &self.client,
+                &change.table,
+                &change.identity,
+                change.tenant_column.as_deref(),
+            )
+            .await?;
+        let key_is_pk = layout.columns.iter().all(|c| c.primary_key == c.identity)
+            && layout.columns.iter().any(|c| c.primary_key);
+        let others: bool = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i \
+                  WHERE i.indrelid = to_regclass($1::text) \
+                    AND (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary)",
+                &[&change.table.quoted()],
+            )
+            .await
+            .map_err(ClusterError::sql(format!(
+                "reading the unique indexes of {}",
+                change.table
+            )))?
+            .get(0);
+        let spreads = key_is_pk && !others;
+        self.spreadable.insert(change.table.clone(), spreads);
+        Ok(spreads)
+    }
+
+    /// Settles the number of apply lanes (on lane 0's connection, before anything is
+    /// applied): `wanted` if every lane recorded the same positions (a switch is then
+    /// safe, and the new lanes start from lane 0's positions), else the count the lanes'
+    /// records were written with, because a change half-applied by some lanes must be
+    /// replayed to the same lanes.
+    pub async fn settle_lanes(&mut self, wanted: usize) -> Result<usize, ApplyError> {
+        let wanted = wanted.max(1);
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(ClusterError::sql("starting to settle the apply lanes"))?;
+        tx.batch_execute(&format!(
+            "LOCK TABLE {}, {} IN EXCLUSIVE MODE",
+            self.progress_table, self.lanes_table
+        ))
+        .await
+        .map_err(ClusterError::sql("locking the progress tables"))?;
+        let recorded: i32 = tx
+            .query_one(
+                &format!(
+                    "SELECT COALESCE(max(lane) + 1, 1) FROM {}",
+                    self.lanes_table
+                ),
+                &[],
+            )
+            .await
+            .map_err(ClusterError::sql("reading the apply lanes"))?
+            .get(0);
+        let recorded = recorded.max(1) as usize;
+        if recorded == wanted {
+            return Ok(wanted);
+        }
+        // Apart: some (tenant, lane) of the recorded lanes is missing or differs from lane 0.
+        let apart: bool = tx
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {p} a CROSS JOIN generate_series(1, $1 - 1) g(lane) \
+                       LEFT JOIN {l} x ON x.tenant = a.tenant AND x.lane = g.lane \
+                      WHERE x.lsn IS DISTINCT FROM a.lsn) \
+                     OR EXISTS (SELECT 1 FROM {l} x WHERE NOT EXISTS \
+                       (SELECT 1 FROM {p} a WHERE a.tenant = x.tenant))",
+                    p = self.progress_table,
+                    l = self.lanes_table
+                ),
+                &[&(recorded as i32)],
+            )
+            .await
+            .map_err(ClusterError::sql("comparing the apply lanes"))?
+            .get(0);
+        if apart {
+            return Ok(recorded);
+        }
+        tx.execute(
+            &format!("DELETE FROM {} WHERE lane >= $1", self.lanes_table),
+            &[&(wanted as i32)],
+        )
+        .await
+        .map_err(ClusterError::sql("removing apply lanes"))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {l} (tenant, lane, lsn) \
+                 SELECT a.tenant, g.lane, a.lsn FROM {p} a CROSS JOIN generate_series(1, $1 - 1) g(lane) \
+                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = EXCLUDED.lsn",
+                p = self.progress_table,
+                l = self.lanes_table
+            ),
+            &[&(wanted as i32)],
+        )
+        .await
+        .map_err(ClusterError::sql("adding apply lanes"))?;
+        tx.commit()
+            .await
+            .map_err(ClusterError::sql("committing the apply lanes"))?;
+        Ok(wanted)
+    }
+}
+
+/// One lane's positions (`<schema>.applied_lanes`).
+async fn read_lane(
+    client: &Client,
+    lanes_table: &str,
+    lane: usize,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    let rows = client
+        .query(
+            &format!("SELECT tenant, lsn::text FROM {lanes_table} WHERE lane = $1"),
+            &[&(lane as i32)],
+        )
+        .await
+        .map_err(ClusterError::sql("reading an apply lane's positions"))?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
+        let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
+            return Err(ApplyError::Corrupt(format!(
+                "{lanes_table} row for {tenant:?} holds {lsn:?}"
+            )));
+        };
+        out.insert(
+            t,
+            Progress {
+                lsn: l,
+                state: None,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Where each tenant resumes on this target: lane 0's record (with the backfill state),
+/// its position lowered to the lowest of the lanes. A lane without a row for a tenant that
+/// lane 0 has may have lost an uncommitted share: the tenant resumes from the slot's
+/// position then (each lane still skips what it holds).
+pub async fn read_resume_progress(
+    client: &Client,
+    schema: &str,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    let mut out = read_progress(client, &progress_table(schema)).await?;
+    let table = lanes_table(schema);
+    let lanes: i32 = client
+        .query_one(
+            &format!("SELECT COALESCE(max(lane) + 1, 1) FROM {table}"),
+            &[],
+        )
+        .await
+        .map_err(ClusterError::sql("reading the apply lanes"))?
+        .get(0);
+    for lane in 1..lanes.max(1) as usize {
+        let positions = read_lane(client, &table, lane).await?;
+        for (tenant, p) in out.iter_mut() {
+            p.lsn = match positions.get(tenant) {
+                Some(l) => p.lsn.min(l.lsn),
+                None => Lsn::INVALID,
+            };
+        }
+    }
+    Ok(out)
+}
+
+/// Removes a tenant's progress rows (all lanes) inside `tx`; the tables may be missing.
+pub async fn forget_progress(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    tenant: &TenantId,
+) -> Result<(), ApplyError> {
+    for table in [progress_table(schema), lanes_table(schema)] {
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+            .await
+            .map_err(ClusterError::sql("looking for the progress table"))?
+            .get(0);
+        if exists {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE tenant = $1"),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("removing the progress rows"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The progress rows of a target (`<schema>.applied`).
@@ -772,8 +1028,14 @@ pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<Stri
            tenant text PRIMARY KEY,
            lsn pg_lsn NOT NULL,
            updated_at timestamptz NOT NULL DEFAULT now());
-         ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text",
-        schema = quote_ident(schema)
+         ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text;
+         CREATE TABLE IF NOT EXISTS {lanes} (
+           tenant text NOT NULL,
+           lane int NOT NULL CHECK (lane > 0),
+           lsn pg_lsn NOT NULL,
+           PRIMARY KEY (tenant, lane))",
+        schema = quote_ident(schema),
+        lanes = lanes_table(schema)
     );
     let mut attempt = 0;
     loop {
@@ -808,4 +1070,9 @@ pub async fn replica_role(client: &Client) -> Result<bool, ApplyError> {
 /// The quoted name of the progress table in `schema`.
 pub fn progress_table(schema: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident("applied"))
+}
+
+/// The quoted name of the table of apply lanes 1.. in `schema` (lane 0 is `applied`).
+pub fn lanes_table(schema: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident("applied_lanes"))
 }

@@ -234,20 +234,7 @@ async fn remove_target(
             .map_err(ClusterError::sql("dropping the target tables"))?;
         out.tables_dropped = drop.iter().map(|t| t.to_string()).collect();
     }
-    let progress = crate::apply::writer::progress_table(&config.registry_schema);
-    let has_progress: bool = tx
-        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&progress])
-        .await
-        .map_err(ClusterError::sql("looking for the progress table"))?
-        .get(0);
-    if has_progress {
-        tx.execute(
-            &format!("DELETE FROM {progress} WHERE tenant = $1"),
-            &[&tenant.as_str()],
-        )
-        .await
-        .map_err(ClusterError::sql("removing the progress row"))?;
-    }
+    crate::apply::writer::forget_progress(&tx, &config.registry_schema, tenant).await?;
     tx.commit()
         .await
         .map_err(ClusterError::sql("committing the removal"))?;

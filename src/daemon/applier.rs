@@ -18,10 +18,13 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::apply::lanes::{self, Segment};
+use crate::apply::writer::RowChange;
 use crate::apply::{SourceTxn, TargetWriter};
 use crate::cluster::Endpoint;
 use crate::error::{Error, ErrorClass};
 use crate::lsn::Lsn;
+use crate::sql::QualifiedName;
 use crate::tenant::{TargetId, TenantId};
 
 /// Tenants whose work must be dropped (they failed), shared by the pipeline and every
@@ -40,6 +43,10 @@ impl Quarantine {
 
     pub fn remove(&self, tenant: &TenantId) {
         self.set().remove(tenant);
+    }
+
+    pub fn contains(&self, tenant: &TenantId) -> bool {
+        self.set().contains(tenant)
     }
 
     /// Drops the quarantined tenants' work from `batch`.
@@ -82,6 +89,8 @@ pub(crate) struct ApplierConfig {
     pub progress_schema: String,
     pub max_txns: usize,
     pub max_bytes: usize,
+    /// Apply lanes wanted (see [`crate::apply::lanes`]).
+    pub lanes: usize,
 }
 
 pub(crate) fn spawn(
@@ -90,7 +99,11 @@ pub(crate) fn spawn(
     events: mpsc::UnboundedSender<ApplyEvent>,
 ) -> Applier {
     let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(run(cfg, rx, quarantine, events));
+    let span = tracing::info_span!("apply", target = %cfg.target);
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        run(cfg, rx, quarantine, events),
+        span,
+    ));
     Applier { tx, task }
 }
 
@@ -115,19 +128,98 @@ async fn sleep_backoff(backoff: &mut Duration) {
     *backoff = (*backoff * 2).min(Duration::from_secs(10));
 }
 
-/// A writer on a new connection, applying like a replication worker where allowed.
-async fn connect(cfg: &ApplierConfig) -> Result<TargetWriter, Error> {
-    let mut w =
-        TargetWriter::connect(cfg.target.clone(), &cfg.endpoint, &cfg.progress_schema).await?;
-    match w.use_replica_role().await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            target = %cfg.target,
-            "the target role may not set session_replication_role: foreign keys and triggers fire during apply (GRANT SET ON PARAMETER session_replication_role TO it)"
-        ),
-        Err(e) => tracing::warn!(target = %cfg.target, error = %e, "session_replication_role"),
+/// A writer on a new connection for `lane`, applying like a replication worker where
+/// allowed; returns whether that is allowed (the replica role).
+async fn connect(cfg: &ApplierConfig, lane: usize) -> Result<(TargetWriter, bool), Error> {
+    let mut w = TargetWriter::connect_lane(
+        cfg.target.clone(),
+        &cfg.endpoint,
+        &cfg.progress_schema,
+        lane,
+    )
+    .await?;
+    let replica = match w.use_replica_role().await {
+        Ok(true) => true,
+        Ok(false) => {
+            if lane == 0 {
+                tracing::warn!(
+                    target = %cfg.target,
+                    "the target role may not set session_replication_role: foreign keys and triggers fire during apply, and apply runs on one lane (GRANT SET ON PARAMETER session_replication_role TO it)"
+                );
+            }
+            false
+        }
+        Err(e) => {
+            tracing::warn!(target = %cfg.target, error = %e, "session_replication_role");
+            false
+        }
+    };
+    Ok((w, replica))
+}
+
+/// The lanes of one target: a writer (connection) per lane, and what was learnt about its
+/// tables.
+struct Lanes {
+    writers: Vec<Option<TargetWriter>>,
+    /// Settled on the first connection (see [`TargetWriter::settle_lanes`]).
+    settled: bool,
+    /// Tables whose rows go whole to one lane.
+    whole: HashSet<QualifiedName>,
+    /// Tables known to spread by key.
+    spread: HashSet<QualifiedName>,
+}
+
+impl Lanes {
+    /// Connects every lane not connected; settles the lane count first.
+    async fn connect(&mut self, cfg: &ApplierConfig) -> Result<(), Error> {
+        if !self.settled {
+            let (mut w, replica) = connect(cfg, 0).await?;
+            // Lanes reorder changes across keys: only where no trigger or foreign key sees it.
+            let wanted = if replica { cfg.lanes } else { 1 };
+            let count = w.settle_lanes(wanted).await?;
+            if count != wanted {
+                tracing::warn!(target = %cfg.target, lanes = count, wanted, "the apply lanes stopped apart (a crash mid-batch); keeping their count until they agree, after the next batch; restart then to change it");
+            }
+            self.writers = (0..count).map(|_| None).collect();
+            self.writers[0] = Some(w);
+            self.settled = true;
+        }
+        for lane in 0..self.writers.len() {
+            if self.writers[lane].as_ref().is_none_or(|w| w.is_closed()) {
+                self.writers[lane] = None;
+                let (w, _) = connect(cfg, lane).await?;
+                self.writers[lane] = Some(w);
+            }
+        }
+        Ok(())
     }
-    Ok(w)
+
+    fn count(&self) -> usize {
+        self.writers.len().max(1)
+    }
+
+    /// Splits `segment` over the lanes, after learning how its new tables spread.
+    async fn split(&mut self, segment: &mut Option<Segment>) -> Result<Vec<Vec<SourceTxn>>, Error> {
+        let Some(seg) = segment.as_ref() else {
+            return Ok(Vec::new());
+        };
+        if !seg.barrier && self.count() > 1 {
+            let known = |t: &QualifiedName| self.whole.contains(t) || self.spread.contains(t);
+            let unknown: Vec<RowChange> = lanes::tables(seg, &known).into_iter().cloned().collect();
+            for change in unknown {
+                let w = self.writers[0]
+                    .as_mut()
+                    .expect("connected before splitting");
+                if w.spreads_by_key(&change).await? {
+                    self.spread.insert(change.table);
+                } else {
+                    self.whole.insert(change.table);
+                }
+            }
+        }
+        let seg = segment.take().expect("checked above");
+        Ok(lanes::split(seg, self.count(), &self.whole))
+    }
 }
 
 async fn run(
@@ -136,7 +228,12 @@ async fn run(
     quarantine: Quarantine,
     events: mpsc::UnboundedSender<ApplyEvent>,
 ) {
-    let mut writer: Option<TargetWriter> = None;
+    let mut lanes = Lanes {
+        writers: Vec::new(),
+        settled: false,
+        whole: HashSet::new(),
+        spread: HashSet::new(),
+    };
     let mut backoff = Duration::from_millis(100);
     while let Some(first) = rx.recv().await {
         let mut bytes = first.weight();
@@ -150,84 +247,187 @@ async fn run(
                 Err(_) => break,
             }
         }
-        loop {
-            quarantine.strip(&mut batch);
-            // With nothing left for this target (its tenants failed) the batch is durable
-            // by definition, even while the target is unreachable.
-            let empty = batch
-                .iter()
-                .all(|t| t.parts.is_empty() && t.states.is_empty());
-            if !empty {
-                if writer.as_ref().is_none_or(|w| w.is_closed()) {
-                    match connect(&cfg).await {
-                        Ok(w) => writer = Some(w),
-                        Err(error) => {
-                            if error.classify() != ErrorClass::Transient {
-                                tracing::error!(target = %cfg.target, %error, "cannot connect to the target; retrying");
-                            }
-                            let _ = events.send(ApplyEvent::Retrying {
-                                target: cfg.target.clone(),
-                                error,
-                            });
-                            sleep_backoff(&mut backoff).await;
-                            continue;
-                        }
-                    }
-                }
-                let w = writer.as_mut().expect("connected above");
-                let started = std::time::Instant::now();
-                let result = w.commit(&batch).await;
-                tracing::debug!(target = %cfg.target, txns = batch.len(), ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "batch");
-                if let Err(e) = result {
-                    let failed = w.failed_tenant().cloned();
-                    let error = Error::Apply(e);
-                    match (error.classify(), failed) {
-                        (ErrorClass::Transient, _) => {
-                            tracing::warn!(target = %cfg.target, %error, "apply failed; retrying");
-                            // The connection may be fine (e.g. a serialization failure), but a
-                            // new one re-reads the applied positions, which is always right.
-                            writer = None;
-                            let _ = events.send(ApplyEvent::Retrying {
-                                target: cfg.target.clone(),
-                                error,
-                            });
-                            sleep_backoff(&mut backoff).await;
-                        }
-                        (_, Some(tenant)) => {
-                            quarantine.insert(tenant.clone());
-                            let _ = events.send(ApplyEvent::TenantFailed { tenant, error });
-                        }
-                        (_, None) => {
-                            // Not inside one tenant's work (e.g. the progress table is
-                            // unusable): every tenant of the batch stops.
-                            let message = error.to_string();
-                            for tenant in batch_tenants(&batch).into_keys() {
-                                quarantine.insert(tenant.clone());
-                                let _ = events.send(ApplyEvent::TenantFailed {
-                                    tenant,
-                                    error: Error::Move(super::MoveError::Target {
-                                        target: cfg.target.to_string(),
-                                        detail: message.clone(),
-                                    }),
-                                });
-                            }
-                            writer = None;
-                            sleep_backoff(&mut backoff).await;
-                        }
-                    }
-                    continue;
-                }
+        let up_to = batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID);
+        let tenants = batch_tenants(&batch);
+        for segment in lanes::segments(batch) {
+            apply_segment(
+                &cfg,
+                &mut lanes,
+                segment,
+                &quarantine,
+                &events,
+                &mut backoff,
+            )
+            .await;
+        }
+        let sent = events.send(ApplyEvent::Committed {
+            target: cfg.target.clone(),
+            up_to,
+            tenants: tenants
+                .into_iter()
+                .filter(|(t, _)| !quarantine.contains(t))
+                .collect(),
+        });
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies one segment on every lane at once, retrying until it is durable (or, for the
+/// tenants that fail, quarantined).
+async fn apply_segment(
+    cfg: &ApplierConfig,
+    lanes: &mut Lanes,
+    segment: Segment,
+    quarantine: &Quarantine,
+    events: &mpsc::UnboundedSender<ApplyEvent>,
+    backoff: &mut Duration,
+) {
+    let mut segment = Some(segment);
+    let mut shares: Vec<Vec<SourceTxn>> = Vec::new();
+    loop {
+        if let Some(seg) = segment.as_mut() {
+            quarantine.strip(&mut seg.txns);
+        }
+        for share in shares.iter_mut() {
+            quarantine.strip(share);
+        }
+        // With nothing left for this target (its tenants failed) the segment is durable
+        // by definition, even while the target is unreachable.
+        let empty = segment
+            .iter()
+            .flat_map(|s| &s.txns)
+            .chain(shares.iter().flatten())
+            .all(|t| t.parts.is_empty() && t.states.is_empty());
+        if empty {
+            *backoff = Duration::from_millis(100);
+            return;
+        }
+        let ready = match lanes.connect(cfg).await {
+            Ok(()) if segment.is_some() => lanes.split(&mut segment).await.map(|s| shares = s),
+            other => other,
+        };
+        if let Err(error) = ready {
+            if error.classify() != ErrorClass::Transient {
+                tracing::error!(target = %cfg.target, %error, "cannot reach the target; retrying");
             }
-            backoff = Duration::from_millis(100);
-            let sent = events.send(ApplyEvent::Committed {
+            let _ = events.send(ApplyEvent::Retrying {
                 target: cfg.target.clone(),
-                up_to: batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID),
-                tenants: batch_tenants(&batch).into_iter().collect(),
+                error,
             });
-            if sent.is_err() {
-                return;
+            sleep_backoff(backoff).await;
+            continue;
+        }
+        let started = std::time::Instant::now();
+        // Each lane on its own task: folding and encoding a lane's share is CPU work that
+        // would otherwise run on one thread for all lanes.
+        let lane_tenants: Vec<Vec<TenantId>> = shares
+            .iter()
+            .map(|s| batch_tenants(s).into_keys().collect())
+            .collect();
+        let mut tasks = Vec::with_capacity(shares.len());
+        for (lane, share) in std::mem::take(&mut shares).into_iter().enumerate() {
+            let mut w = lanes.writers[lane].take().expect("connected above");
+            let span = tracing::info_span!("lane", lane);
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let t0 = std::time::Instant::now();
+                    let r = match w.commit(&share).await {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err((e, w.failed_tenant().cloned())),
+                    };
+                    tracing::trace!(
+                        ms = t0.elapsed().as_micros() as u64 / 1000,
+                        "lane committed"
+                    );
+                    (w, share, r)
+                },
+                span,
+            )));
+        }
+        let mut results = Vec::with_capacity(tasks.len());
+        for (lane, task) in tasks.into_iter().enumerate() {
+            match task.await {
+                Ok((w, share, r)) => {
+                    lanes.writers[lane] = Some(w);
+                    shares.push(share);
+                    results.push(r);
+                }
+                Err(join) => {
+                    // A bug, not input: the share is gone, so its tenants fail loudly
+                    // rather than losing its changes silently.
+                    let error = Error::Move(super::MoveError::Target {
+                        target: cfg.target.to_string(),
+                        detail: format!("apply lane {lane} stopped: {join}"),
+                    });
+                    for tenant in &lane_tenants[lane] {
+                        quarantine.insert(tenant.clone());
+                        let _ = events.send(ApplyEvent::TenantFailed {
+                            tenant: tenant.clone(),
+                            error: Error::Move(super::MoveError::Target {
+                                target: cfg.target.to_string(),
+                                detail: error.to_string(),
+                            }),
+                        });
+                    }
+                    shares.push(Vec::new());
+                    results.push(Ok(()));
+                }
             }
-            break;
+        }
+        tracing::debug!(target = %cfg.target, lanes = results.len(), txns = shares.first().map_or(0, Vec::len), ms = started.elapsed().as_millis() as u64, ok = results.iter().all(Result::is_ok), "segment");
+        let mut retry_later = false;
+        let mut failed = false;
+        for (lane, result) in results.into_iter().enumerate() {
+            let Err((e, failed_tenant)) = result else {
+                continue;
+            };
+            failed = true;
+            let error = Error::Apply(e);
+            match (error.classify(), failed_tenant) {
+                (ErrorClass::Transient, _) => {
+                    tracing::warn!(target = %cfg.target, lane, %error, "apply failed; retrying");
+                    // The connection may be fine (e.g. a serialization failure), but a
+                    // new one re-reads the lane's applied positions, which is always right.
+                    lanes.writers[lane] = None;
+                    let _ = events.send(ApplyEvent::Retrying {
+                        target: cfg.target.clone(),
+                        error,
+                    });
+                    retry_later = true;
+                }
+                (_, Some(tenant)) => {
+                    quarantine.insert(tenant.clone());
+                    let _ = events.send(ApplyEvent::TenantFailed { tenant, error });
+                }
+                (_, None) => {
+                    // Not inside one tenant's work (e.g. the progress table is
+                    // unusable): every tenant of the segment stops.
+                    let message = error.to_string();
+                    for tenant in batch_tenants(&shares[lane]).into_keys() {
+                        quarantine.insert(tenant.clone());
+                        let _ = events.send(ApplyEvent::TenantFailed {
+                            tenant,
+                            error: Error::Move(super::MoveError::Target {
+                                target: cfg.target.to_string(),
+                                detail: message.clone(),
+                            }),
+                        });
+                    }
+                    lanes.writers[lane] = None;
+                    retry_later = true;
+                }
+            }
+        }
+        if !failed {
+            *backoff = Duration::from_millis(100);
+            return;
+        }
+        // The failing tenants are quarantined (or the target is retried): the next round
+        // applies the rest; lanes that committed skip what they hold.
+        if retry_later {
+            sleep_backoff(backoff).await;
         }
     }
 }

@@ -118,7 +118,11 @@ impl Engine {
             if let Some(t) = self.tenants.get_mut(&id) {
                 t.state = MoveState::CuttingOver;
             }
-            tokio::spawn(cutover::run(job, self.cutover_tx.clone()));
+            let span = tracing::info_span!("cutover", tenant = %id, target = %job.mv.target);
+            tokio::spawn(tracing::Instrument::instrument(
+                cutover::run(job, self.cutover_tx.clone()),
+                span,
+            ));
         }
     }
 
@@ -199,18 +203,22 @@ impl Engine {
             };
             let (stop_tx, stop_rx) = oneshot::channel();
             let (waits_tx, waits_rx) = mpsc::unbounded_channel();
-            let task = tokio::spawn(reverse::run(
-                self.config.clone(),
-                reverse::Reverse {
-                    move_id: id,
-                    tenant: mv.tenant.clone(),
-                    target: mv.target.clone(),
-                    target_schema: mv.target_schema.clone(),
-                    from,
-                    tables: tables.clone(),
-                },
-                waits_rx,
-                stop_rx,
+            let span = tracing::info_span!("reverse", tenant = %mv.tenant, target = %mv.target);
+            let task = tokio::spawn(tracing::Instrument::instrument(
+                reverse::run(
+                    self.config.clone(),
+                    reverse::Reverse {
+                        move_id: id,
+                        tenant: mv.tenant.clone(),
+                        target: mv.target.clone(),
+                        target_schema: mv.target_schema.clone(),
+                        from,
+                        tables: tables.clone(),
+                    },
+                    waits_rx,
+                    stop_rx,
+                ),
+                span,
             ));
             self.cutovers.reversing.insert(
                 id,

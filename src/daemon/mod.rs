@@ -237,6 +237,16 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    // Every line the daemon logs carries its slot; its tasks add tenant, target and lane.
+    let span = tracing::info_span!("daemon", slot = %config.replication.slot);
+    tracing::Instrument::instrument(run_daemon(config, options, shutdown), span).await
+}
+
+async fn run_daemon(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     crate::telemetry::init();
     let _endpoint = Endpoint(
         config
@@ -681,6 +691,7 @@ impl Engine {
                     progress_schema: self.config.registry_schema.clone(),
                     max_txns: self.config.moves.batch_max_txns,
                     max_bytes: self.config.moves.batch_max_bytes,
+                    lanes: self.config.moves.apply_lanes,
                 },
                 self.quarantine.clone(),
                 self.apply_events.clone(),

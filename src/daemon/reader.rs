@@ -119,44 +119,48 @@ impl Pool {
 }
 
 pub(crate) fn spawn(mut job: ChunkJob, pool: Arc<Pool>, events: mpsc::UnboundedSender<ChunkEvent>) {
-    tokio::spawn(async move {
-        let first = job.chunk;
-        let mut format = None;
-        loop {
-            let (tenant, table, chunk) = (job.tenant.clone(), job.table.clone(), job.chunk);
-            let last = match read(&job, &pool, &events, &mut format).await {
-                Ok(last) => last,
-                Err(error) => {
-                    let _ = events.send(ChunkEvent::Failed {
-                        tenant,
-                        table,
-                        chunk,
-                        error,
-                    });
+    let span = tracing::info_span!("backfill", tenant = %job.tenant, table = %job.table);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let first = job.chunk;
+            let mut format = None;
+            loop {
+                let (tenant, table, chunk) = (job.tenant.clone(), job.table.clone(), job.chunk);
+                let last = match read(&job, &pool, &events, &mut format).await {
+                    Ok(last) => last,
+                    Err(error) => {
+                        let _ = events.send(ChunkEvent::Failed {
+                            tenant,
+                            table,
+                            chunk,
+                            error,
+                        });
+                        return;
+                    }
+                };
+                // A full range chunk: the range goes on after its last key.
+                let (Some(last), ChunkSpec::Range { limit, .. }, Some(follow)) =
+                    (last, &job.spec, job.follow.as_mut())
+                else {
+                    return;
+                };
+                if chunk > first
+                    && follow
+                        .wait_for(|handled| *handled + 1 >= chunk)
+                        .await
+                        .is_err()
+                {
                     return;
                 }
-            };
-            // A full range chunk: the range goes on after its last key.
-            let (Some(last), ChunkSpec::Range { limit, .. }, Some(follow)) =
-                (last, &job.spec, job.follow.as_mut())
-            else {
-                return;
-            };
-            if chunk > first
-                && follow
-                    .wait_for(|handled| *handled + 1 >= chunk)
-                    .await
-                    .is_err()
-            {
-                return;
+                job.spec = ChunkSpec::Range {
+                    after: Cursor::After(last),
+                    limit: *limit,
+                };
+                job.chunk += 1;
             }
-            job.spec = ChunkSpec::Range {
-                after: Cursor::After(last),
-                limit: *limit,
-            };
-            job.chunk += 1;
-        }
-    });
+        },
+        span,
+    ));
 }
 
 /// Reads one chunk; `format` caches the reader's COPY format once known. Returns the last

@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use super::moving::{CopyState, TableMove, Tenant, TenantRecord};
 use super::MoveError;
-use crate::apply::writer::{ensure_progress_table, read_progress};
+use crate::apply::writer::{ensure_progress_table, forget_progress, read_resume_progress};
 use crate::backfill::chunk::ChunkTable;
 use crate::backfill::KeyKind;
 use crate::cluster::ClusterError;
@@ -258,7 +258,7 @@ pub async fn check_move(
 /// one transaction.
 async fn reset(
     target: &mut Client,
-    progress_table: &str,
+    schema: &str,
     tenant: &TenantId,
     tables: &[(QualifiedName, Option<String>)],
 ) -> Result<(), Error> {
@@ -291,12 +291,7 @@ async fn reset(
             .await
             .map_err(ClusterError::sql(format!("emptying {list}")))?;
     }
-    tx.execute(
-        &format!("DELETE FROM {progress_table} WHERE tenant = $1"),
-        &[&tenant.as_str()],
-    )
-    .await
-    .map_err(ClusterError::sql("removing an earlier progress row"))?;
+    forget_progress(&tx, schema, tenant).await?;
     tx.commit()
         .await
         .map_err(ClusterError::sql("committing a reset"))?;
@@ -339,8 +334,8 @@ pub(crate) async fn prepare(
         tables.insert(def.name.clone(), TableMove::new(chunk, target_name));
     }
 
-    let progress_table = ensure_progress_table(&target, &config.registry_schema).await?;
-    let progress = read_progress(&target, &progress_table)
+    ensure_progress_table(&target, &config.registry_schema).await?;
+    let progress = read_resume_progress(&target, &config.registry_schema)
         .await?
         .remove(&mv.tenant);
     let ours = remembered
@@ -381,7 +376,7 @@ pub(crate) async fn prepare(
         }
         (_, Some(_)) => {
             tracing::info!(tenant = %mv.tenant, "an earlier attempt left rows on the target; starting over");
-            reset(&mut target, &progress_table, &mv.tenant, &scoped).await?;
+            reset(&mut target, &config.registry_schema, &mv.tenant, &scoped).await?;
         }
         (_, None) => {
             for (t, tenant_col) in &scoped {

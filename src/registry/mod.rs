@@ -698,7 +698,10 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
                     "WITH a AS (INSERT INTO {} (move_id, attempt, result, step, pause_ms, detail) \
                                 VALUES ($1, $2, $3, $4, $5, $6) \
                                 ON CONFLICT (move_id, attempt) DO NOTHING) \
-                     UPDATE {} SET cutover_attempts = greatest(cutover_attempts, $2) WHERE id = $1",
+                     UPDATE {} SET cutover_attempts = greatest(cutover_attempts, $2), \
+                            pause_ms = CASE WHEN $3 = 'cut_over' AND $5::float8 IS NOT NULL \
+                                            THEN $5 ELSE pause_ms END \
+                      WHERE id = $1",
                     self.t("cutover_attempts"),
                     self.t("moves")
                 ),

@@ -82,6 +82,7 @@ impl ReplicationStream {
     /// missing slot) are returned here rather than retried.
     pub async fn start(settings: StreamSettings) -> Result<Self, SourceError> {
         let durable = Arc::new(ProgressLsn::new(settings.start));
+        let settings_slot = settings.replication.slot.clone();
         let (conn, system, decoder_opts) = open(&settings, settings.start).await?;
         let (tx, items) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -96,7 +97,8 @@ impl ReplicationStream {
             shutdown: shutdown_rx,
             decoder: Decoder::new(decoder_opts),
         };
-        let task = tokio::spawn(task.run(conn));
+        let span = tracing::info_span!("replication", slot = %settings_slot);
+        let task = tokio::spawn(tracing::Instrument::instrument(task.run(conn), span));
         Ok(ReplicationStream {
             items,
             durable,

@@ -65,7 +65,67 @@ fn handle() -> Option<&'static PrometheusHandle> {
 
 /// Installs the recorder (so metrics are kept from the start).
 pub fn init() {
-    let _ = handle();
+    if handle().is_some() {
+        describe();
+    }
+}
+
+/// HELP texts and units (promtool requires help text for every family).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        TENANT_LAG_BYTES,
+        Unit::Bytes,
+        "WAL bytes the tenant's target trails the stream by"
+    );
+    describe_gauge!(
+        TENANT_LAG_SECONDS,
+        Unit::Seconds,
+        "Seconds since the oldest source commit the tenant's target does not hold yet"
+    );
+    describe_gauge!(
+        TENANT_ROWS_COPIED,
+        Unit::Count,
+        "Rows copied so far by the tenant's backfill"
+    );
+    describe_gauge!(
+        TENANT_ROWS_TO_COPY,
+        Unit::Count,
+        "Rows the tenant had at the source when its copy began"
+    );
+    describe_gauge!(
+        TENANT_STATE,
+        "1 for the tenant's current move state (label state)"
+    );
+    describe_counter!(
+        APPLIED_TRANSACTIONS,
+        Unit::Count,
+        "Source transactions committed on a target"
+    );
+    describe_counter!(
+        CUTOVER_ATTEMPTS,
+        Unit::Count,
+        "Cutover and rollback attempts by result"
+    );
+    describe_histogram!(
+        CUTOVER_PAUSE,
+        Unit::Seconds,
+        "The tenant's write pause of each finished cutover"
+    );
+    describe_gauge!(
+        SLOT_CONFIRMED_LSN,
+        "The position confirmed to the source, as a number"
+    );
+    describe_gauge!(
+        SLOT_RETAINED_BYTES,
+        Unit::Bytes,
+        "WAL the slot retains at the source"
+    );
+    describe_counter!(
+        PIPELINE_ERRORS,
+        Unit::Count,
+        "Pipeline step errors by class (transient, tenant_fatal, fatal)"
+    );
 }
 
 /// Whether the daemon is streaming (what `/readyz` says).

@@ -1,0 +1,456 @@
+//! Parallel apply lanes: one target's batch split over several connections.
+//!
+//! ```text
+//!   batch ─► segments:  [rows rows rows] [copy+state] [rows rows] …   (in source order)
+//!   a row segment ─► lane = hash(table, key) % lanes   (every lane commits its share at once)
+//!   a barrier segment ─► lane 0 alone; the other lanes only record the position
+//! ```
+//!
+//! Invariants:
+//! - Every change to one row (one replica-identity key of one table) goes to the same lane,
+//!   in source order, so each key's history is applied as the source wrote it. The lane of
+//!   a key depends only on the table, the key bytes and the lane count (FNV-1a, not the
+//!   process's random hasher), so a replay after a crash sends each change where it went
+//!   the first time; each lane then skips what its own progress row says it holds.
+//! - Tables whose rows could conflict across keys (a unique or exclusion index besides the
+//!   primary key) go whole to one lane, so no lane sees a unique value before another lane
+//!   has removed it.
+//! - Anything not a plain row change of a stable key (COPY chunks, backfill states,
+//!   TRUNCATE, key changes, prepared statements) is a barrier: it runs on lane 0 after every
+//!   lane committed what came before it, and before any lane goes on.
+//! - Every lane's share names every tenant of its segment, even with no work for it, so all
+//!   lanes record the same positions after a segment commits everywhere. Only a crash in
+//!   the middle of a segment leaves them apart, and the lowest one is where a tenant
+//!   resumes.
+//!
+//! Order across lanes is not kept, which is why lanes are used only under
+//! `session_replication_role = replica`, where no trigger or foreign key observes it.
+
+use std::collections::HashSet;
+
+use super::writer::{OwnedRowOp, RowChange, SourceTxn, Work};
+use crate::decode::Datum;
+use crate::sql::QualifiedName;
+
+/// Whether `txn` must run alone on lane 0.
+pub fn is_barrier(txn: &SourceTxn) -> bool {
+    !txn.states.is_empty()
+        || txn.parts.iter().flat_map(|(_, w)| w).any(|w| match w {
+            Work::Row(r) => matches!(r.op, OwnedRowOp::Rekey { .. } | OwnedRowOp::Truncate),
+            Work::Statement(_) | Work::Copy(_) => true,
+        })
+}
+
+/// A run of consecutive transactions of a batch.
+#[derive(Debug)]
+pub struct Segment {
+    pub barrier: bool,
+    pub txns: Vec<SourceTxn>,
+}
+
+/// Cuts `batch` into maximal runs of row-only transactions and of barrier transactions,
+/// keeping the order.
+pub fn segments(batch: Vec<SourceTxn>) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::new();
+    for txn in batch {
+        let barrier = is_barrier(&txn);
+        match out.last_mut() {
+            Some(s) if s.barrier == barrier => s.txns.push(txn),
+            _ => out.push(Segment {
+                barrier,
+                txns: vec![txn],
+            }),
+        }
+    }
+    out
+}
+
+/// FNV-1a, 64 bit: stable across processes and versions (the lane of a key must not change
+/// between a crash and the replay).
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// A field with its length first, so ("ab","c") and ("a","bc") differ.
+    fn field(&mut self, bytes: &[u8]) {
+        self.write(&(bytes.len() as u32).to_le_bytes());
+        self.write(bytes);
+    }
+}
+
+fn table_hash(table: &QualifiedName) -> Fnv {
+    let mut h = Fnv::new();
+    h.field(table.schema.as_bytes());
+    h.field(table.name.as_bytes());
+    h
+}
+
+/// The lane of one table as a whole.
+pub fn table_lane(table: &QualifiedName, lanes: usize) -> usize {
+    (table_hash(table).0 % lanes.max(1) as u64) as usize
+}
+
+/// The lane of a row change, by its table and replica-identity key; `None` for operations
+/// that are barriers.
+pub fn row_lane(change: &RowChange, lanes: usize) -> Option<usize> {
+    let tuple = match &change.op {
+        OwnedRowOp::Upsert { new, .. } => new,
+        OwnedRowOp::Delete { old } => old,
+        OwnedRowOp::Rekey { .. } | OwnedRowOp::Truncate => return None,
+    };
+    let mut h = table_hash(&change.table);
+    for (datum, key) in tuple.0.iter().zip(&change.identity) {
+        if !key {
+            continue;
+        }
+        match datum {
+            Datum::Text(b) => h.field(b),
+            Datum::Binary(b) => {
+                h.write(b"b");
+                h.field(b)
+            }
+            Datum::Null => h.write(b"n"),
+            Datum::UnchangedToast => h.write(b"u"),
+        }
+    }
+    Some((h.0 % lanes.max(1) as u64) as usize)
+}
+
+/// Splits a segment over `lanes` lanes. A barrier segment goes whole to lane 0. In a row
+/// segment each change goes to its key's lane, or to its table's lane when `whole_table`
+/// names the table. Every lane's transactions list every tenant of the original, with the
+/// changes that fell to that lane (maybe none).
+pub fn split(
+    segment: Segment,
+    lanes: usize,
+    whole_table: &HashSet<QualifiedName>,
+) -> Vec<Vec<SourceTxn>> {
+    let lanes = lanes.max(1);
+    let mut out: Vec<Vec<SourceTxn>> = (0..lanes)
+        .map(|_| Vec::with_capacity(segment.txns.len()))
+        .collect();
+    for txn in segment.txns {
+        let mut shares: Vec<SourceTxn> = (0..lanes)
+            .map(|_| SourceTxn {
+                end_lsn: txn.end_lsn,
+                parts: Vec::with_capacity(txn.parts.len()),
+                states: Vec::new(),
+            })
+            .collect();
+        if segment.barrier || lanes == 1 {
+            for share in shares.iter_mut().skip(1) {
+                share.parts = txn
+                    .parts
+                    .iter()
+                    .map(|(t, _)| t)
+                    .chain(txn.states.iter().map(|(t, _)| t))
+                    .map(|t| (t.clone(), Vec::new()))
+                    .collect();
+            }
+            shares[0] = txn;
+        } else {
+            for (tenant, works) in txn.parts {
+                for share in shares.iter_mut() {
+                    share.parts.push((tenant.clone(), Vec::new()));
+                }
+                for w in works {
+                    let lane = match &w {
+                        Work::Row(r) if whole_table.contains(&r.table) => {
+                            table_lane(&r.table, lanes)
+                        }
+                        Work::Row(r) => row_lane(r, lanes).unwrap_or(0),
+                        // Not in a row segment (see is_barrier); lane 0 keeps it safe anyway.
+                        _ => 0,
+                    };
+                    if let Some((_, ws)) = shares[lane].parts.last_mut() {
+                        ws.push(w);
+                    }
+                }
+            }
+        }
+        for (lane, share) in shares.into_iter().enumerate() {
+            out[lane].push(share);
+        }
+    }
+    out
+}
+
+/// One row change per table of a segment (to learn which tables must go whole to one
+/// lane), skipping tables already known.
+pub fn tables<'a>(
+    segment: &'a Segment,
+    known: &dyn Fn(&QualifiedName) -> bool,
+) -> Vec<&'a RowChange> {
+    let mut seen = HashSet::new();
+    segment
+        .txns
+        .iter()
+        .flat_map(|t| &t.parts)
+        .flat_map(|(_, w)| w)
+        .filter_map(|w| match w {
+            Work::Row(r) if !known(&r.table) && seen.insert(&r.table) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::copy::CopyRows;
+    use crate::decode::Tuple;
+    use crate::lsn::Lsn;
+    use crate::tenant::TenantId;
+    use bytes::Bytes;
+
+    fn t(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    fn orders() -> QualifiedName {
+        QualifiedName::new("acme", "orders").unwrap()
+    }
+
+    fn tuple(vals: &[&str]) -> Tuple {
+        Tuple(
+            vals.iter()
+                .map(|v| Datum::Text(Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+        )
+    }
+
+    fn upsert(table: QualifiedName, id: &str, note: &str) -> Work {
+        Work::Row(RowChange {
+            table,
+            identity: vec![true, false],
+            tenant_column: None,
+            op: OwnedRowOp::Upsert {
+                new: tuple(&[id, note]),
+                update: true,
+            },
+        })
+    }
+
+    fn delete(id: &str) -> Work {
+        Work::Row(RowChange {
+            table: orders(),
+            identity: vec![true, false],
+            tenant_column: None,
+            op: OwnedRowOp::Delete {
+                old: Tuple(vec![
+                    Datum::Text(Bytes::copy_from_slice(id.as_bytes())),
+                    Datum::Null,
+                ]),
+            },
+        })
+    }
+
+    fn txn(end: u64, parts: Vec<(&str, Vec<Work>)>) -> SourceTxn {
+        SourceTxn {
+            end_lsn: Lsn(end),
+            parts: parts.into_iter().map(|(t2, w)| (t(t2), w)).collect(),
+            states: Vec::new(),
+        }
+    }
+
+    fn copy() -> Work {
+        Work::Copy(CopyRows::from_text(
+            orders(),
+            vec!["id".into()],
+            &[vec![Some("1".into())]],
+        ))
+    }
+
+    fn key_of(w: &Work) -> String {
+        match w {
+            Work::Row(r) => match &r.op {
+                OwnedRowOp::Upsert { new: tup, .. } | OwnedRowOp::Delete { old: tup } => {
+                    match &tup.0[0] {
+                        Datum::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
+                        _ => unreachable!(),
+                    }
+                }
+                _ => unreachable!(),
+            },
+            _ => "copy".into(),
+        }
+    }
+
+    #[test]
+    fn barriers_and_row_transactions_form_ordered_segments() {
+        let mut with_state = txn(30, vec![("acme", vec![])]);
+        with_state.states.push((t("acme"), "s".into()));
+        let batch = vec![
+            txn(10, vec![("acme", vec![upsert(orders(), "1", "a")])]),
+            txn(20, vec![("acme", vec![upsert(orders(), "2", "a")])]),
+            with_state,
+            txn(40, vec![("acme", vec![copy()])]),
+            txn(50, vec![("acme", vec![delete("1")])]),
+        ];
+        let segs = segments(batch);
+        let shape: Vec<(bool, Vec<u64>)> = segs
+            .iter()
+            .map(|s| (s.barrier, s.txns.iter().map(|t| t.end_lsn.0).collect()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (false, vec![10, 20]),
+                (true, vec![30, 40]),
+                (false, vec![50])
+            ]
+        );
+        let truncate = Work::Row(RowChange {
+            table: orders(),
+            identity: vec![true],
+            tenant_column: None,
+            op: OwnedRowOp::Truncate,
+        });
+        assert!(is_barrier(&txn(1, vec![("acme", vec![truncate])])));
+        assert!(!is_barrier(&txn(1, vec![("acme", vec![delete("3")])])));
+    }
+
+    #[test]
+    fn a_key_always_lands_on_the_same_lane_in_order() {
+        let mut txns = Vec::new();
+        for i in 0..200u64 {
+            let id = (i % 37).to_string();
+            let w = if i % 5 == 0 {
+                delete(&id)
+            } else {
+                upsert(orders(), &id, &i.to_string())
+            };
+            txns.push(txn(i + 1, vec![("acme", vec![w])]));
+        }
+        let original: Vec<(u64, String)> = txns
+            .iter()
+            .map(|t| (t.end_lsn.0, key_of(&t.parts[0].1[0])))
+            .collect();
+        let lanes = split(
+            Segment {
+                barrier: false,
+                txns,
+            },
+            4,
+            &HashSet::new(),
+        );
+        assert_eq!(lanes.len(), 4);
+        let mut seen_lane = std::collections::HashMap::new();
+        let mut total = 0;
+        for (lane, share) in lanes.iter().enumerate() {
+            // Every lane lists every transaction and tenant, so every lane records them.
+            assert_eq!(share.len(), 200);
+            assert!(share.iter().all(|t| t.parts.len() == 1));
+            let mut last_end = 0;
+            for t2 in share {
+                assert!(t2.end_lsn.0 > last_end, "order kept inside a lane");
+                last_end = t2.end_lsn.0;
+                for w in &t2.parts[0].1 {
+                    total += 1;
+                    let prev = seen_lane.insert(key_of(w), lane);
+                    assert!(prev.is_none_or(|p| p == lane), "key {} split", key_of(w));
+                }
+            }
+        }
+        assert_eq!(total, original.len(), "nothing lost or duplicated");
+        // 37 keys over 4 lanes: more than one lane is used.
+        let used: HashSet<usize> = seen_lane.values().copied().collect();
+        assert!(used.len() > 1, "{used:?}");
+    }
+
+    #[test]
+    fn lanes_are_stable_and_depend_on_table_and_key() {
+        let r = |table: QualifiedName, id: &str| match upsert(table, id, "x") {
+            Work::Row(r) => r,
+            _ => unreachable!(),
+        };
+        let other = QualifiedName::new("acme", "items").unwrap();
+        // Fixed values: a change of the hash would move keys between lanes across a
+        // restart, so it must be deliberate (and handled like a change of the lane count).
+        let got: Vec<usize> = (0..8)
+            .map(|i| row_lane(&r(orders(), &i.to_string()), 8).unwrap())
+            .collect();
+        let again: Vec<usize> = (0..8)
+            .map(|i| row_lane(&r(orders(), &i.to_string()), 8).unwrap())
+            .collect();
+        assert_eq!(got, again);
+        let elsewhere: Vec<usize> = (0..8)
+            .map(|i| row_lane(&r(other.clone(), &i.to_string()), 8).unwrap())
+            .collect();
+        assert_ne!(got, elsewhere);
+        // The non-key column does not matter.
+        let a = row_lane(&r(orders(), "7"), 8);
+        let b = match upsert(orders(), "7", "something else") {
+            Work::Row(r) => row_lane(&r, 8),
+            _ => unreachable!(),
+        };
+        assert_eq!(a, b);
+        let mut h = Fnv::new();
+        h.write(b"a");
+        assert_eq!(h.0, 0xaf63_dc4c_8601_ec8c, "FNV-1a test vector");
+    }
+
+    #[test]
+    fn whole_tables_stay_on_one_lane() {
+        let mut txns = Vec::new();
+        for i in 0..50u64 {
+            txns.push(txn(
+                i + 1,
+                vec![("acme", vec![upsert(orders(), &i.to_string(), "x")])],
+            ));
+        }
+        let whole: HashSet<QualifiedName> = [orders()].into_iter().collect();
+        let lanes = split(
+            Segment {
+                barrier: false,
+                txns,
+            },
+            3,
+            &whole,
+        );
+        let busy: Vec<usize> = lanes
+            .iter()
+            .map(|s| s.iter().map(|t| t.parts[0].1.len()).sum())
+            .collect();
+        let expected = table_lane(&orders(), 3);
+        for (lane, n) in busy.iter().enumerate() {
+            assert_eq!(*n, if lane == expected { 50 } else { 0 }, "{busy:?}");
+        }
+    }
+
+    #[test]
+    fn a_barrier_runs_on_lane_zero_and_the_others_record_its_tenants() {
+        let mut b = txn(
+            10,
+            vec![("acme", vec![copy()]), ("globex", vec![delete("1")])],
+        );
+        b.states.push((t("initech"), "state".into()));
+        let lanes = split(
+            Segment {
+                barrier: true,
+                txns: vec![b],
+            },
+            3,
+            &HashSet::new(),
+        );
+        assert_eq!(lanes[0][0].parts.len(), 2);
+        assert_eq!(lanes[0][0].states.len(), 1);
+        for other in &lanes[1..] {
+            let tenants: Vec<&str> = other[0].parts.iter().map(|(t, _)| t.as_str()).collect();
+            assert_eq!(tenants, vec!["acme", "globex", "initech"]);
+            assert!(other[0].parts.iter().all(|(_, w)| w.is_empty()));
+            assert!(other[0].states.is_empty());
+        }
+    }
+}
