@@ -1,5 +1,8 @@
 # Multi-stage build: the RocksDB C++ build needs clang and g++ only in the builder.
-FROM rust:1-bookworm AS build
+# The base images are arguments so that a mirror (or a locally built image) can stand in.
+ARG BUILDER_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+FROM ${BUILDER_IMAGE} AS build
 RUN apt-get update && apt-get install -y --no-install-recommends libclang-dev clang g++ \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -8,7 +11,7 @@ COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bin switchyard
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libstdc++6 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/switchyard switchyard \

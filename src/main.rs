@@ -382,28 +382,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut client = config.source.connect_sql().await?;
             registry.install(&mut client).await?;
             let tty = std::io::stdout().is_terminal();
-            let mut previous: Option<(Vec<status::MoveStatus>, std::time::Instant)> = None;
+            let mut samples = status::Watch::default();
             loop {
-                let rows = registry.status(&client).await?;
-                let rows = status::with_rates(
-                    rows,
-                    previous
-                        .as_ref()
-                        .map(|(p, at)| (p.as_slice(), at.elapsed().as_secs_f64())),
-                );
+                let redraw = tty && samples.has_sample();
+                let rows = samples.sample(&registry, &client).await?;
                 if json {
                     println!("{}", serde_json::to_string(&rows)?);
                 } else {
-                    if tty && previous.is_some() {
+                    if redraw {
                         // Redraw in place on a terminal.
                         print!("\x1b[2J\x1b[H");
                     }
-                    print!("{}", status::render(&rows, tty));
+                    print!("{}", status::render(rows, tty));
                 }
                 let Some(secs) = watch else {
                     break;
                 };
-                previous = Some((rows, std::time::Instant::now()));
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
                     _ = tokio::signal::ctrl_c() => break,

@@ -3,7 +3,7 @@
 //! summary and removes everything.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +13,21 @@ fn demo_dir(first_line: &str) -> Option<std::path::PathBuf> {
     let rest = &first_line[start..];
     let end = rest.find(" (server binaries")?;
     Some(rest[..end].into())
+}
+
+/// Waits for `child` to exit; kills it and fails after `limit`.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the demo did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -33,17 +48,7 @@ fn the_short_demo_moves_two_tenants_cuts_over_and_cleans_up() -> Result<()> {
             .map_while(Result::ok)
             .collect::<Vec<String>>()
     });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the demo did not finish within 5 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(300))?;
     let lines = reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
     let mut err = String::new();
     stderr.read_to_string(&mut err)?;
@@ -122,17 +127,7 @@ fn ctrl_c_mid_demo_stops_everything_and_removes_the_clusters() -> Result<()> {
         .args(["-INT", &child.id().to_string()])
         .status()?;
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the demo did not stop within a minute of Ctrl-C");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(60))?;
     let rest: Vec<String> = rx.try_iter().collect();
     assert_eq!(status.code(), Some(130), "{rest:?}");
     assert!(

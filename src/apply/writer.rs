@@ -908,30 +908,13 @@ async fn read_lane(
     lanes_table: &str,
     lane: usize,
 ) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
-    let rows = client
-        .query(
-            &format!("SELECT tenant, lsn::text FROM {lanes_table} WHERE lane = $1"),
-            &[&(lane as i32)],
-        )
-        .await
-        .map_err(ClusterError::sql("reading an apply lane's positions"))?;
-    let mut out = BTreeMap::new();
-    for r in rows {
-        let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
-        let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
-            return Err(ApplyError::Corrupt(format!(
-                "{lanes_table} row for {tenant:?} holds {lsn:?}"
-            )));
-        };
-        out.insert(
-            t,
-            Progress {
-                lsn: l,
-                state: None,
-            },
-        );
-    }
-    Ok(out)
+    read_rows(
+        client,
+        &format!("SELECT tenant, lsn::text, NULL::text FROM {lanes_table} WHERE lane = $1"),
+        &[&(lane as i32)],
+        lanes_table,
+    )
+    .await
 }
 
 /// Where each tenant resumes on this target: lane 0's record (with the backfill state),
@@ -993,19 +976,34 @@ pub async fn read_progress(
     client: &Client,
     progress_table: &str,
 ) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    read_rows(
+        client,
+        &format!("SELECT tenant, lsn::text, state FROM {progress_table}"),
+        &[],
+        progress_table,
+    )
+    .await
+}
+
+/// Rows of (tenant, lsn as text, state) from `sql` over `table`.
+async fn read_rows(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    table: &str,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
     let rows = client
-        .query(
-            &format!("SELECT tenant, lsn::text, state FROM {progress_table}"),
-            &[],
-        )
+        .query(sql, params)
         .await
-        .map_err(ClusterError::sql("reading applied positions"))?;
+        .map_err(ClusterError::sql(format!(
+            "reading the positions in {table}"
+        )))?;
     let mut out = BTreeMap::new();
     for r in rows {
         let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
         let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
             return Err(ApplyError::Corrupt(format!(
-                "{progress_table} row for {tenant:?} holds {lsn:?}"
+                "{table} row for {tenant:?} holds {lsn:?}"
             )));
         };
         out.insert(

@@ -321,7 +321,7 @@ async fn show(
 
     // Progress until every move is in sync.
     let tty = std::io::stdout().is_terminal();
-    let mut previous: Option<(Vec<status::MoveStatus>, Instant)> = None;
+    let mut samples = status::Watch::default();
     let mut drawn_lines = 0usize;
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let deadline = Instant::now() + Duration::from_secs(if options.short { 180 } else { 900 });
@@ -329,13 +329,7 @@ async fn show(
         if daemon.as_ref().is_some_and(|d| d.task.is_finished()) {
             bail!("the daemon stopped on its own; see the messages above");
         }
-        let rows = registry.status(&control).await?;
-        let rows = status::with_rates(
-            rows,
-            previous
-                .as_ref()
-                .map(|(p, at)| (p.as_slice(), at.elapsed().as_secs_f64())),
-        );
+        let rows = samples.sample(&registry, &control).await?;
         for m in moving.iter_mut() {
             let row = rows.iter().find(|r| r.tenant == m.tenant.as_str());
             if m.in_sync.is_none() && row.is_some_and(|r| r.state == "streaming") {
@@ -349,7 +343,8 @@ async fn show(
                 );
             }
         }
-        let text = status::render(&rows, tty);
+        let done = moving.iter().all(|m| m.in_sync.is_some());
+        let text = status::render(rows, tty);
         if tty {
             if drawn_lines > 0 {
                 print!("\x1b[{drawn_lines}A\x1b[J");
@@ -357,23 +352,17 @@ async fn show(
             print!("{text}");
             drawn_lines = text.lines().count();
             let _ = std::io::stdout().flush();
-        } else if last_print.elapsed() >= Duration::from_secs(2) {
+        } else if done || last_print.elapsed() >= Duration::from_secs(2) {
             print!("{text}");
             last_print = Instant::now();
         }
-        previous = Some((rows, Instant::now()));
-        if moving.iter().all(|m| m.in_sync.is_some()) {
+        if done {
             break;
         }
         if Instant::now() > deadline {
             bail!("the moves did not reach streaming in time");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    if !tty {
-        if let Some((rows, _)) = &previous {
-            print!("{}", status::render(rows, false));
-        }
     }
     for m in &moving {
         say(format!(

@@ -78,6 +78,36 @@ impl Registry {
     }
 }
 
+/// Successive status samples, each with rates against the one before (watch modes).
+#[derive(Debug, Default)]
+pub struct Watch {
+    previous: Option<(Vec<MoveStatus>, std::time::Instant)>,
+}
+
+impl Watch {
+    /// Reads every move and fills in rates and ETAs; remembers the sample for the next.
+    pub async fn sample(
+        &mut self,
+        registry: &Registry,
+        client: &Client,
+    ) -> Result<&[MoveStatus], RegistryError> {
+        let rows = registry.status(client).await?;
+        let rows = with_rates(
+            rows,
+            self.previous
+                .as_ref()
+                .map(|(p, at)| (p.as_slice(), at.elapsed().as_secs_f64())),
+        );
+        let (rows, _) = self.previous.insert((rows, std::time::Instant::now()));
+        Ok(rows)
+    }
+
+    /// Whether a sample was taken before.
+    pub fn has_sample(&self) -> bool {
+        self.previous.is_some()
+    }
+}
+
 /// Fills in rates and ETAs: from the previous sample (`previous`, `elapsed` seconds ago)
 /// when there is one, else the average since the request for moves still copying.
 pub fn with_rates(
