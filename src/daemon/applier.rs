@@ -357,20 +357,13 @@ async fn apply_segment(
                 Err(join) => {
                     // A bug, not input: the share is gone, so its tenants fail loudly
                     // rather than losing its changes silently.
-                    let error = Error::Move(super::MoveError::Target {
-                        target: cfg.target.to_string(),
-                        detail: format!("apply lane {lane} stopped: {join}"),
-                    });
-                    for tenant in &lane_tenants[lane] {
-                        quarantine.insert(tenant.clone());
-                        let _ = events.send(ApplyEvent::TenantFailed {
-                            tenant: tenant.clone(),
-                            error: Error::Move(super::MoveError::Target {
-                                target: cfg.target.to_string(),
-                                detail: error.to_string(),
-                            }),
-                        });
-                    }
+                    fail_tenants(
+                        cfg,
+                        quarantine,
+                        events,
+                        lane_tenants[lane].iter().cloned(),
+                        &format!("apply lane {lane} stopped: {join}"),
+                    );
                     shares.push(Vec::new());
                     results.push(Ok(()));
                 }
@@ -404,17 +397,13 @@ async fn apply_segment(
                 (_, None) => {
                     // Not inside one tenant's work (e.g. the progress table is
                     // unusable): every tenant of the segment stops.
-                    let message = error.to_string();
-                    for tenant in batch_tenants(&shares[lane]).into_keys() {
-                        quarantine.insert(tenant.clone());
-                        let _ = events.send(ApplyEvent::TenantFailed {
-                            tenant,
-                            error: Error::Move(super::MoveError::Target {
-                                target: cfg.target.to_string(),
-                                detail: message.clone(),
-                            }),
-                        });
-                    }
+                    fail_tenants(
+                        cfg,
+                        quarantine,
+                        events,
+                        lane_tenants[lane].iter().cloned(),
+                        &error.to_string(),
+                    );
                     lanes.writers[lane] = None;
                     retry_later = true;
                 }
@@ -429,5 +418,25 @@ async fn apply_segment(
         if retry_later {
             sleep_backoff(backoff).await;
         }
+    }
+}
+
+/// Quarantines `tenants` and reports each as failed at this target with `detail`.
+fn fail_tenants(
+    cfg: &ApplierConfig,
+    quarantine: &Quarantine,
+    events: &mpsc::UnboundedSender<ApplyEvent>,
+    tenants: impl Iterator<Item = TenantId>,
+    detail: &str,
+) {
+    for tenant in tenants {
+        quarantine.insert(tenant.clone());
+        let _ = events.send(ApplyEvent::TenantFailed {
+            tenant,
+            error: Error::Move(super::MoveError::Target {
+                target: cfg.target.to_string(),
+                detail: detail.to_owned(),
+            }),
+        });
     }
 }
