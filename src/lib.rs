@@ -18,6 +18,7 @@ pub mod cutover;
 pub mod daemon;
 pub mod decode;
 pub mod error;
+pub mod failpoint;
 pub mod lsn;
 pub mod provision;
 pub mod registry;

@@ -168,6 +168,24 @@ mod tests {
     }
 
     #[test]
+    fn quoted_names_parse_back_exactly() {
+        for (schema, name) in [
+            ("public", "orders"),
+            ("public", "we\"ird; DROP TABLE public.accounts; --"),
+            ("a.b", "c\"\".d"),
+            ("s\"; DROP SCHEMA public CASCADE; --", "x"),
+        ] {
+            let q = QualifiedName::new(schema.to_string(), name.to_string()).unwrap();
+            assert_eq!(
+                QualifiedName::parse(&q.quoted()).unwrap(),
+                q,
+                "{}",
+                q.quoted()
+            );
+        }
+    }
+
+    #[test]
     fn literals_escape_quotes_and_backslashes() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");

@@ -28,7 +28,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::compaction::{SetStatement, TableChanges};
 use super::copy::{copy, CopyRows};
-use super::statement::{build, Statement, TargetColumn, TargetTable};
+use super::statement::{build, build_replay, Statement, TargetColumn, TargetTable};
 use super::{check_count, ApplyError};
 use crate::cluster::{ClusterError, Endpoint};
 use crate::decode::Tuple;
@@ -267,6 +267,9 @@ pub struct TargetWriter {
     /// Fold row changes into set-based statements (only under the replica role, where no
     /// foreign-key trigger sees the order between keys).
     compact: bool,
+    /// Per tenant, the source positions (after, up to] that the apply lanes may hold in
+    /// part after a crash (see [`TargetWriter::set_replay_windows`]).
+    replay: HashMap<TenantId, (Lsn, Lsn)>,
     stats: WriterStats,
 }
 
@@ -382,6 +385,7 @@ async fn finish_copy<'a>(
             *failed_tenant = Some(tenant.clone());
             return Err(e);
         }
+        crate::failpoint::hit("apply.after_copy");
     }
     Ok(())
 }
@@ -471,6 +475,7 @@ impl TargetWriter {
             failed_tenant: None,
             prepared: HashMap::new(),
             compact: false,
+            replay: HashMap::new(),
             stats: WriterStats::default(),
         };
         w.load_applied().await?;
@@ -483,6 +488,25 @@ impl TargetWriter {
 
     pub fn stats(&self) -> WriterStats {
         self.stats
+    }
+
+    /// This lane's applied position per tenant.
+    pub fn applied_positions(&self) -> &HashMap<TenantId, Lsn> {
+        &self.applied
+    }
+
+    /// Tells the writer where the lanes stopped apart. A crash between the lanes' commits of
+    /// one segment leaves, for each tenant of it, some lanes at the segment's end (`hi`) and
+    /// the rest before it (`lo`). Replayed, the segment's transactions can be cut into lanes
+    /// differently (whether a transaction is a barrier depends on the backfill state, which
+    /// resumes from lane 0's record), so a lane's own position cannot say whether a given
+    /// row change in (lo, hi] was applied: every such change is applied again, by whichever
+    /// lane it now reaches, in its replayable form (see [`super::statement::build_replay`]).
+    /// Each key's changes are in one lane per segment, in order, so the key holds a prefix
+    /// of them and replaying them all ends where applying them once does. COPY chunks and
+    /// backfill states only ever run on lane 0 and keep its position's rule.
+    pub fn set_replay_windows(&mut self, windows: HashMap<TenantId, (Lsn, Lsn)>) {
+        self.replay = windows;
     }
 
     /// Re-reads the applied positions from the target (the truth after a crash).
@@ -580,10 +604,18 @@ impl TargetWriter {
         for txn in batch {
             for (tenant, work) in &txn.parts {
                 let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
-                if txn.end_lsn <= held {
+                let replay = self
+                    .replay
+                    .get(tenant)
+                    .is_some_and(|(lo, hi)| txn.end_lsn > *lo && txn.end_lsn <= *hi);
+                if txn.end_lsn <= held && !replay {
                     continue;
                 }
                 for w in work {
+                    if txn.end_lsn <= held && !matches!(w, Work::Row(_)) {
+                        // Lane 0 ran it (COPY chunks and statements never leave lane 0).
+                        continue;
+                    }
                     let statement = match w {
                         Work::Copy(c) => {
                             // Consecutive copies into one table with nothing else done to it
@@ -654,7 +686,7 @@ impl TargetWriter {
                                 }
                             };
                             let op = r.op.as_op();
-                            if compact {
+                            if compact && !replay {
                                 let at = match folds
                                     .iter()
                                     .position(|(t, f)| *t == tenant && f.table().name == r.table)
@@ -692,7 +724,12 @@ impl TargetWriter {
                                     )?;
                                 }
                             }
-                            match build(layout, &op, tenant.as_str()) {
+                            let built = if replay {
+                                build_replay(layout, &op, tenant.as_str())
+                            } else {
+                                build(layout, &op, tenant.as_str())
+                            };
+                            match built {
                                 Ok(st) => Cow::Owned(st),
                                 Err(e) => {
                                     self.failed_tenant = Some(tenant.clone());
@@ -740,6 +777,7 @@ impl TargetWriter {
             &mut self.stats.copies,
         )
         .await?;
+        crate::failpoint::hit("apply.before_progress");
         if self.lane == 0 {
             let upsert = format!(
                 "INSERT INTO {} (tenant, lsn, state) VALUES ($1, $2::text::pg_lsn, $3) \
@@ -772,11 +810,15 @@ impl TargetWriter {
                     .map_err(ClusterError::sql("recording the applied position"))?;
             }
         }
+        crate::failpoint::hit("apply.before_commit");
         tx.commit()
             .await
             .map_err(ClusterError::sql("committing a target transaction"))?;
+        crate::failpoint::hit("apply.after_commit");
         for (tenant, (lsn, _)) in advanced {
-            self.applied.insert(tenant, lsn);
+            // A replayed window can end below what this lane held already.
+            let held = self.applied.entry(tenant).or_insert(lsn);
+            *held = (*held).max(lsn);
         }
         Ok(last.end_lsn)
     }

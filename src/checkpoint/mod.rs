@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!   s:meta                       SlotRecord (which slot on which cluster)
-//!   s:confirmed                  Lsn, big-endian: last position confirmed to the source
+//!   s:confirmed                  Lsn, big-endian: last durable position checkpointed with
+//!                                applied positions (the slot may be confirmed further, past
+//!                                transactions that touched no target and idle keepalives)
 //!   t:<tenant>\0state            the tenant's move record (JSON, owned by the move engine)
 //!   t:<tenant>\0applied          Lsn: last source position durable on the tenant's target
 //!   t:<tenant>\0cursor\0<table>  backfill cursor of one table (JSON)

@@ -137,10 +137,7 @@ async fn attempt(
     let cfg = &job.config;
     let registry = Registry::new(cfg.registry_schema.clone())?;
     let mut source = cfg.source.connect_sql().await?;
-    let endpoint = cfg
-        .targets
-        .get(&job.mv.target)
-        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(job.mv.target.to_string()))?;
+    let endpoint = crate::daemon::endpoint(cfg, &job.mv.target)?;
     let mut target = endpoint.connect_sql().await?;
     registry
         .transition(
@@ -151,6 +148,7 @@ async fn attempt(
             None,
         )
         .await?;
+    crate::failpoint::hit("cutover.after_cutting_over");
     let outcome = match prepare(job, &mut source, &mut target, &registry).await {
         Ok(None) => fenced(job, &mut source, &target, &registry, pipeline).await,
         Ok(Some(o)) => Ok(o),
@@ -234,6 +232,7 @@ async fn prepare(
     if !fence::sees_all_sessions(source).await? {
         return Err(CutoverError::CannotSeeSessions.into());
     }
+    crate::failpoint::hit("cutover.after_arm");
     let deadline = Instant::now() + cfg.cutover.old_transaction_wait;
     loop {
         let old = fence::old_transactions(source, &cfg.registry_schema, tenant).await?;
@@ -387,6 +386,7 @@ async fn fenced(
         ));
     }
     let lock_wait = t0.elapsed();
+    crate::failpoint::hit("cutover.after_lock");
 
     // Everything the tenant committed is now before this point in the WAL.
     let (reply_tx, reply_rx) = oneshot::channel();
@@ -423,6 +423,7 @@ async fn fenced(
         }
     }
     let catch_up = t0.elapsed() - lock_wait;
+    crate::failpoint::hit("cutover.after_catch_up");
     // From here on every change of the tenant's tables at the target is an application's
     // (the move applied all of its own): the reverse stream starts after this position.
     let reverse_from: Option<String> = if cfg.cutover.rollback {
@@ -508,7 +509,9 @@ async fn fenced(
             "the pause budget ran out before the commit".into(),
         ));
     }
+    crate::failpoint::hit("cutover.before_commit");
     tx.commit().await.map_err(sql("committing the cutover"))?;
+    crate::failpoint::hit("cutover.after_commit");
     Ok(Outcome::CutOver {
         pause: t0.elapsed(),
         lock_wait,

@@ -49,10 +49,7 @@ async fn tables(
 /// Compares the tenant's rows on the source and its target and records the result.
 pub async fn verify_tenant(config: &Config, tenant: &TenantId) -> Result<VerifyReport, Error> {
     let (registry, source, mv) = tenant_move(config, tenant).await?;
-    let endpoint = config
-        .targets
-        .get(&mv.target)
-        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(mv.target.to_string()))?;
+    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
     let target = endpoint.connect_sql().await?;
     let tables = tables(config, &registry, &source, &mv).await?;
     // Before the cutover the daemon keeps the target current: its confirmed position says
@@ -138,10 +135,7 @@ pub async fn cancel_tenant(config: &Config, tenant: &TenantId) -> Result<Cancell
         )
         .await?;
     super::fence::disarm(&client, &config.registry_schema, tenant).await?;
-    let endpoint = config
-        .targets
-        .get(&mv.target)
-        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(mv.target.to_string()))?;
+    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
     let mut target = endpoint.connect_sql().await?;
     // An aborted cutover attempt may have prepared reverse replication: its slot would
     // keep WAL at the target for nothing.

@@ -205,11 +205,7 @@ pub(crate) async fn run(
     mut waits: mpsc::UnboundedReceiver<MarkerWait>,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<(), Error> {
-    let endpoint = config
-        .targets
-        .get(&rev.target)
-        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(rev.target.to_string()))?
-        .clone();
+    let endpoint = crate::daemon::endpoint(&config, &rev.target)?.clone();
     let source = config.source.connect_sql().await?;
     // Only this tenant's writes pass the source's fence, and only on this session.
     source
@@ -368,10 +364,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     let tenant = &job.mv.tenant;
     let key = target_key(tenant, &job.mv.target_schema);
     let registry = Registry::new(cfg.registry_schema.clone())?;
-    let endpoint = cfg
-        .targets
-        .get(&job.mv.target)
-        .ok_or_else(|| crate::daemon::MoveError::UnknownTarget(job.mv.target.to_string()))?;
+    let endpoint = crate::daemon::endpoint(cfg, &job.mv.target)?;
     let mut target = endpoint.connect_sql().await?;
     let flusher = endpoint.connect_sql().await?;
     let mut source = cfg.source.connect_sql().await?;

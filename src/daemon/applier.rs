@@ -12,7 +12,7 @@
 //!   on a new connection; the writer re-reads the target's applied positions, so a batch
 //!   that did commit before the connection dropped is not applied twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -184,11 +184,27 @@ impl Lanes {
             self.writers[0] = Some(w);
             self.settled = true;
         }
+        let mut fresh = false;
         for lane in 0..self.writers.len() {
             if self.writers[lane].as_ref().is_none_or(|w| w.is_closed()) {
                 self.writers[lane] = None;
                 let (w, _) = connect(cfg, lane).await?;
                 self.writers[lane] = Some(w);
+                fresh = true;
+            }
+        }
+        if fresh && self.writers.len() > 1 {
+            let windows = replay_windows(
+                self.writers
+                    .iter()
+                    .flatten()
+                    .map(TargetWriter::applied_positions),
+            );
+            if !windows.is_empty() {
+                tracing::info!(target = %cfg.target, tenants = windows.len(), "the apply lanes stopped apart; replaying the segment in between");
+            }
+            for w in self.writers.iter_mut().flatten() {
+                w.set_replay_windows(windows.clone());
             }
         }
         Ok(())
@@ -220,6 +236,24 @@ impl Lanes {
         let seg = segment.take().expect("checked above");
         Ok(lanes::split(seg, self.count(), &self.whole))
     }
+}
+
+/// Per tenant, (lowest, highest) position over the lanes where they differ; a lane without
+/// a row for the tenant holds nothing of it.
+fn replay_windows<'a>(
+    lanes: impl Iterator<Item = &'a HashMap<TenantId, Lsn>>,
+) -> HashMap<TenantId, (Lsn, Lsn)> {
+    let lanes: Vec<&HashMap<TenantId, Lsn>> = lanes.collect();
+    let tenants: HashSet<&TenantId> = lanes.iter().flat_map(|l| l.keys()).collect();
+    tenants
+        .into_iter()
+        .filter_map(|t| {
+            let at = |l: &&HashMap<TenantId, Lsn>| l.get(t).copied().unwrap_or(Lsn::INVALID);
+            let lo = lanes.iter().map(at).min()?;
+            let hi = lanes.iter().map(at).max()?;
+            (lo < hi).then(|| (t.clone(), (lo, hi)))
+        })
+        .collect()
 }
 
 async fn run(
@@ -260,6 +294,7 @@ async fn run(
             )
             .await;
         }
+        crate::failpoint::hit("applier.before_report");
         let sent = events.send(ApplyEvent::Committed {
             target: cfg.target.clone(),
             up_to,
@@ -438,5 +473,33 @@ fn fail_tenants(
                 detail: detail.to_owned(),
             }),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    #[test]
+    fn windows_cover_only_tenants_whose_lanes_stopped_apart() {
+        let lane = |pairs: &[(&str, u64)]| -> HashMap<TenantId, Lsn> {
+            pairs.iter().map(|(k, v)| (t(k), Lsn(*v))).collect()
+        };
+        let lanes = [
+            lane(&[("a", 200), ("b", 90), ("c", 50)]),
+            lane(&[("a", 100), ("b", 90), ("c", 50)]),
+            lane(&[("a", 200), ("b", 90)]),
+        ];
+        let w = replay_windows(lanes.iter());
+        assert_eq!(w.get(&t("a")), Some(&(Lsn(100), Lsn(200))));
+        assert_eq!(w.get(&t("b")), None, "agreeing lanes need no replay");
+        // A lane without a row holds nothing of the tenant.
+        assert_eq!(w.get(&t("c")), Some(&(Lsn::INVALID, Lsn(50))));
+        assert_eq!(w.len(), 2);
+        assert!(replay_windows(std::iter::empty()).is_empty());
     }
 }

@@ -12,7 +12,10 @@
 //!
 //! Invariants:
 //! - The position confirmed to the source is the tracker's: every transaction at or before
-//!   it is durable on every target it touched. It is written to RocksDB before the feedback.
+//!   it is durable on every target it touched. A position that a target commit made durable
+//!   is written to RocksDB (with the tenants' applied positions) before the feedback;
+//!   positions past transactions that touched no target are confirmed without a checkpoint
+//!   (there is nothing of theirs to lose).
 //! - A tenant's rows and its backfill state reach its target in one transaction together
 //!   with the applied position; on restart every tenant resumes from its target's record,
 //!   and changes of transactions at or before it are not looked at again for that tenant.
@@ -87,8 +90,8 @@ pub enum MoveError {
     LostProgress { target: String, recorded: Lsn },
     #[error("the tenant's target lags {held} bytes of WAL behind the stream, over the budget of {budget} (move.wal_budget_mb); it was failed so the slot does not keep WAL for it")]
     WalBudget { held: u64, budget: u64 },
-    #[error("target {0:?} is not configured in [targets]")]
-    UnknownTarget(String),
+    #[error("target {target:?} is not configured in [targets] (known targets: {known})")]
+    UnknownTarget { target: String, known: String },
     #[error("no table of publication {publication:?} belongs to tenant {tenant}")]
     NoTables { tenant: String, publication: String },
     #[error("the backfill state stored on the target is unreadable: {0}")]
@@ -137,6 +140,29 @@ pub struct RunOptions {
 
 /// Takes the daemon lease of `slot` on the registry connection (a session advisory lock:
 /// it ends with the connection, so a dead daemon's lease is free at once).
+/// The configured endpoint of `target`, or an error that lists the known ones.
+pub fn endpoint<'a>(
+    config: &'a Config,
+    target: &TargetId,
+) -> Result<&'a crate::cluster::Endpoint, MoveError> {
+    config
+        .targets
+        .get(target)
+        .ok_or_else(|| unknown_target(config, target))
+}
+
+fn unknown_target(config: &Config, target: &TargetId) -> MoveError {
+    MoveError::UnknownTarget {
+        target: target.to_string(),
+        known: config
+            .targets
+            .keys()
+            .map(|t| format!("{:?}", t.as_str()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 async fn take_lease(control: &Client, slot: &str) -> Result<bool, Error> {
     Ok(control
         .query_one(
@@ -377,6 +403,7 @@ async fn run_daemon(
         }
         Some(_) => {}
         None => {
+            crate::failpoint::hit("source.after_slot_created");
             engine.store.record_slot(&SlotRecord {
                 slot: repl.slot.clone(),
                 system_id: system.system_id.clone(),
@@ -726,6 +753,7 @@ impl Engine {
             batch.applied(&tenant.id, tenant.applied);
         }
         self.store.commit(batch)?;
+        crate::failpoint::hit("setup.after_state");
         tracing::info!(tenant = %tenant.id, state = %tenant.state, rows = ?tenant.rows_total, "tenant moving");
         self.tenants.insert(tenant.id.clone(), tenant);
         self.refresh_moved_tables();
@@ -1190,6 +1218,8 @@ impl Engine {
             return Ok(());
         };
         let Ok(table) = QualifiedName::parse(&w.table) else {
+            // Our own run wrote it; a name that does not parse back would stall the chunk.
+            tracing::warn!(table = %w.table, "a watermark of this run names no table");
             return Ok(());
         };
         let Some(t) = self.tenants.get_mut(&tenant) else {
@@ -1314,7 +1344,9 @@ impl Engine {
                 if durable.is_valid() {
                     batch.confirmed(durable);
                 }
+                crate::failpoint::hit("checkpoint.before_commit");
                 self.store.commit(batch)?;
+                crate::failpoint::hit("checkpoint.after_commit");
                 if durable.is_valid() {
                     stream.mark_durable(durable);
                 }
@@ -1420,6 +1452,7 @@ impl Engine {
             if let Err(e) = self.store.commit(batch) {
                 tracing::error!(%tenant, error = %e, "recording the state");
             }
+            crate::failpoint::hit("daemon.after_synced");
             tracing::info!(%tenant, "in sync: backfill done, streaming");
             // The final progress goes with the state, not up to a second later.
             let progress = Report {

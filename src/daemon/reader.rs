@@ -176,7 +176,8 @@ async fn read(
         Watermark {
             run: job.run,
             tenant: job.tenant.to_string(),
-            table: job.table.to_string(),
+            // Quoted: a table name may hold dots and quotes, and must parse back exactly.
+            table: job.table.quoted(),
             chunk: job.chunk,
             mark: m,
         }
@@ -186,6 +187,7 @@ async fn read(
         .execute(EMIT_SQL, &[&mark(Mark::Low)])
         .await
         .map_err(ClusterError::sql("writing a low watermark"))?;
+    crate::failpoint::hit("backfill.after_low_watermark");
     let params = job
         .layout
         .query(job.tenant.as_str(), &job.spec, CopyFormat::Binary)
@@ -349,10 +351,12 @@ async fn read(
     {
         return Ok(None);
     }
+    crate::failpoint::hit("backfill.after_chunk_read");
     client
         .execute(EMIT_SQL, &[&mark(Mark::High)])
         .await
         .map_err(ClusterError::sql("writing a high watermark"))?;
+    crate::failpoint::hit("backfill.after_high_watermark");
     pool.put(client);
     Ok(last)
 }

@@ -229,7 +229,7 @@ pub async fn tenant_layout(
             .tables
             .get(&def.name)
             .cloned()
-            .ok_or_else(|| MoveError::UnknownTarget(mv.target.to_string()))?;
+            .ok_or_else(|| super::unknown_target(config, &mv.target))?;
         out.push((chunk, target));
     }
     Ok(out)
@@ -244,7 +244,7 @@ pub async fn check_move(
     target: &crate::tenant::TargetId,
 ) -> Result<Vec<QualifiedName>, Error> {
     if !config.targets.contains_key(target) {
-        return Err(MoveError::UnknownTarget(target.to_string()).into());
+        return Err(super::unknown_target(config, target).into());
     }
     let source = config.source.connect_sql().await?;
     let defs = tenant_tables(config, &source, tenant, &BTreeSet::new()).await?;
@@ -305,10 +305,7 @@ pub(crate) async fn prepare(
     remembered: Remembered,
     excluded_schemas: &BTreeSet<String>,
 ) -> Result<Tenant, Error> {
-    let endpoint = config
-        .targets
-        .get(&mv.target)
-        .ok_or_else(|| MoveError::UnknownTarget(mv.target.to_string()))?;
+    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
     let source = config.source.connect_sql().await?;
     let mut target = endpoint.connect_sql().await?;
     // The reset below deletes children and parents in table order, as apply does.
@@ -321,6 +318,7 @@ pub(crate) async fn prepare(
     }
     let created = provision::apply(&mut target, &plan).await?;
     tracing::info!(tenant = %mv.tenant, target = %mv.target, created, "target provisioned");
+    crate::failpoint::hit("setup.after_provision");
 
     let mut tables = BTreeMap::new();
     let mut scoped = Vec::new();

@@ -447,8 +447,13 @@ impl Task {
         let flush = self.feedback.flush(self.durable.get());
         let write = self.feedback.received().max(flush);
         let payload = wire::standby_status(write.0, flush.0, flush.0, wire::pg_now_micros(), reply);
+        let advanced = flush != *last_flush && flush.is_valid();
+        if advanced {
+            crate::failpoint::hit("feedback.before_send");
+        }
         conn.send_copy_data(payload).await?;
-        if flush != *last_flush {
+        if advanced {
+            crate::failpoint::hit("feedback.after_send");
             tracing::debug!(%flush, %write, "confirmed to source");
         }
         *last_flush = flush;

@@ -133,6 +133,16 @@ pub struct Process {
 
 impl Process {
     pub fn start(config: &Path, log: &Path, create_slot: bool) -> Result<Process> {
+        Process::start_env(config, log, create_slot, &[])
+    }
+
+    /// Started with extra environment variables (failpoints, log filters).
+    pub fn start_env(
+        config: &Path,
+        log: &Path,
+        create_slot: bool,
+        env: &[(&str, &str)],
+    ) -> Result<Process> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -142,8 +152,11 @@ impl Process {
         if create_slot {
             cmd.arg("--create-slot");
         }
+        cmd.env("SWITCHYARD_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = cmd
-            .env("SWITCHYARD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -162,6 +175,23 @@ impl Process {
             );
         }
         Ok(())
+    }
+
+    /// Waits for the process to end on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "switchyard still running after {timeout:?}; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -342,12 +372,24 @@ pub struct Writer {
 
 impl Writer {
     pub fn start(client: Client, tenants: Vec<i32>, pause: Duration) -> Writer {
+        Writer::start_with(client, tenants, pause, false)
+    }
+
+    /// With `follow_routes`, a transaction the old location refuses (SQLSTATE SY001: a
+    /// tenant was cut over) is dropped, as are the tenants `switchyard.routes` now sends
+    /// elsewhere; the writer goes on with the others.
+    pub fn start_with(
+        client: Client,
+        mut tenants: Vec<i32>,
+        pause: Duration,
+        follow_routes: bool,
+    ) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(AtomicI64::new(0));
         let (s, r) = (stop.clone(), rounds.clone());
         let task = tokio::spawn(async move {
             let mut i: i64 = 0;
-            while !s.load(Ordering::Relaxed) {
+            while !s.load(Ordering::Relaxed) && !tenants.is_empty() {
                 i += 1;
                 let n = tenants.len() as i64;
                 let a = tenants[(i % n) as usize];
@@ -370,7 +412,21 @@ impl Writer {
                     arrive = (i * 3001) % 1500 + 1,
                     len = if i % 10 == 0 { 5000 } else { 10 },
                 );
-                client.batch_execute(&sql).await?;
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {}
+                    Err(e) if follow_routes && e.code().map(|c| c.code()) == Some("SY001") => {
+                        client.batch_execute("ROLLBACK").await?;
+                        let moved: Vec<i32> = client
+                            .query("SELECT tenant::int FROM switchyard.routes", &[])
+                            .await?
+                            .iter()
+                            .map(|row| row.get(0))
+                            .collect();
+                        tenants.retain(|t| !moved.contains(t));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 r.store(i, Ordering::Relaxed);
                 tokio::time::sleep(pause).await;
             }
