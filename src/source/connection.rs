@@ -474,7 +474,10 @@ impl ReplicationConnection {
                 Ok(None)
             }
             b'E' => Err(self.server_error("replication stream", &frame.body)),
-            b'c' => Err(SourceError::Closed),
+            // The server ended the stream: CopyDone, or (seen at a fast shutdown of the
+            // source) CommandComplete / ReadyForQuery with no CopyDone read first. Either way
+            // nothing more comes on this connection; reconnecting resumes where we are.
+            b'c' | b'C' | b'Z' => Err(SourceError::Closed),
             other => Err(SourceError::Protocol(format!(
                 "unexpected message {:?} in replication stream",
                 char::from(other)

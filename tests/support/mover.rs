@@ -380,15 +380,30 @@ impl Writer {
     /// elsewhere; the writer goes on with the others.
     pub fn start_with(
         client: Client,
-        mut tenants: Vec<i32>,
+        tenants: Vec<i32>,
         pause: Duration,
         follow_routes: bool,
     ) -> Writer {
+        Writer::spawn(client, tenants, pause, follow_routes, 0)
+    }
+
+    /// Goes on where an earlier writer stopped after `rounds` rounds (new keys stay new).
+    pub fn resume(client: Client, tenants: Vec<i32>, pause: Duration, rounds: i64) -> Writer {
+        Writer::spawn(client, tenants, pause, false, rounds)
+    }
+
+    fn spawn(
+        client: Client,
+        mut tenants: Vec<i32>,
+        pause: Duration,
+        follow_routes: bool,
+        first: i64,
+    ) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicI64::new(0));
+        let rounds = Arc::new(AtomicI64::new(first));
         let (s, r) = (stop.clone(), rounds.clone());
         let task = tokio::spawn(async move {
-            let mut i: i64 = 0;
+            let mut i: i64 = first;
             while !s.load(Ordering::Relaxed) && !tenants.is_empty() {
                 i += 1;
                 let n = tenants.len() as i64;
