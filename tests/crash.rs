@@ -181,7 +181,7 @@ crash_cases! {
 fn expect_abort(daemon: &mut Process, point: &str) -> Result<()> {
     let status = daemon.wait_exit(FIRE)?;
     let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
-    if status.signal() != Some(libc_sigabrt()) {
+    if status.signal() != Some(SIGABRT) {
         bail!("switchyard ended with {status}, not at failpoint {point}; log:\n{log}");
     }
     let line = format!("failpoint {point} fired");
@@ -191,9 +191,8 @@ fn expect_abort(daemon: &mut Process, point: &str) -> Result<()> {
     Ok(())
 }
 
-fn libc_sigabrt() -> i32 {
-    6
-}
+/// SIGABRT on Linux: what `std::process::abort` ends the process with.
+const SIGABRT: i32 = 6;
 
 async fn lsn_of(c: &Client, sql: &str) -> Result<Lsn> {
     let text: String = c.query_one(sql, &[]).await?.get(0);
