@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use support::mover::{load_config, prepare_target, write_config, InProcess};
+use support::report::{percentile, summary};
 use support::{wait_for, PgCluster};
 use switchyard::registry::{CutoverMode, Registry};
 use switchyard::tenant::{TargetId, TenantId};
@@ -78,15 +79,6 @@ async fn reroute(client: &tokio_postgres::Client, routes: &Routes, tenant: i32) 
         .unwrap_or_else(|p| p.into_inner())
         .insert(tenant, row.get(0));
     Ok(())
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
 }
 
 /// Client connections writing random tenants at `tps` in total until `stop`.
@@ -420,5 +412,24 @@ async fn main() -> Result<()> {
         rows.len() == cutovers as usize,
         "not every tenant was cut over"
     );
+    support::report::record(
+        "cutover",
+        serde_json::json!({
+            "cutovers": cutovers,
+            "offered_tps": tps,
+            "clients": clients,
+            "budget_ms": budget,
+            "attempts": attempts,
+            "aborted": aborted,
+            "pause_ms": summary(&mut pauses),
+            "moving_tenant_slowest_write_ms": summary(&mut tenant_seen),
+            "others_in_window_ms": summary(&mut others_in),
+            "others_outside_ms": summary(&mut others_out),
+            "before_triggers_ms": summary(&mut b),
+            "after_triggers_ms": summary(&mut a),
+            "tps_before": before.len() as f64 / phase.as_secs_f64(),
+            "tps_after": after.len() as f64 / phase.as_secs_f64(),
+        }),
+    )?;
     Ok(())
 }

@@ -394,6 +394,30 @@ async fn main() -> Result<()> {
         median(&native_backlog_t) / median(&sy_backlog_t),
         cpu(&sy_backlog_cpu)
     );
+    support::report::record(
+        "move",
+        serde_json::json!({
+            "rows": rows,
+            "rounds": rounds,
+            "chunk_rows": chunk_rows,
+            "apply_lanes": lanes,
+            "backfill_s": {
+                "copy_pipe": median(&pipe_t),
+                "native": median(&native_t),
+                "switchyard": median(&sy_t),
+            },
+            "backfill_ratio_native_over_switchyard": median(&native_t) / median(&sy_t),
+            "backfill_ratio_pipe_over_switchyard": median(&pipe_t) / median(&sy_t),
+            "backlog_txns": txns,
+            "backlog_changes": total_changes,
+            "backlog_s": {
+                "native": median(&native_backlog_t),
+                "switchyard": median(&sy_backlog_t),
+            },
+            "backlog_ratio_native_over_switchyard": median(&native_backlog_t) / median(&sy_backlog_t),
+            "switchyard_cpu_s": { "backfill": sy_cpu, "backlog": sy_backlog_cpu },
+        }),
+    )?;
     let _ = dn
         .batch_execute("DROP SUBSCRIPTION native_sub")
         .await

@@ -372,3 +372,65 @@ async fn wait_for_returns_the_value_or_names_what_timed_out() -> Result<()> {
     assert!(format!("{err:#}").contains("probe broke"), "{err:#}");
     Ok(())
 }
+
+/// The fault proxy forwards, delays, black-holes (a query hangs, then completes when the
+/// hole closes) and cuts (the live session dies, a new one works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_forwards_delays_black_holes_and_cuts() -> Result<()> {
+    let pg = PgCluster::start()?;
+    let proxy = support::proxy::Proxy::start(pg.port())?;
+    let port = proxy.port();
+    let connect = move || async move {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(conn);
+        anyhow::Ok(client)
+    };
+    let c = connect().await?;
+    let one: i32 = c.query_one("SELECT 1", &[]).await?.get(0);
+    assert_eq!(one, 1);
+    assert_eq!((proxy.accepted(), proxy.live()), (1, 1));
+
+    proxy.delay(Duration::from_millis(150));
+    let t0 = std::time::Instant::now();
+    c.query_one("SELECT 2", &[]).await?;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    proxy.delay(Duration::ZERO);
+
+    proxy.black_hole(true);
+    let held = tokio::time::timeout(Duration::from_millis(500), c.query_one("SELECT 3", &[])).await;
+    assert!(held.is_err(), "a query answered through a black hole");
+    let pending = tokio::spawn(connect());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pending.is_finished(),
+        "a connection was set up through a black hole"
+    );
+    proxy.black_hole(false);
+    let late = pending.await??;
+    let four: i32 = late.query_one("SELECT 4", &[]).await?.get(0);
+    assert_eq!(four, 4);
+
+    let before = proxy.forwarded();
+    proxy.cut();
+    let err = c
+        .query_one("SELECT 5", &[])
+        .await
+        .expect_err("a cut session still answered");
+    assert!(err.is_closed() || err.as_db_error().is_none(), "{err}");
+    assert!(late.query_one("SELECT 6", &[]).await.is_err());
+    let again = connect().await?;
+    let seven: i32 = again.query_one("SELECT 7", &[]).await?.get(0);
+    assert_eq!(seven, 7);
+    assert!(proxy.forwarded() > before);
+    Ok(())
+}

@@ -58,7 +58,7 @@ async fn names_that_are_sql_stay_names() -> Result<()> {
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("--config")
         .arg(&path)
-        .args(["move", TENANT, "--to", TARGET, "--schema", SCHEMA, "--auto"])
+        .args(["move", TENANT, "--to", TARGET, "--schema", SCHEMA])
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -85,6 +85,18 @@ async fn names_that_are_sql_stay_names() -> Result<()> {
     )
     .await?;
     wait_drained(&s, SYNC).await?;
+    // Cut over through the CLI too, after the changes: a move requested with --auto could
+    // cut over before they were made and the fence would refuse them.
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("--config")
+        .arg(&path)
+        .args(["cutover", TENANT])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "switchyard cutover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_state(&s, id, "cut_over", SYNC).await?;
     daemon.check_alive()?;
     daemon.stop().await?;

@@ -583,92 +583,270 @@ mod tests {
         ]
     }
 
+    /// Source, stream and target of one table simulated exactly: the stream is applied in
+    /// order and at once (its order is what matters), strictly for copied keys.
+    #[derive(Clone, Debug)]
+    struct Sim {
+        source: BTreeMap<i64, u32>,
+        target: BTreeMap<i64, u32>,
+        copy: TableCopy,
+        buffer: Vec<(i64, u32)>,
+        in_flight: Option<u64>,
+        read_done: bool,
+        limit: usize,
+    }
+
+    impl Sim {
+        fn new(initial: BTreeMap<i64, u32>, limit: usize) -> Sim {
+            Sim {
+                source: initial,
+                target: BTreeMap::new(),
+                copy: TableCopy::new(),
+                buffer: Vec::new(),
+                in_flight: None,
+                read_done: false,
+                limit,
+            }
+        }
+
+        fn apply(&mut self, key: i64, val: Option<u32>) -> Result<(), String> {
+            if self.copy.change(&k(key)) == Verdict::Apply {
+                match val {
+                    Some(v) => {
+                        self.target.insert(key, v);
+                    }
+                    None if self.target.remove(&key).is_none() => {
+                        return Err(format!("strict delete of {key} found no row"));
+                    }
+                    None => {}
+                }
+            }
+            Ok(())
+        }
+
+        /// Runs `s`; `Ok(false)` when it can do nothing now.
+        fn step(&mut self, s: &Step) -> Result<bool, String> {
+            match *s {
+                Step::Upsert(key, v) => {
+                    self.source.insert(key, v);
+                    self.apply(key, Some(v))?;
+                }
+                Step::Delete(key) => {
+                    if self.source.remove(&key).is_some() {
+                        self.apply(key, None)?;
+                    }
+                }
+                Step::Rekey(from, to) => {
+                    if from != to
+                        && self.source.contains_key(&from)
+                        && !self.source.contains_key(&to)
+                    {
+                        let v = self.source.remove(&from).expect("checked");
+                        self.source.insert(to, v);
+                        match self.copy.rekey(&k(from), &k(to)) {
+                            RekeyPlan::Update => {
+                                if self.target.remove(&from).is_none() {
+                                    return Err(format!("strict rekey of {from} found no row"));
+                                }
+                                if self.target.insert(to, v).is_some() {
+                                    return Err(format!("rekey onto existing {to}"));
+                                }
+                            }
+                            RekeyPlan::DeleteOld => {
+                                if self.target.remove(&from).is_none() {
+                                    return Err(format!("strict delete of {from} found no row"));
+                                }
+                            }
+                            RekeyPlan::Skip => {}
+                        }
+                    }
+                }
+                Step::Read => {
+                    let (Some(c), false) = (self.in_flight, self.read_done) else {
+                        return Ok(false);
+                    };
+                    let spec = self
+                        .copy
+                        .window
+                        .as_ref()
+                        .map(|w| w.spec.clone())
+                        .expect("in flight");
+                    let rows: Vec<(i64, u32)> = match spec {
+                        ChunkSpec::Range { after, limit } => self
+                            .source
+                            .iter()
+                            .filter(|(key, _)| !after.covers(&k(**key)))
+                            .take(limit)
+                            .map(|(a, b)| (*a, *b))
+                            .collect(),
+                        ChunkSpec::Keys(keys) => self
+                            .source
+                            .iter()
+                            .filter(|(key, _)| keys.contains(&k(**key)))
+                            .map(|(a, b)| (*a, *b))
+                            .collect(),
+                    };
+                    self.copy
+                        .rows(
+                            c,
+                            rows.iter()
+                                .enumerate()
+                                .map(|(i, (key, _))| (k(*key), i))
+                                .collect(),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    self.buffer = rows;
+                    self.read_done = true;
+                }
+                Step::Watermark => match self.in_flight {
+                    None => match self.copy.next_chunk(self.limit) {
+                        Some((c, _)) => {
+                            self.copy.low(c).map_err(|e| e.to_string())?;
+                            self.in_flight = Some(c);
+                            self.read_done = false;
+                        }
+                        None => return Ok(false),
+                    },
+                    Some(c) if self.read_done => {
+                        for r in self.copy.high(c).map_err(|e| e.to_string())? {
+                            let (key, v) = self.buffer[r];
+                            if self.target.insert(key, v).is_some() {
+                                return Err(format!("chunk row {key} already on target"));
+                            }
+                        }
+                        self.in_flight = None;
+                    }
+                    Some(_) => return Ok(false),
+                },
+            }
+            Ok(true)
+        }
+
+        /// The daemon dies: the open window and its rows are lost; the copy resumes from
+        /// the cursor and re-read set it recorded with the target's rows.
+        fn crash(&mut self) {
+            self.copy = TableCopy::resume(self.copy.cursor().clone(), self.copy.requeued().clone());
+            self.buffer.clear();
+            self.in_flight = None;
+            self.read_done = false;
+        }
+
+        /// Writes stopped: the copy runs to its end; then the target must equal the source.
+        fn finish(&mut self) -> Result<(), String> {
+            for _ in 0..10_000 {
+                if !self.step(&Step::Read)? && !self.step(&Step::Watermark)? {
+                    if !self.copy.is_done() {
+                        return Err("stuck before the copy was done".into());
+                    }
+                    if self.target != self.source {
+                        return Err(format!(
+                            "target {:?} != source {:?}",
+                            self.target, self.source
+                        ));
+                    }
+                    return Ok(());
+                }
+            }
+            Err("no convergence".into())
+        }
+    }
+
     proptest! {
-        /// Source, stream and target simulated exactly: whatever the interleaving of writes,
-        /// chunk reads and watermarks, once the copy is done and the stream has caught up the
-        /// target equals the source, and no strict apply ever misses or duplicates a row.
+        /// Whatever the interleaving of writes, chunk reads and watermarks, once the copy is
+        /// done and the stream has caught up the target equals the source, and no strict
+        /// apply ever misses or duplicates a row.
         #[test]
         fn copy_under_a_live_stream_converges_to_the_source(
             initial in proptest::collection::btree_map(0i64..40, any::<u32>(), 0..30),
             steps in proptest::collection::vec(step(), 0..120),
             limit in 1usize..8,
         ) {
-            let mut source: BTreeMap<i64, u32> = initial.clone();
-            let mut target: BTreeMap<i64, u32> = BTreeMap::new();
-            let mut copy = TableCopy::new();
-            let mut buffer: Vec<(i64, u32)> = Vec::new();
-            let mut in_flight: Option<u64> = None;
-            let mut read_done = false;
-            // The stream is applied in order, immediately (the order is what matters).
-            let apply = |copy: &mut TableCopy, target: &mut BTreeMap<i64, u32>, key: i64, val: Option<u32>| {
-                if copy.change(&k(key)) == Verdict::Apply {
-                    match val {
-                        Some(v) => { target.insert(key, v); }
-                        None => { prop_assert!(target.remove(&key).is_some(), "strict delete of {} found no row", key); }
-                    }
-                }
-                Ok(())
-            };
-            let steps: Vec<Step> = steps.into_iter().chain(std::iter::repeat_n(Step::Watermark, 1)).collect();
-            let mut i = 0;
-            let mut guard = 0;
-            loop {
-                guard += 1;
-                prop_assert!(guard < 10_000, "no convergence");
-                let s = if i < steps.len() { i += 1; steps[i - 1].clone() } else if in_flight.is_some() && !read_done { Step::Read } else { Step::Watermark };
-                match s {
-                    Step::Upsert(key, v) => { source.insert(key, v); apply(&mut copy, &mut target, key, Some(v))?; }
-                    Step::Delete(key) => { if source.remove(&key).is_some() { apply(&mut copy, &mut target, key, None)?; } }
-                    Step::Rekey(from, to) => {
-                        if from != to && source.contains_key(&from) && !source.contains_key(&to) {
-                            let v = source.remove(&from).unwrap();
-                            source.insert(to, v);
-                            match copy.rekey(&k(from), &k(to)) {
-                                RekeyPlan::Update => {
-                                    prop_assert!(target.remove(&from).is_some(), "strict rekey of {} found no row", from);
-                                    prop_assert!(target.insert(to, v).is_none(), "rekey onto existing {}", to);
-                                }
-                                RekeyPlan::DeleteOld => {
-                                    prop_assert!(target.remove(&from).is_some(), "strict delete of {} found no row", from);
-                                }
-                                RekeyPlan::Skip => {}
-                            }
-                        }
-                    }
-                    Step::Read => {
-                        if let (Some(c), false) = (in_flight, read_done) {
-                            let spec = copy.window.as_ref().map(|w| w.spec.clone()).unwrap();
-                            let rows: Vec<(i64, u32)> = match spec {
-                                ChunkSpec::Range { after, limit } => source.iter()
-                                    .filter(|(key, _)| !after.covers(&k(**key)))
-                                    .take(limit).map(|(a, b)| (*a, *b)).collect(),
-                                ChunkSpec::Keys(keys) => source.iter()
-                                    .filter(|(key, _)| keys.contains(&k(**key)))
-                                    .map(|(a, b)| (*a, *b)).collect(),
-                            };
-                            buffer = rows.clone();
-                            copy.rows(c, rows.iter().enumerate().map(|(i, (key, _))| (k(*key), i)).collect()).unwrap();
-                            read_done = true;
-                        }
-                    }
-                    Step::Watermark => match in_flight {
-                        None => match copy.next_chunk(limit) {
-                            Some((c, _)) => { copy.low(c).unwrap(); in_flight = Some(c); read_done = false; }
-                            None => if i >= steps.len() { break },
-                        },
-                        Some(c) if read_done => {
-                            for r in copy.high(c).unwrap() {
-                                let (key, v) = buffer[r];
-                                prop_assert!(target.insert(key, v).is_none(), "chunk row {} already on target", key);
-                            }
-                            in_flight = None;
-                        }
-                        Some(_) => {}
-                    },
+            let mut sim = Sim::new(initial, limit);
+            for s in &steps {
+                sim.step(s).map_err(TestCaseError::fail)?;
+            }
+            sim.finish().map_err(TestCaseError::fail)?;
+        }
+    }
+
+    /// A bounded model check of the copy, not a sample: for every workload of up to three
+    /// writes over three keys (upserts, deletes, key changes), every chunk size of 1 and 2,
+    /// explores *every* interleaving of those writes with chunk reads, watermarks and one
+    /// crash of the daemon at any point, and checks each reachable end state (the copy run
+    /// to completion) for strict applies that miss, duplicates, and target ≠ source.
+    /// States are deduplicated, so the search is exhaustive within the bounds.
+    #[test]
+    fn every_interleaving_of_small_workloads_with_a_crash_converges() {
+        let mut alphabet = Vec::new();
+        for a in 0..3i64 {
+            alphabet.push(Step::Upsert(a, 7));
+            alphabet.push(Step::Delete(a));
+            for b in 0..3i64 {
+                if a != b {
+                    alphabet.push(Step::Rekey(a, b));
                 }
             }
-            prop_assert!(copy.is_done());
-            prop_assert_eq!(target, source);
         }
+        let mut workloads: Vec<Vec<Step>> = vec![Vec::new()];
+        for _ in 0..3 {
+            let longer: Vec<Vec<Step>> = workloads
+                .iter()
+                .filter(|w| w.len() == workloads.iter().map(Vec::len).max().unwrap_or(0))
+                .flat_map(|w| {
+                    alphabet
+                        .iter()
+                        .map(move |s| [w.clone(), vec![s.clone()]].concat())
+                })
+                .collect();
+            workloads.extend(longer);
+        }
+        let initial: BTreeMap<i64, u32> = [(0, 1), (1, 2)].into();
+        let (mut states, mut ends) = (0usize, 0usize);
+        for workload in &workloads {
+            for limit in [1, 2] {
+                let mut seen = std::collections::HashSet::new();
+                let mut todo = vec![(0usize, 1u8, Sim::new(initial.clone(), limit))];
+                while let Some((i, crashes, sim)) = todo.pop() {
+                    if !seen.insert(format!("{i}|{crashes}|{sim:?}")) {
+                        continue;
+                    }
+                    states += 1;
+                    let ok = |r: Result<bool, String>| -> bool {
+                        r.unwrap_or_else(|e| panic!("{workload:?}, chunk {limit}: {e}"))
+                    };
+                    if i == workload.len() {
+                        let mut end = sim.clone();
+                        ok(end.finish().map(|()| true));
+                        ends += 1;
+                    }
+                    if i < workload.len() {
+                        let mut next = sim.clone();
+                        ok(next.step(&workload[i]));
+                        todo.push((i + 1, crashes, next));
+                    }
+                    for s in [Step::Read, Step::Watermark] {
+                        let mut next = sim.clone();
+                        if ok(next.step(&s)) {
+                            todo.push((i, crashes, next));
+                        }
+                    }
+                    if crashes > 0 && sim.in_flight.is_some() {
+                        let mut next = sim.clone();
+                        next.crash();
+                        todo.push((i, crashes - 1, next));
+                    }
+                }
+            }
+        }
+        // Guards against a search that silently explores nothing.
+        assert_eq!(workloads.len(), 1 + 12 + 144 + 1728);
+        assert!(
+            states > 100_000 && ends > 10_000,
+            "{states} states, {ends} end states"
+        );
+        eprintln!(
+            "model check: {} workloads, {states} states, {ends} end states",
+            workloads.len()
+        );
     }
 }

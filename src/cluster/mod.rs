@@ -109,7 +109,13 @@ impl Endpoint {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
-            .connect_timeout(self.connect_timeout);
+            .connect_timeout(self.connect_timeout)
+            // A peer that vanished without a reset (host down, partition) is noticed in
+            // about a minute on an idle session instead of the kernel's two hours.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
         if let Some(pw) = &self.password {
             cfg.password(pw.expose());
         }
@@ -199,13 +205,24 @@ pub enum ClusterError {
 
 /// SQLSTATEs that may succeed on retry: connection exceptions (08), operator intervention
 /// (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 57P05 idle session
-/// timeout), too many connections (53300), serialization failure (40001), deadlock (40P01)
-/// and lock not available (55P03). The one list both the source and the appliers use.
+/// timeout), disk full (53100) and out of memory (53200), which an operator fixes without
+/// touching switchyard (until the WAL budget fails the tenant), too many connections (53300),
+/// serialization failure (40001), deadlock (40P01) and lock not available (55P03). The one
+/// list both the source and the appliers use.
 pub fn is_transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || matches!(
             code,
-            "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "40001" | "40P01" | "55P03"
+            "57P01"
+                | "57P02"
+                | "57P03"
+                | "57P05"
+                | "53100"
+                | "53200"
+                | "53300"
+                | "40001"
+                | "40P01"
+                | "55P03"
         )
 }
 

@@ -183,12 +183,38 @@ async fn prepare(
 ) -> Result<Option<Outcome>, Error> {
     let cfg = &job.config;
     let tenant = &job.mv.tenant;
+    // Nothing is fenced yet, but a lock someone holds (a migration on a target table, say)
+    // must not stall the attempt for ever: it aborts at its step and is retried.
+    let wait = format!(
+        "SET lock_timeout = '{}ms'",
+        cfg.cutover.old_transaction_wait.as_millis().max(1)
+    );
+    for (client, at) in [(&*source, "source"), (&*target, "target")] {
+        client
+            .batch_execute(&wait)
+            .await
+            .map_err(ClusterError::sql(format!(
+                "bounding lock waits at the {at}"
+            )))?;
+    }
+    let locked = |step: Step, e: &ClusterError| Outcome::Aborted {
+        step,
+        reason: format!("waited on a lock held by another session: {e}"),
+        pause: None,
+    };
     if cfg.cutover.verify && !job.mv.verified {
         let opts = VerifyOptions {
             slot: Some(cfg.replication.slot.clone()),
             ..VerifyOptions::default()
         };
-        let report = verify::verify(source, target, tenant.as_str(), &job.tables, &opts).await?;
+        let report = match verify::verify(source, target, tenant.as_str(), &job.tables, &opts).await
+        {
+            Ok(r) => r,
+            Err(verify::VerifyError::Cluster(e)) if over_budget(&e) => {
+                return Ok(Some(locked(Step::Verify, &e)));
+            }
+            Err(e) => return Err(e.into()),
+        };
         registry
             .record_verification(source, job.mv.id, report.ok, &report.summary())
             .await?;
@@ -204,7 +230,7 @@ async fn prepare(
             Some((col, _)) => fence::TenantOf::Column(col.clone()),
             None => fence::TenantOf::Whole(tenant.clone()),
         };
-        fence::install(
+        if let Err(e) = fence::install(
             source,
             &cfg.registry_schema,
             &t.chunk.source,
@@ -212,10 +238,17 @@ async fn prepare(
             Duration::from_millis(500),
             Duration::from_secs(30),
         )
-        .await?;
+        .await
+        {
+            return if over_budget(&e) {
+                Ok(Some(locked(Step::Arm, &e)))
+            } else {
+                Err(e.into())
+            };
+        }
     }
     if cfg.cutover.rollback {
-        reverse::prepare(
+        if let Err(e) = reverse::prepare(
             target,
             &cfg.registry_schema,
             tenant,
@@ -224,7 +257,14 @@ async fn prepare(
             &job.tables,
             cfg.cutover.old_transaction_wait,
         )
-        .await?;
+        .await
+        {
+            return if over_budget(&e) {
+                Ok(Some(locked(Step::Arm, &e)))
+            } else {
+                Err(e.into())
+            };
+        }
     }
     if fence::arm(source, &cfg.registry_schema, tenant).await? == fence::Armed::Moved {
         return Err(CutoverError::AlreadyMoved.into());
@@ -328,6 +368,12 @@ pub(crate) async fn carry_sequence(
     Ok(())
 }
 
+/// A statement cut short by the attempt's statement_timeout (57014) or a lock_timeout
+/// (55P03): the budget ran out, which is an abort at that step, not a failure.
+fn over_budget(e: &ClusterError) -> bool {
+    matches!(e.sqlstate(), Some("57014" | "55P03"))
+}
+
 /// Writes the marker `token` into the WAL from inside the fence's transaction `tx`.
 async fn mark(
     tx: &tokio_postgres::Transaction<'_>,
@@ -424,23 +470,55 @@ async fn fenced(
     }
     let catch_up = t0.elapsed() - lock_wait;
     crate::failpoint::hit("cutover.after_catch_up");
+    // What is left runs under a statement_timeout of the remaining budget on both sides:
+    // a lock held by someone else (on the routes, a fence row, a target sequence) aborts
+    // the attempt at its step instead of stretching the pause.
+    let Some(left) = clock.left(t0.elapsed()) else {
+        return Ok(aborted(
+            Step::Sequences,
+            "the pause budget ran out after the catch-up".into(),
+        ));
+    };
+    let bound = format!("statement_timeout = '{}ms'", left.as_millis().max(1));
+    tx.batch_execute(&format!("SET LOCAL {bound}"))
+        .await
+        .map_err(sql("bounding the cutover's statements"))?;
+    let over = |step: Step, e: ClusterError| -> Result<Outcome, Error> {
+        if over_budget(&e) {
+            Ok(aborted(
+                step,
+                format!("a statement did not finish within the pause budget: {e}"),
+            ))
+        } else {
+            Err(e.into())
+        }
+    };
+    if cfg.cutover.rollback || !seqs.is_empty() {
+        // The attempt's own session: the setting ends with it.
+        target
+            .batch_execute(&format!("SET {bound}"))
+            .await
+            .map_err(sql("bounding the cutover's statements at the target"))?;
+    }
     // From here on every change of the tenant's tables at the target is an application's
     // (the move applied all of its own): the reverse stream starts after this position.
     let reverse_from: Option<String> = if cfg.cutover.rollback {
-        Some(
-            target
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .map_err(sql("reading the target's position"))?
-                .get(0),
-        )
+        match target
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+        {
+            Ok(row) => Some(row.get(0)),
+            Err(e) => return over(Step::Sequences, sql("reading the target's position")(e)),
+        }
     } else {
         None
     };
     let reverse_slot = cfg.cutover.rollback.then(|| reverse::slot_name(job.mv.id));
 
     for (src, dst) in &seqs {
-        carry_sequence(&tx, src, target, dst).await?;
+        if let Err(e) = carry_sequence(&tx, src, target, dst).await {
+            return over(Step::Sequences, e);
+        }
     }
     if clock.left(t0.elapsed()).is_none() {
         return Ok(aborted(
@@ -448,8 +526,7 @@ async fn fenced(
             "the pause budget ran out while setting sequences".into(),
         ));
     }
-
-    let route_version: i64 = tx
+    let route_version: i64 = match tx
         .query_one(
             &format!(
                 "INSERT INTO {routes} AS r (tenant, location, schema_name) VALUES ($1, $2, $3) \
@@ -461,25 +538,30 @@ async fn fenced(
             &[&tenant.as_str(), &job.mv.target.as_str(), &job.mv.target_schema],
         )
         .await
-        .map_err(sql("flipping the route"))?
-        .get(0);
-    tx.execute(
-        &format!(
+    {
+        Ok(row) => row.get(0),
+        Err(e) => return over(Step::Flip, sql("flipping the route")(e)),
+    };
+    if let Err(e) = tx
+        .execute(
+            &format!(
             "UPDATE {}.fences SET state = 'moved', location = $2, schema_name = $3, version = $4, \
                     moved_at = now() WHERE tenant = $1",
             quote_ident(&cfg.registry_schema)
         ),
-        &[
-            &tenant.as_str(),
-            &job.mv.target.as_str(),
-            &job.mv.target_schema,
-            &route_version,
-        ],
-    )
-    .await
-    .map_err(sql("closing the write fence"))?;
+            &[
+                &tenant.as_str(),
+                &job.mv.target.as_str(),
+                &job.mv.target_schema,
+                &route_version,
+            ],
+        )
+        .await
+    {
+        return over(Step::Flip, sql("closing the write fence")(e));
+    }
     let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let n = tx
+    let n = match tx
         .execute(
             &format!(
                 "UPDATE {} SET state = 'cut_over', last_error = NULL, pause_ms = $2, \
@@ -499,7 +581,10 @@ async fn fenced(
             ],
         )
         .await
-        .map_err(sql("recording the cutover"))?;
+    {
+        Ok(n) => n,
+        Err(e) => return over(Step::Flip, sql("recording the cutover")(e)),
+    };
     if n != 1 {
         return Err(CutoverError::Conflict("the move is no longer cutting_over".into()).into());
     }
@@ -510,7 +595,9 @@ async fn fenced(
         ));
     }
     crate::failpoint::hit("cutover.before_commit");
-    tx.commit().await.map_err(sql("committing the cutover"))?;
+    if let Err(e) = tx.commit().await {
+        return over(Step::Flip, sql("committing the cutover")(e));
+    }
     crate::failpoint::hit("cutover.after_commit");
     Ok(Outcome::CutOver {
         pause: t0.elapsed(),

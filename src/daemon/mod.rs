@@ -683,7 +683,11 @@ impl Engine {
                     .insert(mv.tenant.clone(), Instant::now() + Duration::from_secs(5));
                 let _ = self
                     .registry
-                    .note_error(&self.control, mv.id, &e.to_string())
+                    .note_error(
+                        &self.control,
+                        mv.id,
+                        &format!("{}provisioning: {e}", crate::registry::RETRYING),
+                    )
                     .await;
                 return Ok(());
             }
@@ -1331,6 +1335,11 @@ impl Engine {
                     metrics::counter!(crate::telemetry::APPLIED_TRANSACTIONS, "target" => target.to_string())
                         .increment((before - q.len()) as u64);
                 }
+                for t in self.tenants.values_mut() {
+                    if t.destination.target == target {
+                        t.retrying = None;
+                    }
+                }
                 let caught = self.caught_up.entry(target).or_insert(Lsn::INVALID);
                 *caught = (*caught).max(up_to);
                 let mut batch = Batch::new();
@@ -1358,6 +1367,14 @@ impl Engine {
             }
             ApplyEvent::Retrying { target, error } => {
                 tracing::warn!(%target, %error, "target unavailable; retrying");
+                // Operators read the registry, not logs: the reason stays on each of the
+                // target's moves until the target commits again.
+                let reason = format!("target {target}: {error}");
+                for t in self.tenants.values_mut() {
+                    if t.destination.target == target {
+                        t.retrying = Some(reason.clone());
+                    }
+                }
                 Ok(())
             }
         }
@@ -1455,11 +1472,14 @@ impl Engine {
             crate::failpoint::hit("daemon.after_synced");
             tracing::info!(%tenant, "in sync: backfill done, streaming");
             // The final progress goes with the state, not up to a second later.
+            let (rows_copied, rows_total, retrying) =
+                (t.rows_copied, t.rows_total, t.retrying.clone());
             let progress = Report {
-                rows_copied: t.rows_copied,
-                rows_total: t.rows_total,
+                rows_copied,
+                rows_total,
                 lag_bytes: Some(self.lag_bytes(&tenant) as i64),
                 lag_seconds: None,
+                retrying,
             };
             self.set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
                 .await;
@@ -1530,6 +1550,7 @@ impl Engine {
                     rows_total: t.rows_total,
                     lag_bytes: Some(lag_bytes as i64),
                     lag_seconds: Some(lag_seconds),
+                    retrying: t.retrying.clone(),
                 },
             ));
         }

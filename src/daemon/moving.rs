@@ -149,6 +149,9 @@ pub(crate) struct Tenant {
     pub copied_at: Option<Lsn>,
     pub rows_copied: i64,
     pub rows_total: Option<i64>,
+    /// The transient error its target is being retried for, until the target commits
+    /// again (shown in the registry's `last_error` meanwhile).
+    pub retrying: Option<String>,
 }
 
 impl Tenant {
@@ -172,6 +175,7 @@ impl Tenant {
             copied_at: None,
             rows_copied: 0,
             rows_total: None,
+            retrying: None,
         }
     }
 

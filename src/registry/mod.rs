@@ -259,7 +259,13 @@ pub struct Report {
     pub rows_total: Option<i64>,
     pub lag_bytes: Option<i64>,
     pub lag_seconds: Option<f64>,
+    /// A transient error being retried (e.g. the target is out of disk); `None` clears an
+    /// earlier one once it passed. Other errors in `last_error` are left alone.
+    pub retrying: Option<String>,
 }
+
+/// Marks a `last_error` that only says what is being retried, so that it can be cleared.
+pub const RETRYING: &str = "retrying: ";
 
 /// The registry in one control database.
 pub struct Registry {
@@ -558,9 +564,13 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
     ) -> Result<(), RegistryError> {
         let sql = format!(
             "UPDATE {} SET rows_copied = $2, rows_total = $3, lag_bytes = $4, lag_seconds = $5, \
+                    last_error = CASE WHEN $6::text IS NOT NULL THEN $6::text \
+                                      WHEN starts_with(last_error, $7::text) THEN NULL \
+                                      ELSE last_error END, \
                     updated_at = now() WHERE id = $1",
             self.t("moves")
         );
+        let retrying = report.retrying.as_ref().map(|e| format!("{RETRYING}{e}"));
         client
             .execute(
                 &sql,
@@ -570,6 +580,8 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
                     &report.rows_total,
                     &report.lag_bytes,
                     &report.lag_seconds,
+                    &retrying,
+                    &RETRYING,
                 ],
             )
             .await

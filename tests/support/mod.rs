@@ -32,6 +32,8 @@
 
 pub mod mover;
 pub mod pipeline;
+pub mod proxy;
+pub mod report;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
