@@ -26,17 +26,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use support::mover::{load_config, prepare_target, write_config, InProcess};
-use support::report::{percentile, summary};
+use support::report::{env_or, percentile, summary};
 use support::{wait_for, PgCluster};
 use switchyard::registry::{CutoverMode, Registry};
 use switchyard::tenant::{TargetId, TenantId};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn now_micros() -> i64 {
     SystemTime::now()

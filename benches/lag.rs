@@ -20,16 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use support::mover::{load_config, prepare_target, request, wait_state, write_config, InProcess};
-use support::report::{percentile, summary};
-use support::{wait_for, PgCluster};
+use support::report::{env_or, native_subscription, percentile, summary};
+use support::PgCluster;
 use switchyard::registry::Registry;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const TENANTS: u32 = 50;
 const ACCOUNTS: u32 = 2000;
@@ -215,22 +208,7 @@ async fn main() -> Result<()> {
         SCHEMA,
     )?;
     let dn = dst.client_db("native").await?;
-    dn.batch_execute(&format!(
-        "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION native_pub",
-        src.port()
-    ))
-    .await?;
-    wait_for("native initial sync", Duration::from_secs(600), || async {
-        let pending: i64 = dn
-            .query_one(
-                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok((pending == 0).then_some(()))
-    })
-    .await?;
+    native_subscription(&dn, src.port(), "native_pub").await?;
     let (port, script2) = (src.port(), script.clone());
     let (mut native, native_tps) = measure(
         &src,

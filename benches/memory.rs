@@ -2,6 +2,8 @@
 //! transaction passes: first a transaction of a tenant that is not moving (decoded and
 //! dropped), then one of the moving tenant (applied to its target), each on a freshly
 //! started daemon so the high-water marks are separate. A daemon idle in sync is the base.
+//! (`move.max_txn_mb` is raised for the run: at its default a 1 GB transaction fails the
+//! moving tenant, which `tests/faults.rs` checks.)
 //!
 //! Run: `cargo bench --bench memory` (SWITCHYARD_BENCH_TXN_MB, default 1024, the size of
 //! each transaction's row data). Prints Markdown.
@@ -13,15 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use support::mover::{prepare_target, request, wait_drained, wait_state, write_config, Process};
+use support::report::env_or;
 use support::PgCluster;
 use switchyard::registry::Registry;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A `/proc/<pid>/status` figure in MB (`VmRSS`, `VmHWM`).
 fn status_mb(pid: u32, field: &str) -> Result<f64> {
@@ -58,7 +54,13 @@ async fn main() -> Result<()> {
          GRANT SELECT ON public.docs TO switchyard;",
     )?;
     let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), &src, Some(&dst), "")?;
+    // Raised so that the moving tenant's transaction is held and applied, not refused.
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        &format!("[move]\nmax_txn_mb = {}\n", mb * 2 + 16),
+    )?;
     let log = dir.path().join("daemon.log");
     let s = src.client().await?;
     let mut daemon = Process::start(&path, &log, true)?;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use support::mover::{load_config, prepare_target, request, wait_state, write_config, InProcess};
+use support::report::{env_or, native_subscription};
 use support::{wait_for, PgCluster};
 use switchyard::registry::Registry;
 
@@ -32,13 +33,6 @@ fn cpu_seconds() -> f64 {
     // utime and stime are fields 14 and 15 (1-based, counting pid and comm); clock ticks
     // are 100 per second on Linux.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 const TABLE: &str = "CREATE TABLE public.orders (
@@ -195,22 +189,7 @@ async fn main() -> Result<()> {
             dn.batch_execute("TRUNCATE public.orders").await?;
         }
         let t0 = Instant::now();
-        dn.batch_execute(&format!(
-            "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION native_pub",
-            src.port()
-        ))
-        .await?;
-        wait_for("native initial sync", Duration::from_secs(3600), || async {
-            let pending: i64 = dn
-                .query_one(
-                    "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            Ok((pending == 0).then_some(()))
-        })
-        .await?;
+        native_subscription(&dn, src.port(), "native_pub").await?;
         native_t.push(t0.elapsed());
 
         // 3. switchyard: move request → in sync (backfill under the stream). Later rounds

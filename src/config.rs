@@ -103,6 +103,7 @@ struct FileMoves {
     apply_lanes: Option<usize>,
     max_inflight_txns: Option<usize>,
     wal_budget_mb: Option<u64>,
+    max_txn_mb: Option<u64>,
     registry_poll_ms: Option<u64>,
 }
 
@@ -264,6 +265,10 @@ pub struct MoveSettings {
     /// A tenant whose applied position trails the stream by more WAL than this is failed
     /// and stops holding the slot back.
     pub wal_budget_bytes: u64,
+    /// A source transaction is held whole until its commit: one that brings a moving
+    /// tenant more change data than this fails that tenant (instead of exhausting the
+    /// daemon's memory, and every other tenant's move with it).
+    pub max_txn_bytes: u64,
     /// How often the registry is read (NOTIFY wakes the daemon earlier).
     pub registry_poll: Duration,
 }
@@ -278,6 +283,7 @@ impl Default for MoveSettings {
             apply_lanes: 4,
             max_inflight_txns: 20_000,
             wal_budget_bytes: 16 << 30,
+            max_txn_bytes: 1 << 30,
             registry_poll: Duration::from_millis(500),
         }
     }
@@ -313,6 +319,16 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
             }
             Some(mb) => mb.saturating_mul(1 << 20),
             None => d.wal_budget_bytes,
+        },
+        max_txn_bytes: match f.max_txn_mb {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    field: "move.max_txn_mb".into(),
+                    reason: "must be at least 1".into(),
+                })
+            }
+            Some(mb) => mb.saturating_mul(1 << 20),
+            None => d.max_txn_bytes,
         },
         registry_poll: Duration::from_millis(positive(
             "registry_poll_ms",
@@ -794,10 +810,12 @@ mod tests {
     fn move_limits_have_defaults_and_reject_zero() {
         let c = load(MINIMAL, &env(&[])).unwrap();
         assert_eq!(c.moves, MoveSettings::default());
-        let text = format!("{MINIMAL}[move]\nchunk_rows = 100\nwal_budget_mb = 2\n");
+        let text =
+            format!("{MINIMAL}[move]\nchunk_rows = 100\nwal_budget_mb = 2\nmax_txn_mb = 3\n");
         let c = load(&text, &env(&[])).unwrap();
         assert_eq!(c.moves.chunk_rows, 100);
         assert_eq!(c.moves.wal_budget_bytes, 2 << 20);
+        assert_eq!(c.moves.max_txn_bytes, 3 << 20);
         for bad in [
             "chunk_rows = 0",
             "backfill_workers = 0",

@@ -6,7 +6,8 @@
 //!   stream's silence limit and the source's wal_sender_timeout, and the walsender and the
 //!   target's sessions are terminated by an administrator;
 //! - the target runs out of disk mid-backfill (a tablespace on a small tmpfs), and loses
-//!   the daemon's privileges mid-stream.
+//!   the daemon's privileges mid-stream;
+//! - a source transaction is bigger than the daemon may hold for a tenant.
 //!
 //! Each time the move completes with exactly the tenant's rows, or (permissions) that tenant
 //! fails with the server's reason and completes once resumed; its neighbour never stops.
@@ -26,13 +27,46 @@ use switchyard::registry::Registry;
 
 const SYNC: Duration = Duration::from_secs(180);
 
+/// Two tenants of the shared schema (`rows` orders each) on `src`; both clusters are
+/// prepared as targets.
+fn two_tenants(src: &PgCluster, dst: &PgCluster, rows: i32) -> Result<()> {
+    src.psql(&shared_schema(&[1, 2], rows))?;
+    prepare_target(src)?;
+    prepare_target(dst)
+}
+
+/// The daemon on `path`, a writer on tenants 1 and 2 throughout, and their moves: tenant 1
+/// to the other cluster (schema t1), tenant 2 to a schema of the source (t2).
+struct Moves {
+    s: tokio_postgres::Client,
+    daemon: InProcess,
+    writer: Writer,
+    one: i64,
+    two: i64,
+}
+
+async fn start_moves(src: &PgCluster, path: &std::path::Path) -> Result<Moves> {
+    let s = src.client().await?;
+    let daemon = InProcess::start(load_config(path)?, true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let writer = Writer::start(src.client().await?, vec![1, 2], Duration::from_millis(3));
+    let one = request(&s, &registry, "1", "shard2", "t1").await?;
+    let two = request(&s, &registry, "2", "local", "t2").await?;
+    Ok(Moves {
+        s,
+        daemon,
+        writer,
+        one,
+        two,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_crash_and_restarts_and_a_source_restart_lose_nothing() -> Result<()> {
     let mut src = PgCluster::start()?;
     let mut dst = PgCluster::start()?;
-    src.psql(&shared_schema(&[1, 2], 4000))?;
-    prepare_target(&src)?;
-    prepare_target(&dst)?;
+    two_tenants(&src, &dst, 4000)?;
     let dir = tempfile::tempdir()?;
     let path = write_config(
         dir.path(),
@@ -40,13 +74,13 @@ async fn target_crash_and_restarts_and_a_source_restart_lose_nothing() -> Result
         Some(&dst),
         "[move]\nchunk_rows = 100\nbackfill_workers = 1\n",
     )?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(load_config(&path)?, true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let writer = Writer::start(src.client().await?, vec![1, 2], Duration::from_millis(3));
-    let one = request(&s, &registry, "1", "shard2", "t1").await?;
-    let two = request(&s, &registry, "2", "local", "t2").await?;
+    let Moves {
+        s,
+        daemon,
+        writer,
+        one,
+        two,
+    } = start_moves(&src, &path).await?;
 
     // Mid-backfill: the target dies without a shutdown, comes back after a while.
     let deadline = Instant::now() + SYNC;
@@ -143,9 +177,7 @@ async fn delayed_reset_and_black_holed_links_lose_nothing() -> Result<()> {
         ..Default::default()
     })?;
     let dst = PgCluster::start()?;
-    src.psql(&shared_schema(&[1, 2], 4000))?;
-    prepare_target(&src)?;
-    prepare_target(&dst)?;
+    two_tenants(&src, &dst, 4000)?;
     let to_src = Proxy::start(src.port())?;
     let to_dst = Proxy::start(dst.port())?;
     let dir = tempfile::tempdir()?;
@@ -166,17 +198,17 @@ async fn delayed_reset_and_black_holed_links_lose_nothing() -> Result<()> {
             &format!("port = {}\n", to_dst.port()),
         );
     std::fs::write(&path, text)?;
-    let s = src.client().await?;
     let d = dst.client().await?;
-    let daemon = InProcess::start(load_config(&path)?, true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let writer = Writer::start(src.client().await?, vec![1, 2], Duration::from_millis(3));
     // Latency on every packet in both directions for the whole backfill.
     to_src.delay(Duration::from_millis(1));
     to_dst.delay(Duration::from_millis(2));
-    let one = request(&s, &registry, "1", "shard2", "t1").await?;
-    let two = request(&s, &registry, "2", "local", "t2").await?;
+    let Moves {
+        s,
+        daemon,
+        writer,
+        one,
+        two,
+    } = start_moves(&src, &path).await?;
 
     // Mid-backfill: every connection of the daemon is reset at once.
     wait_copied(&s, one, 1500).await?;
@@ -293,9 +325,7 @@ async fn a_target_out_of_disk_waits_and_a_revoked_privilege_fails_only_its_tenan
     let disk = SmallDisk::mount(24)?;
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
-    src.psql(&shared_schema(&[1, 2], 3000))?;
-    prepare_target(&src)?;
-    prepare_target(&dst)?;
+    two_tenants(&src, &dst, 3000)?;
     // Whatever the daemon creates on the target lands on the small disk; a filler table
     // takes all of it but the ~300 kB a dropped slack table gives back: room for the
     // provisioned tables, not for the tenant's rows.
@@ -321,14 +351,14 @@ async fn a_target_out_of_disk_waits_and_a_revoked_privilege_fails_only_its_tenan
     ))?;
     let dir = tempfile::tempdir()?;
     let path = write_config(dir.path(), &src, Some(&dst), "[move]\nchunk_rows = 200\n")?;
-    let s = src.client().await?;
     let d = dst.client().await?;
-    let daemon = InProcess::start(load_config(&path)?, true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let writer = Writer::start(src.client().await?, vec![1, 2], Duration::from_millis(3));
-    let one = request(&s, &registry, "1", "shard2", "t1").await?;
-    let two = request(&s, &registry, "2", "local", "t2").await?;
+    let Moves {
+        s,
+        daemon,
+        writer,
+        one,
+        two,
+    } = start_moves(&src, &path).await?;
 
     // The target's disk fills up: the move waits, saying why, and its neighbour goes on.
     let reason = wait_for("the disk-full reason in the registry", SYNC, || async {
@@ -385,5 +415,55 @@ async fn a_target_out_of_disk_waits_and_a_revoked_privilege_fails_only_its_tenan
     assert_parity(&s, &d, 1, "t1").await?;
     assert_parity(&s, &s, 2, "t2").await?;
     assert!(rounds > 50, "writer rounds {rounds}");
+    Ok(())
+}
+
+/// A source transaction bigger than `move.max_txn_mb` for a moving tenant: that tenant
+/// fails with the limit and the fix in its error (instead of the daemon running out of
+/// memory); the other tenant streams on with parity, and the daemon keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_the_memory_limit_fails_only_its_tenant() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    two_tenants(&src, &dst, 500)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), &src, Some(&dst), "[move]\nmax_txn_mb = 1\n")?;
+    let d = dst.client().await?;
+    let Moves {
+        s,
+        daemon,
+        writer,
+        one,
+        two,
+    } = start_moves(&src, &path).await?;
+    wait_state(&s, one, "streaming", SYNC).await?;
+    wait_state(&s, two, "streaming", SYNC).await?;
+    // About 3 MB of changes for tenant 1 in one transaction (and a little for tenant 2).
+    src.psql(
+        "INSERT INTO public.orders (tenant_id, id, note, amount)
+           SELECT 1, 900000 + g, repeat(md5(g::text), 32), 1 FROM generate_series(1, 3000) g;
+         UPDATE public.orders SET note = 'in the big one' WHERE tenant_id = 2 AND id <= 3;",
+    )?;
+    let error = wait_for("tenant 1 to fail on the limit", SYNC, || async {
+        let (state, error, _) = state_of(&s, one).await?;
+        Ok((state == "failed").then_some(error.unwrap_or_default()))
+    })
+    .await?;
+    assert!(error.contains("move.max_txn_mb"), "{error}");
+    let rounds = writer.stop().await?;
+    wait_drained(&s, SYNC).await?;
+    daemon.check_alive()?;
+    assert_eq!(state_of(&s, two).await?.0, "streaming");
+    daemon.stop().await?;
+    assert_parity(&s, &s, 2, "t2").await?;
+    let big: i64 = d
+        .query_one("SELECT count(*) FROM t1.orders WHERE id > 900000", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        big, 0,
+        "nothing of the oversized transaction reached tenant 1's target"
+    );
+    assert!(rounds > 10, "writer rounds {rounds}");
     Ok(())
 }

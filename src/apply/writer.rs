@@ -123,21 +123,28 @@ impl SourceTxn {
         self.parts
             .iter()
             .flat_map(|(_, w)| w)
-            .map(|w| match w {
-                Work::Statement(st) => {
-                    st.sql.len() + st.params.iter().flatten().map(String::len).sum::<usize>()
-                }
-                Work::Row(r) => {
-                    64 + match &r.op {
-                        OwnedRowOp::Upsert { new, .. } => tuple_weight(new),
-                        OwnedRowOp::Delete { old } => tuple_weight(old),
-                        OwnedRowOp::Rekey { old, new } => tuple_weight(old) + tuple_weight(new),
-                        OwnedRowOp::Truncate => 0,
-                    }
-                }
-                Work::Copy(c) => c.data.len(),
-            })
+            .map(Work::weight)
             .sum()
+    }
+}
+
+impl Work {
+    /// Bytes of values this work carries, about (for batching and memory limits).
+    pub fn weight(&self) -> usize {
+        match self {
+            Work::Statement(st) => {
+                st.sql.len() + st.params.iter().flatten().map(String::len).sum::<usize>()
+            }
+            Work::Row(r) => {
+                64 + match &r.op {
+                    OwnedRowOp::Upsert { new, .. } => tuple_weight(new),
+                    OwnedRowOp::Delete { old } => tuple_weight(old),
+                    OwnedRowOp::Rekey { old, new } => tuple_weight(old) + tuple_weight(new),
+                    OwnedRowOp::Truncate => 0,
+                }
+            }
+            Work::Copy(c) => c.data.len(),
+        }
     }
 }
 

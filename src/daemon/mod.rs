@@ -90,6 +90,8 @@ pub enum MoveError {
     LostProgress { target: String, recorded: Lsn },
     #[error("the tenant's target lags {held} bytes of WAL behind the stream, over the budget of {budget} (move.wal_budget_mb); it was failed so the slot does not keep WAL for it")]
     WalBudget { held: u64, budget: u64 },
+    #[error("a source transaction (xid {xid}) brings this tenant more than {limit} bytes of changes (move.max_txn_mb); the daemon holds a transaction whole until its commit, so the tenant was failed rather than the daemon's memory exhausted. Raise move.max_txn_mb (the daemon needs about 4 times it in memory) and resume the move")]
+    TransactionTooLarge { xid: u32, limit: u64 },
     #[error("target {target:?} is not configured in [targets] (known targets: {known})")]
     UnknownTarget { target: String, known: String },
     #[error("no table of publication {publication:?} belongs to tenant {tenant}")]
@@ -191,6 +193,8 @@ struct OpenTxn {
     final_lsn: Lsn,
     xid: u32,
     parts: BTreeMap<TargetId, BTreeMap<TenantId, Vec<Work>>>,
+    /// Bytes of change data held per tenant (see `move.max_txn_mb`).
+    held: BTreeMap<TenantId, u64>,
     touched: BTreeSet<TenantId>,
     marks: Vec<Watermark>,
 }
@@ -859,6 +863,7 @@ impl Engine {
                     final_lsn: b.final_lsn,
                     xid: b.xid,
                     parts: BTreeMap::new(),
+                    held: BTreeMap::new(),
                     touched: BTreeSet::new(),
                     marks: Vec::new(),
                 });
@@ -1005,6 +1010,9 @@ impl Engine {
         for (rel, name, ops) in routed {
             let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
             for op in ops {
+                if failures.iter().any(|(f, _)| f == &op.tenant) {
+                    continue;
+                }
                 let Some(t) = self.tenants.get_mut(&op.tenant) else {
                     continue;
                 };
@@ -1035,12 +1043,25 @@ impl Engine {
                         op: OwnedRowOp::from_op(d),
                     })
                 });
-                txn.parts
-                    .entry(t.destination.target.clone())
-                    .or_default()
-                    .entry(op.tenant.clone())
-                    .or_default()
-                    .extend(works);
+                let by_tenant = txn.parts.entry(t.destination.target.clone()).or_default();
+                let parts = by_tenant.entry(op.tenant.clone()).or_default();
+                let before = parts.len();
+                parts.extend(works);
+                let added: u64 = parts[before..].iter().map(|w| w.weight() as u64).sum();
+                let held = txn.held.entry(op.tenant.clone()).or_default();
+                *held += added;
+                if *held > self.config.moves.max_txn_bytes {
+                    // Its changes of this transaction go now; failing the tenant stops
+                    // routing the rest of them.
+                    by_tenant.remove(&op.tenant);
+                    failures.push((
+                        op.tenant.clone(),
+                        Error::Move(MoveError::TransactionTooLarge {
+                            xid: txn.xid,
+                            limit: self.config.moves.max_txn_bytes,
+                        }),
+                    ));
+                }
             }
         }
         for (tenant, e) in failures {
@@ -1554,10 +1575,16 @@ impl Engine {
                 },
             ));
         }
+        let failed: Vec<i64> = over
+            .iter()
+            .filter_map(|(t, _)| self.tenants.get(t).map(|t| t.move_id))
+            .collect();
         for (tenant, held) in over {
             let e = Error::Move(MoveError::WalBudget { held, budget });
             self.fail(&tenant, &e, MoveState::Failed).await;
         }
+        // A failed move's report would be stale (and its error is the failure's).
+        reports.retain(|(id, _)| !failed.contains(id));
         self.ensure_control().await?;
         for (id, r) in reports {
             self.registry.report(&self.control, id, &r).await?;

@@ -564,7 +564,8 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
     ) -> Result<(), RegistryError> {
         let sql = format!(
             "UPDATE {} SET rows_copied = $2, rows_total = $3, lag_bytes = $4, lag_seconds = $5, \
-                    last_error = CASE WHEN $6::text IS NOT NULL THEN $6::text \
+                    last_error = CASE WHEN state IN ('failed', 'paused') THEN last_error \
+                                      WHEN $6::text IS NOT NULL THEN $6::text \
                                       WHEN starts_with(last_error, $7::text) THEN NULL \
                                       ELSE last_error END, \
                     updated_at = now() WHERE id = $1",

@@ -8,6 +8,43 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
+/// A bench setting from the environment, or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Subscribes `client`'s database to `publication` on the cluster at 127.0.0.1:`source_port`
+/// (as `native_sub`) and waits for the initial sync of every table.
+pub async fn native_subscription(
+    client: &tokio_postgres::Client,
+    source_port: u16,
+    publication: &str,
+) -> Result<()> {
+    client
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={source_port} user=postgres dbname=postgres' PUBLICATION {publication}"
+        ))
+        .await?;
+    super::wait_for(
+        "native initial sync",
+        std::time::Duration::from_secs(3600),
+        || async {
+            let pending: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((pending == 0).then_some(()))
+        },
+    )
+    .await
+}
+
 /// Appends `figures` (an object) under `bench` when `SWITCHYARD_BENCH_JSON` is set.
 pub fn record(bench: &str, figures: serde_json::Value) -> Result<()> {
     let Ok(path) = std::env::var("SWITCHYARD_BENCH_JSON") else {
