@@ -299,6 +299,11 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
         Some(v) => Ok(v),
         None => Ok(default),
     };
+    // Sizes are given in MB and kept in bytes.
+    let megabytes = |field: &str, v: Option<u64>, default: u64| {
+        positive(field, v.map(|mb| mb as usize), 1)
+            .map(|mb| v.map_or(default, |_| (mb as u64).saturating_mul(1 << 20)))
+    };
     let m = MoveSettings {
         chunk_rows: positive("chunk_rows", f.chunk_rows, d.chunk_rows)?,
         backfill_workers: positive("backfill_workers", f.backfill_workers, d.backfill_workers)?,
@@ -310,26 +315,8 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
             f.max_inflight_txns,
             d.max_inflight_txns,
         )?,
-        wal_budget_bytes: match f.wal_budget_mb {
-            Some(0) => {
-                return Err(ConfigError::Invalid {
-                    field: "move.wal_budget_mb".into(),
-                    reason: "must be at least 1".into(),
-                })
-            }
-            Some(mb) => mb.saturating_mul(1 << 20),
-            None => d.wal_budget_bytes,
-        },
-        max_txn_bytes: match f.max_txn_mb {
-            Some(0) => {
-                return Err(ConfigError::Invalid {
-                    field: "move.max_txn_mb".into(),
-                    reason: "must be at least 1".into(),
-                })
-            }
-            Some(mb) => mb.saturating_mul(1 << 20),
-            None => d.max_txn_bytes,
-        },
+        wal_budget_bytes: megabytes("wal_budget_mb", f.wal_budget_mb, d.wal_budget_bytes)?,
+        max_txn_bytes: megabytes("max_txn_mb", f.max_txn_mb, d.max_txn_bytes)?,
         registry_poll: Duration::from_millis(positive(
             "registry_poll_ms",
             f.registry_poll_ms.map(|v| v as usize),
@@ -820,6 +807,8 @@ mod tests {
             "chunk_rows = 0",
             "backfill_workers = 0",
             "chunk_rows = 2000000",
+            "wal_budget_mb = 0",
+            "max_txn_mb = 0",
         ] {
             let err = load(&format!("{MINIMAL}[move]\n{bad}\n"), &env(&[])).unwrap_err();
             assert!(err.to_string().contains("move."), "{bad}: {err}");
