@@ -1090,12 +1090,13 @@ pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<Stri
         match client.batch_execute(&sql).await {
             Ok(()) => return Ok(table),
             // Two sessions creating it at once: IF NOT EXISTS is not atomic, the loser
-            // fails with a duplicate; the next attempt sees the winner's objects.
+            // fails with a duplicate (of the schema, the table, its row type or a column);
+            // the next attempt sees the winner's objects.
             Err(e)
                 if attempt < 5
                     && matches!(
                         e.code().map(|c| c.code()),
-                        Some("23505" | "42P06" | "42P07" | "42701")
+                        Some("23505" | "42P06" | "42P07" | "42701" | "42710")
                     ) => {}
             Err(e) => return Err(ClusterError::sql("creating the progress table")(e).into()),
         }
