@@ -1356,11 +1356,7 @@ impl Engine {
                     metrics::counter!(crate::telemetry::APPLIED_TRANSACTIONS, "target" => target.to_string())
                         .increment((before - q.len()) as u64);
                 }
-                for t in self.tenants.values_mut() {
-                    if t.destination.target == target {
-                        t.retrying = None;
-                    }
-                }
+                self.set_retrying(&target, None);
                 let caught = self.caught_up.entry(target).or_insert(Lsn::INVALID);
                 *caught = (*caught).max(up_to);
                 let mut batch = Batch::new();
@@ -1390,13 +1386,17 @@ impl Engine {
                 tracing::warn!(%target, %error, "target unavailable; retrying");
                 // Operators read the registry, not logs: the reason stays on each of the
                 // target's moves until the target commits again.
-                let reason = format!("target {target}: {error}");
-                for t in self.tenants.values_mut() {
-                    if t.destination.target == target {
-                        t.retrying = Some(reason.clone());
-                    }
-                }
+                self.set_retrying(&target, Some(format!("target {target}: {error}")));
                 Ok(())
+            }
+        }
+    }
+
+    /// What each of `target`'s moves is being retried for (`None`: nothing any more).
+    fn set_retrying(&mut self, target: &TargetId, reason: Option<String>) {
+        for t in self.tenants.values_mut() {
+            if &t.destination.target == target {
+                t.retrying = reason.clone();
             }
         }
     }
@@ -1564,6 +1564,10 @@ impl Engine {
                         .set(on);
                 }
             }
+            // A move failed on the budget gets no report: its error is the failure's.
+            if lag_bytes > budget {
+                continue;
+            }
             reports.push((
                 t.move_id,
                 Report {
@@ -1575,16 +1579,10 @@ impl Engine {
                 },
             ));
         }
-        let failed: Vec<i64> = over
-            .iter()
-            .filter_map(|(t, _)| self.tenants.get(t).map(|t| t.move_id))
-            .collect();
         for (tenant, held) in over {
             let e = Error::Move(MoveError::WalBudget { held, budget });
             self.fail(&tenant, &e, MoveState::Failed).await;
         }
-        // A failed move's report would be stale (and its error is the failure's).
-        reports.retain(|(id, _)| !failed.contains(id));
         self.ensure_control().await?;
         for (id, r) in reports {
             self.registry.report(&self.control, id, &r).await?;
