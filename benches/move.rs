@@ -35,6 +35,17 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds spent so far by the source cluster, the target cluster and this process
+/// (which runs the COPY pipe and the in-process daemon).
+fn cpu_now(src: &PgCluster, dst: &PgCluster) -> [f64; 3] {
+    [src.cpu_seconds(), dst.cpu_seconds(), cpu_seconds()]
+}
+
+fn cpu_since(before: [f64; 3], src: &PgCluster, dst: &PgCluster) -> [f64; 3] {
+    let now = cpu_now(src, dst);
+    [now[0] - before[0], now[1] - before[1], now[2] - before[2]]
+}
+
 const TABLE: &str = "CREATE TABLE public.orders (
     tenant_id int NOT NULL, id bigint NOT NULL, customer text NOT NULL, status text NOT NULL,
     amount numeric(12,2) NOT NULL, created timestamptz NOT NULL, note text,
@@ -143,6 +154,10 @@ async fn main() -> Result<()> {
     let mut native_t = Vec::new();
     let mut sy_t = Vec::new();
     let mut sy_cpu = Vec::new();
+    // Per pipeline and round: [source cluster, target cluster, this process] CPU seconds.
+    let mut pipe_cpu3 = Vec::new();
+    let mut native_cpu3 = Vec::new();
+    let mut sy_cpu3 = Vec::new();
     let dir = tempfile::tempdir()?;
     let chunk_rows = env_or("SWITCHYARD_BENCH_CHUNK", 20_000);
     let lanes = env_or("SWITCHYARD_BENCH_LANES", 4);
@@ -159,6 +174,7 @@ async fn main() -> Result<()> {
         // 1. COPY pipe: the floor for moving bytes.
         d.batch_execute("TRUNCATE pipe.orders").await?;
         let t0 = Instant::now();
+        let c0 = cpu_now(&src, &dst);
         {
             let out = s
                 .copy_out("COPY (SELECT * FROM public.orders WHERE tenant_id = 1) TO STDOUT")
@@ -181,6 +197,7 @@ async fn main() -> Result<()> {
             sink.finish().await?;
         }
         pipe_t.push(t0.elapsed());
+        pipe_cpu3.push(cpu_since(c0, &src, &dst));
 
         // 2. Native logical replication: initial sync of the row-filtered publication
         // (switchyard, if running, is idle: nothing is written meanwhile).
@@ -189,8 +206,10 @@ async fn main() -> Result<()> {
             dn.batch_execute("TRUNCATE public.orders").await?;
         }
         let t0 = Instant::now();
+        let c0 = cpu_now(&src, &dst);
         native_subscription(&dn, src.port(), "native_pub").await?;
         native_t.push(t0.elapsed());
+        native_cpu3.push(cpu_since(c0, &src, &dst));
 
         // 3. switchyard: move request → in sync (backfill under the stream). Later rounds
         // cancel the previous move and move the tenant again, into a new schema.
@@ -219,10 +238,12 @@ async fn main() -> Result<()> {
         let schema = format!("big{round}");
         let t0 = Instant::now();
         let cpu0 = cpu_seconds();
+        let c0 = cpu_now(&src, &dst);
         let id = request(&s, &registry, "1", "shard2", &schema).await?;
         wait_state(&s, id, "streaming", Duration::from_secs(3600)).await?;
         sy_t.push(t0.elapsed());
         sy_cpu.push(cpu_seconds() - cpu0);
+        sy_cpu3.push(cpu_since(c0, &src, &dst));
         move_id = Some(id);
         let n: i64 = d
             .query_one(&format!("SELECT count(*) FROM {schema}.orders"), &[])
@@ -238,6 +259,8 @@ async fn main() -> Result<()> {
     let mut native_backlog_t = Vec::new();
     let mut sy_backlog_t = Vec::new();
     let mut sy_backlog_cpu = Vec::new();
+    let mut native_backlog_cpu3 = Vec::new();
+    let mut sy_backlog_cpu3 = Vec::new();
     for round in 0..rounds {
         if let Some(d) = daemon.take() {
             d.stop().await?;
@@ -264,6 +287,7 @@ async fn main() -> Result<()> {
         let target = lsn(&s).await?;
         s.batch_execute("SELECT pg_logical_emit_message(true, 'bench', 'end')")
             .await?;
+        let c0 = cpu_now(&src, &dst);
         let native_total = catch_up(&s, "native_sub", &target, async {
             dn.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
                 .await?;
@@ -271,9 +295,11 @@ async fn main() -> Result<()> {
         })
         .await?;
         native_backlog_t.push(native_total);
+        native_backlog_cpu3.push(cpu_since(c0, &src, &dst));
         dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
             .await?;
         let cpu0 = cpu_seconds();
+        let c0 = cpu_now(&src, &dst);
         let sy_total = catch_up(&s, "sy", &target, async {
             daemon = Some(InProcess::start(load_config(&path)?, false));
             Ok(())
@@ -281,6 +307,7 @@ async fn main() -> Result<()> {
         .await?;
         sy_backlog_t.push(sy_total);
         sy_backlog_cpu.push(cpu_seconds() - cpu0);
+        sy_backlog_cpu3.push(cpu_since(c0, &src, &dst));
         dn.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
             .await?;
     }
@@ -373,6 +400,34 @@ async fn main() -> Result<()> {
         median(&native_backlog_t) / median(&sy_backlog_t),
         cpu(&sy_backlog_cpu)
     );
+    // CPU per pipeline (medians per column over the rounds): on one 2-core machine the
+    // wall-clock ratios above are bounded by the cores all processes share; the CPU each
+    // pipeline spent is what separate hosts would see.
+    let median_cpu = |v: &[[f64; 3]], i: usize| {
+        let mut c: Vec<f64> = v.iter().map(|r| r[i]).collect();
+        c.sort_by(|a, b| a.total_cmp(b));
+        c[c.len() / 2]
+    };
+    let cpu_json = |v: &[[f64; 3]]| {
+        serde_json::json!({
+            "source": median_cpu(v, 0),
+            "target": median_cpu(v, 1),
+            "process": median_cpu(v, 2),
+        })
+    };
+    println!("\n## CPU seconds per pipeline (medians over the rounds)\n");
+    println!("| phase | source cluster | target cluster | switchyard / pipe process | all |");
+    println!("|---|---|---|---|---|");
+    for (name, v) in [
+        ("backfill: COPY pipe", &pipe_cpu3),
+        ("backfill: native LR", &native_cpu3),
+        ("backfill: switchyard", &sy_cpu3),
+        ("backlog: native LR", &native_backlog_cpu3),
+        ("backlog: switchyard", &sy_backlog_cpu3),
+    ] {
+        let (a, b, c) = (median_cpu(v, 0), median_cpu(v, 1), median_cpu(v, 2));
+        println!("| {name} | {a:.2} | {b:.2} | {c:.2} | {:.2} |", a + b + c);
+    }
     support::report::record(
         "move",
         serde_json::json!({
@@ -395,6 +450,17 @@ async fn main() -> Result<()> {
             },
             "backlog_ratio_native_over_switchyard": median(&native_backlog_t) / median(&sy_backlog_t),
             "switchyard_cpu_s": { "backfill": sy_cpu, "backlog": sy_backlog_cpu },
+            "cpu_s_medians": {
+                "backfill": {
+                    "copy_pipe": cpu_json(&pipe_cpu3),
+                    "native": cpu_json(&native_cpu3),
+                    "switchyard": cpu_json(&sy_cpu3),
+                },
+                "backlog": {
+                    "native": cpu_json(&native_backlog_cpu3),
+                    "switchyard": cpu_json(&sy_backlog_cpu3),
+                },
+            },
         }),
     )?;
     let _ = dn

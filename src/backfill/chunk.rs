@@ -88,6 +88,41 @@ impl ChunkTable {
         }
     }
 
+    /// `key <op> k` for a comparison operator, over the key columns other than the
+    /// tenant column, which the query pins by equality. Comparing it too would keep the
+    /// index from starting at `k`: with an equality and a row comparison on one leading
+    /// column, btree starts at the equality and filters every key before `k`, a quadratic
+    /// backfill. Leaving out a column equal on both sides keeps the lexicographic order.
+    /// `k` is a key of this tenant's rows (its tenant value is the tenant's).
+    pub(crate) fn key_compare(
+        &self,
+        op: &str,
+        k: &[KeyValue],
+        bind: &mut impl FnMut(String) -> String,
+    ) -> String {
+        let tenant_col = self.tenant.as_ref().map(|(c, _)| c.as_str());
+        let mut exprs = Vec::new();
+        let mut ps = Vec::new();
+        for (i, v) in k.iter().enumerate() {
+            let Some(&(col, kind)) = self.key.get(i) else {
+                continue;
+            };
+            if Some(self.columns[col].as_str()) == tenant_col {
+                continue;
+            }
+            let p = bind(Self::key_text(v));
+            exprs.push(self.key_expr(i));
+            ps.push(Self::key_param(kind, &p));
+        }
+        match exprs.len() {
+            // The key is the tenant column alone: one row per tenant, equal to `k`.
+            0 if op.contains('=') => "true".into(),
+            0 => "false".into(),
+            1 => format!("{} {op} {}", exprs[0], ps[0]),
+            _ => format!("({}) {op} ({})", exprs.join(", "), ps.join(", ")),
+        }
+    }
+
     pub(crate) fn key_text(v: &KeyValue) -> String {
         match v {
             KeyValue::Int(i) => i.to_string(),
@@ -163,12 +198,7 @@ impl ChunkTable {
             ChunkSpec::Range { after, limit: l } => {
                 limit = Some(*l);
                 if let Cursor::After(k) = after {
-                    let mut ps = Vec::new();
-                    for (i, v) in k.iter().enumerate() {
-                        let p = bind(Self::key_text(v));
-                        ps.push(Self::key_param(self.key[i].1, &p));
-                    }
-                    conds.push(format!("{key_row} > ({})", ps.join(", ")));
+                    conds.push(self.key_compare(">", k, &mut bind));
                 }
             }
             ChunkSpec::Keys(keys) => {
@@ -284,13 +314,55 @@ mod tests {
             "{sql}"
         );
         assert!(sql.contains(
-            "(src.\"tenant_id\", src.\"id\", src.\"code\" COLLATE \"C\") > (CAST($2 AS bigint), CAST($3 AS bigint), ($4::text COLLATE \"C\"))"
+            "WHERE src.\"tenant_id\" = CAST($1 AS integer) AND (src.\"id\", src.\"code\" COLLATE \"C\") > (CAST($2 AS bigint), ($3::text COLLATE \"C\"))"
         ), "{sql}");
         assert_eq!(
-            params[3],
+            params[2],
             Some("o'k".into()),
             "values are bound, never inlined"
         );
+    }
+
+    #[test]
+    fn key_comparisons_leave_out_the_pinned_tenant_column() {
+        let mut n = 0;
+        let mut bind = |_v: String| {
+            n += 1;
+            format!("${n}")
+        };
+        let k = vec![
+            KeyValue::Int(7),
+            KeyValue::Int(5),
+            KeyValue::Text("x".into()),
+        ];
+        // Shared table: the tenant column goes, the rest stays a row comparison.
+        assert_eq!(
+            table().key_compare(">", &k, &mut bind),
+            "(src.\"id\", src.\"code\" COLLATE \"C\") > (CAST($1 AS bigint), ($2::text COLLATE \"C\"))"
+        );
+        // Schema-per-tenant: no tenant column, every key column compares.
+        let whole = ChunkTable {
+            tenant: None,
+            ..table()
+        };
+        assert!(whole
+            .key_compare("<=", &k, &mut bind)
+            .starts_with("(src.\"tenant_id\", src.\"id\", src.\"code\" COLLATE \"C\") <= ("));
+        // One column left: a plain comparison; none left: the tenant's single row.
+        let two = ChunkTable {
+            key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
+            ..table()
+        };
+        assert_eq!(
+            two.key_compare(">", &k[..2], &mut bind),
+            "src.\"id\" > CAST($6 AS bigint)"
+        );
+        let only = ChunkTable {
+            key: vec![(0, KeyKind::Int)],
+            ..table()
+        };
+        assert_eq!(only.key_compare(">", &k[..1], &mut bind), "false");
+        assert_eq!(only.key_compare("<=", &k[..1], &mut bind), "true");
     }
 
     #[test]

@@ -317,6 +317,23 @@ impl PgCluster {
         self.postmaster.as_ref().map(Child::id)
     }
 
+    /// CPU seconds (user + system) the whole cluster has used so far: the postmaster, its
+    /// reaped children (backends that ended, counted by the kernel into the postmaster's
+    /// `cutime`/`cstime`) and its live children. The difference over a phase is what the
+    /// cluster's processes spent on it, whoever was waiting for whom.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.postmaster_pid() else {
+            return 0.0;
+        };
+        let own = proc_cpu_ticks(pid, true);
+        let children: u64 = child_pids(pid)
+            .into_iter()
+            .map(|c| proc_cpu_ticks(c, false))
+            .sum();
+        // Clock ticks are 100 per second on Linux.
+        (own + children) as f64 / 100.0
+    }
+
     /// Simulates a crash: SIGKILLs every child of the postmaster and the
     /// postmaster itself, and waits until all of them are gone, so that
     /// [`Self::restart`] runs crash recovery. No-op when not running.
@@ -926,6 +943,26 @@ fn child_pids(pid: u32) -> Vec<u32> {
 /// Whether `pid` exists and is not a zombie (a zombie holds no resources).
 fn process_alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// utime + stime of `pid` in clock ticks, plus cutime + cstime (its reaped children) when
+/// `reaped`; 0 for a process that is gone.
+fn proc_cpu_ticks(pid: u32, reaped: bool) -> u64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(end) = stat.rfind(')') else {
+        return 0;
+    };
+    // After "(comm)": state, ppid, …; utime, stime, cutime, cstime are the 12th–15th.
+    let fields: Vec<u64> = stat[end + 1..]
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let take = if reaped { 4 } else { 2 };
+    fields.iter().take(take).sum()
 }
 
 /// State and parent PID of `pid` from /proc/PID/stat.
