@@ -699,3 +699,42 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     assert_eq!(notes, ["d:30"]);
     Ok(())
 }
+
+/// A batch far larger than one set statement (8 MiB of values) or one pipelined window
+/// (16 MiB) goes as several statements, in order, in one target transaction: the state is
+/// exactly the batch's, and it was applied folded, not replayed change by change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_statement_goes_in_bounded_statements() -> Result<()> {
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let d = two.dst.client().await?;
+    let mut w = replica_writer(&two).await?;
+    let big = |id: i32, round: &str| format!("{round}{id}:{}", "x".repeat(1 << 20));
+    // 40 inserts of 1 MiB values, then 40 updates of them, then deletes of every fifth.
+    let inserts: Vec<Work> = (1..=40)
+        .map(|id| ins(order(id, "new", Some(&big(id, "a")))))
+        .collect();
+    w.commit(&txns(10, inserts)).await?;
+    let mut works: Vec<Work> = (1..=40)
+        .map(|id| upd(order(id, "updated", Some(&big(id, "b")))))
+        .collect();
+    works.extend((5..=40).step_by(5).map(del));
+    let stats = w.stats();
+    assert_eq!(w.commit(&txns(100, works)).await?, Lsn(147));
+    let after = w.stats();
+    assert_eq!(after.compacted, stats.compacted + 1, "applied folded");
+    assert_eq!(after.replayed, stats.replayed, "not replayed");
+    let got = rows(
+        &d,
+        "SELECT concat_ws('|', id, note, left(big, 4), length(big)) FROM acme.orders ORDER BY id",
+    )
+    .await?;
+    let want: Vec<String> = (1..=40)
+        .filter(|id| id % 5 != 0)
+        .map(|id| {
+            let b = big(id, "b");
+            format!("{id}|updated|{}|{}", &b[..4], b.len())
+        })
+        .collect();
+    assert_eq!(got, want);
+    Ok(())
+}

@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 use std::borrow::Cow;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::compaction::{SetStatement, TableChanges};
+use super::compaction::{SetStatement, TableChanges, TextArray};
 use super::copy::{copy, CopyRows};
 use super::statement::{build, build_replay, Statement, TargetColumn, TargetTable};
 use super::{check_count, ApplyError};
@@ -294,6 +294,10 @@ pub struct WriterStats {
 /// Statements sent ahead before their results are read.
 const PIPELINE_DEPTH: usize = 512;
 
+/// Bytes of parameters in flight at most in one pipelined window (one larger statement
+/// goes alone).
+const PIPELINE_BYTES: usize = 16 << 20;
+
 /// A statement waiting in the pipeline: one row change, or a compacted set of them.
 enum Pending<'a> {
     One(Cow<'a, Statement>),
@@ -322,6 +326,14 @@ impl Pending<'_> {
         }
     }
 
+    /// Bytes of parameters it sends, about.
+    fn weight(&self) -> usize {
+        match self {
+            Pending::One(st) => st.params.iter().flatten().map(String::len).sum::<usize>(),
+            Pending::Set(st) => st.columns.iter().map(TextArray::weight).sum(),
+        }
+    }
+
     fn check(&self, n: u64) -> Result<u64, ApplyError> {
         match self {
             Pending::One(st) => check_count(st, n),
@@ -335,9 +347,11 @@ impl Pending<'_> {
     }
 }
 
-/// Runs `pending` in order, pipelined: all are sent before the first result is read, which
-/// saves a round trip per row. The server still runs them one after the other; the first
-/// failure (in order) is the one reported, with its tenant.
+/// Runs `pending` in order, pipelined: statements are sent before the first result is read,
+/// which saves a round trip per row, in windows of at most [`PIPELINE_BYTES`] of parameters
+/// (each statement is encoded when sent: a window bounds that copy of a large transaction).
+/// The server still runs them one after the other; the first failure (in order) is the one
+/// reported, with its tenant.
 async fn pipeline<'a>(
     tx: &tokio_postgres::Transaction<'_>,
     prepared: &mut HashMap<String, tokio_postgres::Statement>,
@@ -360,20 +374,34 @@ async fn pipeline<'a>(
             }
         }
     }
-    let runs = pending.iter().map(|(_, st)| {
-        let statement = prepared[st.sql()].clone();
-        async move { tx.execute(&statement, &st.params()).await }
-    });
-    let results = futures_util::future::join_all(runs).await;
-    for ((tenant, st), r) in pending.iter().zip(results) {
-        let checked = r
-            .map_err(|e| ClusterError::sql(format!("running `{}`", st.sql()))(e).into())
-            .and_then(|n| st.check(n));
-        if let Err(e) = checked {
-            *failed_tenant = Some((*tenant).clone());
-            pending.clear();
-            return Err(e);
+    let mut start = 0;
+    while start < pending.len() {
+        let (mut end, mut bytes) = (start, 0);
+        while end < pending.len() {
+            let w = pending[end].1.weight();
+            if end > start && bytes + w > PIPELINE_BYTES {
+                break;
+            }
+            bytes += w;
+            end += 1;
         }
+        let window = &pending[start..end];
+        let runs = window.iter().map(|(_, st)| {
+            let statement = prepared[st.sql()].clone();
+            async move { tx.execute(&statement, &st.params()).await }
+        });
+        let results = futures_util::future::join_all(runs).await;
+        for ((tenant, st), r) in window.iter().zip(results) {
+            let checked = r
+                .map_err(|e| ClusterError::sql(format!("running `{}`", st.sql()))(e).into())
+                .and_then(|n| st.check(n));
+            if let Err(e) = checked {
+                *failed_tenant = Some((*tenant).clone());
+                pending.clear();
+                return Err(e);
+            }
+        }
+        start = end;
     }
     pending.clear();
     Ok(())
