@@ -172,6 +172,35 @@ fn render(results: &[Value], machine: &Value) -> Result<String> {
             "\n{} rounds, medians; {} row changes per backlog; chunk_rows {}, apply_lanes {}.",
             m["rounds"], m["backlog_changes"], m["chunk_rows"], m["apply_lanes"]
         )?;
+        if m["cpu_s_medians"].is_object() {
+            writeln!(
+                md,
+                "\nCPU seconds each pipeline spent (medians over the rounds; every process of each \
+                 cluster, and the bench process, which runs the COPY pipe and the daemon). On \
+                 one 2-core machine the wall-clock ratios above are bounded by the cores all \
+                 of them share.\n"
+            )?;
+            writeln!(
+                md,
+                "| phase | source cluster | target cluster | switchyard / pipe process | all |"
+            )?;
+            writeln!(md, "|---|---|---|---|---|")?;
+            for (name, path) in [
+                ("backfill: COPY pipe", ["backfill", "copy_pipe"]),
+                ("backfill: native LR", ["backfill", "native"]),
+                ("backfill: switchyard", ["backfill", "switchyard"]),
+                ("backlog: native LR", ["backlog", "native"]),
+                ("backlog: switchyard", ["backlog", "switchyard"]),
+            ] {
+                let c = &m["cpu_s_medians"][path[0]][path[1]];
+                let (a, b, p) = (f(c, &["source"]), f(c, &["target"]), f(c, &["process"]));
+                writeln!(
+                    md,
+                    "| {name} | {a:.2} | {b:.2} | {p:.2} | {:.2} |",
+                    a + b + p
+                )?;
+            }
+        }
     }
     if let Some(l) = by("lag") {
         writeln!(md, "\n## Lag under load (`cargo bench --bench lag`)\n")?;
@@ -296,7 +325,15 @@ fn main() -> Result<()> {
             "backfill_s": {"copy_pipe": 1.0, "native": 2.0, "switchyard": 1.5},
             "backfill_ratio_native_over_switchyard": 1.33, "backfill_ratio_pipe_over_switchyard": 0.67,
             "backlog_txns": 10, "backlog_changes": 30, "backlog_s": {"native": 3.0, "switchyard": 2.0},
-            "backlog_ratio_native_over_switchyard": 1.5}),
+            "backlog_ratio_native_over_switchyard": 1.5,
+            "cpu_s_medians": {
+                "backfill": {
+                    "copy_pipe": {"source": 0.1, "target": 0.2, "process": 0.3},
+                    "native": {"source": 0.1, "target": 0.2, "process": 0.0},
+                    "switchyard": {"source": 0.2, "target": 0.2, "process": 0.25}},
+                "backlog": {
+                    "native": {"source": 0.1, "target": 0.9, "process": 0.0},
+                    "switchyard": {"source": 0.125, "target": 0.5, "process": 0.25}}}}),
         serde_json::json!({"bench": "lag", "offered_tps": 50, "clients": 2, "secs": 1, "tenants": 50,
             "native": {"tps": 50.0, "lag_ms": {"p50": 3.0, "p99": 9.0, "max": 10.0, "n": 40}},
             "switchyard": {"tps": 50.0, "lag_ms": {"p50": 4.0, "p99": 12.0, "max": 15.0, "n": 40}}}),
@@ -320,6 +357,7 @@ fn main() -> Result<()> {
         "4.0 / 12.0 ms vs 3.0 / 9.0 ms",
         "10.0 / 20.0 ms",
         "60 / 50 / 40 MB",
+        "| backlog: switchyard | 0.12 | 0.50 | 0.25 | 0.88 |",
         "## Memory",
     ] {
         anyhow::ensure!(md.contains(needle), "the report lacks {needle:?}:\n{md}");
