@@ -216,3 +216,55 @@ async fn switchyard_move_writes_the_row_and_refuses_unknown_targets() -> Result<
     assert_eq!(n, 1);
     Ok(())
 }
+
+/// A daemon start installs nothing when the registry is current: it neither waits for nor
+/// blocks a session that has the registry open (the DDL takes ACCESS EXCLUSIVE locks on the
+/// moves table). An older registry (another DDL's stamp, a column missing) is brought up to
+/// date. The same holds for a target's progress tables, which every apply lane checks when
+/// it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_registry_is_not_reinstalled_and_takes_no_lock() -> Result<()> {
+    let pg = PgCluster::start()?;
+    let mut c = pg.client().await?;
+    let reg = Registry::new("switchyard")?;
+    reg.install(&mut c).await?;
+    let mut reader = pg.client().await?;
+    let open = reader.transaction().await?;
+    open.query("SELECT * FROM switchyard.moves", &[]).await?;
+    open.query("SELECT * FROM switchyard.routes", &[]).await?;
+    // Without the version check this waits for `open` and fails at the lock timeout.
+    c.batch_execute("SET lock_timeout = '2s'").await?;
+    reg.install(&mut c).await?;
+    open.rollback().await?;
+
+    // An older registry: a column missing and another stamp. It is updated.
+    c.batch_execute(
+        "ALTER TABLE switchyard.moves DROP COLUMN verified_at;
+         COMMENT ON TABLE switchyard.moves IS 'switchyard registry; DDL md5 0'",
+    )
+    .await?;
+    reg.install(&mut c).await?;
+    let has: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+              WHERE table_schema = 'switchyard' AND table_name = 'moves' AND column_name = 'verified_at')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(has, "the missing column is back");
+
+    // Progress tables on a target: a lane connecting while another lane's transaction
+    // holds the table neither waits nor fails.
+    switchyard::apply::writer::ensure_progress_table(&c, "sy progress").await?;
+    let mut lane = pg.client().await?;
+    let busy = lane.transaction().await?;
+    busy.batch_execute(
+        "INSERT INTO \"sy progress\".applied (tenant, lsn) VALUES ('t', '0/1');
+         INSERT INTO \"sy progress\".applied_lanes (tenant, lane, lsn) VALUES ('t', 1, '0/1')",
+    )
+    .await?;
+    switchyard::apply::writer::ensure_progress_table(&c, "sy progress").await?;
+    busy.rollback().await?;
+    Ok(())
+}

@@ -1112,6 +1112,21 @@ pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<Stri
         schema = quote_ident(schema),
         lanes = lanes_table(schema)
     );
+    // Both tables with every column: nothing to do. The DDL's ALTER TABLE takes an ACCESS
+    // EXCLUSIVE lock even when the column exists, and every lane connects at once.
+    let ready: bool = client
+        .query_one(
+            "SELECT to_regclass($2) IS NOT NULL AND EXISTS (
+               SELECT 1 FROM pg_attribute
+                WHERE attrelid = to_regclass($1) AND attname = 'state' AND NOT attisdropped)",
+            &[&table, &lanes_table(schema)],
+        )
+        .await
+        .map_err(ClusterError::sql("reading the progress table's columns"))?
+        .get(0);
+    if ready {
+        return Ok(table);
+    }
     let mut attempt = 0;
     loop {
         attempt += 1;

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Invariants:
-//! - The DDL is idempotent (`install` may run at every start) and runs in one transaction.
+//! - The DDL is idempotent and runs in one transaction; `install` runs it only when the
+//!   installed version (the md5 of the DDL, in the moves table's comment) differs, so a
+//!   daemon start takes no lock on the registry's tables.
 //! - At most one unfinished move per tenant, enforced by a partial unique index, so two
 //!   operators cannot start competing moves.
 //! - State changes go through [`MoveState::can_become`]; the UPDATE also checks the current
@@ -26,11 +28,14 @@ use tokio_postgres::Client;
 
 use crate::cluster::ClusterError;
 use crate::lsn::Lsn;
-use crate::sql::{check_name, quote_ident, NameError};
+use crate::sql::{check_name, quote_ident, quote_literal, NameError};
 use crate::tenant::{TargetId, TenantId};
 
 /// The notification channel raised when a move row is inserted or changed by an operator.
 pub const CHANNEL: &str = "switchyard_moves";
+
+/// The moves table's comment, before the md5 of the DDL that installed it.
+const INSTALLED_STAMP: &str = "switchyard registry; DDL md5 ";
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -365,8 +370,34 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         )
     }
 
-    /// Creates or updates the registry objects, in one transaction.
+    /// Whether this version's DDL is installed: the moves table's comment carries the md5
+    /// of the DDL that made it (see [`Self::install`]).
+    async fn installed(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        ddl: &str,
+    ) -> Result<bool, RegistryError> {
+        let row = client
+            .query_one(
+                "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2 || md5($3), false)",
+                &[&self.t("moves"), &INSTALLED_STAMP, &ddl],
+            )
+            .await
+            .map_err(ClusterError::sql("reading the registry version"))?;
+        Ok(row.get(0))
+    }
+
+    /// Creates or updates the registry objects, in one transaction, unless this version's
+    /// are there already. Running the DDL takes ACCESS EXCLUSIVE locks on the moves table
+    /// (ALTER TABLE, the trigger's re-creation): at every daemon start it would queue behind
+    /// any open transaction that read the registry and block every reader meanwhile. So
+    /// once installed, the moves table's comment records the DDL's md5 and a start with the
+    /// same DDL reads only the catalog.
     pub async fn install(&self, client: &mut Client) -> Result<(), RegistryError> {
+        let ddl = self.ddl();
+        if self.installed(&*client, &ddl).await? {
+            return Ok(());
+        }
         let tx = client
             .transaction()
             .await
@@ -375,9 +406,25 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('switchyard registry'))")
             .await
             .map_err(ClusterError::sql("locking the registry install"))?;
-        tx.batch_execute(&self.ddl())
+        if self.installed(&tx, &ddl).await? {
+            // Another installer finished while this one waited for the lock.
+            return Ok(());
+        }
+        tx.batch_execute(&ddl)
             .await
             .map_err(ClusterError::sql("installing the registry"))?;
+        let stamp: String = tx
+            .query_one("SELECT $1 || md5($2)", &[&INSTALLED_STAMP, &ddl])
+            .await
+            .map_err(ClusterError::sql("stamping the registry version"))?
+            .get(0);
+        tx.batch_execute(&format!(
+            "COMMENT ON TABLE {} IS {}",
+            self.t("moves"),
+            quote_literal(&stamp)
+        ))
+        .await
+        .map_err(ClusterError::sql("stamping the registry version"))?;
         tx.commit()
             .await
             .map_err(ClusterError::sql("committing the registry install"))?;
