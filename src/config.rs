@@ -98,6 +98,7 @@ struct FileCutover {
 struct FileMoves {
     chunk_rows: Option<usize>,
     backfill_workers: Option<usize>,
+    backfill_rows_per_sec: Option<u64>,
     batch_max_txns: Option<usize>,
     batch_max_bytes: Option<usize>,
     apply_lanes: Option<usize>,
@@ -252,6 +253,9 @@ pub struct MoveSettings {
     pub chunk_rows: usize,
     /// Backfill chunks in flight at once, over all tenants (one source connection each).
     pub backfill_workers: usize,
+    /// Rows a second the backfill reads from the source at most, over all tenants; 0 for
+    /// no limit.
+    pub backfill_rows_per_sec: u64,
     /// Source transactions batched into one target transaction, at most.
     pub batch_max_txns: usize,
     /// Bytes of values batched into one target transaction, about.
@@ -278,6 +282,7 @@ impl Default for MoveSettings {
         MoveSettings {
             chunk_rows: 5_000,
             backfill_workers: 4,
+            backfill_rows_per_sec: 0,
             batch_max_txns: 2_000,
             batch_max_bytes: 32 << 20,
             apply_lanes: 4,
@@ -307,6 +312,7 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
     let m = MoveSettings {
         chunk_rows: positive("chunk_rows", f.chunk_rows, d.chunk_rows)?,
         backfill_workers: positive("backfill_workers", f.backfill_workers, d.backfill_workers)?,
+        backfill_rows_per_sec: f.backfill_rows_per_sec.unwrap_or(d.backfill_rows_per_sec),
         batch_max_txns: positive("batch_max_txns", f.batch_max_txns, d.batch_max_txns)?,
         batch_max_bytes: positive("batch_max_bytes", f.batch_max_bytes, d.batch_max_bytes)?,
         apply_lanes: positive("apply_lanes", f.apply_lanes, d.apply_lanes)?,

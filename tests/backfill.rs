@@ -456,3 +456,61 @@ async fn chunk_reads_start_at_the_cursor_in_the_index() -> Result<()> {
     );
     Ok(())
 }
+
+/// A text key in a collation other than "C" gets no ordered index scan for chunk reads
+/// (they compare keys bytewise): the move is told the index that fixes it, and once that
+/// index exists the chunk reads are in index order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_keys_without_a_byte_order_index_get_the_fix() -> Result<()> {
+    let src = support::PgCluster::start()?;
+    let c = src.client().await?;
+    let collation: Option<String> = c
+        .query_opt(
+            "SELECT collname FROM pg_collation
+              WHERE collname NOT IN ('default', 'C', 'POSIX', 'ucs_basic')
+                AND (collprovider = 'i' OR collcollate NOT IN ('C', 'POSIX'))
+                AND collencoding IN (-1, pg_char_to_encoding('UTF8'))
+              ORDER BY collprovider = 'c' DESC, collname LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let collation = collation.context("this server has no collation other than C")?;
+    src.psql(&format!(
+        "CREATE TABLE public.users (org int NOT NULL, email text COLLATE \"{collation}\" NOT NULL,
+           note text, PRIMARY KEY (org, email));
+         INSERT INTO public.users SELECT 1, 'user' || g || '@example.com', 'n'
+           FROM generate_series(1, 30000) g;
+         ANALYZE public.users;"
+    ))?;
+    let chunk = ChunkTable {
+        source: QualifiedName::parse("public.users")?,
+        columns: vec!["org".into(), "email".into(), "note".into()],
+        key: vec![(0, KeyKind::Int), (1, KeyKind::Text)],
+        tenant: Some(("org".into(), "integer".into())),
+    };
+    let fix = switchyard::daemon::unordered_chunk_reads(&c, &chunk, "1", 5_000)
+        .await?
+        .context("the primary key cannot give byte order: a fix is due")?;
+    assert_eq!(
+        fix,
+        "CREATE INDEX CONCURRENTLY ON \"public\".\"users\" (\"org\", \"email\" COLLATE \"C\");"
+    );
+    c.batch_execute(&fix).await?;
+    c.batch_execute("ANALYZE public.users").await?;
+    assert_eq!(
+        switchyard::daemon::unordered_chunk_reads(&c, &chunk, "1", 5_000).await?,
+        None,
+        "with the index, chunks are read in order"
+    );
+    // Integer keys are in order by their primary key: nothing to ask.
+    let ints = ChunkTable {
+        key: vec![(0, KeyKind::Int)],
+        ..chunk
+    };
+    assert_eq!(
+        switchyard::daemon::unordered_chunk_reads(&c, &ints, "1", 5_000).await?,
+        None
+    );
+    Ok(())
+}

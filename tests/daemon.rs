@@ -274,7 +274,8 @@ async fn kill_9_mid_backfill_and_mid_stream_loses_and_duplicates_nothing() -> Re
         dir.path(),
         &src,
         Some(&dst),
-        "[move]\nchunk_rows = 50\nbackfill_workers = 1\n",
+        // Paced, so that kills land mid-backfill however fast this machine copies.
+        "[move]\nchunk_rows = 50\nbackfill_workers = 1\nbackfill_rows_per_sec = 5000\n",
     )?;
     let log = dir.path().join("daemon.log");
     let s = src.client().await?;

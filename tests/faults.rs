@@ -72,7 +72,8 @@ async fn target_crash_and_restarts_and_a_source_restart_lose_nothing() -> Result
         dir.path(),
         &src,
         Some(&dst),
-        "[move]\nchunk_rows = 100\nbackfill_workers = 1\n",
+        // Paced, so that the faults land mid-backfill however fast this machine copies.
+        "[move]\nchunk_rows = 100\nbackfill_workers = 1\nbackfill_rows_per_sec = 3000\n",
     )?;
     let Moves {
         s,
@@ -185,7 +186,8 @@ async fn delayed_reset_and_black_holed_links_lose_nothing() -> Result<()> {
         dir.path(),
         &src,
         Some(&dst),
-        "[move]\nchunk_rows = 100\nbackfill_workers = 1\n",
+        // Paced, so that the faults land mid-backfill however fast this machine copies.
+        "[move]\nchunk_rows = 100\nbackfill_workers = 1\nbackfill_rows_per_sec = 3000\n",
     )?;
     // Every connection of the daemon goes through the proxies; the test's own do not.
     let text = std::fs::read_to_string(&path)?

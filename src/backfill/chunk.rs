@@ -123,6 +123,55 @@ impl ChunkTable {
         }
     }
 
+    /// The index that gives chunk queries their key order: the key columns in key order,
+    /// text ones `COLLATE "C"` (chunk keys compare bytewise), the tenant column as it is
+    /// (it is pinned by an equality in the column's own collation). A primary key in another
+    /// collation cannot serve `ORDER BY … COLLATE "C"`: every chunk would sort all the
+    /// tenant's rows after its cursor.
+    pub fn key_order_index_sql(&self) -> String {
+        let tenant_col = self.tenant.as_ref().map(|(c, _)| c.as_str());
+        let cols = self
+            .key
+            .iter()
+            .map(|&(i, kind)| {
+                let name = &self.columns[i];
+                match kind {
+                    KeyKind::Text if Some(name.as_str()) != tenant_col => {
+                        format!("{} COLLATE \"C\"", quote_ident(name))
+                    }
+                    _ => quote_ident(name),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "CREATE INDEX CONCURRENTLY ON {} ({cols});",
+            self.source.quoted()
+        )
+    }
+
+    /// A range chunk query from the start of the tenant's keys (to ask the planner how it
+    /// would read chunks), with its text parameters.
+    pub fn first_chunk_query(&self, tenant: &str, limit: usize) -> (String, Vec<Option<String>>) {
+        let lowest = self
+            .key
+            .iter()
+            .map(|(_, kind)| match kind {
+                KeyKind::Int => KeyValue::Int(i64::MIN),
+                KeyKind::Text => KeyValue::Text(String::new()),
+                KeyKind::Uuid => KeyValue::Text("00000000-0000-0000-0000-000000000000".into()),
+            })
+            .collect();
+        self.query(
+            tenant,
+            &ChunkSpec::Range {
+                after: Cursor::After(lowest),
+                limit,
+            },
+            CopyFormat::Binary,
+        )
+    }
+
     pub(crate) fn key_text(v: &KeyValue) -> String {
         match v {
             KeyValue::Int(i) => i.to_string(),
@@ -363,6 +412,33 @@ mod tests {
         };
         assert_eq!(only.key_compare(">", &k[..1], &mut bind), "false");
         assert_eq!(only.key_compare("<=", &k[..1], &mut bind), "true");
+    }
+
+    #[test]
+    fn the_key_order_index_collates_text_keys_bytewise() {
+        assert_eq!(
+            table().key_order_index_sql(),
+            "CREATE INDEX CONCURRENTLY ON \"public\".\"orders\" (\"tenant_id\", \"id\", \"code\" COLLATE \"C\");"
+        );
+        let text_tenant = ChunkTable {
+            columns: vec!["org".into(), "e\"mail".into()],
+            key: vec![(0, KeyKind::Text), (1, KeyKind::Text)],
+            tenant: Some(("org".into(), "text".into())),
+            ..table()
+        };
+        assert!(text_tenant
+            .key_order_index_sql()
+            .ends_with("(\"org\", \"e\"\"mail\" COLLATE \"C\");"));
+        let (sql, params) = table().first_chunk_query("7", 100);
+        assert!(sql.ends_with("LIMIT 100"), "{sql}");
+        assert_eq!(
+            params,
+            vec![
+                Some("7".into()),
+                Some(i64::MIN.to_string()),
+                Some(String::new())
+            ]
+        );
     }
 
     #[test]

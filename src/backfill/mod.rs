@@ -20,6 +20,7 @@
 //!   which the chunk query requests explicitly.
 
 pub mod chunk;
+pub mod pace;
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;

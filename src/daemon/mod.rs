@@ -33,7 +33,7 @@ mod moving;
 mod reader;
 mod setup;
 
-pub use setup::{check_move, tenant_layout};
+pub use setup::{check_move, tenant_layout, unordered_chunk_reads};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -347,7 +347,7 @@ async fn run_daemon(
         .as_nanos() as u64;
     let mut engine = Engine {
         router: Router::new(config.tenancy.clone()),
-        pool: reader::Pool::new(config.source.clone()),
+        pool: reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
         config,
         store,
         registry,

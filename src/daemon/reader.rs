@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use crate::apply::copy::{BinaryRowSplitter, CopyDataError};
 use crate::apply::{CopyFormat, RowBuffer};
 use crate::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL};
+use crate::backfill::pace::Pace;
 use crate::backfill::{ChunkSpec, Cursor, Key};
 use crate::cluster::{ClusterError, Endpoint};
 use crate::error::Error;
@@ -79,18 +80,31 @@ impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
     }
 }
 
-/// Source connections for chunk readers, reused across chunks.
+/// Source connections for chunk readers, reused across chunks, and the pace of their reads
+/// (`move.backfill_rows_per_sec`, over all readers).
 pub(crate) struct Pool {
     endpoint: Endpoint,
     idle: Mutex<Vec<Client>>,
+    pace: Mutex<Pace>,
 }
 
 impl Pool {
-    pub fn new(endpoint: Endpoint) -> Arc<Pool> {
+    pub fn new(endpoint: Endpoint, rows_per_sec: u64) -> Arc<Pool> {
         Arc::new(Pool {
             endpoint,
             idle: Mutex::new(Vec::new()),
+            pace: Mutex::new(Pace::new(rows_per_sec)),
         })
+    }
+
+    /// Waits until a read of `rows` may start.
+    async fn paced(&self, rows: usize) {
+        let start = self
+            .pace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserve(std::time::Instant::now(), rows as u64);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
     }
 
     async fn get(&self) -> Result<Client, ClusterError> {
@@ -171,6 +185,11 @@ async fn read(
     events: &mpsc::UnboundedSender<ChunkEvent>,
     format: &mut Option<CopyFormat>,
 ) -> Result<Option<Key>, Error> {
+    pool.paced(match &job.spec {
+        ChunkSpec::Range { limit, .. } => *limit,
+        ChunkSpec::Keys(keys) => keys.len(),
+    })
+    .await;
     let mut client = pool.get().await?;
     let mark = |m| {
         Watermark {

@@ -157,6 +157,75 @@ async fn layout(config: &Config, source: &Client, def: &TableDef) -> Result<Chun
     })
 }
 
+/// For a table whose key has a text column and more rows than one chunk: the index to
+/// create when no index gives chunk queries their key order (the planner would sort for
+/// every chunk; see [`ChunkTable::key_order_index_sql`]). `None` when reads are in order.
+/// Advice only: the copy is correct either way.
+pub async fn unordered_chunk_reads(
+    source: &Client,
+    chunk: &ChunkTable,
+    tenant: &str,
+    chunk_rows: usize,
+) -> Result<Option<String>, Error> {
+    if !chunk.key.iter().any(|(_, k)| *k == KeyKind::Text) {
+        return Ok(None);
+    }
+    let rows: f32 = source
+        .query_one(
+            "SELECT coalesce((SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)), 0)",
+            &[&chunk.source.quoted()],
+        )
+        .await
+        .map_err(ClusterError::sql(format!(
+            "reading the size of {}",
+            chunk.source
+        )))?
+        .get(0);
+    if (rows as f64) < chunk_rows as f64 {
+        return Ok(None);
+    }
+    let (sql, params) = chunk.first_chunk_query(tenant, chunk_rows);
+    let explain = format!("EXPLAIN {sql}");
+    let statement = source
+        .prepare_typed(
+            &explain,
+            &vec![tokio_postgres::types::Type::TEXT; params.len()],
+        )
+        .await
+        .map_err(ClusterError::sql(format!(
+            "planning a chunk read of {}",
+            chunk.source
+        )))?;
+    let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        params.iter().map(|p| p as _).collect();
+    let plan = source
+        .query(&statement, &bound)
+        .await
+        .map_err(ClusterError::sql(format!(
+            "planning a chunk read of {}",
+            chunk.source
+        )))?;
+    let sorts = plan.iter().any(|r| {
+        let line: &str = r.get(0);
+        let node = line.trim_start().trim_start_matches("->").trim_start();
+        node.starts_with("Sort ") || node.starts_with("Incremental Sort ")
+    });
+    Ok(sorts.then(|| chunk.key_order_index_sql()))
+}
+
+/// Logs [`unordered_chunk_reads`]'s advice (a failure to ask is logged too, not fatal).
+async fn warn_unordered(config: &Config, source: &Client, chunk: &ChunkTable, tenant: &TenantId) {
+    match unordered_chunk_reads(source, chunk, tenant.as_str(), config.moves.chunk_rows).await {
+        Ok(None) => {}
+        Ok(Some(fix)) => tracing::warn!(
+            table = %chunk.source,
+            %fix,
+            "no index gives this table's keys in byte order (a text key in another collation): every backfill chunk sorts the tenant's remaining rows; create the index to read chunks in order"
+        ),
+        Err(e) => tracing::debug!(table = %chunk.source, error = %e, "could not plan a chunk read"),
+    }
+}
+
 /// Whether `column` is part of the table's replica identity (so a DELETE says whose row
 /// it removes).
 async fn identity_has(
@@ -249,7 +318,8 @@ pub async fn check_move(
     let source = config.source.connect_sql().await?;
     let defs = tenant_tables(config, &source, tenant, &BTreeSet::new()).await?;
     for def in &defs {
-        layout(config, &source, def).await?;
+        let chunk = layout(config, &source, def).await?;
+        warn_unordered(config, &source, &chunk, tenant).await;
     }
     Ok(defs.into_iter().map(|d| d.name).collect())
 }
@@ -324,6 +394,7 @@ pub(crate) async fn prepare(
     let mut scoped = Vec::new();
     for def in &defs {
         let chunk = layout(config, &source, def).await?;
+        warn_unordered(config, &source, &chunk, &mv.tenant).await;
         let target_name = placement.tables[&def.name].clone();
         scoped.push((
             target_name.clone(),
