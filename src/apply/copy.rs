@@ -123,6 +123,13 @@ impl RowBuffer {
         }
     }
 
+    /// Appends a whole binary row as it came (field count, then each field).
+    pub fn push_binary_row(&mut self, row: &[u8]) {
+        debug_assert_eq!(self.format, CopyFormat::Binary);
+        self.data.extend_from_slice(row);
+        self.ends.push(self.data.len());
+    }
+
     /// Appends a binary row given as its fields' encoded bytes (each a length and the
     /// value, as in binary COPY data), `count` of them.
     pub fn push_binary_fields(&mut self, count: usize, encoded: &[u8]) {

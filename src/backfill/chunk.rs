@@ -4,9 +4,10 @@
 //! - Chunk queries order and compare keys exactly as [`super::KeyValue`] does: integers
 //!   numerically, text with `COLLATE "C"`; a key type outside that set is refused up front.
 //! - Every value is a bound text parameter cast to the column's type; names are quoted.
-//! - A chunk row is its key columns as text (to order and compare keys) followed by every
-//!   column, in its own type when the rows travel as binary COPY, as text otherwise (see
-//!   [`crate::apply::copy`]).
+//! - A chunk row of the parameterised query is its key columns as text (to order and
+//!   compare keys) followed by every column, in its own type when the rows travel as binary
+//!   COPY, as text otherwise (see [`crate::apply::copy`]); the COPY form has every column
+//!   in its own type only (keys are decoded from their binary values).
 //! - Watermarks are transactional logical messages with prefix [`WATERMARK_PREFIX`]: their
 //!   place in the stream is their commit's place, which is what brackets the SELECT.
 
@@ -191,9 +192,11 @@ impl ChunkTable {
     }
 
     /// The same SELECT in binary, wrapped in `COPY (…) TO STDOUT (FORMAT binary)`, so the rows
-    /// arrive as binary COPY rows. COPY takes no parameters: values are inlined as string
-    /// literals with quotes doubled, which is exact under `standard_conforming_strings = on`
-    /// (the reader's sessions set it).
+    /// arrive as binary COPY rows, without the key columns as text in front: the reader
+    /// decodes keys from the binary values ([`super::KeyKind::decode_binary`]), which spares
+    /// the source an output function per key column and row (~30 % of a chunk's COPY).
+    /// COPY takes no parameters: values are inlined as string literals with quotes doubled,
+    /// which is exact under `standard_conforming_strings = on` (the reader's sessions set it).
     pub fn copy_query(&self, tenant: &str, spec: &ChunkSpec) -> String {
         let (select, _) = self.build(tenant, spec, CopyFormat::Binary, true);
         format!("COPY ({select}) TO STDOUT (FORMAT binary)")
@@ -219,9 +222,11 @@ impl ChunkTable {
             CopyFormat::Text => "::text",
             CopyFormat::Binary => "",
         };
+        let key_texts = if inline { 0 } else { self.key.len() };
         let cols = self
             .key
             .iter()
+            .take(key_texts)
             .map(|(i, _)| format!("src.{}::text", quote_ident(&self.columns[*i])))
             .chain(
                 self.columns
@@ -450,7 +455,9 @@ mod tests {
         ]);
         let sql = table().copy_query("7'", &ChunkSpec::Range { after, limit: 10 });
         assert!(
-            sql.starts_with("COPY (SELECT src.\"tenant_id\"::text"),
+            sql.starts_with(
+                "COPY (SELECT src.\"tenant_id\", src.\"id\", src.\"code\", src.\"note\" FROM"
+            ),
             "{sql}"
         );
         assert!(

@@ -85,6 +85,38 @@ impl KeyKind {
         }
     }
 
+    /// The value from its binary form (binary COPY) for a column of type `oid`, equal to
+    /// what [`Self::parse`] makes of the text form; `None` for a type outside the kind or
+    /// bytes that are not a value of it.
+    pub fn decode_binary(self, oid: u32, raw: &[u8]) -> Option<KeyValue> {
+        match (self, oid) {
+            (KeyKind::Int, 21) => Some(KeyValue::Int(
+                i16::from_be_bytes(raw.try_into().ok()?).into(),
+            )),
+            (KeyKind::Int, 23) => Some(KeyValue::Int(
+                i32::from_be_bytes(raw.try_into().ok()?).into(),
+            )),
+            (KeyKind::Int, 20) => Some(KeyValue::Int(i64::from_be_bytes(raw.try_into().ok()?))),
+            // text and varchar send their characters (in the client encoding, UTF-8).
+            (KeyKind::Text, 25 | 1043) => {
+                Some(KeyValue::Text(std::str::from_utf8(raw).ok()?.to_owned()))
+            }
+            (KeyKind::Uuid, 2950) => {
+                let b: [u8; 16] = raw.try_into().ok()?;
+                let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                Some(KeyValue::Text(format!(
+                    "{}-{}-{}-{}-{}",
+                    &hex[..8],
+                    &hex[8..12],
+                    &hex[12..16],
+                    &hex[16..20],
+                    &hex[20..]
+                )))
+            }
+            _ => None,
+        }
+    }
+
     pub fn parse(self, text: &str) -> Option<KeyValue> {
         match self {
             KeyKind::Int => text.parse().ok().map(KeyValue::Int),
@@ -429,6 +461,43 @@ impl Default for TableCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_key_values_decode_to_what_their_text_parses_to() {
+        let int = |oid, raw: &[u8], text: &str| {
+            assert_eq!(
+                KeyKind::Int.decode_binary(oid, raw),
+                KeyKind::Int.parse(text),
+                "{text}"
+            );
+        };
+        int(21, &(-7i16).to_be_bytes(), "-7");
+        int(23, &i32::MIN.to_be_bytes(), &i32::MIN.to_string());
+        int(20, &i64::MAX.to_be_bytes(), &i64::MAX.to_string());
+        int(20, &1_000_000i64.to_be_bytes(), "1000000");
+        assert_eq!(
+            KeyKind::Text.decode_binary(25, "ünï'code".as_bytes()),
+            KeyKind::Text.parse("ünï'code")
+        );
+        assert_eq!(
+            KeyKind::Text.decode_binary(1043, b"v"),
+            Some(KeyValue::Text("v".into()))
+        );
+        let uuid = [
+            0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
+            0x0a, 0x11,
+        ];
+        assert_eq!(
+            KeyKind::Uuid.decode_binary(2950, &uuid),
+            KeyKind::Uuid.parse("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")
+        );
+        // Wrong widths, types outside the kind and bytes that are no value: none.
+        assert_eq!(KeyKind::Int.decode_binary(23, &[0, 1]), None);
+        assert_eq!(KeyKind::Int.decode_binary(25, b"1"), None);
+        assert_eq!(KeyKind::Text.decode_binary(25, &[0xff, 0xfe]), None);
+        assert_eq!(KeyKind::Uuid.decode_binary(2950, &uuid[..15]), None);
+        assert_eq!(KeyKind::Text.decode_binary(0, b"x"), None);
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

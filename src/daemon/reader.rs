@@ -177,13 +177,14 @@ pub(crate) fn spawn(mut job: ChunkJob, pool: Arc<Pool>, events: mpsc::UnboundedS
     ));
 }
 
-/// Reads one chunk; `format` caches the reader's COPY format once known. Returns the last
+/// Reads one chunk; `format` caches the reader's COPY format (and its key columns' type
+/// OIDs) once known. Returns the last
 /// key of a full range chunk (where the range goes on).
 async fn read(
     job: &ChunkJob,
     pool: &Pool,
     events: &mpsc::UnboundedSender<ChunkEvent>,
-    format: &mut Option<CopyFormat>,
+    format: &mut Option<(CopyFormat, Vec<u32>)>,
 ) -> Result<Option<Key>, Error> {
     pool.paced(match &job.spec {
         ChunkSpec::Range { limit, .. } => *limit,
@@ -239,8 +240,8 @@ async fn read(
             table: job.table.to_string(),
         }));
     }
-    let format = match *format {
-        Some(f) => f,
+    let (format, key_oids) = match format {
+        Some(f) => (f.0, f.1.clone()),
         None => {
             // Binary rows go to the target untouched when every column type is built in; the
             // binary query's result types tell (user-defined types are read as text). Decided
@@ -256,10 +257,17 @@ async fn read(
                     "preparing the chunk query on {}",
                     job.table
                 )))?;
-            let f =
-                CopyFormat::for_type_oids(st.columns().iter().skip(nkeys).map(|c| c.type_().oid()));
-            *format = Some(f);
-            f
+            let values = &st.columns()[nkeys.min(st.columns().len())..];
+            let f = CopyFormat::for_type_oids(values.iter().map(|c| c.type_().oid()));
+            // The key columns' types, to decode their binary values.
+            let key_oids: Vec<u32> = job
+                .layout
+                .key
+                .iter()
+                .map(|(i, _)| values.get(*i).map_or(0, |c| c.type_().oid()))
+                .collect();
+            *format = Some((f, key_oids.clone()));
+            (f, key_oids)
         }
     };
     let mut rows = RowBuffer::new(format);
@@ -271,8 +279,8 @@ async fn read(
     };
     let read_err = || ClusterError::sql(format!("reading a chunk of {}", job.table));
     if format == CopyFormat::Binary {
-        // Binary rows come as COPY data and go on as they came: only the key columns (text,
-        // in front) are read, the rest is moved without parsing.
+        // Binary rows come as COPY data and go on as they came: only the key columns'
+        // values are decoded, the rest is moved without parsing.
         let stream = tx
             .copy_out(&job.layout.copy_query(job.tenant.as_str(), &job.spec))
             .await
@@ -289,29 +297,26 @@ async fn read(
         while let Some(data) = stream.next().await {
             split.feed(&data.map_err(read_err())?);
             while let Some(row) = split.next_row(&mut fields).map_err(bad_data)? {
-                if fields.len() != nkeys + width {
+                if fields.len() != width {
                     return Err(bad_data(CopyDataError(format!(
                         "a row has {} fields, the chunk query {}",
                         fields.len(),
-                        nkeys + width
+                        width
                     ))));
                 }
-                let texts = fields[..nkeys]
+                let key = job
+                    .layout
+                    .key
                     .iter()
-                    .map(|f| match f {
-                        Some(r) => std::str::from_utf8(&row[r.clone()]).map(Some),
-                        None => Ok(None),
+                    .zip(&key_oids)
+                    .map(|(&(i, kind), &oid)| {
+                        let value = fields.get(i)?.as_ref()?;
+                        kind.decode_binary(oid, row.get(value.clone())?)
                     })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| bad_key())?;
-                keys.push(job.layout.key_from(&texts).ok_or_else(bad_key)?);
-                // Key values are not NULL (checked above): the value columns start right
-                // after the last key field.
-                let start = fields[nkeys - 1]
-                    .as_ref()
-                    .map(|r| r.end)
+                    .collect::<Option<Key>>()
                     .ok_or_else(bad_key)?;
-                rows.push_binary_fields(width, &row[start..]);
+                keys.push(key);
+                rows.push_binary_row(&row);
             }
         }
         split.finish().map_err(bad_data)?;
