@@ -461,6 +461,12 @@ impl Default for TableCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn k(i: i64) -> Key {
+        vec![KeyValue::Int(i)]
+    }
 
     #[test]
     fn binary_key_values_decode_to_what_their_text_parses_to() {
@@ -497,12 +503,6 @@ mod tests {
         assert_eq!(KeyKind::Text.decode_binary(25, &[0xff, 0xfe]), None);
         assert_eq!(KeyKind::Uuid.decode_binary(2950, &uuid[..15]), None);
         assert_eq!(KeyKind::Text.decode_binary(0, b"x"), None);
-    }
-    use proptest::prelude::*;
-    use std::collections::BTreeMap;
-
-    fn k(i: i64) -> Key {
-        vec![KeyValue::Int(i)]
     }
 
     #[test]
