@@ -23,16 +23,9 @@ use support::{wait_for, PgCluster};
 use switchyard::registry::Registry;
 
 /// CPU seconds (user + system) this process used so far: the daemon runs in-process, so a
-/// difference is switchyard's own CPU for that phase. Linux only (`/proc/self/stat`).
+/// difference is switchyard's own CPU for that phase. Linux only (`/proc/PID/stat`).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 (1-based, counting pid and comm); clock ticks
-    // are 100 per second on Linux.
-    (ticks(11) + ticks(12)) / 100.0
+    support::proc_cpu_ticks(std::process::id(), false) as f64 / 100.0
 }
 
 /// CPU seconds spent so far by the source cluster, the target cluster and this process

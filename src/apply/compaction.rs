@@ -163,10 +163,7 @@ impl Entry {
             .after
             .iter()
             .flatten()
-            .map(|d| match d {
-                Some(Datum::Text(b) | Datum::Binary(b)) => b.len() + 4,
-                _ => 4,
-            })
+            .map(|d| d.as_ref().map_or(4, Datum::weight))
             .sum();
         key + values
     }

@@ -44,6 +44,13 @@ pub struct Statement {
     pub expect_rows: Option<u64>,
 }
 
+impl Statement {
+    /// Bytes of its parameters.
+    pub fn param_bytes(&self) -> usize {
+        self.params.iter().flatten().map(String::len).sum()
+    }
+}
+
 /// Why an operation cannot be turned into SQL.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StatementError {

@@ -132,9 +132,7 @@ impl Work {
     /// Bytes of values this work carries, about (for batching and memory limits).
     pub fn weight(&self) -> usize {
         match self {
-            Work::Statement(st) => {
-                st.sql.len() + st.params.iter().flatten().map(String::len).sum::<usize>()
-            }
+            Work::Statement(st) => st.sql.len() + st.param_bytes(),
             Work::Row(r) => {
                 64 + match &r.op {
                     OwnedRowOp::Upsert { new, .. } => tuple_weight(new),
@@ -149,12 +147,7 @@ impl Work {
 }
 
 fn tuple_weight(t: &Tuple) -> usize {
-    t.0.iter()
-        .map(|d| match d {
-            crate::decode::Datum::Text(b) | crate::decode::Datum::Binary(b) => b.len() + 4,
-            _ => 4,
-        })
-        .sum()
+    t.0.iter().map(crate::decode::Datum::weight).sum()
 }
 
 /// What a target records for one tenant: the applied position and the backfill state.
@@ -329,7 +322,7 @@ impl Pending<'_> {
     /// Bytes of parameters it sends, about.
     fn weight(&self) -> usize {
         match self {
-            Pending::One(st) => st.params.iter().flatten().map(String::len).sum::<usize>(),
+            Pending::One(st) => st.param_bytes(),
             Pending::Set(st) => st.columns.iter().map(TextArray::weight).sum(),
         }
     }
@@ -1097,6 +1090,22 @@ async fn read_rows(
 /// Creates the progress table in `schema` if missing; returns its quoted name.
 pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<String, ApplyError> {
     let table = progress_table(schema);
+    let lanes = lanes_table(schema);
+    // Both tables with every column: nothing to do. The DDL's ALTER TABLE takes an ACCESS
+    // EXCLUSIVE lock even when the column exists, and every lane connects at once.
+    let ready: bool = client
+        .query_one(
+            "SELECT to_regclass($2) IS NOT NULL AND EXISTS (
+               SELECT 1 FROM pg_attribute
+                WHERE attrelid = to_regclass($1) AND attname = 'state' AND NOT attisdropped)",
+            &[&table, &lanes],
+        )
+        .await
+        .map_err(ClusterError::sql("reading the progress table's columns"))?
+        .get(0);
+    if ready {
+        return Ok(table);
+    }
     let sql = format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
          CREATE TABLE IF NOT EXISTS {table} (
@@ -1110,23 +1119,7 @@ pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<Stri
            lsn pg_lsn NOT NULL,
            PRIMARY KEY (tenant, lane))",
         schema = quote_ident(schema),
-        lanes = lanes_table(schema)
     );
-    // Both tables with every column: nothing to do. The DDL's ALTER TABLE takes an ACCESS
-    // EXCLUSIVE lock even when the column exists, and every lane connects at once.
-    let ready: bool = client
-        .query_one(
-            "SELECT to_regclass($2) IS NOT NULL AND EXISTS (
-               SELECT 1 FROM pg_attribute
-                WHERE attrelid = to_regclass($1) AND attname = 'state' AND NOT attisdropped)",
-            &[&table, &lanes_table(schema)],
-        )
-        .await
-        .map_err(ClusterError::sql("reading the progress table's columns"))?
-        .get(0);
-    if ready {
-        return Ok(table);
-    }
     let mut attempt = 0;
     loop {
         attempt += 1;

@@ -226,6 +226,21 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
         )
 }
 
+/// Runs `sql` with parameters that are all text (the SQL casts them to the column types,
+/// so their types are not inferred from the casts).
+pub async fn query_text_params(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[Option<String>],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_typed(sql, &vec![tokio_postgres::types::Type::TEXT; params.len()])
+        .await?;
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        params.iter().map(|p| p as _).collect();
+    client.query(&statement, &refs).await
+}
+
 /// tokio-postgres prints server errors as just "db error"; operators need the server's own
 /// words: severity, SQLSTATE, message, detail and hint.
 pub fn describe(e: &tokio_postgres::Error) -> String {

@@ -18,7 +18,7 @@ use super::MoveError;
 use crate::apply::writer::{ensure_progress_table, forget_progress, read_resume_progress};
 use crate::backfill::chunk::ChunkTable;
 use crate::backfill::KeyKind;
-use crate::cluster::ClusterError;
+use crate::cluster::{query_text_params, ClusterError};
 use crate::config::{Config, TenancyMode};
 use crate::error::Error;
 use crate::lsn::Lsn;
@@ -185,21 +185,7 @@ pub async fn unordered_chunk_reads(
         return Ok(None);
     }
     let (sql, params) = chunk.first_chunk_query(tenant, chunk_rows);
-    let explain = format!("EXPLAIN {sql}");
-    let statement = source
-        .prepare_typed(
-            &explain,
-            &vec![tokio_postgres::types::Type::TEXT; params.len()],
-        )
-        .await
-        .map_err(ClusterError::sql(format!(
-            "planning a chunk read of {}",
-            chunk.source
-        )))?;
-    let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        params.iter().map(|p| p as _).collect();
-    let plan = source
-        .query(&statement, &bound)
+    let plan = query_text_params(source, &format!("EXPLAIN {sql}"), &params)
         .await
         .map_err(ClusterError::sql(format!(
             "planning a chunk read of {}",

@@ -130,6 +130,16 @@ pub enum Datum {
     Binary(Bytes),
 }
 
+impl Datum {
+    /// Bytes it takes as a parameter or a COPY field, about: its value and a length word.
+    pub fn weight(&self) -> usize {
+        match self {
+            Datum::Text(b) | Datum::Binary(b) => b.len() + 4,
+            Datum::Null | Datum::UnchangedToast => 4,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tuple(pub Vec<Datum>);
 

@@ -370,21 +370,22 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         )
     }
 
-    /// Whether this version's DDL is installed: the moves table's comment carries the md5
-    /// of the DDL that made it (see [`Self::install`]).
+    /// The stamp this version's DDL leaves in the moves table's comment (its md5 after
+    /// [`INSTALLED_STAMP`]), and whether the comment holds it (see [`Self::install`]).
     async fn installed(
         &self,
         client: &impl tokio_postgres::GenericClient,
         ddl: &str,
-    ) -> Result<bool, RegistryError> {
+    ) -> Result<(String, bool), RegistryError> {
         let row = client
             .query_one(
-                "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2 || md5($3), false)",
+                "SELECT s, coalesce(obj_description(to_regclass($1), 'pg_class') = s, false)
+                   FROM (SELECT $2 || md5($3) AS s) AS stamp",
                 &[&self.t("moves"), &INSTALLED_STAMP, &ddl],
             )
             .await
             .map_err(ClusterError::sql("reading the registry version"))?;
-        Ok(row.get(0))
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Creates or updates the registry objects, in one transaction, unless this version's
@@ -395,7 +396,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
     /// same DDL reads only the catalog.
     pub async fn install(&self, client: &mut Client) -> Result<(), RegistryError> {
         let ddl = self.ddl();
-        if self.installed(&*client, &ddl).await? {
+        if self.installed(&*client, &ddl).await?.1 {
             return Ok(());
         }
         let tx = client
@@ -406,18 +407,14 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
         tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('switchyard registry'))")
             .await
             .map_err(ClusterError::sql("locking the registry install"))?;
-        if self.installed(&tx, &ddl).await? {
+        let (stamp, installed) = self.installed(&tx, &ddl).await?;
+        if installed {
             // Another installer finished while this one waited for the lock.
             return Ok(());
         }
         tx.batch_execute(&ddl)
             .await
             .map_err(ClusterError::sql("installing the registry"))?;
-        let stamp: String = tx
-            .query_one("SELECT $1 || md5($2)", &[&INSTALLED_STAMP, &ddl])
-            .await
-            .map_err(ClusterError::sql("stamping the registry version"))?
-            .get(0);
         tx.batch_execute(&format!(
             "COMMENT ON TABLE {} IS {}",
             self.t("moves"),

@@ -25,12 +25,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::backfill::chunk::ChunkTable;
 use crate::backfill::{Key, KeyValue};
-use crate::cluster::ClusterError;
+use crate::cluster::{query_text_params, ClusterError};
 use crate::lsn::Lsn;
 use crate::sql::{quote_ident, QualifiedName};
 
@@ -289,11 +288,7 @@ async fn rows(
     client: &Client,
     (sql, params): &Query,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_typed(sql, &vec![Type::TEXT; params.len()])
-        .await?;
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    client.query(&statement, &refs).await
+    query_text_params(client, sql, params).await
 }
 
 async fn hash(client: &Client, query: &Query, what: &str) -> Result<(i64, String), ClusterError> {

@@ -945,9 +945,9 @@ fn process_alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
 }
 
-/// utime + stime of `pid` in clock ticks, plus cutime + cstime (its reaped children) when
-/// `reaped`; 0 for a process that is gone.
-fn proc_cpu_ticks(pid: u32, reaped: bool) -> u64 {
+/// utime + stime of `pid` in clock ticks (100 a second on Linux), plus cutime + cstime (its
+/// reaped children) when `reaped`; 0 for a process that is gone.
+pub fn proc_cpu_ticks(pid: u32, reaped: bool) -> u64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
