@@ -7,7 +7,8 @@
 //! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions;
 //! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
 //! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
-//! SWITCHYARD_BENCH_LANES, default 4, its `move.apply_lanes`).
+//! SWITCHYARD_BENCH_LANES, default 4, its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
+//! default 2000, its `move.batch_max_txns`).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -154,11 +155,14 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let chunk_rows = env_or("SWITCHYARD_BENCH_CHUNK", 20_000);
     let lanes = env_or("SWITCHYARD_BENCH_LANES", 4);
+    let batch = env_or("SWITCHYARD_BENCH_BATCH", 2_000);
     let path = write_config(
         dir.path(),
         &src,
         Some(&dst),
-        &format!("[move]\nchunk_rows = {chunk_rows}\napply_lanes = {lanes}\n"),
+        &format!(
+            "[move]\nchunk_rows = {chunk_rows}\napply_lanes = {lanes}\nbatch_max_txns = {batch}\n"
+        ),
     )?;
     let registry = Registry::new("switchyard")?;
     let mut daemon: Option<InProcess> = None;

@@ -238,10 +238,15 @@ impl Default for Tenancy {
 impl Tenancy {
     /// The tenant column of a shared table.
     pub fn column_of(&self, table: &QualifiedName) -> &str {
+        self.column_in(&table.schema, &table.name)
+    }
+
+    /// [`Self::column_of`] without building a name (the router asks once per change).
+    pub fn column_in(&self, schema: &str, name: &str) -> &str {
         self.columns
-            .get(table)
-            .map(String::as_str)
-            .unwrap_or(&self.tenant_column)
+            .iter()
+            .find(|(t, _)| t.schema == schema && t.name == name)
+            .map_or(&self.tenant_column, |(_, c)| c.as_str())
     }
 }
 

@@ -69,8 +69,10 @@ async fn pump(
                     for (rel, routed) in router.message(relations, &m)? {
                         let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
                         for op in routed {
-                            let table = meta.table(&op.table, &identity, Some("tenant_id")).await?;
-                            let st = apply::build(table, &op.op, op.tenant.as_str())?;
+                            let table = meta
+                                .table(&op.table(), &identity, Some("tenant_id"))
+                                .await?;
+                            let st = apply::build(&table, &op.op, op.tenant.as_str())?;
                             if let Err(e) = apply::execute(&txn, &st).await {
                                 return Ok(Err(e));
                             }
@@ -372,12 +374,12 @@ fn key(id: i32) -> Tuple {
 }
 
 fn change(op: OwnedRowOp) -> Work {
-    Work::Row(RowChange {
-        table: QualifiedName::parse("acme.orders").unwrap(),
-        identity: vec![true, true, false, false, false, false],
-        tenant_column: Some("tenant_id".into()),
+    Work::Row(RowChange::new(
+        QualifiedName::parse("acme.orders").unwrap(),
+        vec![true, true, false, false, false, false],
+        Some("tenant_id".into()),
         op,
-    })
+    ))
 }
 
 fn ins(t: Tuple) -> Work {

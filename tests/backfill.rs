@@ -241,7 +241,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                                         .await?;
                                     pending.push(
                                         apply::build(
-                                            table,
+                                            &table,
                                             &RowOp::Delete { old },
                                             tenant.as_str(),
                                         )?
@@ -261,7 +261,7 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                     let table = writer
                         .table(&target_name, &identity, Some("tenant_id"))
                         .await?;
-                    pending.push(apply::build(table, &op.op, tenant.as_str())?.into());
+                    pending.push(apply::build(&table, &op.op, tenant.as_str())?.into());
                 }
             }
             Message::Message(m) if m.prefix == WATERMARK_PREFIX => {

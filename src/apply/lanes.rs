@@ -109,8 +109,8 @@ pub fn row_lane(change: &RowChange, lanes: usize) -> Option<usize> {
         OwnedRowOp::Delete { old } => old,
         OwnedRowOp::Rekey { .. } | OwnedRowOp::Truncate => return None,
     };
-    let mut h = table_hash(&change.table);
-    for (datum, key) in tuple.0.iter().zip(&change.identity) {
+    let mut h = table_hash(&change.shape.table);
+    for (datum, key) in tuple.0.iter().zip(&change.shape.identity) {
         if !key {
             continue;
         }
@@ -166,8 +166,8 @@ pub fn split(
                 }
                 for w in works {
                     let lane = match &w {
-                        Work::Row(r) if whole_table.contains(&r.table) => {
-                            table_lane(&r.table, lanes)
+                        Work::Row(r) if whole_table.contains(r.table()) => {
+                            table_lane(r.table(), lanes)
                         }
                         Work::Row(r) => row_lane(r, lanes).unwrap_or(0),
                         // Not in a row segment (see is_barrier); lane 0 keeps it safe anyway.
@@ -199,7 +199,7 @@ pub fn tables<'a>(
         .flat_map(|t| &t.parts)
         .flat_map(|(_, w)| w)
         .filter_map(|w| match w {
-            Work::Row(r) if !known(&r.table) && seen.insert(&r.table) => Some(r),
+            Work::Row(r) if !known(r.table()) && seen.insert(r.table()) => Some(r),
             _ => None,
         })
         .collect()
@@ -231,29 +231,29 @@ mod tests {
     }
 
     fn upsert(table: QualifiedName, id: &str, note: &str) -> Work {
-        Work::Row(RowChange {
+        Work::Row(RowChange::new(
             table,
-            identity: vec![true, false],
-            tenant_column: None,
-            op: OwnedRowOp::Upsert {
+            vec![true, false],
+            None,
+            OwnedRowOp::Upsert {
                 new: tuple(&[id, note]),
                 update: true,
             },
-        })
+        ))
     }
 
     fn delete(id: &str) -> Work {
-        Work::Row(RowChange {
-            table: orders(),
-            identity: vec![true, false],
-            tenant_column: None,
-            op: OwnedRowOp::Delete {
+        Work::Row(RowChange::new(
+            orders(),
+            vec![true, false],
+            None,
+            OwnedRowOp::Delete {
                 old: Tuple(vec![
                     Datum::Text(Bytes::copy_from_slice(id.as_bytes())),
                     Datum::Null,
                 ]),
             },
-        })
+        ))
     }
 
     fn txn(end: u64, parts: Vec<(&str, Vec<Work>)>) -> SourceTxn {
@@ -311,12 +311,12 @@ mod tests {
                 (false, vec![50])
             ]
         );
-        let truncate = Work::Row(RowChange {
-            table: orders(),
-            identity: vec![true],
-            tenant_column: None,
-            op: OwnedRowOp::Truncate,
-        });
+        let truncate = Work::Row(RowChange::new(
+            orders(),
+            vec![true],
+            None,
+            OwnedRowOp::Truncate,
+        ));
         assert!(is_barrier(&txn(1, vec![("acme", vec![truncate])])));
         assert!(!is_barrier(&txn(1, vec![("acme", vec![delete("3")])])));
     }

@@ -20,6 +20,7 @@
 //! - A failed batch rolls back entirely and leaves the in-memory positions untouched.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use tokio_postgres::Client;
 
@@ -89,14 +90,22 @@ impl OwnedRowOp {
     }
 }
 
-/// A row change for one target table.
+/// What every change of one target table has in common. The pipeline builds it once per
+/// table and relation layout and shares it: a change then carries a reference count, not
+/// three allocations, and the writer recognises a repeated table by pointer.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowChange {
+pub struct RowShape {
     pub table: QualifiedName,
     /// The source relation's replica identity flags, per column.
     pub identity: Vec<bool>,
     /// Shared tables: the tenant column (scopes TRUNCATE).
     pub tenant_column: Option<String>,
+}
+
+/// A row change for one target table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowChange {
+    pub shape: Arc<RowShape>,
     pub op: OwnedRowOp,
 }
 
@@ -115,6 +124,29 @@ pub struct SourceTxn {
     /// (opaque text). It is stored next to the applied position, in the same target
     /// transaction, so the copy resumes exactly where the target's rows say it stood.
     pub states: Vec<(TenantId, String)>,
+}
+
+impl RowChange {
+    /// A change with a shape of its own (tests, and paths where sharing does not pay).
+    pub fn new(
+        table: QualifiedName,
+        identity: Vec<bool>,
+        tenant_column: Option<String>,
+        op: OwnedRowOp,
+    ) -> RowChange {
+        RowChange {
+            shape: Arc::new(RowShape {
+                table,
+                identity,
+                tenant_column,
+            }),
+            op,
+        }
+    }
+
+    pub fn table(&self) -> &QualifiedName {
+        &self.shape.table
+    }
 }
 
 impl SourceTxn {
@@ -159,7 +191,7 @@ pub struct Progress {
 
 /// Column layouts of target tables, read from the target catalog and cached.
 pub struct TargetCatalog {
-    tables: HashMap<QualifiedName, TargetTable>,
+    tables: HashMap<QualifiedName, Arc<TargetTable>>,
 }
 
 impl Default for TargetCatalog {
@@ -183,7 +215,7 @@ impl TargetCatalog {
         name: &QualifiedName,
         identity: &[bool],
         tenant_column: Option<&str>,
-    ) -> Result<&TargetTable, ApplyError> {
+    ) -> Result<Arc<TargetTable>, ApplyError> {
         let fresh = match self.tables.get(name) {
             Some(t) => {
                 t.columns
@@ -196,12 +228,13 @@ impl TargetCatalog {
         };
         if !fresh {
             let table = read_table(client, name, identity, tenant_column).await?;
-            self.tables.insert(name.clone(), table);
+            self.tables.insert(name.clone(), Arc::new(table));
         }
-        Ok(self
-            .tables
-            .get(name)
-            .expect("inserted above when missing or stale"))
+        Ok(Arc::clone(
+            self.tables
+                .get(name)
+                .expect("inserted above when missing or stale"),
+        ))
     }
 }
 
@@ -585,7 +618,7 @@ impl TargetWriter {
         name: &QualifiedName,
         identity: &[bool],
         tenant_column: Option<&str>,
-    ) -> Result<&TargetTable, ApplyError> {
+    ) -> Result<Arc<TargetTable>, ApplyError> {
         self.catalog
             .table(&self.client, name, identity, tenant_column)
             .await
@@ -629,6 +662,9 @@ impl TargetWriter {
         let mut pending: Vec<(&TenantId, Pending<'_>)> = Vec::new();
         let mut folds: Vec<(&TenantId, TableChanges)> = Vec::new();
         let mut copying: Option<(&TenantId, Vec<&CopyRows>)> = None;
+        // The layout of the last shape seen: consecutive changes mostly share one, and a
+        // pointer comparison then replaces a catalog lookup per change.
+        let mut last_layout: Option<(&Arc<RowShape>, Arc<TargetTable>)> = None;
         for txn in batch {
             for (tenant, work) in &txn.parts {
                 let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
@@ -692,7 +728,7 @@ impl TargetWriter {
                         Work::Row(r) => {
                             if copying
                                 .as_ref()
-                                .is_some_and(|(_, parts)| parts[0].table == r.table)
+                                .is_some_and(|(_, parts)| parts[0].table == r.shape.table)
                             {
                                 finish_copy(
                                     &tx,
@@ -702,24 +738,40 @@ impl TargetWriter {
                                 )
                                 .await?;
                             }
-                            let layout = match self
-                                .catalog
-                                .table(&tx, &r.table, &r.identity, r.tenant_column.as_deref())
-                                .await
-                            {
-                                Ok(layout) => layout,
-                                Err(e) => {
-                                    self.failed_tenant = Some(tenant.clone());
-                                    return Err(e);
+                            let shared = match &last_layout {
+                                Some((shape, layout)) if Arc::ptr_eq(shape, &r.shape) => {
+                                    Arc::clone(layout)
+                                }
+                                _ => {
+                                    let shape = &r.shape;
+                                    let found = self
+                                        .catalog
+                                        .table(
+                                            &tx,
+                                            &shape.table,
+                                            &shape.identity,
+                                            shape.tenant_column.as_deref(),
+                                        )
+                                        .await;
+                                    match found {
+                                        Ok(layout) => {
+                                            last_layout = Some((shape, Arc::clone(&layout)));
+                                            layout
+                                        }
+                                        Err(e) => {
+                                            self.failed_tenant = Some(tenant.clone());
+                                            return Err(e);
+                                        }
+                                    }
                                 }
                             };
+                            let layout = &*shared;
                             let op = r.op.as_op();
                             if compact && !replay {
-                                let at = match folds
-                                    .iter()
-                                    .position(|(t, f)| *t == tenant && f.table().name == r.table)
-                                {
-                                    Some(at) if *folds[at].1.table() == *layout => Some(at),
+                                let at = match folds.iter().position(|(t, f)| {
+                                    *t == tenant && f.table().name == r.shape.table
+                                }) {
+                                    Some(at) if folds[at].1.is_for(&shared) => Some(at),
                                     Some(at) => {
                                         // The layout changed under the fold: finish it first.
                                         flush_folds(
@@ -734,7 +786,7 @@ impl TargetWriter {
                                     None => None,
                                 };
                                 let at = at.or_else(|| {
-                                    TableChanges::new(layout).map(|f| {
+                                    TableChanges::new(Arc::clone(&shared)).map(|f| {
                                         folds.push((tenant, f));
                                         folds.len() - 1
                                     })
@@ -861,16 +913,17 @@ impl TargetWriter {
     /// Otherwise two keys could conflict (a unique value moving from one row to another)
     /// and the table goes whole to one lane, which keeps its order.
     pub async fn spreads_by_key(&mut self, change: &RowChange) -> Result<bool, ApplyError> {
-        if let Some(known) = self.spreadable.get(&change.table) {
+        let shape = &change.shape;
+        if let Some(known) = self.spreadable.get(&shape.table) {
             return Ok(*known);
         }
         let layout = self
             .catalog
             .table(
                 &self.client,
-                &change.table,
-                &change.identity,
-                change.tenant_column.as_deref(),
+                &shape.table,
+                &shape.identity,
+                shape.tenant_column.as_deref(),
             )
             .await?;
         let key_is_pk = layout.columns.iter().all(|c| c.primary_key == c.identity)
@@ -881,16 +934,16 @@ impl TargetWriter {
                 "SELECT EXISTS (SELECT 1 FROM pg_index i \
                   WHERE i.indrelid = to_regclass($1::text) \
                     AND (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary)",
-                &[&change.table.quoted()],
+                &[&shape.table.quoted()],
             )
             .await
             .map_err(ClusterError::sql(format!(
                 "reading the unique indexes of {}",
-                change.table
+                shape.table
             )))?
             .get(0);
         let spreads = key_is_pk && !others;
-        self.spreadable.insert(change.table.clone(), spreads);
+        self.spreadable.insert(shape.table.clone(), spreads);
         Ok(spreads)
     }
 

@@ -301,12 +301,12 @@ pub(crate) async fn run(
                     };
                     let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
                     for op in ops {
-                        works.push(Work::Row(RowChange {
-                            table: t.chunk.source.clone(),
-                            identity: identity.clone(),
-                            tenant_column: t.chunk.tenant.as_ref().map(|c| c.0.clone()),
-                            op: OwnedRowOp::from_op(&op.op),
-                        }));
+                        works.push(Work::Row(RowChange::new(
+                            t.chunk.source.clone(),
+                            identity.clone(),
+                            t.chunk.tenant.as_ref().map(|c| c.0.clone()),
+                            OwnedRowOp::from_op(&op.op),
+                        )));
                     }
                 }
             }

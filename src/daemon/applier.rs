@@ -226,10 +226,11 @@ impl Lanes {
                 let w = self.writers[0]
                     .as_mut()
                     .expect("connected before splitting");
+                let table = change.table().clone();
                 if w.spreads_by_key(&change).await? {
-                    self.spread.insert(change.table);
+                    self.spread.insert(table);
                 } else {
-                    self.whole.insert(change.table);
+                    self.whole.insert(table);
                 }
             }
         }

@@ -51,7 +51,7 @@ use crate::checkpoint::{Batch, SlotRecord, Store};
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::cutover::CutoverMsg;
-use crate::decode::{Datum, Message, Relation, RelationCache, RelationChange};
+use crate::decode::{Datum, Message, Relation, RelationCache, RelationChange, RelationId};
 use crate::error::{Error, ErrorClass};
 use crate::lsn::Lsn;
 use crate::registry::{self, Move, MoveState, Registry, Report};
@@ -962,15 +962,25 @@ impl Engine {
         let Some(final_lsn) = self.txn.as_ref().map(|t| t.final_lsn) else {
             return Err(MoveError::Protocol("a row change outside a transaction".into()).into());
         };
-        let relation_ids = match message {
-            Message::Insert(i) => vec![i.relation],
-            Message::Update(u) => vec![u.relation],
-            Message::Delete(d) => vec![d.relation],
-            Message::Truncate(t) => t.relations.clone(),
+        let one: [RelationId; 1];
+        let relation_ids: &[RelationId] = match message {
+            Message::Insert(i) => {
+                one = [i.relation];
+                &one
+            }
+            Message::Update(u) => {
+                one = [u.relation];
+                &one
+            }
+            Message::Delete(d) => {
+                one = [d.relation];
+                &one
+            }
+            Message::Truncate(t) => &t.relations,
             _ => return Ok(()),
         };
         let mut routed = Vec::new();
-        for id in relation_ids {
+        for &id in relation_ids {
             let rel = self.relations.resolve(id)?;
             let name = QualifiedName {
                 schema: rel.namespace.clone(),
@@ -1008,7 +1018,6 @@ impl Engine {
         }
         let mut failures: Vec<(TenantId, Error)> = Vec::new();
         for (rel, name, ops) in routed {
-            let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
             for op in ops {
                 if failures.iter().any(|(f, _)| f == &op.tenant) {
                     continue;
@@ -1023,7 +1032,9 @@ impl Engine {
                     continue;
                 };
                 let txn = self.txn.as_mut().expect("checked above");
-                txn.touched.insert(op.tenant.clone());
+                if !txn.touched.contains(&op.tenant) {
+                    txn.touched.insert(op.tenant.clone());
+                }
                 let decided = match decide(table, op.op) {
                     Ok(d) => d,
                     Err(e) => {
@@ -1034,21 +1045,31 @@ impl Engine {
                 if decided.is_empty() {
                     continue;
                 }
-                let tenant_column = table.chunk.tenant.as_ref().map(|c| c.0.clone());
+                let shape = table.shape(rel);
                 let works = decided.iter().map(|d| {
                     Work::Row(RowChange {
-                        table: table.target.clone(),
-                        identity: identity.clone(),
-                        tenant_column: tenant_column.clone(),
+                        shape: Arc::clone(&shape),
                         op: OwnedRowOp::from_op(d),
                     })
                 });
-                let by_tenant = txn.parts.entry(t.destination.target.clone()).or_default();
-                let parts = by_tenant.entry(op.tenant.clone()).or_default();
+                // Looked up before inserting: the usual case (the transaction already has
+                // work for this target and tenant) then clones no identifier.
+                let target = &t.destination.target;
+                if !txn.parts.contains_key(target) {
+                    txn.parts.insert(target.clone(), Default::default());
+                }
+                let by_tenant = txn.parts.get_mut(target).expect("inserted above");
+                if !by_tenant.contains_key(&op.tenant) {
+                    by_tenant.insert(op.tenant.clone(), Vec::new());
+                }
+                let parts = by_tenant.get_mut(&op.tenant).expect("inserted above");
                 let before = parts.len();
                 parts.extend(works);
                 let added: u64 = parts[before..].iter().map(|w| w.weight() as u64).sum();
-                let held = txn.held.entry(op.tenant.clone()).or_default();
+                if !txn.held.contains_key(&op.tenant) {
+                    txn.held.insert(op.tenant.clone(), 0);
+                }
+                let held = txn.held.get_mut(&op.tenant).expect("inserted above");
                 *held += added;
                 if *held > self.config.moves.max_txn_bytes {
                     // Its changes of this transaction go now; failing the tenant stops

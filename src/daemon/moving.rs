@@ -11,12 +11,14 @@
 //!   state again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::apply::writer::RowShape;
 use crate::backfill::chunk::ChunkTable;
 use crate::backfill::{Cursor, Key, TableCopy};
-use crate::decode::{Datum, Tuple};
+use crate::decode::{Datum, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::registry::MoveState;
 use crate::route::Destination;
@@ -39,6 +41,8 @@ pub(crate) struct TableMove {
     pub follow: Option<tokio::sync::watch::Sender<u64>>,
     /// Rows of the chunk after the one in flight, read ahead by the following reader.
     pub ahead: Option<ChunkRows>,
+    /// What its stream changes share, for the relation layout last seen.
+    shape: Option<Arc<RowShape>>,
 }
 
 impl TableMove {
@@ -51,7 +55,28 @@ impl TableMove {
             low_at: None,
             follow: None,
             ahead: None,
+            shape: None,
         }
+    }
+
+    /// The shape of this table's changes under `rel`'s replica identity: shared by every
+    /// change until the relation's layout changes.
+    pub fn shape(&mut self, rel: &Relation) -> Arc<RowShape> {
+        let current = self.shape.as_ref().is_some_and(|s| {
+            s.table == self.target
+                && s.identity
+                    .iter()
+                    .copied()
+                    .eq(rel.columns.iter().map(|c| c.is_key()))
+        });
+        if !current {
+            self.shape = Some(Arc::new(RowShape {
+                table: self.target.clone(),
+                identity: rel.columns.iter().map(|c| c.is_key()).collect(),
+                tenant_column: self.chunk.tenant.as_ref().map(|c| c.0.clone()),
+            }));
+        }
+        Arc::clone(self.shape.as_ref().expect("set above"))
     }
 
     /// Gives up on the chunk in flight: its rows are dropped and its range is read again.
@@ -268,6 +293,44 @@ mod tests {
         assert_eq!(t.copy_state(), state);
         assert!(!t.is_copied());
         assert!(CopyState::parse("{\"tables\": 3}").is_err());
+    }
+
+    #[test]
+    fn changes_share_one_shape_until_the_relation_layout_changes() {
+        use crate::decode::{Column, RelationId, ReplicaIdentity};
+        let mut t = tenant();
+        let table = t
+            .tables
+            .get_mut(&QualifiedName::parse("public.orders").unwrap())
+            .unwrap();
+        let rel = |keys: [u8; 3]| Relation {
+            xid: None,
+            id: RelationId(16400),
+            namespace: "public".into(),
+            name: "orders".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: ["tenant_id", "id", "note"]
+                .iter()
+                .zip(keys)
+                .map(|(name, flags)| Column {
+                    flags,
+                    name: (*name).into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                })
+                .collect(),
+        };
+        let first = table.shape(&rel([1, 1, 0]));
+        assert_eq!(first.table, QualifiedName::parse("acme.orders").unwrap());
+        assert_eq!(first.identity, vec![true, true, false]);
+        assert_eq!(first.tenant_column.as_deref(), Some("tenant_id"));
+        assert!(Arc::ptr_eq(&first, &table.shape(&rel([1, 1, 0]))));
+        // REPLICA IDENTITY changed: a new shape, and the old one stays as it was for the
+        // changes that already carry it.
+        let full = table.shape(&rel([1, 1, 1]));
+        assert!(!Arc::ptr_eq(&first, &full));
+        assert_eq!(full.identity, vec![true, true, true]);
+        assert_eq!(first.identity, vec![true, true, false]);
     }
 
     #[test]
