@@ -26,7 +26,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use switchyard::apply::compaction::TableChanges;
 use switchyard::apply::lanes;
 use switchyard::apply::statement::{TargetColumn, TargetTable};
-use switchyard::apply::writer::{OwnedRowOp, RowChange, SourceTxn, Work};
+use switchyard::apply::writer::{OwnedRowOp, RowChange, RowShape, SourceTxn, Work};
 use switchyard::config::Tenancy;
 use switchyard::decode::encode::encode_into;
 use switchyard::decode::{
@@ -181,13 +181,11 @@ fn run(input: &[Bytes], layout: &std::sync::Arc<TargetTable>) -> (u64, usize) {
             msg => {
                 for (rel, routed) in router.message(&relations, &msg).expect("routable") {
                     let shape = shape.get_or_insert_with(|| {
-                        RowChange::new(
-                            QualifiedName::parse("big.orders").unwrap(),
-                            rel.columns.iter().map(Column::is_key).collect(),
-                            Some("tenant_id".into()),
-                            OwnedRowOp::Truncate,
-                        )
-                        .shape
+                        std::sync::Arc::new(RowShape {
+                            table: QualifiedName::parse("big.orders").unwrap(),
+                            identity: rel.columns.iter().map(Column::is_key).collect(),
+                            tenant_column: Some("tenant_id".into()),
+                        })
                     });
                     for r in routed {
                         changes += 1;

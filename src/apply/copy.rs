@@ -130,15 +130,6 @@ impl RowBuffer {
         self.ends.push(self.data.len());
     }
 
-    /// Appends a binary row given as its fields' encoded bytes (each a length and the
-    /// value, as in binary COPY data), `count` of them.
-    pub fn push_binary_fields(&mut self, count: usize, encoded: &[u8]) {
-        debug_assert_eq!(self.format, CopyFormat::Binary);
-        self.data.put_i16(count as i16);
-        self.data.extend_from_slice(encoded);
-        self.ends.push(self.data.len());
-    }
-
     fn push_text<'a>(&mut self, values: impl Iterator<Item = Option<&'a [u8]>>) {
         for (i, v) in values.enumerate() {
             if i > 0 {
