@@ -7,8 +7,11 @@
 //! - A [`TargetId`] names a configured target; it follows the same rules as a SQL name.
 //! - Neither is ever formatted into SQL text: values are bound, names go through
 //!   [`crate::sql::quote_ident`].
+//! - A [`TenantId`] is shared, not copied: every change, transaction and lane share carries
+//!   its tenant, so a clone is a reference count, not an allocation.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::sql::{check_name, NameError};
 
@@ -28,24 +31,38 @@ pub enum TenantIdError {
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(try_from = "String", into = "String")]
-pub struct TenantId(String);
+pub struct TenantId(Arc<str>);
 
 impl TenantId {
     pub fn new(value: impl Into<String>) -> Result<Self, TenantIdError> {
         let value = value.into();
+        Self::check(&value)?;
+        Ok(TenantId(value.into()))
+    }
+
+    /// Whether `value` is a valid tenant id, without building one (routing checks every
+    /// change's tenant value and only keeps those of moving tenants).
+    pub fn check(value: &str) -> Result<(), TenantIdError> {
         if value.is_empty() {
             return Err(TenantIdError::Empty);
         }
         if value.contains('\0') {
-            return Err(TenantIdError::Nul(value));
+            return Err(TenantIdError::Nul(value.to_owned()));
         }
         if value.len() > 1024 {
             return Err(TenantIdError::TooLong(value.len()));
         }
-        Ok(TenantId(value))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Maps keyed by tenant are searched with the text of a change's tenant value.
+impl std::borrow::Borrow<str> for TenantId {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -59,7 +76,7 @@ impl TryFrom<String> for TenantId {
 
 impl From<TenantId> for String {
     fn from(id: TenantId) -> String {
-        id.0
+        id.0.as_ref().to_owned()
     }
 }
 

@@ -152,7 +152,9 @@ pub struct TableChanges {
     key: Vec<usize>,
     /// How each key column's text orders (for sorting a statement's rows by key).
     kinds: Vec<KeyKind>,
-    index: HashMap<Vec<Bytes>, usize>,
+    /// Keyed per process and map (tenants choose the keys, so the hash must not be
+    /// predictable); foldhash's quality variant costs a fraction of SipHash on short keys.
+    index: HashMap<Vec<Bytes>, usize, foldhash::quality::RandomState>,
     entries: Vec<Entry>,
 }
 
@@ -187,7 +189,7 @@ impl TableChanges {
             table,
             key,
             kinds,
-            index: HashMap::new(),
+            index: HashMap::default(),
             entries: Vec::new(),
         })
     }

@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use crate::apply::progress::DurableTracker;
-use crate::apply::writer::{OwnedRowOp, RowChange};
+use crate::apply::writer::{OwnedRowOp, RowChange, RowShape};
 use crate::apply::{CopyRows, SourceTxn, Work};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
 use crate::backfill::{BackfillError, ChunkSpec, RekeyPlan, Verdict};
@@ -206,6 +206,9 @@ struct Engine {
     control: Client,
     run_id: u64,
     relations: RelationCache,
+    /// Each known relation's source name, kept so a row change looks its table up without
+    /// building a name.
+    relation_names: HashMap<RelationId, QualifiedName>,
     router: Router,
     tenants: BTreeMap<TenantId, Tenant>,
     /// Source tables some moving tenant copies: changes of other tables are not looked at.
@@ -354,6 +357,7 @@ async fn run_daemon(
         control,
         run_id,
         relations: RelationCache::new(),
+        relation_names: HashMap::new(),
         tenants: BTreeMap::new(),
         moved_tables: BTreeSet::new(),
         appliers: BTreeMap::new(),
@@ -875,7 +879,7 @@ impl Engine {
                 Ok(())
             }
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
-                self.on_rows(&message).await
+                self.on_rows(message).await
             }
             Message::Message(m) if m.prefix == WATERMARK_PREFIX => {
                 if let Some(w) = Watermark::parse(&m.prefix, &m.content) {
@@ -918,6 +922,7 @@ impl Engine {
         } else {
             Ok(())
         };
+        self.relation_names.insert(rel.id, name.clone());
         let change = self.relations.apply(rel);
         if !moved {
             return;
@@ -958,12 +963,12 @@ impl Engine {
         }
     }
 
-    async fn on_rows(&mut self, message: &Message) -> Result<(), Error> {
+    async fn on_rows(&mut self, message: Message) -> Result<(), Error> {
         let Some(final_lsn) = self.txn.as_ref().map(|t| t.final_lsn) else {
             return Err(MoveError::Protocol("a row change outside a transaction".into()).into());
         };
         let one: [RelationId; 1];
-        let relation_ids: &[RelationId] = match message {
+        let relation_ids: &[RelationId] = match &message {
             Message::Insert(i) => {
                 one = [i.relation];
                 &one
@@ -979,21 +984,22 @@ impl Engine {
             Message::Truncate(t) => &t.relations,
             _ => return Ok(()),
         };
+        // Phase 1, on the borrowed message: route, and decide per tenant against its
+        // backfill state. What to apply is noted by which row image it uses.
         let mut routed = Vec::new();
         for &id in relation_ids {
             let rel = self.relations.resolve(id)?;
-            let name = QualifiedName {
-                schema: rel.namespace.clone(),
-                name: rel.name.clone(),
+            let Some(name) = self.relation_names.get(&id) else {
+                continue;
             };
-            if !self.moved_tables.contains(&name) {
+            if !self.moved_tables.contains(name) {
                 continue;
             }
-            let ops = match message {
+            let ops = match &message {
                 Message::Truncate(_) => self.router.truncate(rel),
                 _ => self
                     .router
-                    .message(&self.relations, message)
+                    .message(&self.relations, &message)
                     .map(|mut v| v.pop().map(|(_, ops)| ops).unwrap_or_default()),
             };
             match ops {
@@ -1005,7 +1011,7 @@ impl Engine {
                     let affected: Vec<TenantId> = self
                         .tenants
                         .values()
-                        .filter(|t| t.tables.contains_key(&name))
+                        .filter(|t| t.tables.contains_key(name))
                         .map(|t| t.id.clone())
                         .collect();
                     let e = Error::Route(e);
@@ -1017,6 +1023,8 @@ impl Engine {
             }
         }
         let mut failures: Vec<(TenantId, Error)> = Vec::new();
+        let mut planned: Vec<(TenantId, Arc<RowShape>, Planned)> = Vec::new();
+        let mut images = Images::default();
         for (rel, name, ops) in routed {
             for op in ops {
                 if failures.iter().any(|(f, _)| f == &op.tenant) {
@@ -1028,61 +1036,69 @@ impl Engine {
                 if final_lsn < t.skip_before {
                     continue;
                 }
-                let Some(table) = t.tables.get_mut(&name) else {
+                let Some(table) = t.tables.get_mut(name) else {
                     continue;
                 };
                 let txn = self.txn.as_mut().expect("checked above");
                 if !txn.touched.contains(&op.tenant) {
                     txn.touched.insert(op.tenant.clone());
                 }
-                let decided = match decide(table, op.op) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        failures.push((op.tenant.clone(), e));
-                        continue;
+                match decide(table, op.op) {
+                    Ok(Some(d)) => {
+                        let plan = images.plan(&message, &d);
+                        planned.push((op.tenant, table.shape(rel), plan));
                     }
-                };
-                if decided.is_empty() {
-                    continue;
+                    Ok(None) => {}
+                    Err(e) => failures.push((op.tenant, e)),
                 }
-                let shape = table.shape(rel);
-                let works = decided.iter().map(|d| {
-                    Work::Row(RowChange {
-                        shape: Arc::clone(&shape),
-                        op: OwnedRowOp::from_op(d),
-                    })
-                });
-                // Looked up before inserting: the usual case (the transaction already has
-                // work for this target and tenant) then clones no identifier.
-                let target = &t.destination.target;
-                if !txn.parts.contains_key(target) {
-                    txn.parts.insert(target.clone(), Default::default());
-                }
-                let by_tenant = txn.parts.get_mut(target).expect("inserted above");
-                if !by_tenant.contains_key(&op.tenant) {
-                    by_tenant.insert(op.tenant.clone(), Vec::new());
-                }
-                let parts = by_tenant.get_mut(&op.tenant).expect("inserted above");
-                let before = parts.len();
-                parts.extend(works);
-                let added: u64 = parts[before..].iter().map(|w| w.weight() as u64).sum();
-                if !txn.held.contains_key(&op.tenant) {
-                    txn.held.insert(op.tenant.clone(), 0);
-                }
-                let held = txn.held.get_mut(&op.tenant).expect("inserted above");
-                *held += added;
-                if *held > self.config.moves.max_txn_bytes {
-                    // Its changes of this transaction go now; failing the tenant stops
-                    // routing the rest of them.
-                    by_tenant.remove(&op.tenant);
-                    failures.push((
-                        op.tenant.clone(),
-                        Error::Move(MoveError::TransactionTooLarge {
-                            xid: txn.xid,
-                            limit: self.config.moves.max_txn_bytes,
-                        }),
-                    ));
-                }
+            }
+        }
+        // Phase 2: the row images move into the changes (copied only if one is wanted
+        // twice), and the changes join the open transaction.
+        images.fill(message);
+        for (tenant, shape, plan) in planned {
+            if failures.iter().any(|(f, _)| f == &tenant) {
+                continue;
+            }
+            let Some(t) = self.tenants.get(&tenant) else {
+                continue;
+            };
+            let Some(op) = images.take(plan) else {
+                let detail = "a routed change names a row image its message does not have";
+                failures.push((tenant, MoveError::Protocol(detail.into()).into()));
+                continue;
+            };
+            let work = Work::Row(RowChange { shape, op });
+            let txn = self.txn.as_mut().expect("checked above");
+            // Looked up before inserting: the usual case (the transaction already has
+            // work for this target and tenant) then clones no identifier.
+            let target = &t.destination.target;
+            if !txn.parts.contains_key(target) {
+                txn.parts.insert(target.clone(), Default::default());
+            }
+            let by_tenant = txn.parts.get_mut(target).expect("inserted above");
+            if !by_tenant.contains_key(&tenant) {
+                by_tenant.insert(tenant.clone(), Vec::new());
+            }
+            let parts = by_tenant.get_mut(&tenant).expect("inserted above");
+            let added = work.weight() as u64;
+            parts.push(work);
+            if !txn.held.contains_key(&tenant) {
+                txn.held.insert(tenant.clone(), 0);
+            }
+            let held = txn.held.get_mut(&tenant).expect("inserted above");
+            *held += added;
+            if *held > self.config.moves.max_txn_bytes {
+                // Its changes of this transaction go now; failing the tenant stops
+                // routing the rest of them.
+                by_tenant.remove(&tenant);
+                failures.push((
+                    tenant,
+                    Error::Move(MoveError::TransactionTooLarge {
+                        xid: txn.xid,
+                        limit: self.config.moves.max_txn_bytes,
+                    }),
+                ));
             }
         }
         for (tenant, e) in failures {
@@ -1625,6 +1641,114 @@ impl Engine {
 }
 
 /// Hands a chunk's rows to the table's copy (the chunk's window is the one in flight).
+/// Which row image of a row message a change uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Image {
+    New,
+    Old,
+}
+
+/// A change to apply, naming row images instead of borrowing them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Planned {
+    Upsert { new: Image, update: bool },
+    Delete { old: Image },
+    Rekey { old: Image, new: Image },
+    Truncate,
+}
+
+/// The row images of one row message, moved into the changes routed from it: a row image
+/// is copied only when a second change wants it (routing never does that today; a row
+/// moving between tenants uses its old image for one and its new image for the other).
+#[derive(Default)]
+struct Images {
+    new: Option<crate::decode::Tuple>,
+    old: Option<crate::decode::Tuple>,
+    /// Changes still to take each image: [new, old].
+    wanted: [u32; 2],
+}
+
+impl Images {
+    /// Notes that a change uses the images `op` borrows from `message`.
+    fn plan(&mut self, message: &Message, op: &RowOp<'_>) -> Planned {
+        let (new, old) = match message {
+            Message::Insert(i) => (Some(&i.new), None),
+            Message::Update(u) => (Some(&u.new), u.old.as_ref().map(|o| o.tuple())),
+            Message::Delete(d) => (None, Some(d.old.tuple())),
+            _ => (None, None),
+        };
+        let mut image = |t: &crate::decode::Tuple| {
+            let which = if new.is_some_and(|n| std::ptr::eq(n, t)) {
+                Image::New
+            } else {
+                debug_assert!(
+                    old.is_some_and(|o| std::ptr::eq(o, t)),
+                    "routed ops borrow the message"
+                );
+                Image::Old
+            };
+            self.wanted[which as usize] += 1;
+            which
+        };
+        match op {
+            RowOp::Upsert { new, update } => Planned::Upsert {
+                new: image(new),
+                update: *update,
+            },
+            RowOp::Delete { old } => Planned::Delete { old: image(old) },
+            RowOp::Rekey { old, new } => Planned::Rekey {
+                old: image(old),
+                new: image(new),
+            },
+            RowOp::Truncate => Planned::Truncate,
+        }
+    }
+
+    /// Takes the message's row images once every change is planned.
+    fn fill(&mut self, message: Message) {
+        let (new, old) = match message {
+            Message::Insert(i) => (Some(i.new), None),
+            Message::Update(u) => (Some(u.new), u.old.map(crate::decode::OldTuple::into_tuple)),
+            Message::Delete(d) => (None, Some(d.old.into_tuple())),
+            _ => (None, None),
+        };
+        self.new = new;
+        self.old = old;
+    }
+
+    fn image(&mut self, which: Image) -> Option<crate::decode::Tuple> {
+        let slot = match which {
+            Image::New => &mut self.new,
+            Image::Old => &mut self.old,
+        };
+        let wanted = &mut self.wanted[which as usize];
+        *wanted = wanted.saturating_sub(1);
+        match slot {
+            Some(t) if *wanted > 0 => Some(t.clone()),
+            _ => slot.take(),
+        }
+    }
+
+    /// The change `plan` describes; `None` if the message had no such image (a bug, not
+    /// input: the caller fails the tenant rather than apply a made-up row).
+    fn take(&mut self, plan: Planned) -> Option<OwnedRowOp> {
+        Some(match plan {
+            Planned::Upsert { new, update } => OwnedRowOp::Upsert {
+                new: self.image(new)?,
+                update,
+            },
+            Planned::Delete { old } => OwnedRowOp::Delete {
+                old: self.image(old)?,
+            },
+            Planned::Rekey { old, new } => OwnedRowOp::Rekey {
+                old: self.image(old)?,
+                new: self.image(new)?,
+            },
+            Planned::Truncate => OwnedRowOp::Truncate,
+        })
+    }
+}
+
 fn take_rows(
     tenant: &TenantId,
     table: &QualifiedName,
@@ -1645,8 +1769,20 @@ fn take_rows(
     tm.rows = Some(rows);
 }
 
-/// What to apply for one routed operation of a tenant's table, given its backfill state.
-fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Vec<RowOp<'a>>, Error> {
+/// What to apply for one routed operation of a tenant's table, given its backfill state
+/// (at most one operation: a key change may become the delete of its old key).
+fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Option<RowOp<'a>>, Error> {
+    if table.copy.is_done() {
+        // Every key is copied and no chunk window records changes: each verdict would be
+        // Apply, so the key is not worth building. A row arriving without its TOAST values
+        // still needs the keyed path (it is re-read).
+        match op {
+            RowOp::Upsert { new, update: false }
+                if new.0.iter().any(|d| matches!(d, Datum::UnchangedToast)) => {}
+            RowOp::Truncate => {}
+            _ => return Ok(Some(op)),
+        }
+    }
     let key = |t| {
         table.key_of(t).ok_or_else(|| {
             Error::Move(MoveError::KeyValue {
@@ -1663,27 +1799,23 @@ fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Vec<RowOp<
                 // A row arriving (e.g. from another tenant) without its TOAST value: only a
                 // re-read can supply it.
                 table.copy.requeue(&k);
-                vec![]
+                None
             } else if copied {
-                vec![op]
+                Some(op)
             } else {
-                vec![]
+                None
             }
         }
         RowOp::Delete { old } => {
             let k = key(old)?;
-            if table.copy.change(&k) == Verdict::Apply {
-                vec![op]
-            } else {
-                vec![]
-            }
+            (table.copy.change(&k) == Verdict::Apply).then_some(op)
         }
         RowOp::Rekey { old, new } => {
             let (o, n) = (key(old)?, key(new)?);
             match table.copy.rekey(&o, &n) {
-                RekeyPlan::Update => vec![op],
-                RekeyPlan::DeleteOld => vec![RowOp::Delete { old }],
-                RekeyPlan::Skip => vec![],
+                RekeyPlan::Update => Some(op),
+                RekeyPlan::DeleteOld => Some(RowOp::Delete { old }),
+                RekeyPlan::Skip => None,
             }
         }
         RowOp::Truncate => {
@@ -1692,7 +1824,179 @@ fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Vec<RowOp<
                 // Rows read before the TRUNCATE must not come back: read the range again.
                 table.abandon(chunk);
             }
-            vec![op]
+            Some(op)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backfill::chunk::ChunkTable;
+    use crate::backfill::{Cursor, KeyKind, KeyValue, TableCopy};
+    use bytes::Bytes;
+
+    fn table(copy: TableCopy) -> moving::TableMove {
+        let source = QualifiedName::parse("public.orders").unwrap();
+        let mut tm = moving::TableMove::new(
+            ChunkTable {
+                source,
+                columns: vec!["tenant_id".into(), "id".into(), "note".into()],
+                key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
+                tenant: Some(("tenant_id".into(), "integer".into())),
+            },
+            QualifiedName::parse("acme.orders").unwrap(),
+        );
+        tm.copy = copy;
+        tm
+    }
+
+    fn row(id: i64, note: Datum) -> crate::decode::Tuple {
+        crate::decode::Tuple(vec![
+            Datum::Text(Bytes::from_static(b"7")),
+            Datum::Text(Bytes::from(id.to_string())),
+            note,
+        ])
+    }
+
+    fn key(id: i64) -> Vec<KeyValue> {
+        vec![KeyValue::Int(7), KeyValue::Int(id)]
+    }
+
+    #[test]
+    fn a_finished_copy_applies_every_change_without_keys_and_still_requeues_toastless_arrivals() {
+        let mut done = table(TableCopy::resume(Cursor::End, BTreeSet::new()));
+        assert!(done.copy.is_done());
+        let note = || Datum::Text(Bytes::from_static(b"n"));
+        let (a, b) = (row(1, note()), row(2, note()));
+        for op in [
+            RowOp::Upsert {
+                new: &a,
+                update: false,
+            },
+            RowOp::Upsert {
+                new: &a,
+                update: true,
+            },
+            RowOp::Delete { old: &a },
+            RowOp::Rekey { old: &a, new: &b },
+            RowOp::Truncate,
+        ] {
+            assert_eq!(decide(&mut done, op.clone()).unwrap(), Some(op));
+        }
+        // Unchanged TOAST in an UPDATE keeps the target's value: applied as is.
+        let toast = row(3, Datum::UnchangedToast);
+        let update = RowOp::Upsert {
+            new: &toast,
+            update: true,
+        };
+        assert_eq!(decide(&mut done, update.clone()).unwrap(), Some(update));
+        // A row arriving without its TOAST value cannot be written whole: it is re-read,
+        // which makes the copy unfinished again.
+        let arrival = RowOp::Upsert {
+            new: &toast,
+            update: false,
+        };
+        assert_eq!(decide(&mut done, arrival).unwrap(), None);
+        assert!(done.copy.requeued().contains(&key(3)));
+        assert!(!done.copy.is_done());
+        // A key that cannot be parsed is still refused once the copy is unfinished.
+        let bad = crate::decode::Tuple(vec![
+            Datum::Text(Bytes::from_static(b"7")),
+            Datum::Text(Bytes::from_static(b"x")),
+            note(),
+        ]);
+        let op = RowOp::Delete { old: &bad };
+        assert!(decide(&mut done, op).is_err());
+    }
+
+    #[test]
+    fn row_images_move_into_the_changes_and_are_copied_only_when_wanted_twice() {
+        use crate::decode::{OldTuple, Update};
+        let note = || Datum::Text(Bytes::from_static(b"n"));
+        let (old, new) = (row(1, note()), row(2, note()));
+        let message = Message::Update(Update {
+            xid: None,
+            relation: RelationId(1),
+            old: Some(OldTuple::Key(old.clone())),
+            new: new.clone(),
+        });
+        // A row moving between tenants: its old image leaves one, its new image arrives
+        // at the other.
+        let (Message::Update(u), mut images) = (&message, Images::default()) else {
+            unreachable!()
+        };
+        let leave = images.plan(
+            &message,
+            &RowOp::Delete {
+                old: u.old.as_ref().unwrap().tuple(),
+            },
+        );
+        let arrive = images.plan(
+            &message,
+            &RowOp::Upsert {
+                new: &u.new,
+                update: false,
+            },
+        );
+        // The same new image wanted a second time (a copy).
+        let again = images.plan(
+            &message,
+            &RowOp::Upsert {
+                new: &u.new,
+                update: true,
+            },
+        );
+        assert_eq!(leave, Planned::Delete { old: Image::Old });
+        assert_eq!(
+            arrive,
+            Planned::Upsert {
+                new: Image::New,
+                update: false
+            }
+        );
+        images.fill(message);
+        assert_eq!(
+            images.take(leave),
+            Some(OwnedRowOp::Delete { old: old.clone() })
+        );
+        assert_eq!(
+            images.take(arrive),
+            Some(OwnedRowOp::Upsert {
+                new: new.clone(),
+                update: false
+            })
+        );
+        assert_eq!(
+            images.take(again),
+            Some(OwnedRowOp::Upsert { new, update: true })
+        );
+        // Every image is spent: a further change naming one gets none, not an empty row.
+        assert_eq!(images.take(leave), None);
+    }
+
+    #[test]
+    fn during_the_copy_changes_past_the_cursor_are_left_to_the_chunks() {
+        let mut copying = table(TableCopy::resume(Cursor::After(key(10)), BTreeSet::new()));
+        let note = || Datum::Text(Bytes::from_static(b"n"));
+        let (inside, outside) = (row(5, note()), row(50, note()));
+        let upd = |t| RowOp::Upsert {
+            new: t,
+            update: true,
+        };
+        assert_eq!(
+            decide(&mut copying, upd(&inside)).unwrap(),
+            Some(upd(&inside))
+        );
+        assert_eq!(decide(&mut copying, upd(&outside)).unwrap(), None);
+        // A key change out of the copied range deletes the old key only.
+        let rekey = RowOp::Rekey {
+            old: &inside,
+            new: &outside,
+        };
+        assert_eq!(
+            decide(&mut copying, rekey).unwrap(),
+            Some(RowOp::Delete { old: &inside })
+        );
+    }
 }

@@ -158,6 +158,12 @@ impl OldTuple {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         }
     }
+
+    pub fn into_tuple(self) -> Tuple {
+        match self {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

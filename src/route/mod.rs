@@ -63,7 +63,8 @@ pub enum RowOp<'a> {
 }
 
 /// A change for one moving tenant, with its place at the target (borrowed from the router
-/// and the relation: routing allocates nothing per change but the tenant id).
+/// and the relation; the tenant id is the router's, shared: routing allocates nothing per
+/// change).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Routed<'a> {
     pub tenant: TenantId,
@@ -90,8 +91,9 @@ pub struct Router {
     moving: BTreeMap<TenantId, Destination>,
 }
 
-enum TenantKey {
-    Schema(TenantId),
+enum TenantKey<'r> {
+    /// The schema's name, checked to be a valid tenant id.
+    Schema(&'r str),
     Column(usize),
 }
 
@@ -122,14 +124,13 @@ impl Router {
         }
     }
 
-    fn key(&self, rel: &Relation) -> Result<TenantKey, RouteError> {
+    fn key<'r>(&self, rel: &'r Relation) -> Result<TenantKey<'r>, RouteError> {
         if self.tenancy.mode == TenancyMode::Schema {
-            let id =
-                TenantId::new(rel.namespace.clone()).map_err(|_| RouteError::BadTenantValue {
-                    table: Self::name(rel).to_string(),
-                    column: "(schema)".into(),
-                })?;
-            return Ok(TenantKey::Schema(id));
+            TenantId::check(&rel.namespace).map_err(|_| RouteError::BadTenantValue {
+                table: Self::name(rel).to_string(),
+                column: "(schema)".into(),
+            })?;
+            return Ok(TenantKey::Schema(&rel.namespace));
         }
         let column = self.tenancy.column_in(&rel.namespace, &rel.name);
         let idx = rel
@@ -160,14 +161,16 @@ impl Router {
         self.key(rel).map(|_| ())
     }
 
-    fn tenant_in(
+    /// The tenant value of `tuple`, checked to be a valid tenant id (not necessarily a
+    /// moving one).
+    fn tenant_in<'r>(
         &self,
         rel: &Relation,
-        key: &TenantKey,
-        tuple: &Tuple,
-    ) -> Result<TenantId, RouteError> {
+        key: &TenantKey<'r>,
+        tuple: &'r Tuple,
+    ) -> Result<&'r str, RouteError> {
         match key {
-            TenantKey::Schema(id) => Ok(id.clone()),
+            TenantKey::Schema(id) => Ok(id),
             TenantKey::Column(idx) => {
                 if tuple.0.len() != rel.columns.len() {
                     return Err(RouteError::Shape {
@@ -183,7 +186,7 @@ impl Router {
                 match &tuple.0[*idx] {
                     Datum::Text(b) => std::str::from_utf8(b)
                         .ok()
-                        .and_then(|s| TenantId::new(s).ok())
+                        .filter(|s| TenantId::check(s).is_ok())
                         .ok_or_else(bad),
                     _ => Err(bad()),
                 }
@@ -191,15 +194,11 @@ impl Router {
         }
     }
 
-    fn routed<'a>(
-        &'a self,
-        rel: &'a Relation,
-        tenant: TenantId,
-        op: RowOp<'a>,
-    ) -> Option<Routed<'a>> {
-        let destination = self.moving.get(&tenant)?;
+    /// `op` for `tenant` if that tenant is moving (the id is the router's, shared).
+    fn routed<'a>(&'a self, rel: &'a Relation, tenant: &str, op: RowOp<'a>) -> Option<Routed<'a>> {
+        let (tenant, destination) = self.moving.get_key_value(tenant)?;
         Some(Routed {
-            tenant,
+            tenant: tenant.clone(),
             destination,
             name: &rel.name,
             op,
@@ -279,7 +278,7 @@ impl Router {
             TenantKey::Column(_) => Ok(self
                 .moving
                 .keys()
-                .filter_map(|t| self.routed(rel, t.clone(), RowOp::Truncate))
+                .filter_map(|t| self.routed(rel, t.as_str(), RowOp::Truncate))
                 .collect()),
         }
     }

@@ -4,6 +4,12 @@
 //! Invariants:
 //! - Memory held for undelivered messages is bounded by `max_buffered_bytes` (plus one
 //!   message): when the budget is spent the task stops reading the socket.
+//! - Messages decoded from what one read brought are handed over as one batch: one budget
+//!   permit and one channel send (one wake-up of the consumer) per batch instead of per
+//!   message; a batch costs at most the whole budget, and its permit returns when the
+//!   consumer has taken its last message.
+//! - A keepalive is acted on only after every message read before it was handed over: its
+//!   position may be confirmed as idle, which must not pass a transaction still queued here.
 //! - While waiting for budget it still sends status updates on schedule and on request,
 //!   so the server's wal_sender_timeout never fires because the consumer is slow.
 //! - Every `select!` arm is cancellation safe: socket reads only append to a buffer and a
@@ -41,13 +47,12 @@ pub struct StreamSettings {
     pub start: Lsn,
 }
 
-/// One decoded message handed to the consumer; dropping it returns its bytes to the budget.
+/// One decoded message handed to the consumer.
 #[derive(Debug)]
 pub struct Received {
     pub wal_start: Lsn,
     pub wal_end: Lsn,
     pub message: Message,
-    _budget: OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]
@@ -62,13 +67,24 @@ pub enum SourceEvent {
 }
 
 enum Item {
+    /// Messages in stream order, with the budget they hold until the consumer took them all.
+    Batch(Vec<Received>, OwnedSemaphorePermit),
     Event(SourceEvent),
     Failed(SourceError),
 }
 
+/// Most messages in one batch: enough to amortise a hand-off, few enough that the consumer
+/// starts on the first ones while the task decodes the next read.
+const BATCH_MESSAGES: usize = 1024;
+/// Most bytes in one batch (less when the budget is smaller).
+const BATCH_BYTES: usize = 1 << 20;
+
 /// The consumer's handle on the replication task.
 pub struct ReplicationStream {
     items: mpsc::UnboundedReceiver<Item>,
+    /// The rest of the batch being handed out, and its budget.
+    batch: std::collections::VecDeque<Received>,
+    held: Option<OwnedSemaphorePermit>,
     durable: Arc<ProgressLsn>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -101,6 +117,8 @@ impl ReplicationStream {
         let task = tokio::spawn(tracing::Instrument::instrument(task.run(conn), span));
         Ok(ReplicationStream {
             items,
+            batch: std::collections::VecDeque::new(),
+            held: None,
             durable,
             shutdown,
             task,
@@ -111,21 +129,57 @@ impl ReplicationStream {
     }
 
     /// The next event; `Ok(None)` after shutdown. A returned error is final.
+    /// Cancellation safe: an item taken from the channel is kept in `batch` before any
+    /// await point could drop it.
     pub async fn recv(&mut self) -> Result<Option<SourceEvent>, SourceError> {
-        match self.items.recv().await {
-            Some(Item::Event(e)) => Ok(Some(e)),
-            Some(Item::Failed(e)) => Err(e),
-            None => Ok(None),
+        loop {
+            if let Some(r) = self.next_queued() {
+                return Ok(Some(SourceEvent::Message(r)));
+            }
+            match self.items.recv().await {
+                Some(item) => {
+                    if let Some(done) = self.take(item) {
+                        return done.map(Some);
+                    }
+                }
+                None => return Ok(None),
+            }
         }
     }
 
     /// The next event if one is already queued (never waits); `None` when none is, or after
     /// shutdown (then [`Self::recv`] says so). A returned error is final.
     pub fn try_recv(&mut self) -> Option<Result<SourceEvent, SourceError>> {
-        match self.items.try_recv() {
-            Ok(Item::Event(e)) => Some(Ok(e)),
-            Ok(Item::Failed(e)) => Some(Err(e)),
-            Err(_) => None,
+        loop {
+            if let Some(r) = self.next_queued() {
+                return Some(Ok(SourceEvent::Message(r)));
+            }
+            let item = self.items.try_recv().ok()?;
+            if let Some(done) = self.take(item) {
+                return Some(done);
+            }
+        }
+    }
+
+    /// The next message of the current batch; the batch's budget returns with its last one.
+    fn next_queued(&mut self) -> Option<Received> {
+        let r = self.batch.pop_front();
+        if self.batch.is_empty() {
+            self.held = None;
+        }
+        r
+    }
+
+    /// Takes one item off the channel: a batch is queued (`None`), anything else returned.
+    fn take(&mut self, item: Item) -> Option<Result<SourceEvent, SourceError>> {
+        match item {
+            Item::Batch(messages, permit) => {
+                self.batch.extend(messages);
+                self.held = Some(permit);
+                None
+            }
+            Item::Event(e) => Some(Ok(e)),
+            Item::Failed(e) => Some(Err(e)),
         }
     }
 
@@ -221,11 +275,26 @@ enum PumpEnd {
 
 type Acquire = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
+/// A batch waiting for budget, and the keepalive that arrived right after it (acted on
+/// once the batch is handed over).
 struct Pending {
-    wal_start: Lsn,
-    wal_end: Lsn,
-    message: Message,
+    batch: Vec<Received>,
     acquire: Acquire,
+    keepalive: Option<(Lsn, bool)>,
+}
+
+/// Messages decoded but not yet handed over, with their budget cost.
+#[derive(Default)]
+struct Gathered {
+    messages: Vec<Received>,
+    cost: usize,
+}
+
+/// What became of a batch offered to the consumer.
+enum Offer {
+    Delivered,
+    Waiting(Pending),
+    ConsumerGone,
 }
 
 impl Task {
@@ -318,8 +387,10 @@ impl Task {
         let silence_limit = (status_interval * 10).max(Duration::from_secs(10));
         let mut last_flush = Lsn::INVALID;
         let mut pending: Option<Pending> = None;
+        let batch_cap = BATCH_BYTES.min(self.settings.replication.max_buffered_bytes);
         loop {
-            // Handle what is already buffered, until a message has to wait for budget.
+            // Handle what is already buffered, until a batch has to wait for budget.
+            let mut gathered = Gathered::default();
             while pending.is_none() {
                 let Some(frame) = conn.buffered_frame()? else {
                     break;
@@ -329,9 +400,18 @@ impl Task {
                 };
                 match msg {
                     CopyMessage::Keepalive { wal_end, reply } => {
-                        self.feedback.on_keepalive(Lsn(wal_end));
-                        if reply {
-                            self.send_status(conn, &mut last_flush, false).await?;
+                        let keepalive = (Lsn(wal_end), reply);
+                        if !gathered.messages.is_empty() {
+                            match self.offer(std::mem::take(&mut gathered), Some(keepalive)) {
+                                Offer::Delivered => {}
+                                Offer::Waiting(p) => {
+                                    pending = Some(p);
+                                    break;
+                                }
+                                Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
+                            }
+                        }
+                        if self.on_keepalive(conn, keepalive, &mut last_flush).await? {
                             last_status = Instant::now();
                         }
                     }
@@ -343,7 +423,7 @@ impl Task {
                         let cost = budget_cost(
                             payload.len(),
                             self.settings.replication.max_buffered_bytes,
-                        );
+                        ) as usize;
                         let message =
                             self.decoder
                                 .decode(payload)
@@ -351,26 +431,43 @@ impl Task {
                                     lsn: Lsn(wal_start),
                                     source,
                                 })?;
-                        let (wal_start, wal_end) = (Lsn(wal_start), Lsn(wal_end));
-                        match self.budget.clone().try_acquire_many_owned(cost) {
-                            Ok(permit) => {
-                                if !self.deliver(wal_start, wal_end, message, permit) {
-                                    return Ok(PumpEnd::ConsumerGone);
-                                }
+                        if !gathered.messages.is_empty() && gathered.cost + cost > batch_cap {
+                            match self.offer(std::mem::take(&mut gathered), None) {
+                                Offer::Delivered => {}
+                                Offer::Waiting(p) => pending = Some(p),
+                                Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
                             }
-                            Err(_) => {
-                                let budget = self.budget.clone();
-                                pending = Some(Pending {
-                                    wal_start,
-                                    wal_end,
-                                    message,
-                                    acquire: Box::pin(async move {
-                                        budget.acquire_many_owned(cost).await.ok()
-                                    }),
-                                });
+                        }
+                        gathered.messages.push(Received {
+                            wal_start: Lsn(wal_start),
+                            wal_end: Lsn(wal_end),
+                            message,
+                        });
+                        gathered.cost += cost;
+                        if pending.is_some() {
+                            // This message waits with the next batch: it is already out of
+                            // the read buffer, so it cannot go back there.
+                            break;
+                        }
+                        if gathered.messages.len() >= BATCH_MESSAGES {
+                            match self.offer(std::mem::take(&mut gathered), None) {
+                                Offer::Delivered => {}
+                                Offer::Waiting(p) => pending = Some(p),
+                                Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
                             }
                         }
                     }
+                }
+            }
+            if !gathered.messages.is_empty() {
+                match &mut pending {
+                    // Read after the waiting batch: they wait with it, in order.
+                    Some(p) => p.batch.append(&mut gathered.messages),
+                    None => match self.offer(gathered, None) {
+                        Offer::Delivered => {}
+                        Offer::Waiting(p) => pending = Some(p),
+                        Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
+                    },
                 }
             }
 
@@ -386,8 +483,13 @@ impl Task {
                     // Time spent waiting on our consumer is not the server's silence.
                     last_heard = Instant::now();
                     let Some(permit) = permit else { return Ok(PumpEnd::ConsumerGone) };
-                    if !self.deliver(p.wal_start, p.wal_end, p.message, permit) {
+                    if !self.deliver(p.batch, permit) {
                         return Ok(PumpEnd::ConsumerGone);
+                    }
+                    if let Some(keepalive) = p.keepalive {
+                        if self.on_keepalive(conn, keepalive, &mut last_flush).await? {
+                            last_status = Instant::now();
+                        }
                     }
                 }
                 _ = ticker.tick() => {
@@ -419,23 +521,49 @@ impl Task {
         }
     }
 
-    fn deliver(
+    /// Hands `gathered` over if the budget allows now; otherwise it waits as [`Pending`]
+    /// (with `keepalive`, to be acted on after it).
+    fn offer(&mut self, gathered: Gathered, keepalive: Option<(Lsn, bool)>) -> Offer {
+        let budget = self.settings.replication.max_buffered_bytes;
+        let cost = budget_cost(gathered.cost, budget);
+        match self.budget.clone().try_acquire_many_owned(cost) {
+            Ok(permit) => {
+                if self.deliver(gathered.messages, permit) {
+                    Offer::Delivered
+                } else {
+                    Offer::ConsumerGone
+                }
+            }
+            Err(_) => {
+                let budget = self.budget.clone();
+                Offer::Waiting(Pending {
+                    batch: gathered.messages,
+                    acquire: Box::pin(async move { budget.acquire_many_owned(cost).await.ok() }),
+                    keepalive,
+                })
+            }
+        }
+    }
+
+    /// A keepalive, once everything read before it is handed over; true if it was answered.
+    async fn on_keepalive(
         &mut self,
-        wal_start: Lsn,
-        wal_end: Lsn,
-        message: Message,
-        permit: OwnedSemaphorePermit,
-    ) -> bool {
-        self.feedback.on_delivered(&message, wal_end);
-        let received = Received {
-            wal_start,
-            wal_end,
-            message,
-            _budget: permit,
-        };
-        self.tx
-            .send(Item::Event(SourceEvent::Message(received)))
-            .is_ok()
+        conn: &mut ReplicationConnection,
+        (wal_end, reply): (Lsn, bool),
+        last_flush: &mut Lsn,
+    ) -> Result<bool, SourceError> {
+        self.feedback.on_keepalive(wal_end);
+        if reply {
+            self.send_status(conn, last_flush, false).await?;
+        }
+        Ok(reply)
+    }
+
+    fn deliver(&mut self, batch: Vec<Received>, permit: OwnedSemaphorePermit) -> bool {
+        for r in &batch {
+            self.feedback.on_delivered(&r.message, r.wal_end);
+        }
+        self.tx.send(Item::Batch(batch, permit)).is_ok()
     }
 
     async fn send_status(
