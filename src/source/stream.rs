@@ -2,8 +2,9 @@
 //! byte budget, answers the server, and reconnects.
 //!
 //! Invariants:
-//! - Memory held for undelivered messages is bounded by `max_buffered_bytes` (plus one
-//!   message): when the budget is spent the task stops reading the socket.
+//! - Memory held for undelivered messages is bounded by `max_buffered_bytes` plus one batch
+//!   waiting for budget (at most 1 MiB, or the budget if smaller) plus one message: when
+//!   the budget is spent the task stops reading the socket.
 //! - Messages decoded from what one read brought are handed over as one batch: one budget
 //!   permit and one channel send (one wake-up of the consumer) per batch instead of per
 //!   message; a batch costs at most the whole budget, and its permit returns when the
