@@ -238,7 +238,7 @@ impl TableChanges {
                 })
                 .collect()
         };
-        if kind == 0 && tuple.0.iter().any(|d| matches!(d, Datum::UnchangedToast)) {
+        if kind == 0 && tuple.has_unchanged_toast() {
             return Err(Refusal::Unsupported);
         }
         let Some(&at) = self.index.get(&key) else {

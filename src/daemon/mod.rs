@@ -51,7 +51,7 @@ use crate::checkpoint::{Batch, SlotRecord, Store};
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::cutover::CutoverMsg;
-use crate::decode::{Datum, Message, Relation, RelationCache, RelationChange, RelationId};
+use crate::decode::{Message, Relation, RelationCache, RelationChange, RelationId};
 use crate::error::{Error, ErrorClass};
 use crate::lsn::Lsn;
 use crate::registry::{self, Move, MoveState, Registry, Report};
@@ -1640,7 +1640,6 @@ impl Engine {
     }
 }
 
-/// Hands a chunk's rows to the table's copy (the chunk's window is the one in flight).
 /// Which row image of a row message a change uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Image {
@@ -1749,6 +1748,7 @@ impl Images {
     }
 }
 
+/// Hands a chunk's rows to the table's copy (the chunk's window is the one in flight).
 fn take_rows(
     tenant: &TenantId,
     table: &QualifiedName,
@@ -1777,8 +1777,7 @@ fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Option<Row
         // Apply, so the key is not worth building. A row arriving without its TOAST values
         // still needs the keyed path (it is re-read).
         match op {
-            RowOp::Upsert { new, update: false }
-                if new.0.iter().any(|d| matches!(d, Datum::UnchangedToast)) => {}
+            RowOp::Upsert { new, update: false } if new.has_unchanged_toast() => {}
             RowOp::Truncate => {}
             _ => return Ok(Some(op)),
         }
@@ -1794,7 +1793,7 @@ fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Option<Row
         RowOp::Upsert { new, update } => {
             let k = key(new)?;
             let copied = table.copy.change(&k) == Verdict::Apply;
-            let toast = new.0.iter().any(|d| matches!(d, Datum::UnchangedToast));
+            let toast = new.has_unchanged_toast();
             if copied && !update && toast {
                 // A row arriving (e.g. from another tenant) without its TOAST value: only a
                 // re-read can supply it.
@@ -1834,6 +1833,7 @@ mod tests {
     use super::*;
     use crate::backfill::chunk::ChunkTable;
     use crate::backfill::{Cursor, KeyKind, KeyValue, TableCopy};
+    use crate::decode::Datum;
     use bytes::Bytes;
 
     fn table(copy: TableCopy) -> moving::TableMove {

@@ -143,6 +143,13 @@ impl Datum {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tuple(pub Vec<Datum>);
 
+impl Tuple {
+    /// Whether some column's value is not in the stream (an unchanged TOASTed value).
+    pub fn has_unchanged_toast(&self) -> bool {
+        self.0.iter().any(|d| matches!(d, Datum::UnchangedToast))
+    }
+}
+
 /// Which old tuple an UPDATE or DELETE carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OldTuple {

@@ -291,9 +291,10 @@ struct Gathered {
     cost: usize,
 }
 
-/// What became of a batch offered to the consumer.
+/// What became of a batch offered to the consumer (with the keepalive that followed it,
+/// to be acted on now that it is handed over).
 enum Offer {
-    Delivered,
+    Delivered(Option<(Lsn, bool)>),
     Waiting(Pending),
     ConsumerGone,
 }
@@ -390,86 +391,84 @@ impl Task {
         let mut pending: Option<Pending> = None;
         let batch_cap = BATCH_BYTES.min(self.settings.replication.max_buffered_bytes);
         loop {
-            // Handle what is already buffered, until a batch has to wait for budget.
-            let mut gathered = Gathered::default();
+            // Handle what is already buffered, batch by batch, until a batch has to wait
+            // for budget. A message that would take a batch past the cap starts the next.
+            let mut carry: Option<(Received, usize)> = None;
             while pending.is_none() {
-                let Some(frame) = conn.buffered_frame()? else {
-                    break;
-                };
-                let Some(msg) = conn.copy_message(frame)? else {
-                    continue;
-                };
-                match msg {
-                    CopyMessage::Keepalive { wal_end, reply } => {
-                        let keepalive = (Lsn(wal_end), reply);
-                        if !gathered.messages.is_empty() {
-                            match self.offer(std::mem::take(&mut gathered), Some(keepalive)) {
-                                Offer::Delivered => {}
-                                Offer::Waiting(p) => {
-                                    pending = Some(p);
-                                    break;
-                                }
-                                Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
+                let mut gathered = Gathered::default();
+                let mut keepalive = None;
+                if let Some((r, cost)) = carry.take() {
+                    gathered.messages.push(r);
+                    gathered.cost = cost;
+                }
+                loop {
+                    let Some(frame) = conn.buffered_frame()? else {
+                        break;
+                    };
+                    let Some(msg) = conn.copy_message(frame)? else {
+                        continue;
+                    };
+                    match msg {
+                        CopyMessage::Keepalive { wal_end, reply } => {
+                            let k = (Lsn(wal_end), reply);
+                            if !gathered.messages.is_empty() {
+                                keepalive = Some(k);
+                                break;
+                            }
+                            if self.on_keepalive(conn, k, &mut last_flush).await? {
+                                last_status = Instant::now();
                             }
                         }
-                        if self.on_keepalive(conn, keepalive, &mut last_flush).await? {
+                        CopyMessage::XLogData {
+                            wal_start,
+                            wal_end,
+                            payload,
+                        } => {
+                            let cost = budget_cost(
+                                payload.len(),
+                                self.settings.replication.max_buffered_bytes,
+                            ) as usize;
+                            let message = self.decoder.decode(payload).map_err(|source| {
+                                SourceError::Decode {
+                                    lsn: Lsn(wal_start),
+                                    source,
+                                }
+                            })?;
+                            let r = Received {
+                                wal_start: Lsn(wal_start),
+                                wal_end: Lsn(wal_end),
+                                message,
+                            };
+                            if !gathered.messages.is_empty() && gathered.cost + cost > batch_cap {
+                                carry = Some((r, cost));
+                                break;
+                            }
+                            gathered.messages.push(r);
+                            gathered.cost += cost;
+                            if gathered.messages.len() >= BATCH_MESSAGES {
+                                break;
+                            }
+                        }
+                    }
+                }
+                if gathered.messages.is_empty() {
+                    break;
+                }
+                match self.offer(gathered, keepalive) {
+                    Offer::Delivered(Some(k)) => {
+                        if self.on_keepalive(conn, k, &mut last_flush).await? {
                             last_status = Instant::now();
                         }
                     }
-                    CopyMessage::XLogData {
-                        wal_start,
-                        wal_end,
-                        payload,
-                    } => {
-                        let cost = budget_cost(
-                            payload.len(),
-                            self.settings.replication.max_buffered_bytes,
-                        ) as usize;
-                        let message =
-                            self.decoder
-                                .decode(payload)
-                                .map_err(|source| SourceError::Decode {
-                                    lsn: Lsn(wal_start),
-                                    source,
-                                })?;
-                        if !gathered.messages.is_empty() && gathered.cost + cost > batch_cap {
-                            match self.offer(std::mem::take(&mut gathered), None) {
-                                Offer::Delivered => {}
-                                Offer::Waiting(p) => pending = Some(p),
-                                Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
-                            }
-                        }
-                        gathered.messages.push(Received {
-                            wal_start: Lsn(wal_start),
-                            wal_end: Lsn(wal_end),
-                            message,
-                        });
-                        gathered.cost += cost;
-                        if pending.is_some() {
-                            // This message waits with the next batch: it is already out of
-                            // the read buffer, so it cannot go back there.
-                            break;
-                        }
-                        if gathered.messages.len() >= BATCH_MESSAGES {
-                            match self.offer(std::mem::take(&mut gathered), None) {
-                                Offer::Delivered => {}
-                                Offer::Waiting(p) => pending = Some(p),
-                                Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
-                            }
-                        }
-                    }
+                    Offer::Delivered(None) => {}
+                    Offer::Waiting(p) => pending = Some(p),
+                    Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
                 }
             }
-            if !gathered.messages.is_empty() {
-                match &mut pending {
-                    // Read after the waiting batch: they wait with it, in order.
-                    Some(p) => p.batch.append(&mut gathered.messages),
-                    None => match self.offer(gathered, None) {
-                        Offer::Delivered => {}
-                        Offer::Waiting(p) => pending = Some(p),
-                        Offer::ConsumerGone => return Ok(PumpEnd::ConsumerGone),
-                    },
-                }
+            if let (Some(p), Some((r, _))) = (pending.as_mut(), carry) {
+                // Already out of the read buffer, so it cannot go back there: it waits
+                // with the batch before it, in order.
+                p.batch.push(r);
             }
 
             let waiting = pending.is_some();
@@ -530,7 +529,7 @@ impl Task {
         match self.budget.clone().try_acquire_many_owned(cost) {
             Ok(permit) => {
                 if self.deliver(gathered.messages, permit) {
-                    Offer::Delivered
+                    Offer::Delivered(keepalive)
                 } else {
                     Offer::ConsumerGone
                 }
