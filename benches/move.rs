@@ -8,7 +8,9 @@
 //! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
 //! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
 //! SWITCHYARD_BENCH_LANES, default 4, its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
-//! default 2000, its `move.batch_max_txns`).
+//! default 2000, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
+//! `switchyard run`, the async runtime's worker threads, which the in-process daemon runs on;
+//! 0: the current thread only).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -95,8 +97,20 @@ fn backlog_sql(txns: u64, rows: u64, round: u32) -> String {
     )
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // The in-process daemon shares this runtime: SWITCHYARD_BENCH_WORKERS sets its threads.
+    let mut runtime = match env_or("SWITCHYARD_BENCH_WORKERS", 1) {
+        0 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n as usize);
+            b
+        }
+    };
+    runtime.enable_all().build()?.block_on(bench())
+}
+
+async fn bench() -> Result<()> {
     // `cargo test --all-targets` runs this too (without `--bench`): then a small smoke run
     // checks that the benchmark still works, and its figures mean nothing.
     let bench = std::env::args().any(|a| a == "--bench");

@@ -96,6 +96,11 @@ enum Command {
         /// If another daemon runs this slot, wait and take over when it stops.
         #[arg(long)]
         standby: bool,
+        /// Threads that run the pipeline. One keeps the most CPU for the PostgreSQL
+        /// processes on a small host (docs/benchmarks.md); more pay only where the daemon
+        /// itself is the bottleneck.
+        #[arg(long, env = "SWITCHYARD_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
     },
     /// Request a tenant move: writes a row into the registry's moves table.
     Move {
@@ -234,10 +239,11 @@ fn main() -> ExitCode {
             "info"
         },
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run { threads, .. } = &cli.command {
+        builder.worker_threads(usize::from(*threads));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -432,6 +438,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             create_slot,
             standby,
+            threads: _,
         } => {
             let shutdown = async {
                 let mut term =

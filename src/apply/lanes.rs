@@ -18,19 +18,22 @@
 //! - Anything not a plain row change of a stable key (COPY chunks, backfill states,
 //!   TRUNCATE, key changes, prepared statements) is a barrier: it runs on lane 0 after every
 //!   lane committed what came before it, and before any lane goes on.
-//! - Every lane's share names every tenant of its segment, even with no work for it, so all
-//!   lanes record the same positions after a segment commits everywhere. Only a crash in
+//! - Every lane's share names every tenant of its segment at the tenant's last position in
+//!   it, even with no work for it, so all lanes record the same positions after a segment
+//!   commits everywhere. Only a crash in
 //!   the middle of a segment leaves them apart, and the lowest one is where a tenant
 //!   resumes.
 //!
 //! Order across lanes is not kept, which is why lanes are used only under
 //! `session_replication_role = replica`, where no trigger or foreign key observes it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::writer::{OwnedRowOp, RowChange, SourceTxn, Work};
 use crate::decode::Datum;
+use crate::lsn::Lsn;
 use crate::sql::QualifiedName;
+use crate::tenant::TenantId;
 
 /// Whether `txn` must run alone on lane 0.
 pub fn is_barrier(txn: &SourceTxn) -> bool {
@@ -129,59 +132,95 @@ pub fn row_lane(change: &RowChange, lanes: usize) -> Option<usize> {
 
 /// Splits a segment over `lanes` lanes. A barrier segment goes whole to lane 0. In a row
 /// segment each change goes to its key's lane, or to its table's lane when `whole_table`
-/// names the table. Every lane's transactions list every tenant of the original, with the
-/// changes that fell to that lane (maybe none).
+/// names the table, inside a copy of its transaction that holds only that lane's changes
+/// (a transaction with none for a lane is left out of that lane's share). Every lane's
+/// share then ends with one empty transaction per tenant of the segment, at that tenant's
+/// last position in it, so every lane records every tenant's position.
 pub fn split(
     segment: Segment,
     lanes: usize,
     whole_table: &HashSet<QualifiedName>,
 ) -> Vec<Vec<SourceTxn>> {
     let lanes = lanes.max(1);
+    if segment.barrier || lanes == 1 {
+        return split_barrier(segment, lanes);
+    }
+    let mut out: Vec<Vec<SourceTxn>> = (0..lanes)
+        .map(|_| Vec::with_capacity(segment.txns.len() / lanes + 1))
+        .collect();
+    // Each tenant's last position in the segment, in the order tenants first appear.
+    let mut last: Vec<(TenantId, Lsn)> = Vec::new();
+    let mut seen: HashMap<TenantId, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut shares: Vec<Option<SourceTxn>> = (0..lanes).map(|_| None).collect();
+    for txn in segment.txns {
+        for (tenant, works) in txn.parts {
+            match seen.get(&tenant) {
+                Some(&at) => last[at].1 = txn.end_lsn,
+                None => {
+                    seen.insert(tenant.clone(), last.len());
+                    last.push((tenant.clone(), txn.end_lsn));
+                }
+            }
+            for w in works {
+                let lane = match &w {
+                    Work::Row(r) if whole_table.contains(r.table()) => table_lane(r.table(), lanes),
+                    Work::Row(r) => row_lane(r, lanes).unwrap_or(0),
+                    // Not in a row segment (see is_barrier); lane 0 keeps it safe anyway.
+                    _ => 0,
+                };
+                let share = shares[lane].get_or_insert_with(|| SourceTxn {
+                    end_lsn: txn.end_lsn,
+                    parts: Vec::with_capacity(1),
+                    states: Vec::new(),
+                });
+                match share.parts.last_mut() {
+                    Some((t, ws)) if *t == tenant => ws.push(w),
+                    _ => share.parts.push((tenant.clone(), vec![w])),
+                }
+            }
+        }
+        for (lane, share) in shares.iter_mut().enumerate() {
+            if let Some(share) = share.take() {
+                out[lane].push(share);
+            }
+        }
+    }
+    // Positions only: a tenant's entry comes after all of its changes on every lane, and
+    // in increasing order, as the lanes' own transactions are.
+    last.sort_by_key(|(_, end)| *end);
+    for (tenant, end) in last {
+        for share in out.iter_mut() {
+            share.push(SourceTxn {
+                end_lsn: end,
+                parts: vec![(tenant.clone(), Vec::new())],
+                states: Vec::new(),
+            });
+        }
+    }
+    out
+}
+
+/// A barrier segment (or a single lane): everything on lane 0; the other lanes get every
+/// transaction with its tenants and no work, so they record the same positions.
+fn split_barrier(segment: Segment, lanes: usize) -> Vec<Vec<SourceTxn>> {
     let mut out: Vec<Vec<SourceTxn>> = (0..lanes)
         .map(|_| Vec::with_capacity(segment.txns.len()))
         .collect();
     for txn in segment.txns {
-        let mut shares: Vec<SourceTxn> = (0..lanes)
-            .map(|_| SourceTxn {
+        for share in out.iter_mut().skip(1) {
+            share.push(SourceTxn {
                 end_lsn: txn.end_lsn,
-                parts: Vec::with_capacity(txn.parts.len()),
-                states: Vec::new(),
-            })
-            .collect();
-        if segment.barrier || lanes == 1 {
-            for share in shares.iter_mut().skip(1) {
-                share.parts = txn
+                parts: txn
                     .parts
                     .iter()
                     .map(|(t, _)| t)
                     .chain(txn.states.iter().map(|(t, _)| t))
                     .map(|t| (t.clone(), Vec::new()))
-                    .collect();
-            }
-            shares[0] = txn;
-        } else {
-            for (tenant, works) in txn.parts {
-                for share in shares.iter_mut() {
-                    share.parts.push((tenant.clone(), Vec::new()));
-                }
-                for w in works {
-                    let lane = match &w {
-                        Work::Row(r) if whole_table.contains(r.table()) => {
-                            table_lane(r.table(), lanes)
-                        }
-                        Work::Row(r) => row_lane(r, lanes).unwrap_or(0),
-                        // Not in a row segment (see is_barrier); lane 0 keeps it safe anyway.
-                        _ => 0,
-                    };
-                    if let Some((_, ws)) = shares[lane].parts.last_mut() {
-                        ws.push(w);
-                    }
-                }
-            }
+                    .collect(),
+                states: Vec::new(),
+            });
         }
-        for (lane, share) in shares.into_iter().enumerate() {
-            out[lane].push(share);
-        }
+        out[0].push(txn);
     }
     out
 }
@@ -348,12 +387,20 @@ mod tests {
         assert_eq!(lanes.len(), 4);
         let mut seen_lane = std::collections::HashMap::new();
         let mut total = 0;
+        let mut carried = 0;
         for (lane, share) in lanes.iter().enumerate() {
-            // Every lane lists every transaction and tenant, so every lane records them.
-            assert_eq!(share.len(), 200);
-            assert!(share.iter().all(|t| t.parts.len() == 1));
+            // Every lane ends with the tenant's last position, so every lane records it.
+            let (marker, changes) = share.split_last().expect("a position entry");
+            assert_eq!(marker.end_lsn, Lsn(200));
+            assert_eq!(marker.parts.len(), 1);
+            assert!(marker.parts[0].1.is_empty());
+            // A transaction reaches only the lanes that have some of its changes.
+            assert!(changes
+                .iter()
+                .all(|t| t.parts.len() == 1 && !t.parts[0].1.is_empty()));
+            carried += changes.len();
             let mut last_end = 0;
-            for t2 in share {
+            for t2 in changes {
                 assert!(t2.end_lsn.0 > last_end, "order kept inside a lane");
                 last_end = t2.end_lsn.0;
                 for w in &t2.parts[0].1 {
@@ -363,6 +410,10 @@ mod tests {
                 }
             }
         }
+        assert_eq!(
+            carried, 200,
+            "each one-change transaction on exactly one lane"
+        );
         assert_eq!(total, original.len(), "nothing lost or duplicated");
         // 37 keys over 4 lanes: more than one lane is used.
         let used: HashSet<usize> = seen_lane.values().copied().collect();
@@ -399,6 +450,48 @@ mod tests {
         let mut h = Fnv::new();
         h.write(b"a");
         assert_eq!(h.0, 0xaf63_dc4c_8601_ec8c, "FNV-1a test vector");
+    }
+
+    #[test]
+    fn every_lane_records_each_tenants_last_position_in_the_segment() {
+        let batch = vec![
+            txn(
+                10,
+                vec![
+                    ("acme", vec![upsert(orders(), "1", "a")]),
+                    ("globex", vec![upsert(orders(), "1", "a"), delete("2")]),
+                ],
+            ),
+            txn(20, vec![("initech", vec![])]),
+            txn(30, vec![("acme", vec![upsert(orders(), "3", "b")])]),
+        ];
+        let lanes = split(
+            Segment {
+                barrier: false,
+                txns: batch,
+            },
+            3,
+            &HashSet::new(),
+        );
+        let mut works = 0;
+        for share in &lanes {
+            let n = share.len();
+            assert!(n >= 3);
+            // Positions last, in increasing order: globex at 10, initech at 20, acme at 30.
+            let marks: Vec<(u64, &str, usize)> = share[n - 3..]
+                .iter()
+                .map(|t2| (t2.end_lsn.0, t2.parts[0].0.as_str(), t2.parts[0].1.len()))
+                .collect();
+            assert_eq!(
+                marks,
+                vec![(10, "globex", 0), (20, "initech", 0), (30, "acme", 0)]
+            );
+            for t2 in &share[..n - 3] {
+                assert!(t2.parts.iter().all(|(_, w)| !w.is_empty()));
+                works += t2.parts.iter().map(|(_, w)| w.len()).sum::<usize>();
+            }
+        }
+        assert_eq!(works, 4, "every change on exactly one lane");
     }
 
     #[test]

@@ -208,7 +208,6 @@ struct Engine {
     relations: RelationCache,
     /// Each known relation's source name, kept so a row change looks its table up without
     /// building a name.
-    relation_names: HashMap<RelationId, QualifiedName>,
     router: Router,
     tenants: BTreeMap<TenantId, Tenant>,
     /// Source tables some moving tenant copies: changes of other tables are not looked at.
@@ -357,7 +356,6 @@ async fn run_daemon(
         control,
         run_id,
         relations: RelationCache::new(),
-        relation_names: HashMap::new(),
         tenants: BTreeMap::new(),
         moved_tables: BTreeSet::new(),
         appliers: BTreeMap::new(),
@@ -922,7 +920,6 @@ impl Engine {
         } else {
             Ok(())
         };
-        self.relation_names.insert(rel.id, name.clone());
         let change = self.relations.apply(rel);
         if !moved {
             return;
@@ -988,10 +985,7 @@ impl Engine {
         // backfill state. What to apply is noted by which row image it uses.
         let mut routed = Vec::new();
         for &id in relation_ids {
-            let rel = self.relations.resolve(id)?;
-            let Some(name) = self.relation_names.get(&id) else {
-                continue;
-            };
+            let (rel, name) = self.relations.resolve_named(id)?;
             if !self.moved_tables.contains(name) {
                 continue;
             }
@@ -1057,10 +1051,12 @@ impl Engine {
         // twice), and the changes join the open transaction.
         images.fill(message);
         for (tenant, shape, plan) in planned {
-            if failures.iter().any(|(f, _)| f == &tenant) {
-                continue;
-            }
-            let Some(t) = self.tenants.get(&tenant) else {
+            let Some(t) = self
+                .tenants
+                .get(&tenant)
+                .filter(|_| !failures.iter().any(|(f, _)| f == &tenant))
+            else {
+                images.forgo(plan);
                 continue;
             };
             let Some(op) = images.take(plan) else {
@@ -1746,6 +1742,21 @@ impl Images {
             Planned::Truncate => OwnedRowOp::Truncate,
         })
     }
+
+    /// Drops a planned change that will not be taken (its tenant failed meanwhile), so the
+    /// last change that does take an image moves it instead of copying it.
+    fn forgo(&mut self, plan: Planned) {
+        let images = match plan {
+            Planned::Upsert { new, .. } => [Some(new), None],
+            Planned::Delete { old } => [Some(old), None],
+            Planned::Rekey { old, new } => [Some(old), Some(new)],
+            Planned::Truncate => [None, None],
+        };
+        for which in images.into_iter().flatten() {
+            let wanted = &mut self.wanted[which as usize];
+            *wanted = wanted.saturating_sub(1);
+        }
+    }
 }
 
 /// Hands a chunk's rows to the table's copy (the chunk's window is the one in flight).
@@ -1969,10 +1980,43 @@ mod tests {
         );
         assert_eq!(
             images.take(again),
-            Some(OwnedRowOp::Upsert { new, update: true })
+            Some(OwnedRowOp::Upsert {
+                new: new.clone(),
+                update: true
+            })
         );
         // Every image is spent: a further change naming one gets none, not an empty row.
         assert_eq!(images.take(leave), None);
+
+        // A planned change that is dropped (its tenant failed) wants nothing any more: the
+        // other change then moves the image instead of copying it.
+        let message = Message::Update(Update {
+            xid: None,
+            relation: RelationId(1),
+            old: None,
+            new: new.clone(),
+        });
+        let (Message::Update(u), mut images) = (&message, Images::default()) else {
+            unreachable!()
+        };
+        let upsert = RowOp::Upsert {
+            new: &u.new,
+            update: true,
+        };
+        let (kept, dropped) = (
+            images.plan(&message, &upsert),
+            images.plan(&message, &upsert),
+        );
+        images.fill(message);
+        images.forgo(dropped);
+        assert_eq!(
+            images.take(kept),
+            Some(OwnedRowOp::Upsert {
+                new: new.clone(),
+                update: true
+            })
+        );
+        assert!(images.new.is_none(), "moved, not copied");
     }
 
     #[test]

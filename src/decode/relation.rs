@@ -21,6 +21,7 @@
 use std::collections::hash_map::{Entry, HashMap};
 
 use super::message::{Column, Datum, Relation, RelationId, Tuple};
+use crate::sql::QualifiedName;
 
 /// Why a row could not be interpreted with the cached relations.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -89,7 +90,16 @@ pub type ColumnValues<'a> =
 
 #[derive(Clone, Debug, Default)]
 pub struct RelationCache {
-    relations: HashMap<RelationId, Relation>,
+    /// Each description with its `schema.table` name, built once per Relation message so
+    /// that routing a row looks the name up with the description and cannot miss it.
+    relations: HashMap<RelationId, (Relation, QualifiedName)>,
+}
+
+fn name_of(rel: &Relation) -> QualifiedName {
+    QualifiedName {
+        schema: rel.namespace.clone(),
+        name: rel.name.clone(),
+    }
 }
 
 impl RelationCache {
@@ -102,16 +112,18 @@ impl RelationCache {
     pub fn apply(&mut self, rel: Relation) -> RelationChange {
         let mut held = match self.relations.entry(rel.id) {
             Entry::Vacant(slot) => {
-                slot.insert(rel);
+                let name = name_of(&rel);
+                slot.insert((rel, name));
                 return RelationChange::New;
             }
             Entry::Occupied(held) => held,
         };
-        let previous = held.get();
+        let previous = &held.get().0;
         let renamed = previous.namespace != rel.namespace || previous.name != rel.name;
         let replica_identity_changed = previous.replica_identity != rel.replica_identity;
         let columns_changed = previous.columns != rel.columns;
-        let previous = held.insert(rel);
+        let name = name_of(&rel);
+        let (previous, _) = held.insert((rel, name));
         if renamed || replica_identity_changed || columns_changed {
             RelationChange::Changed(RelationDiff {
                 previous,
@@ -125,12 +137,23 @@ impl RelationCache {
     }
 
     pub fn get(&self, id: RelationId) -> Option<&Relation> {
-        self.relations.get(&id)
+        self.relations.get(&id).map(|(rel, _)| rel)
     }
 
     /// The description a row message's OID refers to; unknown is an error (see module docs).
     pub fn resolve(&self, id: RelationId) -> Result<&Relation, RelationError> {
-        self.relations.get(&id).ok_or(RelationError::Unknown { id })
+        self.resolve_named(id).map(|(rel, _)| rel)
+    }
+
+    /// As [`RelationCache::resolve`], with the relation's `schema.table` name.
+    pub fn resolve_named(
+        &self,
+        id: RelationId,
+    ) -> Result<(&Relation, &QualifiedName), RelationError> {
+        self.relations
+            .get(&id)
+            .map(|(rel, name)| (rel, name))
+            .ok_or(RelationError::Unknown { id })
     }
 
     /// Pairs each value of `tuple` with its column in relation `id`.
@@ -210,6 +233,27 @@ mod tests {
         assert_eq!(cache.apply(orders()), RelationChange::Unchanged);
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.get(RelationId(16384)).unwrap().name, "orders");
+    }
+
+    #[test]
+    fn the_name_is_looked_up_with_the_description_and_follows_a_rename() {
+        let mut cache = RelationCache::new();
+        assert!(matches!(
+            cache.resolve_named(RelationId(16384)),
+            Err(RelationError::Unknown { .. })
+        ));
+        cache.apply(orders());
+        let (rel, name) = cache.resolve_named(RelationId(16384)).unwrap();
+        assert_eq!(rel.columns.len(), 2);
+        assert_eq!(name, &QualifiedName::new("public", "orders").unwrap());
+        let renamed = Relation {
+            namespace: "sales".into(),
+            name: "orders_2026".into(),
+            ..orders()
+        };
+        assert!(cache.apply(renamed).diff().is_some_and(|d| d.renamed));
+        let (_, name) = cache.resolve_named(RelationId(16384)).unwrap();
+        assert_eq!(name, &QualifiedName::new("sales", "orders_2026").unwrap());
     }
 
     #[test]

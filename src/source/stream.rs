@@ -382,12 +382,14 @@ impl Task {
         let status_interval = self.settings.replication.status_interval;
         let mut ticker = tokio::time::interval(FEEDBACK_TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_status = Instant::now();
+        let mut sent = Sent {
+            flush: Lsn::INVALID,
+            at: Instant::now(),
+        };
         let mut last_heard = Instant::now();
         // A server that stops talking (partitioned, frozen) would otherwise leave us
         // blocked on a read forever: we ping it and give up after this much silence.
         let silence_limit = (status_interval * 10).max(Duration::from_secs(10));
-        let mut last_flush = Lsn::INVALID;
         let mut pending: Option<Pending> = None;
         let batch_cap = BATCH_BYTES.min(self.settings.replication.max_buffered_bytes);
         loop {
@@ -415,9 +417,7 @@ impl Task {
                                 keepalive = Some(k);
                                 break;
                             }
-                            if self.on_keepalive(conn, k, &mut last_flush).await? {
-                                last_status = Instant::now();
-                            }
+                            self.on_keepalive(conn, k, &mut sent).await?;
                         }
                         CopyMessage::XLogData {
                             wal_start,
@@ -456,9 +456,7 @@ impl Task {
                 }
                 match self.offer(gathered, keepalive) {
                     Offer::Delivered(Some(k)) => {
-                        if self.on_keepalive(conn, k, &mut last_flush).await? {
-                            last_status = Instant::now();
-                        }
+                        self.on_keepalive(conn, k, &mut sent).await?;
                     }
                     Offer::Delivered(None) => {}
                     Offer::Waiting(p) => pending = Some(p),
@@ -475,7 +473,7 @@ impl Task {
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => {
-                    self.send_status(conn, &mut last_flush, false).await?;
+                    self.send_status(conn, &mut sent, false).await?;
                     return Ok(PumpEnd::Shutdown);
                 }
                 permit = async { pending.as_mut().expect("guarded by `waiting`").acquire.as_mut().await }, if waiting => {
@@ -487,15 +485,13 @@ impl Task {
                         return Ok(PumpEnd::ConsumerGone);
                     }
                     if let Some(keepalive) = p.keepalive {
-                        if self.on_keepalive(conn, keepalive, &mut last_flush).await? {
-                            last_status = Instant::now();
-                        }
+                        self.on_keepalive(conn, keepalive, &mut sent).await?;
                     }
                 }
                 _ = ticker.tick() => {
                     let durable = self.durable.get();
-                    let moved = self.feedback.peek(durable) != last_flush;
-                    let due = last_status.elapsed() >= status_interval;
+                    let moved = self.feedback.peek(durable) != sent.flush;
+                    let due = sent.at.elapsed() >= status_interval;
                     if !waiting && last_heard.elapsed() > silence_limit {
                         return Err(SourceError::Timeout {
                             what: "waiting for the server on the replication connection".into(),
@@ -509,8 +505,7 @@ impl Task {
                         let ask = due
                             && (self.feedback.caught_up(durable)
                                 || last_heard.elapsed() > status_interval * 3);
-                        self.send_status(conn, &mut last_flush, ask).await?;
-                        last_status = Instant::now();
+                        self.send_status(conn, &mut sent, ask).await?;
                     }
                 }
                 r = conn.fill(), if !waiting => {
@@ -545,18 +540,18 @@ impl Task {
         }
     }
 
-    /// A keepalive, once everything read before it is handed over; true if it was answered.
+    /// A keepalive, once everything read before it is handed over; answered if asked.
     async fn on_keepalive(
         &mut self,
         conn: &mut ReplicationConnection,
         (wal_end, reply): (Lsn, bool),
-        last_flush: &mut Lsn,
-    ) -> Result<bool, SourceError> {
+        sent: &mut Sent,
+    ) -> Result<(), SourceError> {
         self.feedback.on_keepalive(wal_end);
         if reply {
-            self.send_status(conn, last_flush, false).await?;
+            self.send_status(conn, sent, false).await?;
         }
-        Ok(reply)
+        Ok(())
     }
 
     fn deliver(&mut self, batch: Vec<Received>, permit: OwnedSemaphorePermit) -> bool {
@@ -569,13 +564,13 @@ impl Task {
     async fn send_status(
         &mut self,
         conn: &mut ReplicationConnection,
-        last_flush: &mut Lsn,
+        sent: &mut Sent,
         reply: bool,
     ) -> Result<(), SourceError> {
         let flush = self.feedback.flush(self.durable.get());
         let write = self.feedback.received().max(flush);
         let payload = wire::standby_status(write.0, flush.0, flush.0, wire::pg_now_micros(), reply);
-        let advanced = flush != *last_flush && flush.is_valid();
+        let advanced = flush != sent.flush && flush.is_valid();
         if advanced {
             crate::failpoint::hit("feedback.before_send");
         }
@@ -584,9 +579,19 @@ impl Task {
             crate::failpoint::hit("feedback.after_send");
             tracing::debug!(%flush, %write, "confirmed to source");
         }
-        *last_flush = flush;
+        *sent = Sent {
+            flush,
+            at: Instant::now(),
+        };
         Ok(())
     }
+}
+
+/// The last standby status sent: what it confirmed, and when (the next one is due a status
+/// interval later even when nothing moved, so the server never times us out).
+struct Sent {
+    flush: Lsn,
+    at: Instant,
 }
 
 /// Budget permits for a message: its size, at least 1, and at most the whole budget so a

@@ -152,7 +152,10 @@ impl Process {
         if create_slot {
             cmd.arg("--create-slot");
         }
-        cmd.env("SWITCHYARD_LOG", "info");
+        // Info by default, whatever the test runner's environment says; a repro asks for
+        // more with SWITCHYARD_DAEMON_LOG (an EnvFilter, e.g. "info,switchyard::daemon=debug").
+        let level = std::env::var("SWITCHYARD_DAEMON_LOG").unwrap_or_else(|_| "info".into());
+        cmd.env("SWITCHYARD_LOG", level);
         for (k, v) in env {
             cmd.env(k, v);
         }
