@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use support::mover::{load_config, prepare_target, write_config, InProcess};
+use support::mover::{prepare_target, write_config, Process};
 use support::report::{env_or, percentile, summary};
 use support::{wait_for, PgCluster};
 use switchyard::registry::{CutoverMode, Registry};
@@ -213,7 +213,9 @@ async fn main() -> Result<()> {
         ),
     )?;
     let s = src.client().await?;
-    let daemon = InProcess::start(load_config(&path)?, true);
+    // The real binary with its default threads, so the bench's own load and probes do not
+    // share the daemon's runtime.
+    let mut daemon = Process::start(&path, &dir.path().join("daemon.log"), true)?;
     wait_for("the registry", Duration::from_secs(60), || async {
         Ok(s.query_opt(
             "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'routes'",
@@ -307,7 +309,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(phase).await;
     stop.store(true, Ordering::Relaxed);
     let after = collect(tasks).await?;
-    daemon.stop().await?;
+    daemon.terminate()?;
 
     // Fenced windows: [cut_over_at, + pause] per tenant, from the registry (same clock).
     let rows = s

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use support::mover::{load_config, prepare_target, request, wait_state, write_config, InProcess};
+use support::mover::{prepare_target, request, wait_state, write_config, Process};
 use support::report::{env_or, native_subscription, percentile, summary};
 use support::PgCluster;
 use switchyard::registry::Registry;
@@ -182,7 +182,9 @@ async fn main() -> Result<()> {
     let s = src.client().await?;
 
     // 1. switchyard: tenant 1 in sync at the other cluster, then the load.
-    let daemon = InProcess::start(load_config(&path)?, true);
+    // The real binary with its default threads, so the bench's own load and probes do not
+    // share the daemon's runtime.
+    let mut daemon = Process::start(&path, &dir.path().join("daemon.log"), true)?;
     support::mover::registry_ready(&s).await?;
     let registry = Registry::new("switchyard")?;
     let id = request(&s, &registry, "1", "shard2", "t1").await?;
@@ -195,7 +197,7 @@ async fn main() -> Result<()> {
         move || pgbench(port, &script2, tps, clients, secs),
     )
     .await?;
-    daemon.stop().await?;
+    daemon.terminate()?;
 
     // 2. Native: the same tenant by a row-filtered subscription, the daemon stopped.
     dst.create_database("native")?;

@@ -20,9 +20,8 @@
 //!   lane committed what came before it, and before any lane goes on.
 //! - Every lane's share names every tenant of its segment at the tenant's last position in
 //!   it, even with no work for it, so all lanes record the same positions after a segment
-//!   commits everywhere. Only a crash in
-//!   the middle of a segment leaves them apart, and the lowest one is where a tenant
-//!   resumes.
+//!   commits everywhere. Only a crash in the middle of a segment leaves them apart, and the
+//!   lowest one is where a tenant resumes.
 //!
 //! Order across lanes is not kept, which is why lanes are used only under
 //! `session_replication_role = replica`, where no trigger or foreign key observes it.

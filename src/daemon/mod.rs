@@ -662,7 +662,7 @@ impl Engine {
             let mut mv = mv;
             mv.state = MoveState::Provisioning;
             // A move picked up here starts over (new, or resumed after a failure).
-            let _ = self.store.forget_tenant(&mv.tenant);
+            let _ = blocking_write(|| self.store.forget_tenant(&mv.tenant));
             self.setting_up.insert(mv.tenant.clone());
             let config = self.config.clone();
             let tx = self.setup_events.clone();
@@ -762,7 +762,7 @@ impl Engine {
         if tenant.applied.is_valid() {
             batch.applied(&tenant.id, tenant.applied);
         }
-        self.store.commit(batch)?;
+        blocking_write(|| self.store.commit(batch))?;
         crate::failpoint::hit("setup.after_state");
         tracing::info!(tenant = %tenant.id, state = %tenant.state, rows = ?tenant.rows_total, "tenant moving");
         self.tenants.insert(tenant.id.clone(), tenant);
@@ -813,7 +813,7 @@ impl Engine {
             txn.touched.remove(tenant);
         }
         self.released.insert(tenant.clone(), self.last_end);
-        let _ = self.store.forget_tenant(tenant);
+        let _ = blocking_write(|| self.store.forget_tenant(tenant));
         let t = self.tenants.remove(tenant);
         self.refresh_moved_tables();
         t
@@ -1404,7 +1404,7 @@ impl Engine {
                     batch.confirmed(durable);
                 }
                 crate::failpoint::hit("checkpoint.before_commit");
-                self.store.commit(batch)?;
+                blocking_write(|| self.store.commit(batch))?;
                 crate::failpoint::hit("checkpoint.after_commit");
                 if durable.is_valid() {
                     stream.mark_durable(durable);
@@ -1520,7 +1520,7 @@ impl Engine {
             );
             let mut batch = Batch::new();
             batch.tenant_state(&tenant, &record);
-            if let Err(e) = self.store.commit(batch) {
+            if let Err(e) = blocking_write(|| self.store.commit(batch)) {
                 tracing::error!(%tenant, error = %e, "recording the state");
             }
             crate::failpoint::hit("daemon.after_synced");
@@ -1633,6 +1633,18 @@ impl Engine {
             metrics::gauge!(crate::telemetry::SLOT_RETAINED_BYTES).set(row.get::<_, f64>(0));
         }
         Ok(())
+    }
+}
+
+/// Runs a synced checkpoint write (an fsync, usually a millisecond, sometimes a hundred)
+/// without stalling the runtime's other tasks: on a multi-threaded runtime the worker hands
+/// them to another thread meanwhile. With one pipeline thread the replication reader and the
+/// apply lanes would otherwise wait on the disk too. Elsewhere (a current-thread runtime in
+/// tests) it runs in place.
+fn blocking_write<T>(write: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
+        _ => write(),
     }
 }
 
@@ -1919,6 +1931,25 @@ mod tests {
         ]);
         let op = RowOp::Delete { old: &bad };
         assert!(decide(&mut done, op).is_err());
+    }
+
+    #[test]
+    fn a_blocking_write_runs_on_every_kind_of_runtime() {
+        // On a multi-threaded runtime (one worker, as `switchyard run` by default) the
+        // write hands the worker's other tasks away; on a current-thread runtime, where
+        // that would panic, it runs in place.
+        let one = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let spawned = one.block_on(async { tokio::spawn(async { blocking_write(|| 7) }).await });
+        assert_eq!(spawned.unwrap(), 7);
+        assert_eq!(one.block_on(async { blocking_write(|| 8) }), 8);
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(current.block_on(async { blocking_write(|| 9) }), 9);
+        assert_eq!(blocking_write(|| 10), 10, "outside any runtime");
     }
 
     #[test]
