@@ -8,7 +8,7 @@
 //! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
 //! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
 //! SWITCHYARD_BENCH_LANES, default 4, its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
-//! default 2000, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
+//! default 2000, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 2 as in
 //! `switchyard run`, the async runtime's worker threads, which the in-process daemon runs on;
 //! 0: the current thread only).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
@@ -99,7 +99,7 @@ fn backlog_sql(txns: u64, rows: u64, round: u32) -> String {
 
 fn main() -> Result<()> {
     // The in-process daemon shares this runtime: SWITCHYARD_BENCH_WORKERS sets its threads.
-    let mut runtime = match env_or("SWITCHYARD_BENCH_WORKERS", 1) {
+    let mut runtime = match env_or("SWITCHYARD_BENCH_WORKERS", 2) {
         0 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
