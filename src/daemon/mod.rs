@@ -206,8 +206,6 @@ struct Engine {
     control: Client,
     run_id: u64,
     relations: RelationCache,
-    /// Each known relation's source name, kept so a row change looks its table up without
-    /// building a name.
     router: Router,
     tenants: BTreeMap<TenantId, Tenant>,
     /// Source tables some moving tenant copies: changes of other tables are not looked at.
