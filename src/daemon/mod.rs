@@ -908,20 +908,17 @@ impl Engine {
     }
 
     async fn on_relation(&mut self, rel: Relation) {
-        let name = QualifiedName {
-            schema: rel.namespace.clone(),
-            name: rel.name.clone(),
-        };
-        let moved = self.moved_tables.contains(&name);
-        let validated = if moved {
-            self.router.validate(&rel)
-        } else {
-            Ok(())
-        };
+        let id = rel.id;
         let change = self.relations.apply(rel);
-        if !moved {
+        // The cache builds the relation's name; the engine reads it from there.
+        let Ok((rel, name)) = self.relations.resolve_named(id) else {
+            return;
+        };
+        if !self.moved_tables.contains(name) {
             return;
         }
+        let validated = self.router.validate(rel);
+        let name = name.clone();
         let affected: Vec<TenantId> = self
             .tenants
             .values()
@@ -1933,9 +1930,9 @@ mod tests {
 
     #[test]
     fn a_blocking_write_runs_on_every_kind_of_runtime() {
-        // On a multi-threaded runtime (one worker, as `switchyard run` by default) the
-        // write hands the worker's other tasks away; on a current-thread runtime, where
-        // that would panic, it runs in place.
+        // On a multi-threaded runtime (here one worker, as `switchyard run --threads 1`)
+        // the write hands the worker's other tasks away; on a current-thread runtime,
+        // where that would panic, it runs in place.
         let one = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
