@@ -12,8 +12,10 @@
 //! ```
 //!
 //! Invariants:
-//! - Every write is synced (WAL fsync) before it returns: a checkpoint that returned is on
-//!   disk, so a crash can only lose work that was never acknowledged.
+//! - Every write is synced (WAL fsync) before it is acknowledged: a checkpoint that returned
+//!   (or that the [`Writer`] reported) is on disk, so a crash can only lose work that was
+//!   never acknowledged. The writer's unsynced writes are acknowledged only after the synced
+//!   write that follows them.
 //! - Positions only move forward: `s:confirmed` and `applied` writes that would go back are
 //!   ignored, so a late or replayed writer cannot rewind a resume point.
 //! - A [`Batch`] commits atomically: a tenant's cursor and applied position never disagree.
@@ -28,6 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
 use crate::tenant::TenantId;
+
+pub mod writer;
+pub use writer::{SlotGate, Writer, Written};
 
 /// Errors of the checkpoint store.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,12 @@ pub enum CheckpointError {
     Rocks(#[from] rocksdb::Error),
     #[error("state store key {key:?} holds an unreadable value: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error("cannot start the checkpoint writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the checkpoint writer has stopped")]
+    WriterGone,
+    #[error("the checkpoint writer stopped after an earlier failed write: {0}")]
+    Stopped(String),
 }
 
 /// Which slot, on which cluster, this state belongs to. Recorded when the slot is created;
@@ -138,9 +149,9 @@ impl Store {
         &self.path
     }
 
-    fn synced() -> WriteOptions {
+    fn write_options(sync: bool) -> WriteOptions {
         let mut w = WriteOptions::default();
-        w.set_sync(true);
+        w.set_sync(sync);
         w
     }
 
@@ -230,6 +241,12 @@ impl Store {
     /// Applies a batch atomically and durably. LSN raises in the batch are compared with
     /// the stored values here, so positions never go back.
     pub fn commit(&self, batch: Batch) -> Result<(), CheckpointError> {
+        self.commit_with(batch, true)
+    }
+
+    /// [`Store::commit`], synced or not: an unsynced write is atomic and visible at once,
+    /// and durable when a later synced write returns (see [`writer`]).
+    pub(crate) fn commit_with(&self, batch: Batch, sync: bool) -> Result<(), CheckpointError> {
         let mut inner = batch.inner;
         for (key, lsn) in batch.raises {
             let current = self.get_lsn(&key)?.unwrap_or(Lsn::INVALID);
@@ -237,12 +254,20 @@ impl Store {
                 inner.put(&key, lsn.to_be_bytes());
             }
         }
-        self.db.write_opt(inner, &Self::synced())?;
+        self.db.write_opt(inner, &Self::write_options(sync))?;
         Ok(())
     }
 
     /// Removes everything recorded for `tenant` (after cleanup or cancel).
     pub fn forget_tenant(&self, tenant: &TenantId) -> Result<(), CheckpointError> {
+        self.forget_tenant_with(tenant, true)
+    }
+
+    pub(crate) fn forget_tenant_with(
+        &self,
+        tenant: &TenantId,
+        sync: bool,
+    ) -> Result<(), CheckpointError> {
         let prefix = tenant_prefix(tenant);
         let mut batch = WriteBatch::default();
         for item in self
@@ -255,7 +280,7 @@ impl Store {
             }
             batch.delete(&key);
         }
-        self.db.write_opt(batch, &Self::synced())?;
+        self.db.write_opt(batch, &Self::write_options(sync))?;
         Ok(())
     }
 }

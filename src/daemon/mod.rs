@@ -47,7 +47,7 @@ use crate::apply::writer::{OwnedRowOp, RowChange, RowShape};
 use crate::apply::{CopyRows, SourceTxn, Work};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
 use crate::backfill::{BackfillError, ChunkSpec, RekeyPlan, Verdict};
-use crate::checkpoint::{Batch, SlotRecord, Store};
+use crate::checkpoint::{Batch, SlotGate, SlotRecord, Store, Writer, Written};
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::cutover::CutoverMsg;
@@ -201,7 +201,11 @@ struct OpenTxn {
 
 struct Engine {
     config: Config,
-    store: Store,
+    /// Read directly; written only through `checkpoints`.
+    store: Arc<Store>,
+    checkpoints: Writer,
+    /// Keeps the slot behind applied commits whose checkpoint is still being written.
+    gate: SlotGate,
     registry: Registry,
     control: Client,
     run_id: u64,
@@ -309,7 +313,9 @@ async fn run_daemon(
             }
         }
     }
-    let store = Store::open(&config.state_dir)?;
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let (written_tx, mut written_rx) = mpsc::unbounded_channel();
+    let checkpoints = Writer::start(store.clone(), written_tx)?;
     control
         .batch_execute(&format!("LISTEN {}", quote_ident(registry::CHANNEL)))
         .await
@@ -350,6 +356,8 @@ async fn run_daemon(
         pool: reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
         config,
         store,
+        checkpoints,
+        gate: SlotGate::default(),
         registry,
         control,
         run_id,
@@ -378,21 +386,31 @@ async fn run_daemon(
         cutover_tx,
     };
 
-    // Every tenant that was moving resumes before the stream starts, so none of its
-    // changes can pass by unrouted.
-    engine.restore_tenants().await?;
-
     // The daemon assembles whole transactions; the server spills large ones itself.
     let mut stream_repl = repl.clone();
     stream_repl.streaming = false;
-    let mut stream = ReplicationStream::start(StreamSettings {
+    let settings = StreamSettings {
         endpoint: engine.config.source.clone(),
         replication: stream_repl,
         ack: true,
         start: Lsn::INVALID,
-    })
-    .await
-    .map_err(|e| e.for_slot(&repl.slot))?;
+    };
+    // Every tenant that was moving resumes before the first change is read, so none of its
+    // changes can pass by unrouted. The stream starts meanwhile: the server's decoding
+    // warms up (tens of milliseconds, more when the slot's restart point trails) while the
+    // tenants' targets are checked, and what it sends waits in the stream's buffer.
+    let (restored, started) =
+        tokio::join!(engine.restore_tenants(), ReplicationStream::start(settings));
+    let mut stream = match (restored, started) {
+        (Ok(()), Ok(stream)) => stream,
+        (Err(e), started) => {
+            if let Ok(stream) = started {
+                stream.shutdown().await;
+            }
+            return Err(e);
+        }
+        (Ok(()), Err(e)) => return Err(e.for_slot(&repl.slot).into()),
+    };
     let system = stream.system().clone();
     match &recorded {
         Some(r) if r.system_id != system.system_id || r.slot != repl.slot => {
@@ -433,10 +451,11 @@ async fn run_daemon(
             biased;
             _ = &mut shutdown => break Ok(()),
             Some(ev) = apply_rx.recv() => {
-                let r = engine.on_apply(ev, &stream);
+                let r = engine.on_apply(ev);
                 engine.mark_synced().await;
                 r
             }
+            Some(w) = written_rx.recv() => engine.on_written(w),
             Some(ev) = engine.chunk_rx.recv() => { engine.on_chunk(ev); Ok(()) }
             Some(msg) = cutover_rx.recv() => { engine.on_cutover(msg); Ok(()) }
             Some((mv, res)) = setup_rx.recv() => engine.on_setup(mv, res).await,
@@ -491,7 +510,7 @@ async fn run_daemon(
         // Transactions that touched no target are durable as soon as they are read; the
         // confirmed position must follow them too (an idle or filtered stream would
         // otherwise hold WAL until the next applied change).
-        let durable = engine.tracker.durable();
+        let durable = engine.confirmable();
         if durable > stream.durable() {
             stream.mark_durable(durable);
         }
@@ -523,12 +542,24 @@ async fn run_daemon(
         }
     }
     while let Ok(ev) = apply_rx.try_recv() {
-        if let Err(e) = engine.on_apply(ev, &stream) {
+        if let Err(e) = engine.on_apply(ev) {
             tracing::warn!(error = %e, "while stopping");
         }
     }
+    // The last checkpoints land before the last confirmation is sent.
+    engine.checkpoints.close().await;
+    while let Ok(w) = written_rx.try_recv() {
+        if let Err(e) = engine.on_written(w) {
+            tracing::warn!(error = %e, "while stopping");
+        }
+    }
+    let durable = engine.confirmable();
+    if durable > stream.durable() {
+        stream.mark_durable(durable);
+    }
+    let confirmed = stream.durable();
     stream.shutdown().await;
-    tracing::info!(confirmed = %engine.tracker.durable(), "switchyard stopped");
+    tracing::info!(%confirmed, "switchyard stopped");
     result
 }
 
@@ -660,7 +691,7 @@ impl Engine {
             let mut mv = mv;
             mv.state = MoveState::Provisioning;
             // A move picked up here starts over (new, or resumed after a failure).
-            let _ = blocking_write(|| self.store.forget_tenant(&mv.tenant));
+            let _ = self.checkpoints.forget_tenant(&mv.tenant).await;
             self.setting_up.insert(mv.tenant.clone());
             let config = self.config.clone();
             let tx = self.setup_events.clone();
@@ -760,7 +791,7 @@ impl Engine {
         if tenant.applied.is_valid() {
             batch.applied(&tenant.id, tenant.applied);
         }
-        blocking_write(|| self.store.commit(batch))?;
+        self.checkpoints.commit(batch).await?;
         crate::failpoint::hit("setup.after_state");
         tracing::info!(tenant = %tenant.id, state = %tenant.state, rows = ?tenant.rows_total, "tenant moving");
         self.tenants.insert(tenant.id.clone(), tenant);
@@ -811,7 +842,9 @@ impl Engine {
             txn.touched.remove(tenant);
         }
         self.released.insert(tenant.clone(), self.last_end);
-        let _ = blocking_write(|| self.store.forget_tenant(tenant));
+        // Queued behind the tenant's earlier checkpoints; a crash before it lands leaves
+        // a record the registry's state (not consuming the stream) makes restore skip.
+        let _ = self.checkpoints.forget_tenant_later(tenant);
         let t = self.tenants.remove(tenant);
         self.refresh_moved_tables();
         t
@@ -1368,7 +1401,25 @@ impl Engine {
         Ok(())
     }
 
-    fn on_apply(&mut self, ev: ApplyEvent, stream: &ReplicationStream) -> Result<(), Error> {
+    /// A report of the checkpoint writer.
+    fn on_written(&mut self, written: Written) -> Result<(), Error> {
+        match written {
+            Written::Durable(lsn) => {
+                self.gate.written(lsn);
+                Ok(())
+            }
+            Written::Failed(e) => Err(e.into()),
+        }
+    }
+
+    /// How far the slot may be confirmed: what the tracker holds durable downstream, held
+    /// back while an applied commit's checkpoint is still being written, so RocksDB's
+    /// record never trails the slot past an applied commit.
+    fn confirmable(&self) -> Lsn {
+        self.gate.confirmable(self.tracker.durable())
+    }
+
+    fn on_apply(&mut self, ev: ApplyEvent) -> Result<(), Error> {
         match ev {
             ApplyEvent::Committed {
                 target,
@@ -1397,13 +1448,12 @@ impl Engine {
                 let durable = self.tracker.durable();
                 if durable.is_valid() {
                     batch.confirmed(durable);
+                    self.gate.queued(durable);
                 }
-                crate::failpoint::hit("checkpoint.before_commit");
-                blocking_write(|| self.store.commit(batch))?;
-                crate::failpoint::hit("checkpoint.after_commit");
-                if durable.is_valid() {
-                    stream.mark_durable(durable);
-                }
+                // The slot follows when the writer reports the batch on disk (`on_written`);
+                // routing goes on meanwhile.
+                self.checkpoints
+                    .commit_later(batch, durable.is_valid().then_some(durable))?;
                 Ok(())
             }
             ApplyEvent::TenantFailed { tenant, error } => {
@@ -1515,7 +1565,7 @@ impl Engine {
             );
             let mut batch = Batch::new();
             batch.tenant_state(&tenant, &record);
-            if let Err(e) = blocking_write(|| self.store.commit(batch)) {
+            if let Err(e) = self.checkpoints.commit(batch).await {
                 tracing::error!(%tenant, error = %e, "recording the state");
             }
             crate::failpoint::hit("daemon.after_synced");
@@ -1628,18 +1678,6 @@ impl Engine {
             metrics::gauge!(crate::telemetry::SLOT_RETAINED_BYTES).set(row.get::<_, f64>(0));
         }
         Ok(())
-    }
-}
-
-/// Runs a synced checkpoint write (an fsync, usually a millisecond, sometimes a hundred)
-/// without stalling the runtime's other tasks: on a multi-threaded runtime the worker hands
-/// them to another thread meanwhile. With one pipeline thread the replication reader and the
-/// apply lanes would otherwise wait on the disk too. Elsewhere (a current-thread runtime in
-/// tests) it runs in place.
-fn blocking_write<T>(write: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
-        _ => write(),
     }
 }
 
@@ -1926,25 +1964,6 @@ mod tests {
         ]);
         let op = RowOp::Delete { old: &bad };
         assert!(decide(&mut done, op).is_err());
-    }
-
-    #[test]
-    fn a_blocking_write_runs_on_every_kind_of_runtime() {
-        // On a multi-threaded runtime (here one worker, as `switchyard run --threads 1`)
-        // the write hands the worker's other tasks away; on a current-thread runtime,
-        // where that would panic, it runs in place.
-        let one = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        let spawned = one.block_on(async { tokio::spawn(async { blocking_write(|| 7) }).await });
-        assert_eq!(spawned.unwrap(), 7);
-        assert_eq!(one.block_on(async { blocking_write(|| 8) }), 8);
-        let current = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        assert_eq!(current.block_on(async { blocking_write(|| 9) }), 9);
-        assert_eq!(blocking_write(|| 10), 10, "outside any runtime");
     }
 
     #[test]
