@@ -332,6 +332,15 @@ async fn a_cutover_that_cannot_take_the_fence_in_time_aborts_and_retries() -> Re
     // Once the long transaction ends, a later attempt gets the fence and cuts over.
     long.batch_execute("COMMIT").await?;
     wait_state(&s, id, "cut_over", Duration::from_secs(60)).await?;
+    // The attempt is recorded after the flip commits (the state says cut_over first).
+    wait_for_row(
+        &s,
+        "the successful attempt's record",
+        Duration::from_secs(10),
+        "SELECT 1 FROM switchyard.cutover_attempts WHERE move_id = $1 AND result = 'cut_over'",
+        &[&id],
+    )
+    .await?;
     let attempts = registry.attempts(&s, id).await?;
     assert!(attempts.len() >= 2, "{attempts:?}");
     assert_eq!(attempts.last().map(|a| a.result.as_str()), Some("cut_over"));
