@@ -5,7 +5,7 @@
 //! - Jobs are written in the order they were sent, each [`Batch`] atomically. A job that
 //!   waits for its reply ([`Writer::commit`], [`Writer::forget_tenant`]) therefore also
 //!   finds every earlier job written.
-//! - A position is reported durable ([`Durable`]) only after the synced write that holds it
+//! - A position is reported durable ([`Written::Durable`]) only after the synced write that holds it
 //!   returned: the slot is confirmed from these reports, never from what was merely sent.
 //! - Group commit: the jobs queued while one fsync runs are written together, all but the
 //!   last without sync and the last with it. RocksDB's synced write syncs the WAL up to and
@@ -81,8 +81,10 @@ enum Job {
     },
 }
 
-/// Handle to the writer thread. Dropping it lets the thread finish the queued jobs and exit;
-/// [`Writer::close`] also waits for that.
+/// Handle to the writer thread. [`Writer::close`] lets the thread finish the queued jobs and
+/// waits for it off the runtime's threads; dropping the handle does the same in place, so
+/// the store (and RocksDB's lock on the state directory) is released when the daemon
+/// returns, whichever way it returns.
 pub struct Writer {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
@@ -164,8 +166,12 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Closing the queue is enough: the thread drains it and exits on its own.
         self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            // At most the queued writes remain; the thread needs nothing from the runtime
+            // (its reports go to an unbounded channel), so waiting here cannot deadlock.
+            let _ = t.join();
+        }
     }
 }
 
@@ -385,6 +391,16 @@ mod tests {
             lsn(12),
             "positions only go forward"
         );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_writer_writes_what_was_queued_and_releases_the_state_directory() {
+        let (dir, store, writer, _reports) = start();
+        writer.commit_later(applied(&t("acme"), 10), None).unwrap();
+        drop(writer);
+        drop(store);
+        let reopened = Store::open(dir.path()).expect("the lock is free once the writer is gone");
+        assert_eq!(reopened.applied(&t("acme")).unwrap(), lsn(10));
     }
 
     #[tokio::test]
