@@ -175,8 +175,7 @@ impl Store {
 
     pub fn record_slot(&self, record: &SlotRecord) -> Result<(), CheckpointError> {
         let mut batch = Batch::new();
-        batch.inner.put(SLOT_META, encode_json(record));
-        batch.raise_lsn(SLOT_CONFIRMED.to_vec(), record.created_lsn);
+        batch.slot(record);
         self.commit(batch)
     }
 
@@ -287,9 +286,9 @@ impl Store {
 
 /// Several checkpoint writes that land together or not at all.
 ///
-/// Not safe against concurrent committers raising the same LSN key: the store has one
-/// writer task per key (the pipeline's checkpoint task), which is what makes the read of
-/// the current value in [`Store::commit`] sufficient.
+/// Not safe against concurrent committers raising the same LSN key: the daemon writes only
+/// through the checkpoint [`Writer`]'s thread, which is what makes the read of the current
+/// value in [`Store::commit`] sufficient.
 #[derive(Default)]
 pub struct Batch {
     inner: WriteBatch,
@@ -306,6 +305,14 @@ impl Batch {
             Some((_, l)) => *l = (*l).max(lsn),
             None => self.raises.push((key, lsn)),
         }
+    }
+
+    /// Which slot this state belongs to, recorded when the slot is created; its creation
+    /// point is the first confirmed position.
+    pub fn slot(&mut self, record: &SlotRecord) -> &mut Self {
+        self.inner.put(SLOT_META, encode_json(record));
+        self.raise_lsn(SLOT_CONFIRMED.to_vec(), record.created_lsn);
+        self
     }
 
     pub fn confirmed(&mut self, lsn: Lsn) -> &mut Self {

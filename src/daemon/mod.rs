@@ -426,12 +426,14 @@ async fn run_daemon(
         Some(_) => {}
         None => {
             crate::failpoint::hit("source.after_slot_created");
-            engine.store.record_slot(&SlotRecord {
+            let mut batch = Batch::new();
+            batch.slot(&SlotRecord {
                 slot: repl.slot.clone(),
                 system_id: system.system_id.clone(),
                 database: system.dbname.clone().unwrap_or_default(),
                 created_lsn: slot.confirmed_flush.unwrap_or(Lsn::INVALID),
-            })?;
+            });
+            engine.checkpoints.commit(batch).await?;
         }
     }
     tracing::info!(
