@@ -97,8 +97,8 @@ enum Command {
         #[arg(long)]
         standby: bool,
         /// Threads that run the pipeline. One spends ~30 % less CPU and applies a backlog
-        /// faster on a 2-core host, but an in-sync tenant's lag then shows rare stalls of
-        /// 0.1-0.4 s not yet explained (docs/configuration.md).
+        /// faster on a 2-core host; it showed rare lag stalls of 0.1-0.4 s before checkpoints
+        /// got their own writer thread, none since in too few runs (docs/configuration.md).
         #[arg(long, env = "SWITCHYARD_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
     },

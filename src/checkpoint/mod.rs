@@ -173,12 +173,6 @@ impl Store {
         self.get_json(SLOT_META)
     }
 
-    pub fn record_slot(&self, record: &SlotRecord) -> Result<(), CheckpointError> {
-        let mut batch = Batch::new();
-        batch.slot(record);
-        self.commit(batch)
-    }
-
     /// The last position confirmed to the source (0/0 before the first).
     pub fn confirmed(&self) -> Result<Lsn, CheckpointError> {
         Ok(self.get_lsn(SLOT_CONFIRMED)?.unwrap_or(Lsn::INVALID))
@@ -237,15 +231,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies a batch atomically and durably. LSN raises in the batch are compared with
-    /// the stored values here, so positions never go back.
-    pub fn commit(&self, batch: Batch) -> Result<(), CheckpointError> {
-        self.commit_with(batch, true)
-    }
-
-    /// [`Store::commit`], synced or not: an unsynced write is atomic and visible at once,
-    /// and durable when a later synced write returns (see [`writer`]).
-    pub(crate) fn commit_with(&self, batch: Batch, sync: bool) -> Result<(), CheckpointError> {
+    /// Applies a batch atomically; with `sync`, durably. LSN raises in the batch are compared
+    /// with the stored values here, so positions never go back. An unsynced write is
+    /// visible at once and durable when a later synced write returns (see [`writer`]).
+    pub(crate) fn commit(&self, batch: Batch, sync: bool) -> Result<(), CheckpointError> {
         let mut inner = batch.inner;
         for (key, lsn) in batch.raises {
             let current = self.get_lsn(&key)?.unwrap_or(Lsn::INVALID);
@@ -257,12 +246,9 @@ impl Store {
         Ok(())
     }
 
-    /// Removes everything recorded for `tenant` (after cleanup or cancel).
-    pub fn forget_tenant(&self, tenant: &TenantId) -> Result<(), CheckpointError> {
-        self.forget_tenant_with(tenant, true)
-    }
-
-    pub(crate) fn forget_tenant_with(
+    /// Removes everything recorded for `tenant` (after cleanup or cancel); with `sync`,
+    /// durably.
+    pub(crate) fn forget_tenant(
         &self,
         tenant: &TenantId,
         sync: bool,
@@ -370,7 +356,9 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             assert!(s.slot().unwrap().is_none());
             assert_eq!(s.confirmed().unwrap(), Lsn::INVALID);
-            s.record_slot(&slot).unwrap();
+            let mut b = Batch::new();
+            b.slot(&slot);
+            s.commit(b, true).unwrap();
             let mut b = Batch::new();
             b.tenant_state(
                 &t("acme"),
@@ -381,7 +369,7 @@ mod tests {
             .cursor(&t("acme"), "public.orders", &vec![42i64])
             .applied(&t("acme"), Lsn(0x2000))
             .confirmed(Lsn(0x1800));
-            s.commit(b).unwrap();
+            s.commit(b, true).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.slot().unwrap(), Some(slot));
@@ -405,12 +393,12 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let mut b = Batch::new();
         b.confirmed(Lsn(500)).applied(&t("a"), Lsn(700));
-        s.commit(b).unwrap();
+        s.commit(b, true).unwrap();
         let mut b = Batch::new();
         b.confirmed(Lsn(400))
             .applied(&t("a"), Lsn(600))
             .confirmed(Lsn(450));
-        s.commit(b).unwrap();
+        s.commit(b, true).unwrap();
         assert_eq!(s.confirmed().unwrap(), Lsn(500));
         assert_eq!(s.applied(&t("a")).unwrap(), Lsn(700));
     }
@@ -425,7 +413,7 @@ mod tests {
             b.tenant_state(&t(id), &State::Streaming)
                 .cursor(&t(id), "public.t", &1)
                 .applied(&t(id), Lsn(9));
-            s.commit(b).unwrap();
+            s.commit(b, true).unwrap();
         }
         let ids: Vec<String> = s
             .tenants::<State>()
@@ -434,7 +422,7 @@ mod tests {
             .map(|(id, _)| id.to_string())
             .collect();
         assert_eq!(ids, ["a", "ab", "weird'\"name"]);
-        s.forget_tenant(&t("a")).unwrap();
+        s.forget_tenant(&t("a"), true).unwrap();
         assert!(s.tenant_state::<State>(&t("a")).unwrap().is_none());
         assert_eq!(s.applied(&t("a")).unwrap(), Lsn::INVALID);
         assert_eq!(

@@ -203,9 +203,9 @@ fn run(store: &Store, rx: &mpsc::Receiver<Job>, reports: &async_mpsc::UnboundedS
                         crate::failpoint::hit("checkpoint.before_commit");
                         durable = durable.max(d);
                     }
-                    (store.commit_with(batch, sync), reply)
+                    (store.commit(batch, sync), reply)
                 }
-                Job::Forget { tenant, reply } => (store.forget_tenant_with(&tenant, sync), reply),
+                Job::Forget { tenant, reply } => (store.forget_tenant(&tenant, sync), reply),
             };
             replies.push(reply);
             if let Err(e) = result {

@@ -512,10 +512,7 @@ async fn run_daemon(
         // Transactions that touched no target are durable as soon as they are read; the
         // confirmed position must follow them too (an idle or filtered stream would
         // otherwise hold WAL until the next applied change).
-        let durable = engine.confirmable();
-        if durable > stream.durable() {
-            stream.mark_durable(durable);
-        }
+        engine.confirm(&stream);
         engine.schedule_chunks();
     };
 
@@ -555,10 +552,7 @@ async fn run_daemon(
             tracing::warn!(error = %e, "while stopping");
         }
     }
-    let durable = engine.confirmable();
-    if durable > stream.durable() {
-        stream.mark_durable(durable);
-    }
+    engine.confirm(&stream);
     let confirmed = stream.durable();
     stream.shutdown().await;
     tracing::info!(%confirmed, "switchyard stopped");
@@ -1414,11 +1408,14 @@ impl Engine {
         }
     }
 
-    /// How far the slot may be confirmed: what the tracker holds durable downstream, held
-    /// back while an applied commit's checkpoint is still being written, so RocksDB's
-    /// record never trails the slot past an applied commit.
-    fn confirmable(&self) -> Lsn {
-        self.gate.confirmable(self.tracker.durable())
+    /// Hands the stream what may be confirmed now, if that moved: what the tracker holds
+    /// durable downstream, held back while an applied commit's checkpoint is still being
+    /// written, so RocksDB's record never trails the slot past an applied commit.
+    fn confirm(&self, stream: &ReplicationStream) {
+        let durable = self.gate.confirmable(self.tracker.durable());
+        if durable > stream.durable() {
+            stream.mark_durable(durable);
+        }
     }
 
     fn on_apply(&mut self, ev: ApplyEvent) -> Result<(), Error> {
