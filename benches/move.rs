@@ -7,8 +7,9 @@
 //! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions;
 //! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
 //! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
-//! SWITCHYARD_BENCH_LANES, default 4, its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
-//! default 2000, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 2 as in
+//! SWITCHYARD_BENCH_LANES, default this host's cores up to 4 (the target's
+//! free cores, as docs/configuration.md advises), its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
+//! default 2000, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
 //! `switchyard run`, the async runtime's worker threads, which the in-process daemon runs on;
 //! 0: the current thread only).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
@@ -99,7 +100,7 @@ fn backlog_sql(txns: u64, rows: u64, round: u32) -> String {
 
 fn main() -> Result<()> {
     // The in-process daemon shares this runtime: SWITCHYARD_BENCH_WORKERS sets its threads.
-    let mut runtime = match env_or("SWITCHYARD_BENCH_WORKERS", 2) {
+    let mut runtime = match env_or("SWITCHYARD_BENCH_WORKERS", 1) {
         0 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -168,7 +169,10 @@ async fn bench() -> Result<()> {
     let mut sy_cpu3 = Vec::new();
     let dir = tempfile::tempdir()?;
     let chunk_rows = env_or("SWITCHYARD_BENCH_CHUNK", 20_000);
-    let lanes = env_or("SWITCHYARD_BENCH_LANES", 4);
+    // Sized as docs/configuration.md advises: the target's free cores, which here are this
+    // host's, shared with the source and the daemon (at most the product's default of 4).
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u64);
+    let lanes = env_or("SWITCHYARD_BENCH_LANES", cores.min(4));
     let batch = env_or("SWITCHYARD_BENCH_BATCH", 2_000);
     let path = write_config(
         dir.path(),
@@ -366,7 +370,10 @@ async fn bench() -> Result<()> {
             .join(", ")
     };
     let total_changes = txns * 3;
-    println!("\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds)\n");
+    println!(
+        "\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds; switchyard: {lanes} apply lanes, {} pipeline threads)\n",
+        env_or("SWITCHYARD_BENCH_WORKERS", 1)
+    );
     println!("| pipeline | median s | rows/s | rounds (s) |");
     println!("|---|---|---|---|");
     for (name, v) in [

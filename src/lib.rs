@@ -29,3 +29,10 @@ pub mod tail;
 pub mod telemetry;
 pub mod tenant;
 pub mod verify;
+
+/// mimalloc instead of glibc's malloc: the daemon's data path makes and frees many small
+/// objects per change (decoded rows, fold entries, statement arrays), and glibc's
+/// allocator was ~27 % of its instructions (docs/benchmarks.md, "2026-11-28, afternoon").
+/// Set here so that the binary, the tests and the benches measure the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -96,10 +96,10 @@ enum Command {
         /// If another daemon runs this slot, wait and take over when it stops.
         #[arg(long)]
         standby: bool,
-        /// Threads that run the pipeline. One spends ~30 % less CPU and applies a backlog
-        /// faster on a 2-core host; it showed rare lag stalls of 0.1-0.4 s before checkpoints
-        /// got their own writer thread, none since in too few runs (docs/configuration.md).
-        #[arg(long, env = "SWITCHYARD_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+        /// Threads that run the pipeline. One spends ~30 % less CPU than two on a small host
+        /// that also runs PostgreSQL, with the same lag tail; more pay only where the daemon
+        /// itself is the bottleneck on a host with idle cores (docs/configuration.md).
+        #[arg(long, env = "SWITCHYARD_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
     },
     /// Request a tenant move: writes a row into the registry's moves table.
