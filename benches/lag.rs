@@ -9,7 +9,8 @@
 //!
 //! Run: `cargo bench --bench lag` (SWITCHYARD_BENCH_TPS, default 500, the offered pgbench
 //! rate over SWITCHYARD_BENCH_CLIENTS, default 8, connections; SWITCHYARD_BENCH_SECS,
-//! default 30, per pipeline; 50 tenants of 2000 accounts). Prints Markdown.
+//! default 30, per pipeline; 50 tenants of 2000 accounts; SWITCHYARD_BENCH_CONFIG, extra
+//! TOML appended to the daemon's configuration). Prints Markdown.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -178,7 +179,9 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("tpcb.sql");
     std::fs::write(&script, SCRIPT)?;
-    let path = write_config(dir.path(), &src, Some(&dst), "")?;
+    // Extra TOML for the daemon's configuration, to measure a setting's effect on the lag.
+    let extra = std::env::var("SWITCHYARD_BENCH_CONFIG").unwrap_or_default();
+    let path = write_config(dir.path(), &src, Some(&dst), &extra)?;
     let s = src.client().await?;
 
     // 1. switchyard: tenant 1 in sync at the other cluster, then the load.

@@ -9,7 +9,7 @@
 //! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
 //! SWITCHYARD_BENCH_LANES, default this host's cores up to 4 (the target's
 //! free cores, as docs/configuration.md advises), its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
-//! default 2000, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
+//! default 5000 as in the product, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
 //! `switchyard run`, the async runtime's worker threads, which the in-process daemon runs on;
 //! 0: the current thread only).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
@@ -173,7 +173,7 @@ async fn bench() -> Result<()> {
     // host's, shared with the source and the daemon (at most the product's default of 4).
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u64);
     let lanes = env_or("SWITCHYARD_BENCH_LANES", cores.min(4));
-    let batch = env_or("SWITCHYARD_BENCH_BATCH", 2_000);
+    let batch = env_or("SWITCHYARD_BENCH_BATCH", 5_000);
     let path = write_config(
         dir.path(),
         &src,

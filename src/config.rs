@@ -288,7 +288,7 @@ impl Default for MoveSettings {
             chunk_rows: 5_000,
             backfill_workers: 4,
             backfill_rows_per_sec: 0,
-            batch_max_txns: 2_000,
+            batch_max_txns: 5_000,
             batch_max_bytes: 32 << 20,
             apply_lanes: 4,
             max_inflight_txns: 20_000,
