@@ -24,6 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use support::mover::{load_config, prepare_target, request, wait_state, write_config, InProcess};
 use support::report::{env_or, native_subscription};
 use support::{wait_for, PgCluster};
+use switchyard::config::MoveSettings;
 use switchyard::registry::Registry;
 
 /// CPU seconds (user + system) this process used so far: the daemon runs in-process, so a
@@ -100,7 +101,8 @@ fn backlog_sql(txns: u64, rows: u64, round: u32) -> String {
 
 fn main() -> Result<()> {
     // The in-process daemon shares this runtime: SWITCHYARD_BENCH_WORKERS sets its threads.
-    let mut runtime = match env_or("SWITCHYARD_BENCH_WORKERS", 1) {
+    let workers = env_or("SWITCHYARD_BENCH_WORKERS", 1);
+    let mut runtime = match workers {
         0 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -108,10 +110,11 @@ fn main() -> Result<()> {
             b
         }
     };
-    runtime.enable_all().build()?.block_on(bench())
+    runtime.enable_all().build()?.block_on(bench(workers))
 }
 
-async fn bench() -> Result<()> {
+/// `workers`: the runtime's worker threads, as `main` built it (0: the current thread).
+async fn bench(workers: u64) -> Result<()> {
     // `cargo test --all-targets` runs this too (without `--bench`): then a small smoke run
     // checks that the benchmark still works, and its figures mean nothing.
     let bench = std::env::args().any(|a| a == "--bench");
@@ -171,9 +174,11 @@ async fn bench() -> Result<()> {
     let chunk_rows = env_or("SWITCHYARD_BENCH_CHUNK", 20_000);
     // Sized as docs/configuration.md advises: the target's free cores, which here are this
     // host's, shared with the source and the daemon (at most the product's default of 4).
-    let cores = std::thread::available_parallelism().map_or(4, |n| n.get() as u64);
-    let lanes = env_or("SWITCHYARD_BENCH_LANES", cores.min(4));
-    let batch = env_or("SWITCHYARD_BENCH_BATCH", 5_000);
+    let product = MoveSettings::default();
+    let most = product.apply_lanes as u64;
+    let cores = std::thread::available_parallelism().map_or(most, |n| n.get() as u64);
+    let lanes = env_or("SWITCHYARD_BENCH_LANES", cores.min(most));
+    let batch = env_or("SWITCHYARD_BENCH_BATCH", product.batch_max_txns as u64);
     let path = write_config(
         dir.path(),
         &src,
@@ -371,8 +376,7 @@ async fn bench() -> Result<()> {
     };
     let total_changes = txns * 3;
     println!(
-        "\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds; switchyard: {lanes} apply lanes, {} pipeline threads)\n",
-        env_or("SWITCHYARD_BENCH_WORKERS", 1)
+        "\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds; switchyard: {lanes} apply lanes, {workers} pipeline threads)\n"
     );
     println!("| pipeline | median s | rows/s | rounds (s) |");
     println!("|---|---|---|---|");
