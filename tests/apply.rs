@@ -264,6 +264,12 @@ fn row_insert(table: &TargetTable, tenant: &str, id: i32, note: &str) -> Result<
     )?)
 }
 
+async fn count_rows(c: &tokio_postgres::Client, table: &str) -> Result<i64> {
+    Ok(c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts() -> Result<()> {
     let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
@@ -314,10 +320,7 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
         vec![(acme.clone(), vec![row_insert(&table, "7", 3, "d")?])],
     ));
     assert_eq!(w.commit(&replay).await?, Lsn(300));
-    let count: i64 = d
-        .query_one("SELECT count(*) FROM acme.orders", &[])
-        .await?
-        .get(0);
+    let count = count_rows(&d, "acme.orders").await?;
     assert_eq!(count, 4);
     assert_eq!(w.applied(&acme), Lsn(300));
     assert_eq!(w.applied(&globex), Lsn(200), "globex had nothing after 200");
@@ -335,14 +338,42 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
     ];
     let err = w.commit(&bad).await.unwrap_err();
     assert!(err.to_string().contains("orders_pkey"), "{err}");
-    let count: i64 = d
-        .query_one("SELECT count(*) FROM acme.orders", &[])
-        .await?
-        .get(0);
+    let count = count_rows(&d, "acme.orders").await?;
     assert_eq!(count, 4, "a failed batch left rows behind");
     assert_eq!(w.applied(&acme), Lsn(300));
     let stored = w.load_applied().await?;
     assert_eq!(stored.get(&acme), Some(&Lsn(300)));
+
+    // The positions are recorded in one statement sent together with the COMMIT. When that
+    // record fails, the server turns the COMMIT into a rollback: the batch is gone whole,
+    // and the connection is left outside any transaction for the next batch.
+    d.batch_execute("ALTER TABLE switchyard.applied ADD CONSTRAINT refuse_9 CHECK (tenant <> '9')")
+        .await?;
+    let initech = TenantId::new("9")?;
+    let refused = vec![txn(
+        600,
+        vec![
+            (acme.clone(), vec![row_insert(&table, "7", 5, "f")?]),
+            (initech.clone(), vec![row_insert(&table, "9", 1, "g")?]),
+        ],
+    )];
+    let err = w.commit(&refused).await.unwrap_err();
+    assert!(err.to_string().contains("refuse_9"), "{err}");
+    let count = count_rows(&d, "acme.orders").await?;
+    assert_eq!(
+        count, 4,
+        "a batch whose position was refused left rows behind"
+    );
+    assert_eq!(w.applied(&acme), Lsn(300));
+    d.batch_execute("ALTER TABLE switchyard.applied DROP CONSTRAINT refuse_9")
+        .await?;
+    assert_eq!(w.commit(&refused).await?, Lsn(600));
+    let count = count_rows(&d, "acme.orders").await?;
+    assert_eq!(count, 6);
+    let stored = w.load_applied().await?;
+    assert_eq!(stored.get(&acme), Some(&Lsn(600)));
+    assert_eq!(stored.get(&initech), Some(&Lsn(600)));
+    assert_eq!(stored.get(&globex), Some(&Lsn(200)));
     Ok(())
 }
 

@@ -281,12 +281,10 @@ impl BinaryRowSplitter {
     }
 }
 
-/// Runs one COPY inside `tx` for `parts`, which are rows for the same table, columns and
-/// format (consecutive chunks are sent as one statement).
-pub async fn copy(
-    tx: &tokio_postgres::Transaction<'_>,
-    parts: &[&CopyRows],
-) -> Result<(), ApplyError> {
+/// Runs one COPY on `tx`, inside the transaction the caller opened, for `parts`, which are
+/// rows for the same table, columns and format (consecutive chunks are sent as one
+/// statement).
+pub async fn copy(tx: &tokio_postgres::Client, parts: &[&CopyRows]) -> Result<(), ApplyError> {
     let Some(first) = parts.first() else {
         return Ok(());
     };

@@ -5,7 +5,7 @@
 //!   [txn end=100: acme ops] [txn end=120: acme, globex ops] ... ──► BEGIN
 //!        skip parts with end <= applied[tenant]                      statements…
 //!                                                                    upsert switchyard.applied
-//!                                                                    COMMIT ──► applied[tenant] = max end
+//!                                                                      + COMMIT ──► applied[tenant] = max end
 //! ```
 //!
 //! Invariants:
@@ -17,10 +17,17 @@
 //!   transactions. Across tables the order may differ only under the replica role (folding
 //!   and merging consecutive copies of a table are used only then), where no trigger or
 //!   foreign key observes it.
-//! - A failed batch rolls back entirely and leaves the in-memory positions untouched.
+//! - A failed batch rolls back entirely and leaves the in-memory positions untouched, and
+//!   the connection outside any transaction (no lane idles holding row locks).
+//! - The target answers a batch in two round trips however many tenants it holds: BEGIN
+//!   travels with the statements, every tenant's position is one statement sent with the
+//!   COMMIT. Neither changes the rule above: a failed statement or record turns the COMMIT
+//!   into a rollback, and rows found wrong (a count check) are refused before it is sent.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio_postgres::Client;
 
@@ -297,6 +304,8 @@ pub struct TargetWriter {
     failed_tenant: Option<TenantId>,
     /// Prepared statements of this connection, by SQL text (row statements repeat).
     prepared: HashMap<String, tokio_postgres::Statement>,
+    /// A transaction is open on the connection (BEGIN sent, no COMMIT or ROLLBACK yet).
+    open: bool,
     /// Fold row changes into set-based statements (only under the replica role, where no
     /// foreign-key trigger sees the order between keys).
     compact: bool,
@@ -379,7 +388,7 @@ impl Pending<'_> {
 /// The server still runs them one after the other; the first failure (in order) is the one
 /// reported, with its tenant.
 async fn pipeline<'a>(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Client,
     prepared: &mut HashMap<String, tokio_postgres::Statement>,
     pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
     failed_tenant: &mut Option<TenantId>,
@@ -435,7 +444,7 @@ async fn pipeline<'a>(
 
 /// Runs the pending COPY, if any (one statement for all its parts).
 async fn finish_copy<'a>(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Client,
     copying: &mut Option<(&'a TenantId, Vec<&'a CopyRows>)>,
     failed_tenant: &mut Option<TenantId>,
     copies: &mut u64,
@@ -454,7 +463,7 @@ async fn finish_copy<'a>(
 /// Sends what is queued: the pending COPY first, then the pipelined statements, which were
 /// all queued after that COPY began. Every send goes through here, so that order holds.
 async fn send_queued<'a>(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Client,
     prepared: &mut HashMap<String, tokio_postgres::Statement>,
     pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
     copying: &mut Option<(&'a TenantId, Vec<&'a CopyRows>)>,
@@ -535,6 +544,7 @@ impl TargetWriter {
             catalog: TargetCatalog::new(),
             failed_tenant: None,
             prepared: HashMap::new(),
+            open: false,
             compact: false,
             replay: HashMap::new(),
             stats: WriterStats::default(),
@@ -648,15 +658,51 @@ impl TargetWriter {
         self.apply(batch, false).await
     }
 
+    /// Applies `batch` in one target transaction; a failure leaves no transaction open.
     async fn apply(&mut self, batch: &[SourceTxn], compact: bool) -> Result<Lsn, ApplyError> {
+        self.end_open().await?;
+        let applied = self.apply_in_transaction(batch, compact).await;
+        if applied.is_err() {
+            // The error is what the caller needs; a failed ROLLBACK means a lost
+            // connection, which the caller learns from `is_closed`.
+            let _ = self.end_open().await;
+        }
+        applied
+    }
+
+    /// Rolls back the transaction an apply left open (it failed or was cancelled), so no
+    /// lane idles in a transaction holding row locks, and every query runs outside one.
+    async fn end_open(&mut self) -> Result<(), ApplyError> {
+        if self.open {
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(ClusterError::sql("rolling back a target transaction"))?;
+            self.open = false;
+        }
+        Ok(())
+    }
+
+    async fn apply_in_transaction(
+        &mut self,
+        batch: &[SourceTxn],
+        compact: bool,
+    ) -> Result<Lsn, ApplyError> {
         let Some(last) = batch.last() else {
             return Ok(Lsn::INVALID);
         };
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(ClusterError::sql("starting a target transaction"))?;
+        // BEGIN is sent now and its answer read just before COMMIT, so it travels with the
+        // first statements instead of costing a round trip of its own (a commit of a small
+        // in-sync batch is then two round trips: the statements, and record + COMMIT).
+        // BEGIN fails only with the connection, which fails everything sent after it.
+        let tx = &self.client;
+        let mut begin = std::pin::pin!(tx.batch_execute("BEGIN"));
+        let mut begun = match std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx))).await
+        {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        };
+        self.open = true;
         self.failed_tenant = None;
         let mut advanced: BTreeMap<TenantId, (Lsn, Option<&str>)> = BTreeMap::new();
         let mut pending: Vec<(&TenantId, Pending<'_>)> = Vec::new();
@@ -703,7 +749,7 @@ impl TargetWriter {
                                 &mut self.failed_tenant,
                             )?;
                             send_queued(
-                                &tx,
+                                tx,
                                 &mut self.prepared,
                                 &mut pending,
                                 &mut copying,
@@ -716,7 +762,7 @@ impl TargetWriter {
                         }
                         Work::Statement(st) => {
                             finish_copy(
-                                &tx,
+                                tx,
                                 &mut copying,
                                 &mut self.failed_tenant,
                                 &mut self.stats.copies,
@@ -731,7 +777,7 @@ impl TargetWriter {
                                 .is_some_and(|(_, parts)| parts[0].table == r.shape.table)
                             {
                                 finish_copy(
-                                    &tx,
+                                    tx,
                                     &mut copying,
                                     &mut self.failed_tenant,
                                     &mut self.stats.copies,
@@ -747,7 +793,7 @@ impl TargetWriter {
                                     let found = self
                                         .catalog
                                         .table(
-                                            &tx,
+                                            tx,
                                             &shape.table,
                                             &shape.identity,
                                             shape.tenant_column.as_deref(),
@@ -821,7 +867,7 @@ impl TargetWriter {
                     pending.push((tenant, Pending::One(statement)));
                     if pending.len() >= PIPELINE_DEPTH {
                         send_queued(
-                            &tx,
+                            tx,
                             &mut self.prepared,
                             &mut pending,
                             &mut copying,
@@ -849,7 +895,7 @@ impl TargetWriter {
         }
         flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
         send_queued(
-            &tx,
+            tx,
             &mut self.prepared,
             &mut pending,
             &mut copying,
@@ -858,19 +904,7 @@ impl TargetWriter {
         )
         .await?;
         crate::failpoint::hit("apply.before_progress");
-        if self.lane == 0 {
-            let upsert = format!(
-                "INSERT INTO {} (tenant, lsn, state) VALUES ($1, $2::text::pg_lsn, $3) \
-                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn), \
-                   state = COALESCE(EXCLUDED.state, {0}.state), updated_at = now()",
-                self.progress_table
-            );
-            for (tenant, (lsn, state)) in &advanced {
-                tx.execute(&upsert, &[&tenant.as_str(), &lsn.to_string(), state])
-                    .await
-                    .map_err(ClusterError::sql("recording the applied position"))?;
-            }
-        } else {
+        if self.lane != 0 {
             if let Some((tenant, _)) = advanced.iter().find(|(_, (_, s))| s.is_some()) {
                 // Lanes split batches so that states only reach lane 0 (see lanes::split).
                 return Err(ApplyError::Corrupt(format!(
@@ -878,22 +912,72 @@ impl TargetWriter {
                     self.lane
                 )));
             }
-            let upsert = format!(
-                "INSERT INTO {} (tenant, lane, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
-                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST({0}.lsn, EXCLUDED.lsn)",
-                self.lanes_table
-            );
-            let lane = self.lane as i32;
-            for (tenant, (lsn, _)) in &advanced {
-                tx.execute(&upsert, &[&tenant.as_str(), &lane, &lsn.to_string()])
-                    .await
-                    .map_err(ClusterError::sql("recording the applied position"))?;
-            }
         }
+        // Every tenant's position in one statement, prepared once per connection, and
+        // sent with the COMMIT: one round trip for both, however many tenants the batch
+        // holds (a statement per tenant made a batch of fifty tenants fifty round trips).
+        let sql = if self.lane == 0 {
+            format!(
+                "INSERT INTO {0} AS p (tenant, lsn, state) \
+                 SELECT u.tenant, u.lsn::pg_lsn, u.state \
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, lsn, state) \
+                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn), \
+                   state = COALESCE(EXCLUDED.state, p.state), updated_at = now()",
+                self.progress_table
+            )
+        } else {
+            format!(
+                "INSERT INTO {0} AS p (tenant, lane, lsn) \
+                 SELECT u.tenant, $3::int, u.lsn::pg_lsn \
+                   FROM unnest($1::text[], $2::text[]) AS u(tenant, lsn) \
+                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn)",
+                self.lanes_table
+            )
+        };
+        let record = match self.prepared.get(&sql) {
+            Some(st) => st.clone(),
+            None => {
+                let types: &[Type] = if self.lane == 0 {
+                    &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY]
+                } else {
+                    &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT4]
+                };
+                let st = tx
+                    .prepare_typed(&sql, types)
+                    .await
+                    .map_err(ClusterError::sql("preparing the applied-position record"))?;
+                self.prepared.insert(sql, st.clone());
+                st
+            }
+        };
+        let tenants: Vec<&str> = advanced.keys().map(TenantId::as_str).collect();
+        let lsns: Vec<String> = advanced.values().map(|(l, _)| l.to_string()).collect();
+        let states: Vec<Option<&str>> = advanced.values().map(|(_, s)| *s).collect();
+        let lane = self.lane as i32;
+        let params: [&(dyn ToSql + Sync); 3] = if self.lane == 0 {
+            [&tenants, &lsns, &states]
+        } else {
+            [&tenants, &lsns, &lane]
+        };
+        let begun = match begun.take() {
+            Some(r) => r,
+            None => begin.as_mut().await,
+        };
+        begun.map_err(ClusterError::sql("starting a target transaction"))?;
         crate::failpoint::hit("apply.before_commit");
-        tx.commit()
-            .await
-            .map_err(ClusterError::sql("committing a target transaction"))?;
+        let (recorded, committed) = if advanced.is_empty() {
+            (Ok(0), tx.batch_execute("COMMIT").await)
+        } else {
+            // `join` polls in order, and a first poll sends: the record goes out first,
+            // then the COMMIT, on the one connection, and the server runs them in order.
+            futures_util::future::join(tx.execute(&record, &params), tx.batch_execute("COMMIT"))
+                .await
+        };
+        // Answered or not, a COMMIT ends the transaction (a failed record or a failed
+        // commit turns it into a rollback; a lost connection ends it too).
+        self.open = false;
+        committed.map_err(ClusterError::sql("committing a target transaction"))?;
+        recorded.map_err(ClusterError::sql("recording the applied position"))?;
         crate::failpoint::hit("apply.after_commit");
         for (tenant, (lsn, _)) in advanced {
             // A replayed window can end below what this lane held already.
