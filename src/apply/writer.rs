@@ -306,6 +306,8 @@ pub struct TargetWriter {
     prepared: HashMap<String, tokio_postgres::Statement>,
     /// A transaction is open on the connection (BEGIN sent, no COMMIT or ROLLBACK yet).
     open: bool,
+    /// The statement recording this lane's positions (see [`record_sql`]), once prepared.
+    record: Option<tokio_postgres::Statement>,
     /// Fold row changes into set-based statements (only under the replica role, where no
     /// foreign-key trigger sees the order between keys).
     compact: bool,
@@ -545,6 +547,7 @@ impl TargetWriter {
             failed_tenant: None,
             prepared: HashMap::new(),
             open: false,
+            record: None,
             compact: false,
             replay: HashMap::new(),
             stats: WriterStats::default(),
@@ -697,8 +700,7 @@ impl TargetWriter {
         // BEGIN fails only with the connection, which fails everything sent after it.
         let tx = &self.client;
         let mut begin = std::pin::pin!(tx.batch_execute("BEGIN"));
-        let mut begun = match std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx))).await
-        {
+        let begun = match std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx))).await {
             Poll::Ready(r) => Some(r),
             Poll::Pending => None,
         };
@@ -916,37 +918,15 @@ impl TargetWriter {
         // Every tenant's position in one statement, prepared once per connection, and
         // sent with the COMMIT: one round trip for both, however many tenants the batch
         // holds (a statement per tenant made a batch of fifty tenants fifty round trips).
-        let sql = if self.lane == 0 {
-            format!(
-                "INSERT INTO {0} AS p (tenant, lsn, state) \
-                 SELECT u.tenant, u.lsn::pg_lsn, u.state \
-                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, lsn, state) \
-                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn), \
-                   state = COALESCE(EXCLUDED.state, p.state), updated_at = now()",
-                self.progress_table
-            )
-        } else {
-            format!(
-                "INSERT INTO {0} AS p (tenant, lane, lsn) \
-                 SELECT u.tenant, $3::int, u.lsn::pg_lsn \
-                   FROM unnest($1::text[], $2::text[]) AS u(tenant, lsn) \
-                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn)",
-                self.lanes_table
-            )
-        };
-        let record = match self.prepared.get(&sql) {
+        let record = match &self.record {
             Some(st) => st.clone(),
             None => {
-                let types: &[Type] = if self.lane == 0 {
-                    &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY]
-                } else {
-                    &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT4]
-                };
+                let (sql, types) = record_sql(self.lane, &self.progress_table, &self.lanes_table);
                 let st = tx
                     .prepare_typed(&sql, types)
                     .await
                     .map_err(ClusterError::sql("preparing the applied-position record"))?;
-                self.prepared.insert(sql, st.clone());
+                self.record = Some(st.clone());
                 st
             }
         };
@@ -959,7 +939,7 @@ impl TargetWriter {
         } else {
             [&tenants, &lsns, &lane]
         };
-        let begun = match begun.take() {
+        let begun = match begun {
             Some(r) => r,
             None => begin.as_mut().await,
         };
@@ -1285,6 +1265,34 @@ pub async fn replica_role(client: &Client) -> Result<bool, ApplyError> {
         Ok(()) => Ok(true),
         Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
         Err(e) => Err(ClusterError::sql("setting session_replication_role")(e).into()),
+    }
+}
+
+/// The statement that records every tenant's position of a batch for `lane`, and its
+/// parameter types: lane 0 upserts (tenant, lsn, state) into `progress_table`, lane k > 0
+/// upserts (tenant, k, lsn) into `lanes_table`; a position never moves back.
+fn record_sql(lane: usize, progress_table: &str, lanes_table: &str) -> (String, &'static [Type]) {
+    if lane == 0 {
+        (
+            format!(
+                "INSERT INTO {progress_table} AS p (tenant, lsn, state) \
+                 SELECT u.tenant, u.lsn::pg_lsn, u.state \
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, lsn, state) \
+                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn), \
+                   state = COALESCE(EXCLUDED.state, p.state), updated_at = now()"
+            ),
+            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
+        )
+    } else {
+        (
+            format!(
+                "INSERT INTO {lanes_table} AS p (tenant, lane, lsn) \
+                 SELECT u.tenant, $3::int, u.lsn::pg_lsn \
+                   FROM unnest($1::text[], $2::text[]) AS u(tenant, lsn) \
+                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn)"
+            ),
+            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT4],
+        )
     }
 }
 
