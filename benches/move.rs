@@ -11,7 +11,10 @@
 //! free cores, as docs/configuration.md advises), its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
 //! default 5000 as in the product, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
 //! `switchyard run`, the async runtime's worker threads, which the in-process daemon runs on;
-//! 0: the current thread only).
+//! 0: the current thread only); SWITCHYARD_BENCH_MARKS, unset by default, a directory where an
+//! empty file is created as each backlog catch-up starts and ends (`r0-a-native-start`,
+//! `r0-b-native-end`, `r0-c-sy-start`, `r0-d-sy-end`, ...), so that a profiler or sampler
+//! run beside the bench can cut its record to one phase).
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -82,6 +85,15 @@ async fn catch_up(
             "{slot} never caught up"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Marks the start or end of a phase for a profiler outside (SWITCHYARD_BENCH_MARKS).
+fn mark(name: &str) {
+    if let Ok(dir) = std::env::var("SWITCHYARD_BENCH_MARKS") {
+        if let Err(e) = std::fs::write(format!("{dir}/{name}"), b"") {
+            eprintln!("cannot write the mark {dir}/{name}: {e}");
+        }
     }
 }
 
@@ -308,23 +320,27 @@ async fn bench(workers: u64) -> Result<()> {
         s.batch_execute("SELECT pg_logical_emit_message(true, 'bench', 'end')")
             .await?;
         let c0 = cpu_now(&src, &dst);
+        mark(&format!("r{round}-a-native-start"));
         let native_total = catch_up(&s, "native_sub", &target, async {
             dn.batch_execute("ALTER SUBSCRIPTION native_sub ENABLE")
                 .await?;
             Ok(())
         })
         .await?;
+        mark(&format!("r{round}-b-native-end"));
         native_backlog_t.push(native_total);
         native_backlog_cpu3.push(cpu_since(c0, &src, &dst));
         dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
             .await?;
         let cpu0 = cpu_seconds();
         let c0 = cpu_now(&src, &dst);
+        mark(&format!("r{round}-c-sy-start"));
         let sy_total = catch_up(&s, "sy", &target, async {
             daemon = Some(InProcess::start(load_config(&path)?, false));
             Ok(())
         })
         .await?;
+        mark(&format!("r{round}-d-sy-end"));
         sy_backlog_t.push(sy_total);
         sy_backlog_cpu.push(cpu_seconds() - cpu0);
         sy_backlog_cpu3.push(cpu_since(c0, &src, &dst));

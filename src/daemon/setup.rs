@@ -30,6 +30,7 @@ use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::TenantId;
 
 /// What the pipeline remembers of a tenant from before a restart.
+#[derive(Clone)]
 pub(crate) struct Remembered {
     pub record: Option<TenantRecord>,
     pub applied: Lsn,
