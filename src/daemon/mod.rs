@@ -61,12 +61,13 @@ use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
 use applier::{ApplierConfig, ApplyEvent, Quarantine};
-
-/// Tenants whose setup runs at once when a restart resumes them.
-const RESTORE_CONCURRENCY: usize = 8;
 use moving::{ChunkRows, Tenant, TenantRecord};
 use reader::{ChunkEvent, ChunkJob};
 use setup::Remembered;
+
+/// Tenants whose setup runs at once when a restart resumes them: enough to hide the round
+/// trips, few enough that a restart opens no burst of connections (two per tenant).
+const RESTORE_CONCURRENCY: usize = 8;
 
 /// Move-level errors: each stops one tenant (tenant-fatal), except a wrong cluster.
 #[derive(Debug, thiserror::Error)]
@@ -616,7 +617,7 @@ impl Engine {
         // registry order, and `on_setup` takes them one at a time as before.
         let config = &self.config;
         let excluded = &excluded;
-        let mut prepared = futures_util::stream::iter(resuming)
+        let prepared: Vec<(Move, Result<Tenant, Error>)> = futures_util::stream::iter(resuming)
             .map(|(mv, remembered)| async move {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let result = loop {
@@ -633,13 +634,10 @@ impl Engine {
                 };
                 (mv, result)
             })
-            .buffered(RESTORE_CONCURRENCY);
-        let mut done = Vec::with_capacity(count);
-        while let Some(r) = prepared.next().await {
-            done.push(r);
-        }
-        drop(prepared);
-        for (mv, result) in done {
+            .buffered(RESTORE_CONCURRENCY)
+            .collect()
+            .await;
+        for (mv, result) in prepared {
             self.on_setup(mv, result).await?;
         }
         if count > 0 {
