@@ -103,6 +103,7 @@ struct FileMoves {
     batch_max_bytes: Option<usize>,
     apply_lanes: Option<usize>,
     max_inflight_txns: Option<usize>,
+    setup_concurrency: Option<usize>,
     wal_budget_mb: Option<u64>,
     max_txn_mb: Option<u64>,
     registry_poll_ms: Option<u64>,
@@ -271,6 +272,10 @@ pub struct MoveSettings {
     /// Source transactions handed to appliers and not yet durable; reading the slot pauses
     /// above this.
     pub max_inflight_txns: usize,
+    /// Moves being set up at once (provisioned, or resumed after a restart), each on two
+    /// connections of its own (source and target): fifty moves requested together then open
+    /// no burst of a hundred connections.
+    pub setup_concurrency: usize,
     /// A tenant whose applied position trails the stream by more WAL than this is failed
     /// and stops holding the slot back.
     pub wal_budget_bytes: u64,
@@ -292,6 +297,7 @@ impl Default for MoveSettings {
             batch_max_bytes: 32 << 20,
             apply_lanes: 4,
             max_inflight_txns: 20_000,
+            setup_concurrency: 8,
             wal_budget_bytes: 16 << 30,
             max_txn_bytes: 1 << 30,
             registry_poll: Duration::from_millis(500),
@@ -325,6 +331,11 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
             "max_inflight_txns",
             f.max_inflight_txns,
             d.max_inflight_txns,
+        )?,
+        setup_concurrency: positive(
+            "setup_concurrency",
+            f.setup_concurrency,
+            d.setup_concurrency,
         )?,
         wal_budget_bytes: megabytes("wal_budget_mb", f.wal_budget_mb, d.wal_budget_bytes)?,
         max_txn_bytes: megabytes("max_txn_mb", f.max_txn_mb, d.max_txn_bytes)?,

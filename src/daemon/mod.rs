@@ -65,10 +65,6 @@ use moving::{ChunkRows, Tenant, TenantRecord};
 use reader::{ChunkEvent, ChunkJob};
 use setup::Remembered;
 
-/// Tenants whose setup runs at once when a restart resumes them: enough to hide the round
-/// trips, few enough that a restart opens no burst of connections (two per tenant).
-const RESTORE_CONCURRENCY: usize = 8;
-
 /// Move-level errors: each stops one tenant (tenant-fatal), except a wrong cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
@@ -224,6 +220,9 @@ struct Engine {
     chunk_rx: mpsc::UnboundedReceiver<ChunkEvent>,
     setup_events: mpsc::UnboundedSender<(Move, Result<Tenant, Error>)>,
     setting_up: HashSet<TenantId>,
+    /// Permits for setups running at once (`move.setup_concurrency`): a setup holds two
+    /// connections, and fifty moves requested together must not open a hundred.
+    setup_slots: Arc<tokio::sync::Semaphore>,
     /// Failed tenants whose queued work may still be in an applier, with the stream
     /// position at failure: they may start again once the tracker has passed it.
     released: BTreeMap<TenantId, Lsn>,
@@ -355,6 +354,7 @@ async fn run_daemon(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as u64;
+    let setup_slots = Arc::new(tokio::sync::Semaphore::new(config.moves.setup_concurrency));
     let mut engine = Engine {
         router: Router::new(config.tenancy.clone()),
         pool: reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
@@ -374,6 +374,7 @@ async fn run_daemon(
         chunk_rx,
         setup_events: setup_tx,
         setting_up: HashSet::new(),
+        setup_slots,
         released: BTreeMap::new(),
         retry_setup_after: BTreeMap::new(),
         quarantine: Quarantine::default(),
@@ -634,7 +635,7 @@ impl Engine {
                 };
                 (mv, result)
             })
-            .buffered(RESTORE_CONCURRENCY)
+            .buffered(config.moves.setup_concurrency)
             .collect()
             .await;
         for (mv, result) in prepared {
@@ -724,7 +725,14 @@ impl Engine {
             let config = self.config.clone();
             let tx = self.setup_events.clone();
             let excluded = excluded.clone();
+            let slots = self.setup_slots.clone();
             tokio::spawn(async move {
+                // The move shows `provisioning` while it waits: the registry says what the
+                // operator asked for is under way, and the wait is bounded by the setups
+                // ahead of it (a few seconds each at most).
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
                 let remembered = Remembered {
                     record: None,
                     applied: Lsn::INVALID,
