@@ -820,9 +820,10 @@ mod tests {
         let c = load(MINIMAL, &env(&[])).unwrap();
         assert_eq!(c.moves, MoveSettings::default());
         let text =
-            format!("{MINIMAL}[move]\nchunk_rows = 100\nwal_budget_mb = 2\nmax_txn_mb = 3\n");
+            format!("{MINIMAL}[move]\nchunk_rows = 100\nwal_budget_mb = 2\nmax_txn_mb = 3\nsetup_concurrency = 2\n");
         let c = load(&text, &env(&[])).unwrap();
         assert_eq!(c.moves.chunk_rows, 100);
+        assert_eq!(c.moves.setup_concurrency, 2);
         assert_eq!(c.moves.wal_budget_bytes, 2 << 20);
         assert_eq!(c.moves.max_txn_bytes, 3 << 20);
         for bad in [
@@ -831,6 +832,7 @@ mod tests {
             "chunk_rows = 2000000",
             "wal_budget_mb = 0",
             "max_txn_mb = 0",
+            "setup_concurrency = 0",
         ] {
             let err = load(&format!("{MINIMAL}[move]\n{bad}\n"), &env(&[])).unwrap_err();
             assert!(err.to_string().contains("move."), "{bad}: {err}");
