@@ -729,10 +729,9 @@ impl Engine {
             tokio::spawn(async move {
                 // The move shows `provisioning` while it waits: the registry says what the
                 // operator asked for is under way, and the wait is bounded by the setups
-                // ahead of it (a few seconds each at most).
-                let Ok(_permit) = slots.acquire_owned().await else {
-                    return;
-                };
+                // ahead of it (a few seconds each at most). The semaphore is never closed; if
+                // it were, the setup runs unbounded rather than leaving the move stuck.
+                let _permit = slots.acquire_owned().await.ok();
                 let remembered = Remembered {
                     record: None,
                     applied: Lsn::INVALID,
