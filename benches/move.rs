@@ -15,7 +15,10 @@
 //! empty file is created as each backlog catch-up starts and ends (`r0-a-native-start`,
 //! `r0-b-native-end`, `r0-c-sy-start`, `r0-d-sy-end`, ...), so that a profiler or sampler
 //! run beside the bench can cut its record to one phase). Each backlog round prints both
-//! catch-up times and how many autovacuum/autoanalyze runs finished during each.
+//! catch-up times, the WAL each slot decoded again before reaching the backlog, and how
+//! many autovacuum/autoanalyze runs finished during each. Before each round both slots'
+//! restart points are brought up to their confirmed positions (see
+//! `settle_restart_points`), so that no round decodes the earlier rounds' backlogs again.
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -79,6 +82,47 @@ async fn slot_caught_up(c: &tokio_postgres::Client, slot: &str, lsn: &str) -> Re
     )
     .await?
     .get(0))
+}
+
+/// Bytes of WAL between the slot's restart point and its confirmed position: what its
+/// walsender decodes again, and throws away, before the first new transaction when its
+/// consumer reconnects.
+async fn redecode_bytes(c: &tokio_postgres::Client, slot: &str) -> Result<i64> {
+    Ok(c.query_one(
+        "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await?
+    .get(0))
+}
+
+/// Moves both slots' restart points up to their consumers' confirmed positions while both
+/// consumers run and are caught up. A slot's restart point advances only at a running-xacts
+/// record decoded while no transaction is in progress; PostgreSQL 15 logs one every 15 s
+/// and at a checkpoint, and the bench's rounds write their backlogs through most of them,
+/// so without this each round's walsenders decoded every earlier round's backlog again
+/// (14, 28, 41, 55 MB in rounds 1-4 of one run), the same extra work for both pipelines that
+/// pushed later rounds' ratios toward 1. A checkpoint logs the record (PostgreSQL 16 has
+/// pg_log_standby_snapshot() for this alone).
+async fn settle_restart_points(c: &tokio_postgres::Client, slots: &[&str]) -> Result<()> {
+    c.batch_execute("CHECKPOINT").await?;
+    let settled = wait_for(
+        "the slots' restart points",
+        Duration::from_secs(30),
+        || async {
+            for slot in slots {
+                if redecode_bytes(c, slot).await? > 1 << 20 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await;
+    if let Err(e) = settled {
+        eprintln!("{e:#}: the next round decodes some WAL again");
+    }
+    Ok(())
 }
 
 /// From `start` until the slot confirms `target`.
@@ -308,6 +352,7 @@ async fn bench(workers: u64) -> Result<()> {
     let mut native_backlog_cpu3 = Vec::new();
     let mut sy_backlog_cpu3 = Vec::new();
     for round in 0..rounds {
+        settle_restart_points(&s, &["native_sub", "sy"]).await?;
         if let Some(d) = daemon.take() {
             d.stop().await?;
         }
@@ -342,6 +387,8 @@ async fn bench(workers: u64) -> Result<()> {
             maintenance_runs(&s).await?,
             maintenance_runs(&d).await? + maintenance_runs(&dn).await?,
         ];
+        let redecode_native = redecode_bytes(&s, "native_sub").await?;
+        let redecode_sy = redecode_bytes(&s, "sy").await?;
         let c0 = cpu_now(&src, &dst);
         mark(&format!("r{round}-a-native-start"));
         let native_total = catch_up(&s, "native_sub", &target, async {
@@ -373,9 +420,11 @@ async fn bench(workers: u64) -> Result<()> {
             maintenance_runs(&d).await? + maintenance_runs(&dn).await?,
         ];
         eprintln!(
-            "round {round}: native {:.2} s, switchyard {:.2} s; autovacuum/autoanalyze runs finished during native's catch-up: source {}, target {}; during switchyard's: source {}, target {}",
+            "round {round}: native {:.2} s, switchyard {:.2} s; WAL decoded again before the backlog: native {} kB, switchyard {} kB; autovacuum/autoanalyze runs finished during native's catch-up: source {}, target {}; during switchyard's: source {}, target {}",
             native_total.as_secs_f64(),
             sy_total.as_secs_f64(),
+            redecode_native / 1024,
+            redecode_sy / 1024,
             m1[0] - m0[0],
             m1[1] - m0[1],
             m2[0] - m1[0],

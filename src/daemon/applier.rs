@@ -184,14 +184,30 @@ impl Lanes {
             self.writers[0] = Some(w);
             self.settled = true;
         }
+        // The missing lanes connect at once: each is a TCP (and TLS) handshake, an
+        // authentication and a few session statements, and the first batch waits for all.
+        let missing: Vec<usize> = (0..self.writers.len())
+            .filter(|&lane| self.writers[lane].as_ref().is_none_or(|w| w.is_closed()))
+            .collect();
+        let connected =
+            futures_util::future::join_all(missing.iter().map(|&lane| connect(cfg, lane))).await;
         let mut fresh = false;
-        for lane in 0..self.writers.len() {
-            if self.writers[lane].as_ref().is_none_or(|w| w.is_closed()) {
-                self.writers[lane] = None;
-                let (w, _) = connect(cfg, lane).await?;
-                self.writers[lane] = Some(w);
-                fresh = true;
+        let mut failed = None;
+        for (lane, result) in missing.into_iter().zip(connected) {
+            match result {
+                Ok((w, _)) => {
+                    self.writers[lane] = Some(w);
+                    fresh = true;
+                }
+                Err(e) => {
+                    self.writers[lane] = None;
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = failed {
+            // The lanes that did connect stay; the next attempt connects the rest.
+            return Err(e);
         }
         if fresh && self.writers.len() > 1 {
             let windows = replay_windows(
@@ -270,6 +286,13 @@ async fn run(
         spread: HashSet::new(),
     };
     let mut backoff = Duration::from_millis(100);
+    // Connected before the first batch arrives, not when it does: after a restart the
+    // first batch is a backlog's first thousands of transactions, and the lanes' handshakes
+    // would otherwise be on its path. A failure here is only logged: the first batch
+    // connects again, and reports it.
+    if let Err(e) = lanes.connect(&cfg).await {
+        tracing::debug!(target = %cfg.target, error = %e, "connecting the apply lanes ahead of the first batch");
+    }
     while let Some(first) = rx.recv().await {
         let mut bytes = first.weight();
         let mut batch = vec![first];

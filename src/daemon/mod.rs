@@ -284,6 +284,7 @@ async fn run_daemon(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    let began = Instant::now();
     crate::telemetry::init();
     let _endpoint = Endpoint(
         config
@@ -316,6 +317,7 @@ async fn run_daemon(
             }
         }
     }
+    tracing::debug!(ms = began.elapsed().as_millis() as u64, "lease taken");
     let store = Arc::new(Store::open(&config.state_dir)?);
     let (written_tx, mut written_rx) = mpsc::unbounded_channel();
     let checkpoints = Writer::start(store.clone(), written_tx)?;
@@ -404,6 +406,10 @@ async fn run_daemon(
     // changes can pass by unrouted. The stream starts meanwhile: the server's decoding
     // warms up (tens of milliseconds, more when the slot's restart point trails) while the
     // tenants' targets are checked, and what it sends waits in the stream's buffer.
+    tracing::debug!(
+        ms = began.elapsed().as_millis() as u64,
+        "state open, slot ready"
+    );
     let (restored, started) =
         tokio::join!(engine.restore_tenants(), ReplicationStream::start(settings));
     let mut stream = match (restored, started) {
@@ -445,6 +451,7 @@ async fn run_daemon(
         slot = %repl.slot,
         from = %slot.confirmed_flush.unwrap_or(Lsn::INVALID),
         tenants = engine.tenants.len(),
+        startup_ms = began.elapsed().as_millis() as u64,
         "switchyard running"
     );
     crate::telemetry::set_ready(true);
@@ -493,6 +500,14 @@ async fn run_daemon(
                             }
                             Some(Err(e)) => break 'run Err(e.for_slot(&repl.slot).into()),
                         }
+                    }
+                    if drained == DRAIN_BURST {
+                        // More is queued. On one runtime thread the appliers run only when
+                        // this task yields, and it waits (so yields) only when the stream
+                        // runs dry: after a restart the targets sat idle while the first
+                        // thousands of a backlog's transactions were routed (~70 ms of a
+                        // 0.73 s catch-up in the move bench).
+                        tokio::task::yield_now().await;
                     }
                     r
                 }

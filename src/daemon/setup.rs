@@ -15,7 +15,9 @@ use tokio_postgres::Client;
 
 use super::moving::{CopyState, TableMove, Tenant, TenantRecord};
 use super::MoveError;
-use crate::apply::writer::{ensure_progress_table, forget_progress, read_resume_progress};
+use crate::apply::writer::{
+    ensure_progress_table, forget_progress, read_resume_progress, Progress,
+};
 use crate::backfill::chunk::ChunkTable;
 use crate::backfill::KeyKind;
 use crate::cluster::{query_text_params, ClusterError};
@@ -158,6 +160,17 @@ async fn layout(config: &Config, source: &Client, def: &TableDef) -> Result<Chun
     })
 }
 
+/// [`layout`] of every table, the catalog queries of all tables sent at once on the one
+/// connection (tokio-postgres pipelines them): a round trip per query is what a setup costs
+/// against a cluster across a network, times two queries a table.
+async fn layouts(
+    config: &Config,
+    source: &Client,
+    defs: &[TableDef],
+) -> Result<Vec<ChunkTable>, Error> {
+    futures_util::future::try_join_all(defs.iter().map(|d| layout(config, source, d))).await
+}
+
 /// For a table whose key has a text column and more rows than one chunk: the index to
 /// create when no index gives chunk queries their key order (the planner would sort for
 /// every chunk; see [`ChunkTable::key_order_index_sql`]). `None` when reads are in order.
@@ -278,9 +291,9 @@ pub async fn tenant_layout(
         .collect();
     let defs = tenant_tables(config, source, &mv.tenant, &excluded).await?;
     let placement = placement(config, mv, &defs);
+    let chunks = layouts(config, source, &defs).await?;
     let mut out = Vec::new();
-    for def in &defs {
-        let chunk = layout(config, source, def).await?;
+    for (def, chunk) in defs.iter().zip(chunks) {
         let target = placement
             .tables
             .get(&def.name)
@@ -304,8 +317,7 @@ pub async fn check_move(
     }
     let source = config.source.connect_sql().await?;
     let defs = tenant_tables(config, &source, tenant, &BTreeSet::new()).await?;
-    for def in &defs {
-        let chunk = layout(config, &source, def).await?;
+    for chunk in layouts(config, &source, &defs).await? {
         warn_unordered(config, &source, &chunk, tenant).await;
     }
     Ok(defs.into_iter().map(|d| d.name).collect())
@@ -355,19 +367,57 @@ async fn reset(
     Ok(())
 }
 
+/// The source's half of a setup: the tenant's tables and how each is copied and routed.
+async fn source_side(
+    config: &Config,
+    mv: &Move,
+    excluded_schemas: &BTreeSet<String>,
+) -> Result<(Client, Vec<TableDef>, Vec<ChunkTable>), Error> {
+    let source = config.source.connect_sql().await?;
+    let defs = tenant_tables(config, &source, &mv.tenant, excluded_schemas).await?;
+    let chunks = layouts(config, &source, &defs).await?;
+    Ok((source, defs, chunks))
+}
+
+/// The target's half of a setup that needs nothing from the source: the connection, the
+/// progress tables, and what they say of the tenant.
+async fn target_side(config: &Config, mv: &Move) -> Result<(Client, Option<Progress>), Error> {
+    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
+    let target = endpoint.connect_sql().await?;
+    // The reset below deletes children and parents in table order, as apply does.
+    crate::apply::writer::replica_role(&target).await?;
+    ensure_progress_table(&target, &config.registry_schema).await?;
+    let progress = read_resume_progress(&target, &config.registry_schema)
+        .await?
+        .remove(&mv.tenant);
+    Ok((target, progress))
+}
+
+/// `work`'s output and how long it took.
+async fn timed<T>(work: impl std::future::Future<Output = T>) -> (T, std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    let out = work.await;
+    (out, t0.elapsed())
+}
+
 /// Provisions the target and builds the tenant, resumed or fresh.
+///
+/// The source's catalog reads and the target's progress reads run at once, on a connection
+/// each: a restart sets every moving tenant up before its changes apply, and these round
+/// trips were its critical path. Reading the progress row before provisioning is safe:
+/// only this tenant's applier writes it, and that starts after this returns.
 pub(crate) async fn prepare(
     config: &Config,
     mv: &Move,
     remembered: Remembered,
     excluded_schemas: &BTreeSet<String>,
 ) -> Result<Tenant, Error> {
-    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
-    let source = config.source.connect_sql().await?;
-    let mut target = endpoint.connect_sql().await?;
-    // The reset below deletes children and parents in table order, as apply does.
-    crate::apply::writer::replica_role(&target).await?;
-    let defs = tenant_tables(config, &source, &mv.tenant, excluded_schemas).await?;
+    let started = std::time::Instant::now();
+    let ((source_half, source_took), (target_half, target_took)) = tokio::join!(
+        timed(source_side(config, mv, excluded_schemas)),
+        timed(target_side(config, mv))
+    );
+    let ((source, defs, chunks), (mut target, progress)) = (source_half?, target_half?);
     let placement = placement(config, mv, &defs);
     let plan = provision::plan(&defs, &placement)?;
     for w in &plan.warnings {
@@ -375,13 +425,19 @@ pub(crate) async fn prepare(
     }
     let created = provision::apply(&mut target, &plan).await?;
     tracing::info!(tenant = %mv.tenant, target = %mv.target, created, "target provisioned");
+    // Where a slow restart's time went (its tenants are set up before their changes apply).
+    tracing::debug!(
+        tenant = %mv.tenant,
+        source_ms = source_took.as_millis() as u64,
+        target_ms = target_took.as_millis() as u64,
+        provisioned_ms = started.elapsed().as_millis() as u64,
+        "tenant setup"
+    );
     crate::failpoint::hit("setup.after_provision");
 
     let mut tables = BTreeMap::new();
     let mut scoped = Vec::new();
-    for def in &defs {
-        let chunk = layout(config, &source, def).await?;
-        warn_unordered(config, &source, &chunk, &mv.tenant).await;
+    for (def, chunk) in defs.iter().zip(chunks) {
         let target_name = placement.tables[&def.name].clone();
         scoped.push((
             target_name.clone(),
@@ -390,10 +446,6 @@ pub(crate) async fn prepare(
         tables.insert(def.name.clone(), TableMove::new(chunk, target_name));
     }
 
-    ensure_progress_table(&target, &config.registry_schema).await?;
-    let progress = read_resume_progress(&target, &config.registry_schema)
-        .await?
-        .remove(&mv.tenant);
     let ours = remembered
         .record
         .as_ref()
@@ -464,6 +516,12 @@ pub(crate) async fn prepare(
     if tenant.is_copied() && mv.rows_total.is_some() {
         tenant.rows_total = mv.rows_total;
         return Ok(tenant);
+    }
+    // Advice for the chunk reads still to come (a copied tenant has none).
+    if !tenant.is_copied() {
+        for t in tenant.tables.values() {
+            warn_unordered(config, &source, &t.chunk, &mv.tenant).await;
+        }
     }
     let mut total = 0i64;
     for t in tenant.tables.values() {
