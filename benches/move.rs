@@ -125,6 +125,38 @@ async fn settle_restart_points(c: &tokio_postgres::Client, slots: &[&str]) -> Re
     Ok(())
 }
 
+/// Disables the native subscription and waits until its walsender has exited and been
+/// reaped. The source's CPU is read from the postmaster and its children: a walsender
+/// still exiting when switchyard's catch-up starts would have its decoding CPU counted in
+/// switchyard's window, and compete with it.
+async fn disable_native(dn: &tokio_postgres::Client, s: &tokio_postgres::Client) -> Result<()> {
+    let pid: Option<i32> = s
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'native_sub'",
+            &[],
+        )
+        .await?
+        .get(0);
+    dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
+        .await?;
+    wait_for(
+        "the native walsender to exit",
+        Duration::from_secs(60),
+        || async {
+            let active: bool = s
+                .query_one(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = 'native_sub'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            Ok((!active && !running).then_some(()))
+        },
+    )
+    .await
+}
+
 /// From `start` until the slot confirms `target`.
 async fn catch_up(
     c: &tokio_postgres::Client,
@@ -356,23 +388,7 @@ async fn bench(workers: u64) -> Result<()> {
         if let Some(d) = daemon.take() {
             d.stop().await?;
         }
-        dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
-            .await?;
-        wait_for(
-            "the native worker to stop",
-            Duration::from_secs(60),
-            || async {
-                let active: bool = s
-                    .query_one(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = 'native_sub'",
-                        &[],
-                    )
-                    .await?
-                    .get(0);
-                Ok((!active).then_some(()))
-            },
-        )
-        .await?;
+        disable_native(&dn, &s).await?;
         s.batch_execute(&backlog_sql(txns, rows, round as u32 + 1))
             .await?;
         let target = lsn(&s).await?;
@@ -404,8 +420,7 @@ async fn bench(workers: u64) -> Result<()> {
             maintenance_runs(&s).await?,
             maintenance_runs(&d).await? + maintenance_runs(&dn).await?,
         ];
-        dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
-            .await?;
+        disable_native(&dn, &s).await?;
         let cpu0 = cpu_seconds();
         let c0 = cpu_now(&src, &dst);
         mark(&format!("r{round}-c-sy-start"));
