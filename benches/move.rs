@@ -5,8 +5,9 @@
 //!
 //! Run: `cargo bench --bench move` (SWITCHYARD_BENCH_ROWS, default 1000000, sets the big
 //! tenant's rows; SWITCHYARD_BENCH_TXNS, default 20000, the backlog's transactions;
-//! SWITCHYARD_BENCH_ROUNDS, default 3, how often each measurement is repeated (medians are
-//! reported); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
+//! SWITCHYARD_BENCH_ROUNDS, default 5, how often each measurement is repeated (medians are
+//! reported; native's own backlog rounds spread over 1.5-2.7 s on one host, so fewer rounds
+//! often decide a ratio by noise); SWITCHYARD_BENCH_CHUNK, default 20000, switchyard's `move.chunk_rows`;
 //! SWITCHYARD_BENCH_LANES, default this host's cores up to 4 (the target's
 //! free cores, as docs/configuration.md advises), its `move.apply_lanes`; SWITCHYARD_BENCH_BATCH,
 //! default 5000 as in the product, its `move.batch_max_txns`; SWITCHYARD_BENCH_WORKERS, default 1 as in
@@ -263,7 +264,7 @@ async fn bench(workers: u64) -> Result<()> {
     let d = dst.client().await?;
     let dn = dst.client_db("native").await?;
 
-    let rounds = env_or("SWITCHYARD_BENCH_ROUNDS", if bench { 3 } else { 1 }) as usize;
+    let rounds = env_or("SWITCHYARD_BENCH_ROUNDS", if bench { 5 } else { 1 }) as usize;
     let mut pipe_t = Vec::new();
     let mut native_t = Vec::new();
     let mut sy_t = Vec::new();
