@@ -57,17 +57,26 @@ const TABLE: &str = "CREATE TABLE public.orders (
     amount numeric(12,2) NOT NULL, created timestamptz NOT NULL, note text,
     PRIMARY KEY (tenant_id, id))";
 
-/// Autovacuum and autoanalyze runs the cluster's tables have had so far: a run that lands
-/// inside one pipeline's catch-up takes a share of the two cores from it, so each round
-/// reports how many did.
-async fn maintenance_runs(c: &tokio_postgres::Client) -> Result<i64> {
-    Ok(c.query_one(
-        "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::bigint \
-           FROM pg_stat_all_tables",
-        &[],
-    )
-    .await?
-    .get(0))
+/// Autovacuum and autoanalyze runs the tables have had so far, on the source (`s`) and on
+/// the target's two databases (`targets`): a run that lands inside one pipeline's catch-up
+/// takes a share of the two cores from it, so each round reports how many did.
+async fn maintenance_runs(
+    s: &tokio_postgres::Client,
+    targets: [&tokio_postgres::Client; 2],
+) -> Result<[i64; 2]> {
+    async fn runs(c: &tokio_postgres::Client) -> Result<i64> {
+        Ok(c.query_one(
+            "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::bigint \
+               FROM pg_stat_all_tables",
+            &[],
+        )
+        .await?
+        .get(0))
+    }
+    Ok([
+        runs(s).await?,
+        runs(targets[0]).await? + runs(targets[1]).await?,
+    ])
 }
 
 async fn lsn(c: &tokio_postgres::Client) -> Result<String> {
@@ -126,33 +135,31 @@ async fn settle_restart_points(c: &tokio_postgres::Client, slots: &[&str]) -> Re
     Ok(())
 }
 
+/// The pid of the walsender serving the native subscription's slot, if one is attached.
+async fn native_walsender(s: &tokio_postgres::Client) -> Result<Option<i32>> {
+    Ok(s.query_one(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'native_sub'",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
 /// Disables the native subscription and waits until its walsender has exited and been
 /// reaped. The source's CPU is read from the postmaster and its children: a walsender
 /// still exiting when switchyard's catch-up starts would have its decoding CPU counted in
 /// switchyard's window, and compete with it.
 async fn disable_native(dn: &tokio_postgres::Client, s: &tokio_postgres::Client) -> Result<()> {
-    let pid: Option<i32> = s
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'native_sub'",
-            &[],
-        )
-        .await?
-        .get(0);
+    let pid = native_walsender(s).await?;
     dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
         .await?;
     wait_for(
         "the native walsender to exit",
         Duration::from_secs(60),
         || async {
-            let active: bool = s
-                .query_one(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = 'native_sub'",
-                    &[],
-                )
-                .await?
-                .get(0);
+            let attached = native_walsender(s).await?.is_some();
             let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-            Ok((!active && !running).then_some(()))
+            Ok((!attached && !running).then_some(()))
         },
     )
     .await
@@ -400,10 +407,7 @@ async fn bench(workers: u64) -> Result<()> {
         // cores with the source's own maintenance (a round with three such runs during
         // native's catch-up had switchyard's slowest time, 1.23 s against 0.82-0.97).
         s.batch_execute("VACUUM ANALYZE public.orders").await?;
-        let m0 = [
-            maintenance_runs(&s).await?,
-            maintenance_runs(&d).await? + maintenance_runs(&dn).await?,
-        ];
+        let m0 = maintenance_runs(&s, [&d, &dn]).await?;
         let redecode_native = redecode_bytes(&s, "native_sub").await?;
         let redecode_sy = redecode_bytes(&s, "sy").await?;
         let c0 = cpu_now(&src, &dst);
@@ -417,10 +421,7 @@ async fn bench(workers: u64) -> Result<()> {
         mark(&format!("r{round}-b-native-end"));
         native_backlog_t.push(native_total);
         native_backlog_cpu3.push(cpu_since(c0, &src, &dst));
-        let m1 = [
-            maintenance_runs(&s).await?,
-            maintenance_runs(&d).await? + maintenance_runs(&dn).await?,
-        ];
+        let m1 = maintenance_runs(&s, [&d, &dn]).await?;
         disable_native(&dn, &s).await?;
         let cpu0 = cpu_seconds();
         let c0 = cpu_now(&src, &dst);
@@ -431,10 +432,7 @@ async fn bench(workers: u64) -> Result<()> {
         })
         .await?;
         mark(&format!("r{round}-d-sy-end"));
-        let m2 = [
-            maintenance_runs(&s).await?,
-            maintenance_runs(&d).await? + maintenance_runs(&dn).await?,
-        ];
+        let m2 = maintenance_runs(&s, [&d, &dn]).await?;
         eprintln!(
             "round {round}: native {:.2} s, switchyard {:.2} s; WAL decoded again before the backlog: native {} kB, switchyard {} kB; autovacuum/autoanalyze runs finished during native's catch-up: source {}, target {}; during switchyard's: source {}, target {}",
             native_total.as_secs_f64(),
