@@ -145,20 +145,38 @@ async fn native_walsender(s: &tokio_postgres::Client) -> Result<Option<i32>> {
     .get(0))
 }
 
-/// Disables the native subscription and waits until its walsender has exited and been
-/// reaped. The source's CPU is read from the postmaster and its children: a walsender
-/// still exiting when switchyard's catch-up starts would have its decoding CPU counted in
-/// switchyard's window, and compete with it.
+/// The pid of the native subscription's apply worker on the target, if one runs.
+async fn native_apply_worker(dn: &tokio_postgres::Client) -> Result<Option<i32>> {
+    Ok(dn
+        .query_opt(
+            "SELECT pid FROM pg_stat_subscription WHERE subname = 'native_sub' AND relid IS NULL AND pid IS NOT NULL",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// Disables the native subscription and waits until its walsender (on the source) and its
+/// apply worker (on the target) have exited and been reaped. A cluster's CPU is read from
+/// the postmaster (with its reaped children) and then from its live children: a process
+/// reaped between the two reads is counted in neither, and then in full at the window's
+/// end. Native's apply worker exiting just as switchyard's catch-up started once put its
+/// whole catch-up (~1.7 CPU-s) into switchyard's window (2.27 target CPU-s in a 0.95 s
+/// catch-up on two cores); a process still exiting would also compete with it.
 async fn disable_native(dn: &tokio_postgres::Client, s: &tokio_postgres::Client) -> Result<()> {
-    let pid = native_walsender(s).await?;
+    let pids = [native_walsender(s).await?, native_apply_worker(dn).await?];
     dn.batch_execute("ALTER SUBSCRIPTION native_sub DISABLE")
         .await?;
     wait_for(
-        "the native walsender to exit",
+        "the native walsender and apply worker to exit",
         Duration::from_secs(60),
         || async {
-            let attached = native_walsender(s).await?.is_some();
-            let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            let attached =
+                native_walsender(s).await?.is_some() || native_apply_worker(dn).await?.is_some();
+            let running = pids
+                .iter()
+                .flatten()
+                .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
             Ok((!attached && !running).then_some(()))
         },
     )

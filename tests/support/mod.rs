@@ -325,13 +325,23 @@ impl PgCluster {
         let Some(pid) = self.postmaster_pid() else {
             return 0.0;
         };
-        let own = proc_cpu_ticks(pid, true);
-        let children: u64 = child_pids(pid)
-            .into_iter()
-            .map(|c| proc_cpu_ticks(c, false))
-            .sum();
+        // A child reaped between reading the postmaster and listing its children would be
+        // counted in neither, and in full at the next reading: read again until the
+        // postmaster's figure held still around the listing.
+        let mut ticks = 0;
+        for _ in 0..5 {
+            let own = proc_cpu_ticks(pid, true);
+            let children: u64 = child_pids(pid)
+                .into_iter()
+                .map(|c| proc_cpu_ticks(c, false))
+                .sum();
+            ticks = own + children;
+            if proc_cpu_ticks(pid, true) == own {
+                break;
+            }
+        }
         // Clock ticks are 100 per second on Linux.
-        (own + children) as f64 / 100.0
+        ticks as f64 / 100.0
     }
 
     /// Simulates a crash: SIGKILLs every child of the postmaster and the
