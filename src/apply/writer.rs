@@ -615,7 +615,12 @@ impl TargetWriter {
     /// `GRANT SET ON PARAMETER session_replication_role`; returns false when refused.
     /// Also enables folding row changes into set-based statements (see [`Self::commit`]).
     pub async fn use_replica_role(&mut self) -> Result<bool, ApplyError> {
-        self.compact = set_role(&self.client, FOLDING_SESSION).await?;
+        self.compact = set_role(
+            &self.client,
+            FOLDING_SESSION,
+            "setting up the folding session",
+        )
+        .await?;
         Ok(self.compact)
     }
 
@@ -1261,7 +1266,12 @@ pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<Stri
 
 /// `SET session_replication_role = replica` on `client`; false when not permitted.
 pub async fn replica_role(client: &Client) -> Result<bool, ApplyError> {
-    set_role(client, "SET session_replication_role = replica").await
+    set_role(
+        client,
+        "SET session_replication_role = replica",
+        "setting session_replication_role",
+    )
+    .await
 }
 
 /// The replica role, and the plan shape every folded statement is meant to have: one index
@@ -1278,11 +1288,12 @@ const FOLDING_SESSION: &str = "SET session_replication_role = replica; \
      SELECT set_config(name, 'off', false) FROM pg_settings \
       WHERE name IN ('enable_hashjoin', 'enable_mergejoin', 'enable_memoize')";
 
-async fn set_role(client: &Client, sql: &str) -> Result<bool, ApplyError> {
+/// Runs `sql`, which sets the replica role first; false when the role is refused.
+async fn set_role(client: &Client, sql: &str, what: &str) -> Result<bool, ApplyError> {
     match client.batch_execute(sql).await {
         Ok(()) => Ok(true),
         Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
-        Err(e) => Err(ClusterError::sql("setting session_replication_role")(e).into()),
+        Err(e) => Err(ClusterError::sql(what)(e).into()),
     }
 }
 
