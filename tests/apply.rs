@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use support::pipeline::TwoClusters;
-use support::wait_for_row;
+use support::{wait_for, wait_for_row};
 use switchyard::apply::writer::{OwnedRowOp, RowChange};
 use switchyard::apply::{self, ApplyError, SourceTxn, Statement, TargetTable, TargetWriter, Work};
 use switchyard::config::Tenancy;
@@ -806,18 +806,15 @@ async fn folded_statements_probe_keys_instead_of_reading_the_whole_table() -> Re
     assert_eq!(w.stats().compacted, 1, "applied folded");
     // A backend reports its table statistics when it exits.
     drop(w);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (seq_after, idx_after) = loop {
-        let (seq, idx) = scans().await?;
-        if idx >= idx_before + 4000 || Instant::now() > deadline {
-            break (seq, idx);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        idx_after >= idx_before + 4000,
-        "one index probe per key: {idx_before} → {idx_after}"
-    );
+    let seq_after = wait_for(
+        &format!("one index probe per key (idx_scan {idx_before} + 4000)"),
+        Duration::from_secs(30),
+        || async {
+            let (seq, idx) = scans().await?;
+            Ok((idx >= idx_before + 4000).then_some(seq))
+        },
+    )
+    .await?;
     assert_eq!(seq_after, seq_before, "no statement read the whole table");
     let counts = rows(
         &d,
