@@ -16,10 +16,12 @@
 //! empty file is created as each backlog catch-up starts and ends (`r0-a-native-start`,
 //! `r0-b-native-end`, `r0-c-sy-start`, `r0-d-sy-end`, ...), so that a profiler or sampler
 //! run beside the bench can cut its record to one phase). Each backlog round prints both
-//! catch-up times, the WAL each slot decoded again before reaching the backlog, and how
-//! many autovacuum/autoanalyze runs finished during each. Before each round both slots'
-//! restart points are brought up to their confirmed positions (see
-//! `settle_restart_points`), so that no round decodes the earlier rounds' backlogs again.
+//! catch-up times, the WAL each slot decoded again before reaching the backlog, and the
+//! tables whose autovacuum/autoanalyze runs finished during each. Before each round both
+//! slots' restart points are brought up to their confirmed positions (see
+//! `settle_restart_points`), so that no round decodes the earlier rounds' backlogs again,
+//! and before each catch-up both target databases are vacuumed and analyzed (see
+//! `settle_target_maintenance`), so that no maintenance is due when it starts.
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
 #[path = "../tests/support/mod.rs"]
@@ -57,26 +59,67 @@ const TABLE: &str = "CREATE TABLE public.orders (
     amount numeric(12,2) NOT NULL, created timestamptz NOT NULL, note text,
     PRIMARY KEY (tenant_id, id))";
 
-/// Autovacuum and autoanalyze runs the tables have had so far, on the source (`s`) and on
-/// the target's two databases (`targets`): a run that lands inside one pipeline's catch-up
-/// takes a share of the two cores from it, so each round reports how many did.
+/// Autovacuum and autoanalyze runs each table has had so far, on the source (`s`) and on
+/// the target's two databases (`targets`), by table: a run that lands inside one pipeline's
+/// catch-up takes a share of the two cores from it, so each round names the tables
+/// maintained during each catch-up.
 async fn maintenance_runs(
     s: &tokio_postgres::Client,
     targets: [&tokio_postgres::Client; 2],
-) -> Result<[i64; 2]> {
-    async fn runs(c: &tokio_postgres::Client) -> Result<i64> {
-        Ok(c.query_one(
-            "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::bigint \
-               FROM pg_stat_all_tables",
-            &[],
-        )
-        .await?
-        .get(0))
+) -> Result<std::collections::BTreeMap<String, i64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (side, c) in [
+        ("source", s),
+        ("target", targets[0]),
+        ("target", targets[1]),
+    ] {
+        for row in c
+            .query(
+                "SELECT current_database() || '.' || schemaname || '.' || relname, \
+                        (autovacuum_count + autoanalyze_count)::bigint \
+                   FROM pg_stat_all_tables WHERE autovacuum_count + autoanalyze_count > 0",
+                &[],
+            )
+            .await?
+        {
+            out.insert(format!("{side} {}", row.get::<_, String>(0)), row.get(1));
+        }
     }
-    Ok([
-        runs(s).await?,
-        runs(targets[0]).await? + runs(targets[1]).await?,
-    ])
+    Ok(out)
+}
+
+/// The tables maintained between two readings of [`maintenance_runs`], with their runs.
+fn maintained(
+    before: &std::collections::BTreeMap<String, i64>,
+    after: &std::collections::BTreeMap<String, i64>,
+) -> String {
+    let runs: Vec<String> = after
+        .iter()
+        .filter_map(|(table, n)| {
+            let new = n - before.get(table).copied().unwrap_or(0);
+            (new > 0).then(|| format!("{table} x{new}"))
+        })
+        .collect();
+    if runs.is_empty() {
+        "none".into()
+    } else {
+        runs.join(", ")
+    }
+}
+
+/// Vacuums and analyzes both target databases, so that no autovacuum or autoanalyze is
+/// due when a catch-up starts. The backfill rounds leave million-row copies behind (the
+/// earlier rounds' schemas, the pipe's and native's tables), and each catch-up leaves its
+/// own table closer to its thresholds; the launcher then ran that work inside whichever
+/// window came next. Without this, two 5-round runs had one or two target runs finishing
+/// in 6 of switchyard's 10 windows and in 1 of native's (one named: an earlier round's
+/// `big1.orders`, twice). Alternating rounds with and without it in one 8-round run gave
+/// native 1.17-1.21 s against 1.13-1.22 s: it does not slow either pipeline down.
+async fn settle_target_maintenance(targets: [&tokio_postgres::Client; 2]) -> Result<()> {
+    for c in targets {
+        c.batch_execute("VACUUM ANALYZE").await?;
+    }
+    Ok(())
 }
 
 async fn lsn(c: &tokio_postgres::Client) -> Result<String> {
@@ -425,6 +468,7 @@ async fn bench(workers: u64) -> Result<()> {
         // cores with the source's own maintenance (a round with three such runs during
         // native's catch-up had switchyard's slowest time, 1.23 s against 0.82-0.97).
         s.batch_execute("VACUUM ANALYZE public.orders").await?;
+        settle_target_maintenance([&d, &dn]).await?;
         let m0 = maintenance_runs(&s, [&d, &dn]).await?;
         let redecode_native = redecode_bytes(&s, "native_sub").await?;
         let redecode_sy = redecode_bytes(&s, "sy").await?;
@@ -441,6 +485,8 @@ async fn bench(workers: u64) -> Result<()> {
         native_backlog_cpu3.push(cpu_since(c0, &src, &dst));
         let m1 = maintenance_runs(&s, [&d, &dn]).await?;
         disable_native(&dn, &s).await?;
+        settle_target_maintenance([&d, &dn]).await?;
+        let m2 = maintenance_runs(&s, [&d, &dn]).await?;
         let cpu0 = cpu_seconds();
         let c0 = cpu_now(&src, &dst);
         mark(&format!("r{round}-c-sy-start"));
@@ -450,17 +496,15 @@ async fn bench(workers: u64) -> Result<()> {
         })
         .await?;
         mark(&format!("r{round}-d-sy-end"));
-        let m2 = maintenance_runs(&s, [&d, &dn]).await?;
+        let m3 = maintenance_runs(&s, [&d, &dn]).await?;
         eprintln!(
-            "round {round}: native {:.2} s, switchyard {:.2} s; WAL decoded again before the backlog: native {} kB, switchyard {} kB; autovacuum/autoanalyze runs finished during native's catch-up: source {}, target {}; during switchyard's: source {}, target {}",
+            "round {round}: native {:.2} s, switchyard {:.2} s; WAL decoded again before the backlog: native {} kB, switchyard {} kB; autovacuum/autoanalyze runs finished during native's catch-up: {}; during switchyard's: {}",
             native_total.as_secs_f64(),
             sy_total.as_secs_f64(),
             redecode_native / 1024,
             redecode_sy / 1024,
-            m1[0] - m0[0],
-            m1[1] - m0[1],
-            m2[0] - m1[0],
-            m2[1] - m1[1]
+            maintained(&m0, &m1),
+            maintained(&m2, &m3),
         );
         sy_backlog_t.push(sy_total);
         sy_backlog_cpu.push(cpu_seconds() - cpu0);
