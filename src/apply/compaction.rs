@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 use super::statement::TargetTable;
@@ -37,34 +37,28 @@ use crate::decode::{Datum, Tuple};
 use crate::route::RowOp;
 use crate::sql::quote_ident;
 
-/// A `text[]` parameter made of the bytes pgoutput sent, encoded straight into the binary
-/// array format: no per-value allocation (the server validates the text as it would any
-/// text parameter).
+/// A `text[]` parameter made of the bytes pgoutput sent, borrowed from the batch's changes
+/// and encoded straight into the binary array format: no per-value allocation or reference
+/// count (the server validates the text as it would any text parameter).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TextArray(pub Vec<Option<Bytes>>);
+pub struct TextArray<'a>(pub Vec<Option<&'a [u8]>>);
 
-impl TextArray {
-    /// The values as text, for tests and messages.
+impl<'a> TextArray<'a> {
     /// Bytes it encodes to, about (a length word and the bytes of each element).
     pub fn weight(&self) -> usize {
-        self.0
-            .iter()
-            .map(|b| 4 + b.as_ref().map_or(0, Bytes::len))
-            .sum()
+        self.0.iter().map(|b| 4 + b.map_or(0, <[u8]>::len)).sum()
     }
 
-    pub fn texts(&self) -> Vec<Option<&str>> {
+    /// The values as text, for tests and messages.
+    pub fn texts(&self) -> Vec<Option<&'a str>> {
         self.0
             .iter()
-            .map(|v| {
-                v.as_deref()
-                    .map(|b| std::str::from_utf8(b).unwrap_or("\u{fffd}"))
-            })
+            .map(|v| v.map(|b| std::str::from_utf8(b).unwrap_or("\u{fffd}")))
             .collect()
     }
 }
 
-impl ToSql for TextArray {
+impl ToSql for TextArray<'_> {
     fn to_sql(
         &self,
         _: &Type,
@@ -97,9 +91,9 @@ impl ToSql for TextArray {
 
 /// One statement over column arrays: parameter `$n` is the text array of the n-th column.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SetStatement {
+pub struct SetStatement<'a> {
     pub sql: String,
-    pub columns: Vec<TextArray>,
+    pub columns: Vec<TextArray<'a>>,
     /// Rows the statement must touch (or, for an absence check, return).
     pub expect_rows: u64,
 }
@@ -114,11 +108,14 @@ pub enum Refusal {
     Contradiction,
 }
 
+/// Key columns up to which an all-integer key is sorted without allocating.
+const INT_KEY_COLUMNS: usize = 4;
+
 /// Bytes of values one set statement carries at most (a single larger row goes alone).
 pub const STATEMENT_BYTES: usize = 8 << 20;
 
 /// `entries` cut into consecutive runs of at most [`STATEMENT_BYTES`] of values each.
-fn by_bytes<'a, 'e>(entries: &'a [&'e Entry]) -> Vec<&'a [&'e Entry]> {
+fn by_bytes<'a, 'e, 'b>(entries: &'a [&'e Entry<'b>]) -> Vec<&'a [&'e Entry<'b>]> {
     let mut parts = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, e) in entries.iter().enumerate() {
@@ -135,30 +132,32 @@ fn by_bytes<'a, 'e>(entries: &'a [&'e Entry]) -> Vec<&'a [&'e Entry]> {
     parts
 }
 
+/// One key's fold; its key and values borrow from the batch's changes.
 #[derive(Debug)]
-struct Entry {
-    key: Vec<Bytes>,
+struct Entry<'a> {
+    key: Vec<&'a [u8]>,
     /// The target must hold the key before the batch.
     before: bool,
     /// The row after the batch, or `None` when the key ends deleted. A `None` column keeps
     /// the target's value (unchanged TOAST in every UPDATE of the batch).
-    after: Option<Vec<Option<Datum>>>,
+    after: Option<Vec<Option<&'a Datum>>>,
 }
 
-/// The folded changes of one target table.
+/// The folded changes of one target table, borrowing the values of the batch they come
+/// from (the batch outlives its fold and the statements built from it).
 #[derive(Debug)]
-pub struct TableChanges {
+pub struct TableChanges<'a> {
     table: Arc<TargetTable>,
     key: Vec<usize>,
     /// How each key column's text orders (for sorting a statement's rows by key).
     kinds: Vec<KeyKind>,
     /// Keyed per process and map (tenants choose the keys, so the hash must not be
     /// predictable); foldhash's quality variant costs a fraction of SipHash on short keys.
-    index: HashMap<Vec<Bytes>, usize, foldhash::quality::RandomState>,
-    entries: Vec<Entry>,
+    index: HashMap<Vec<&'a [u8]>, usize, foldhash::quality::RandomState>,
+    entries: Vec<Entry<'a>>,
 }
 
-impl Entry {
+impl Entry<'_> {
     /// Bytes of its key and values (4 a value for the array's length word).
     fn weight(&self) -> usize {
         let key: usize = self.key.iter().map(|b| b.len() + 4).sum();
@@ -166,16 +165,16 @@ impl Entry {
             .after
             .iter()
             .flatten()
-            .map(|d| d.as_ref().map_or(4, Datum::weight))
+            .map(|d| d.map_or(4, Datum::weight))
             .sum();
         key + values
     }
 }
 
-impl TableChanges {
+impl<'a> TableChanges<'a> {
     /// `None` when the table's keys cannot be folded (no primary key, or a key type whose
     /// text is not canonical).
-    pub fn new(table: impl Into<Arc<TargetTable>>) -> Option<TableChanges> {
+    pub fn new(table: impl Into<Arc<TargetTable>>) -> Option<TableChanges<'a>> {
         let table = table.into();
         let key: Vec<usize> = (0..table.columns.len())
             .filter(|&i| table.columns[i].primary_key)
@@ -207,34 +206,41 @@ impl TableChanges {
         self.entries.is_empty()
     }
 
-    fn key_of(&self, t: &Tuple) -> Option<Vec<Bytes>> {
+    /// Makes room for `keys` more keys at once: a batch's fold otherwise grows its index
+    /// (rehashing every key) about a dozen times on the way to a few thousand keys.
+    pub fn reserve(&mut self, keys: usize) {
+        self.index.reserve(keys);
+        self.entries.reserve(keys);
+    }
+
+    fn key_of(&self, t: &'a Tuple) -> Option<Vec<&'a [u8]>> {
         if t.0.len() != self.table.columns.len() {
             return None;
         }
         self.key
             .iter()
             .map(|&i| match &t.0[i] {
-                Datum::Text(b) => Some(b.clone()),
+                Datum::Text(b) => Some(&b[..]),
                 _ => None,
             })
             .collect()
     }
 
     /// Folds one change in, or refuses it (nothing changes then).
-    pub fn add(&mut self, op: &RowOp<'_>) -> Result<(), Refusal> {
+    pub fn add(&mut self, op: &RowOp<'a>) -> Result<(), Refusal> {
         let (tuple, kind) = match op {
             RowOp::Upsert { new, update } => (*new, if *update { 1 } else { 0 }),
             RowOp::Delete { old } => (*old, 2),
             RowOp::Rekey { .. } | RowOp::Truncate => return Err(Refusal::Unsupported),
         };
         let key = self.key_of(tuple).ok_or(Refusal::Unsupported)?;
-        let values = || -> Vec<Option<Datum>> {
+        let values = || -> Vec<Option<&'a Datum>> {
             tuple
                 .0
                 .iter()
                 .map(|d| match d {
                     Datum::UnchangedToast => None,
-                    d => Some(d.clone()),
+                    d => Some(d),
                 })
                 .collect()
         };
@@ -270,7 +276,7 @@ impl TableChanges {
             (1, Some(row)) => {
                 for (slot, d) in row.iter_mut().zip(&tuple.0) {
                     if !matches!(d, Datum::UnchangedToast) {
-                        *slot = Some(d.clone());
+                        *slot = Some(d);
                     }
                 }
             }
@@ -282,7 +288,7 @@ impl TableChanges {
 
     /// The statements for everything folded so far, in the order they must run; empties
     /// the fold.
-    pub fn take_statements(&mut self) -> Result<Vec<SetStatement>, StatementError> {
+    pub fn take_statements(&mut self) -> Result<Vec<SetStatement<'a>>, StatementError> {
         let mut entries = std::mem::take(&mut self.entries);
         for (key, at) in self.index.drain() {
             entries[at].key = key;
@@ -293,13 +299,27 @@ impl TableChanges {
         // occurs once, so order changes no result; a statement that depends on row order
         // (a unique swap between two rows) fails and the batch is replayed change by change.
         let kinds = &self.kinds;
-        entries.sort_by_cached_key(|e| {
-            e.key
-                .iter()
-                .zip(kinds)
-                .map(|(b, kind)| std::str::from_utf8(b).ok().and_then(|t| kind.parse(t)))
-                .collect::<Vec<Option<KeyValue>>>()
-        });
+        if kinds.len() <= INT_KEY_COLUMNS && kinds.iter().all(|k| *k == KeyKind::Int) {
+            // Integer keys (the usual case) sort as integers held inline: no allocation per
+            // key. An unparsable value sorts first, as `None` does below.
+            entries.sort_by_cached_key(|e| {
+                let mut key = [None; INT_KEY_COLUMNS];
+                for (slot, b) in key.iter_mut().zip(&e.key) {
+                    *slot = std::str::from_utf8(b)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok());
+                }
+                key
+            });
+        } else {
+            entries.sort_by_cached_key(|e| {
+                e.key
+                    .iter()
+                    .zip(kinds)
+                    .map(|(b, kind)| std::str::from_utf8(b).ok().and_then(|t| kind.parse(t)))
+                    .collect::<Vec<Option<KeyValue>>>()
+            });
+        }
         let mut deletes = Vec::new();
         let mut absent = Vec::new();
         let mut inserts = Vec::new();
@@ -352,9 +372,9 @@ impl TableChanges {
         Ok(out)
     }
 
-    fn value(&self, e: &Entry, i: usize) -> Result<Option<Bytes>, StatementError> {
-        match e.after.as_ref().and_then(|row| row[i].as_ref()) {
-            Some(Datum::Text(b)) => Ok(Some(b.clone())),
+    fn value(&self, e: &Entry<'a>, i: usize) -> Result<Option<&'a [u8]>, StatementError> {
+        match e.after.as_ref().and_then(|row| row[i]) {
+            Some(Datum::Text(b)) => Ok(Some(&b[..])),
             Some(Datum::Binary(_)) => Err(StatementError::Binary {
                 table: self.table.name.to_string(),
                 column: self.table.columns[i].name.clone(),
@@ -394,13 +414,17 @@ impl TableChanges {
             .join(" AND ")
     }
 
-    fn key_arrays(&self, entries: &[&Entry]) -> Vec<TextArray> {
+    fn key_arrays(&self, entries: &[&Entry<'a>]) -> Vec<TextArray<'a>> {
         (0..self.key.len())
-            .map(|k| TextArray(entries.iter().map(|e| Some(e.key[k].clone())).collect()))
+            .map(|k| TextArray(entries.iter().map(|e| Some(e.key[k])).collect()))
             .collect()
     }
 
-    fn value_array(&self, entries: &[&Entry], i: usize) -> Result<TextArray, StatementError> {
+    fn value_array(
+        &self,
+        entries: &[&Entry<'a>],
+        i: usize,
+    ) -> Result<TextArray<'a>, StatementError> {
         entries
             .iter()
             .map(|e| self.value(e, i))
@@ -409,7 +433,11 @@ impl TableChanges {
     }
 
     /// DELETE of these keys, or (verb SELECT) a query returning those still present.
-    fn keyed(&self, verb: &str, entries: &[&Entry]) -> Result<SetStatement, StatementError> {
+    fn keyed(
+        &self,
+        verb: &str,
+        entries: &[&Entry<'a>],
+    ) -> Result<SetStatement<'a>, StatementError> {
         let target = self.table.name.quoted();
         let from = Self::unnest(self.key.len());
         let sql = if verb == "DELETE" {
@@ -430,7 +458,11 @@ impl TableChanges {
         })
     }
 
-    fn update(&self, mask: &[bool], entries: &[&Entry]) -> Result<SetStatement, StatementError> {
+    fn update(
+        &self,
+        mask: &[bool],
+        entries: &[&Entry<'a>],
+    ) -> Result<SetStatement<'a>, StatementError> {
         let target = self.table.name.quoted();
         let mut columns = self.key_arrays(entries);
         let mut sets = Vec::new();
@@ -464,7 +496,7 @@ impl TableChanges {
         })
     }
 
-    fn insert(&self, entries: &[&Entry]) -> Result<SetStatement, StatementError> {
+    fn insert(&self, entries: &[&Entry<'a>]) -> Result<SetStatement<'a>, StatementError> {
         let target = self.table.name.quoted();
         let n = self.table.columns.len();
         let columns = (0..n)
@@ -500,6 +532,7 @@ impl TableChanges {
 mod tests {
     use super::*;
     use crate::apply::statement::tests::{s, table};
+    use bytes::Bytes;
 
     fn row(id: &str, note: Datum, big: Datum) -> Tuple {
         Tuple(vec![s("7"), s(id), note, big])
@@ -522,7 +555,7 @@ mod tests {
         }
     }
 
-    fn col(st: &SetStatement, n: usize) -> Vec<Option<&str>> {
+    fn col<'a>(st: &SetStatement<'a>, n: usize) -> Vec<Option<&'a str>> {
         st.columns[n].texts()
     }
 
@@ -688,7 +721,7 @@ mod tests {
 
     #[test]
     fn text_arrays_encode_as_one_dimensional_text_arrays_with_nulls() {
-        let a = TextArray(vec![Some(Bytes::from_static(b"ab")), None]);
+        let a = TextArray(vec![Some(&b"ab"[..]), None]);
         let mut out = BytesMut::new();
         a.to_sql_checked(&Type::TEXT_ARRAY, &mut out).unwrap();
         let mut want = Vec::new();

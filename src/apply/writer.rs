@@ -341,7 +341,7 @@ const PIPELINE_BYTES: usize = 16 << 20;
 /// A statement waiting in the pipeline: one row change, or a compacted set of them.
 enum Pending<'a> {
     One(Cow<'a, Statement>),
-    Set(SetStatement),
+    Set(SetStatement<'a>),
 }
 
 impl Pending<'_> {
@@ -479,9 +479,25 @@ async fn send_queued<'a>(
     pipeline(tx, prepared, pending, failed_tenant).await
 }
 
+/// Row changes `tenant` has in `batch`, at most [`FOLD_RESERVE`]: the room a new fold of
+/// one of its tables makes at once (an upper bound for that table, capped so that a tenant
+/// with many tables or one huge transaction reserves at most that many keys a fold).
+fn tenant_rows(batch: &[SourceTxn], tenant: &TenantId) -> usize {
+    batch
+        .iter()
+        .flat_map(|txn| &txn.parts)
+        .filter(|(t, _)| t == tenant)
+        .map(|(_, work)| work.len())
+        .sum::<usize>()
+        .min(FOLD_RESERVE)
+}
+
+/// Keys a new fold makes room for at most.
+const FOLD_RESERVE: usize = 8192;
+
 /// Moves the statements of every folded table (or of those of `table` only) into `pending`.
 fn flush_folds<'a>(
-    folds: &mut [(&'a TenantId, TableChanges)],
+    folds: &mut [(&'a TenantId, TableChanges<'a>)],
     table: Option<&QualifiedName>,
     pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
     failed_tenant: &mut Option<TenantId>,
@@ -716,7 +732,7 @@ impl TargetWriter {
         self.failed_tenant = None;
         let mut advanced: BTreeMap<TenantId, (Lsn, Option<&str>)> = BTreeMap::new();
         let mut pending: Vec<(&TenantId, Pending<'_>)> = Vec::new();
-        let mut folds: Vec<(&TenantId, TableChanges)> = Vec::new();
+        let mut folds: Vec<(&TenantId, TableChanges<'_>)> = Vec::new();
         let mut copying: Option<(&TenantId, Vec<&CopyRows>)> = None;
         // The layout of the last shape seen: consecutive changes mostly share one, and a
         // pointer comparison then replaces a catalog lookup per change.
@@ -842,7 +858,8 @@ impl TargetWriter {
                                     None => None,
                                 };
                                 let at = at.or_else(|| {
-                                    TableChanges::new(Arc::clone(&shared)).map(|f| {
+                                    TableChanges::new(Arc::clone(&shared)).map(|mut f| {
+                                        f.reserve(tenant_rows(batch, tenant));
                                         folds.push((tenant, f));
                                         folds.len() - 1
                                     })
