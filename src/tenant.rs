@@ -7,8 +7,9 @@
 //! - A [`TargetId`] names a configured target; it follows the same rules as a SQL name.
 //! - Neither is ever formatted into SQL text: values are bound, names go through
 //!   [`crate::sql::quote_ident`].
-//! - A [`TenantId`] is shared, not copied: every change, transaction and lane share carries
-//!   its tenant, so a clone is a reference count, not an allocation.
+//! - Both are shared, not copied: every change, transaction and lane share carries its
+//!   tenant, and every routed transaction its target, so a clone is a reference count, not
+//!   an allocation.
 
 use std::fmt;
 use std::sync::Arc;
@@ -91,13 +92,13 @@ impl fmt::Display for TenantId {
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(try_from = "String", into = "String")]
-pub struct TargetId(String);
+pub struct TargetId(Arc<str>);
 
 impl TargetId {
     pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
         let value = value.into();
         check_name(&value)?;
-        Ok(TargetId(value))
+        Ok(TargetId(value.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -114,7 +115,7 @@ impl TryFrom<String> for TargetId {
 
 impl From<TargetId> for String {
     fn from(id: TargetId) -> String {
-        id.0
+        id.0.as_ref().to_owned()
     }
 }
 
