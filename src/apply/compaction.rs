@@ -690,6 +690,26 @@ mod tests {
     }
 
     #[test]
+    fn rows_with_a_text_key_column_go_out_in_byte_order() {
+        let mut layout = table();
+        layout.columns[1].type_sql = "text".into();
+        let mut c = TableChanges::new(layout).unwrap();
+        let rows: Vec<Tuple> = ["b", "a9", "B", "a10"]
+            .iter()
+            .map(|id| row(id, s("n"), s("b")))
+            .collect();
+        for r in &rows {
+            c.add(&ins(r)).unwrap();
+        }
+        let out = c.take_statements().unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            col(&out[0], 1),
+            vec![Some("B"), Some("a10"), Some("a9"), Some("b")]
+        );
+    }
+
+    #[test]
     fn large_batches_become_statements_of_bounded_size_in_key_order() {
         let mut c = TableChanges::new(table()).unwrap();
         let big = Datum::Text(Bytes::from(vec![b'x'; 3 << 20]));
