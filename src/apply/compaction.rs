@@ -671,21 +671,27 @@ mod tests {
         assert_eq!(out[0].expect_rows, 0);
     }
 
-    #[test]
-    fn rows_go_out_in_key_order_numbers_by_value() {
-        let mut c = TableChanges::new(table()).unwrap();
-        let rows: Vec<Tuple> = ["10", "9", "100", "-3"]
-            .iter()
-            .map(|id| row(id, s("n"), s("b")))
-            .collect();
+    /// The ids of rows inserted in the order given, as the one INSERT built from them lists
+    /// them.
+    fn insert_order(layout: TargetTable, ids: &[&str]) -> Vec<String> {
+        let mut c = TableChanges::new(layout).unwrap();
+        let rows: Vec<Tuple> = ids.iter().map(|id| row(id, s("n"), s("b"))).collect();
         for r in &rows {
             c.add(&ins(r)).unwrap();
         }
         let out = c.take_statements().unwrap();
         assert_eq!(out.len(), 1);
+        col(&out[0], 1)
+            .into_iter()
+            .map(|v| v.unwrap_or("NULL").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn rows_go_out_in_key_order_numbers_by_value() {
         assert_eq!(
-            col(&out[0], 1),
-            vec![Some("-3"), Some("9"), Some("10"), Some("100")]
+            insert_order(table(), &["10", "9", "100", "-3"]),
+            ["-3", "9", "10", "100"]
         );
     }
 
@@ -693,19 +699,9 @@ mod tests {
     fn rows_with_a_text_key_column_go_out_in_byte_order() {
         let mut layout = table();
         layout.columns[1].type_sql = "text".into();
-        let mut c = TableChanges::new(layout).unwrap();
-        let rows: Vec<Tuple> = ["b", "a9", "B", "a10"]
-            .iter()
-            .map(|id| row(id, s("n"), s("b")))
-            .collect();
-        for r in &rows {
-            c.add(&ins(r)).unwrap();
-        }
-        let out = c.take_statements().unwrap();
-        assert_eq!(out.len(), 1);
         assert_eq!(
-            col(&out[0], 1),
-            vec![Some("B"), Some("a10"), Some("a9"), Some("b")]
+            insert_order(layout, &["b", "a9", "B", "a10"]),
+            ["B", "a10", "a9", "b"]
         );
     }
 
