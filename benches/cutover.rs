@@ -201,6 +201,7 @@ async fn main() -> Result<()> {
          GRANT SELECT, TRIGGER ON public.orders TO switchyard;
          GRANT pg_read_all_stats TO switchyard;"
     ))?;
+    src.psql(&support::app_owned(&["public"]))?;
     let dir = tempfile::tempdir()?;
     let path = write_config(
         dir.path(),

@@ -107,6 +107,7 @@ struct FileMoves {
     wal_budget_mb: Option<u64>,
     max_txn_mb: Option<u64>,
     registry_poll_ms: Option<u64>,
+    stop_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +148,7 @@ struct FileEndpoint {
     sslrootcert: Option<PathBuf>,
     application_name: Option<String>,
     connect_timeout_ms: Option<u64>,
+    allow_cleartext_password: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +287,9 @@ pub struct MoveSettings {
     pub max_txn_bytes: u64,
     /// How often the registry is read (NOTIFY wakes the daemon earlier).
     pub registry_poll: Duration,
+    /// How long a stop request (SIGTERM, Ctrl-C) may take: past it the daemon exits anyway,
+    /// as a crash would (every move resumes exactly from what is durable).
+    pub stop_timeout: Duration,
 }
 
 impl Default for MoveSettings {
@@ -301,6 +306,7 @@ impl Default for MoveSettings {
             wal_budget_bytes: 16 << 30,
             max_txn_bytes: 1 << 30,
             registry_poll: Duration::from_millis(500),
+            stop_timeout: Duration::from_secs(45),
         }
     }
 }
@@ -343,6 +349,11 @@ fn moves(f: FileMoves) -> Result<MoveSettings, ConfigError> {
             "registry_poll_ms",
             f.registry_poll_ms.map(|v| v as usize),
             d.registry_poll.as_millis() as usize,
+        )? as u64),
+        stop_timeout: Duration::from_millis(positive(
+            "stop_timeout_ms",
+            f.stop_timeout_ms.map(|v| v as usize),
+            d.stop_timeout.as_millis() as usize,
         )? as u64),
     };
     if m.chunk_rows > 1_000_000 {
@@ -644,6 +655,7 @@ fn endpoint(
         sslrootcert,
         application_name: f.application_name.unwrap_or_else(|| "switchyard".into()),
         connect_timeout: Duration::from_millis(f.connect_timeout_ms.unwrap_or(10_000)),
+        allow_cleartext_password: f.allow_cleartext_password.unwrap_or(false),
     })
 }
 

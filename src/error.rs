@@ -82,7 +82,7 @@ impl ErrorClass {
 /// authentication is fatal; anything else concerns the rows at hand.
 fn classify_cluster(e: &ClusterError) -> ErrorClass {
     match e {
-        ClusterError::Tls(_) => ErrorClass::Fatal,
+        ClusterError::Tls(_) | ClusterError::Insecure(_) => ErrorClass::Fatal,
         _ if e.is_transient() => ErrorClass::Transient,
         _ if e.sqlstate().is_some_and(|c| c.starts_with("28")) => ErrorClass::Fatal,
         _ => ErrorClass::TenantFatal,

@@ -312,11 +312,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     known.join(", ")
                 );
             }
-            let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
             // Refuse now, with the fix, what the daemon would refuse later.
             let tables = switchyard::daemon::check_move(&config, &tenant, &target).await?;
             let registry = Registry::new(config.registry_schema.clone())?;
             let mut client = config.source.connect_sql().await?;
+            // Stored as the tenant column's type writes it (`7`, not `007`).
+            let tenant = switchyard::daemon::canonical_tenant(&config, &client, &tenant).await?;
+            let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
             registry.install(&mut client).await?;
             let mode = if auto {
                 CutoverMode::Auto
@@ -426,12 +428,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let tenant = TenantId::new(tenant)?;
             let c = switchyard::cutover::request::cancel_tenant(&config, &tenant).await?;
             println!(
-                "move of tenant {tenant} cancelled; at the target: {} tables dropped, {} rows deleted{}",
+                "move of tenant {tenant} cancelled; at the target: {} tables dropped, {} rows deleted{}{}",
                 c.tables_dropped.len(),
                 c.rows_deleted,
                 c.schema_dropped
                     .map(|s| format!(", schema {s} dropped"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if c.tables_kept.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; kept (there before the move): {}",
+                        c.tables_kept.join(", ")
+                    )
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -440,7 +450,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             standby,
             threads: _,
         } => {
-            let shutdown = async {
+            // A stop is bounded in every state: the daemon may be waiting on a cluster that
+            // went away (a reconnect loop, a query on a silent link) where it does not look
+            // at the signal. Past `stop_timeout`, or at a second signal, it exits as a crash
+            // would, which every move resumes from exactly.
+            let stop_timeout = config.moves.stop_timeout;
+            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
                 let mut term =
                     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     {
@@ -455,7 +471,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
-                tracing::info!("stopping: finishing in-flight work");
+                tracing::info!(
+                    timeout_ms = stop_timeout.as_millis() as u64,
+                    "stopping: finishing in-flight work"
+                );
+                let _ = stop_tx.send(true);
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {
+                        tracing::warn!("a second stop request: exiting now");
+                    }
+                    _ = term.recv() => {
+                        tracing::warn!("a second stop request: exiting now");
+                    }
+                    _ = tokio::time::sleep(stop_timeout) => {
+                        tracing::error!(timeout_ms = stop_timeout.as_millis() as u64, "the stop did not finish in time (a cluster does not answer?): exiting; the next start resumes from what is durable");
+                    }
+                }
+                std::process::exit(1);
+            });
+            let shutdown = async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
             };
             switchyard::daemon::run(
                 config,

@@ -313,6 +313,7 @@ async fn scenario(dir: &std::path::Path, point: &str, at: u64) -> Result<()> {
          GRANT TRIGGER ON ALL TABLES IN SCHEMA public TO switchyard;
          GRANT pg_read_all_stats TO switchyard;",
     )?;
+    src.psql(&support::app_owned(&["public"]))?;
     prepare_target(&src)?;
     prepare_target(&dst)?;
     let path = write_config(

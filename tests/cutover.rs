@@ -21,10 +21,13 @@ use tokio_postgres::Client;
 
 const SYNC: Duration = Duration::from_secs(180);
 
-/// What the source's switchyard role needs for cutovers: fence triggers on the moved
-/// tables and a view of every session's transaction.
-const FENCE_GRANTS: &str = "GRANT TRIGGER ON ALL TABLES IN SCHEMA public TO switchyard;
-     GRANT pg_read_all_stats TO switchyard;";
+/// What the source's switchyard role needs for cutovers: the owner's rights on the moved
+/// tables (fence triggers that fire ALWAYS) and a view of every session's transaction.
+fn fence_grants(src: &PgCluster) -> Result<()> {
+    src.psql(&support::app_owned(&["public"]))?;
+    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
+    Ok(())
+}
 
 /// The daemon running in-process on `src` (with `other` as target `shard2`).
 struct Running {
@@ -136,7 +139,7 @@ async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2, 3], 1000))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     // Cleanup deletes the tenant's old rows.
     src.psql("GRANT DELETE ON ALL TABLES IN SCHEMA public TO switchyard;")?;
     prepare_target(&dst)?;
@@ -261,7 +264,7 @@ async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are
 async fn a_cutover_that_cannot_take_the_fence_in_time_aborts_and_retries() -> Result<()> {
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 500))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     prepare_target(&src)?;
     let Running {
         s,
@@ -373,7 +376,7 @@ async fn cutovers_blocked_by_locks_abort_at_their_step_within_the_budget() -> Re
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 500))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     prepare_target(&dst)?;
     let Running {
         config,
@@ -590,7 +593,7 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 400))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     prepare_target(&dst)?;
     let Running {
         config,
@@ -679,7 +682,7 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
     let other = PgCluster::start()?;
     let dst = if same_cluster { &src } else { &other };
     src.psql(&shared_schema(&[1, 2], 500))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     // The reverse apply writes the tenant's rows back (as the replica role, like an apply).
     src.psql(
         "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
@@ -775,7 +778,7 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
 async fn an_attempt_interrupted_by_a_crash_is_reset_and_the_cutover_completes() -> Result<()> {
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 300))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     prepare_target(&src)?;
     let Running {
         config,
@@ -839,7 +842,7 @@ async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
 async fn metrics_show_per_tenant_lag_progress_state_and_cutover_pauses() -> Result<()> {
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 300))?;
-    src.psql(FENCE_GRANTS)?;
+    fence_grants(&src)?;
     prepare_target(&src)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

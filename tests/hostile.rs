@@ -41,6 +41,7 @@ async fn names_that_are_sql_stay_names() -> Result<()> {
          GRANT SELECT, TRIGGER ON ALL TABLES IN SCHEMA public TO switchyard;
          GRANT pg_read_all_stats TO switchyard;",
     )?;
+    src.psql(&support::app_owned(&["public"]))?;
     prepare_target(&src)?;
     let dir = tempfile::tempdir()?;
     let toml_target = TARGET.replace('\\', "\\\\").replace('"', "\\\"");

@@ -228,6 +228,7 @@ impl World {
             }
         }
         src.psql(&seed)?;
+        src.psql(&support::app_owned(&["public"]))?;
         prepare_target(&src)?;
         prepare_target(&dst)?;
         let dir = tempfile::tempdir()?;

@@ -79,7 +79,7 @@ async fn same_cluster_schema_gets_tables_keys_sequences_and_rewired_foreign_keys
     let defs = provision::read_tables(&c, &moved()).await?;
     let plan = provision::plan(&defs, &Placement::into_schema(&moved(), "acme", true))?;
     assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-    let created = provision::apply(&mut c, &plan).await?;
+    let created = provision::apply(&mut c, &plan, None).await?;
     assert!(created > 10, "created {created}");
 
     for t in ["users", "orders", "line_items"] {
@@ -146,7 +146,7 @@ async fn same_cluster_schema_gets_tables_keys_sequences_and_rewired_foreign_keys
     assert_eq!(cents, 250);
 
     // Idempotent: a second run creates nothing and changes nothing.
-    let again = provision::apply(&mut c, &plan).await?;
+    let again = provision::apply(&mut c, &plan, None).await?;
     assert_eq!(again, 0);
     Ok(())
 }
@@ -165,7 +165,7 @@ async fn another_cluster_gets_types_and_drops_foreign_keys_to_tables_left_behind
     )?;
     assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
     assert!(plan.warnings[0].contains("public.plans"));
-    provision::apply(&mut d, &plan).await?;
+    provision::apply(&mut d, &plan, None).await?;
     for t in ["users", "orders", "line_items"] {
         let mut want = shape(&s, "public", t).await?;
         if t == "orders" {
@@ -183,7 +183,7 @@ async fn another_cluster_gets_types_and_drops_foreign_keys_to_tables_left_behind
         .map(|r| r.get(0))
         .collect();
     assert_eq!(labels, ["open", "paid", "it's shipped"]);
-    assert_eq!(provision::apply(&mut d, &plan).await?, 0);
+    assert_eq!(provision::apply(&mut d, &plan, None).await?, 0);
     Ok(())
 }
 
@@ -209,7 +209,7 @@ async fn refusals_are_clear_and_leave_the_target_untouched() -> Result<()> {
     dst.psql("CREATE SCHEMA acme; CREATE TABLE acme.users (id int PRIMARY KEY, other text);")?;
     let defs = provision::read_tables(&s, &moved()).await?;
     let plan = provision::plan(&defs, &Placement::into_schema(&moved(), "acme", false))?;
-    let err = provision::apply(&mut d, &plan).await.unwrap_err();
+    let err = provision::apply(&mut d, &plan, None).await.unwrap_err();
     assert!(matches!(err, ProvisionError::Mismatch { .. }), "{err}");
     let leftovers: i64 = d
         .query_one(

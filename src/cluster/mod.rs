@@ -4,6 +4,10 @@
 //! - The password lives in a [`Secret`] and is never formatted into logs, errors or metrics.
 //! - TLS behaviour is the same for SQL sessions and the replication connection
 //!   (see [`tls`]); `host` starting with `/` means a unix socket directory, as in libpq.
+//! - Every SQL session commits durably: a cluster configured with `synchronous_commit = off`
+//!   gets `on` for switchyard's sessions (a stronger setting is kept). An applied position,
+//!   a route flip or a fence must survive a crash of the cluster once its commit returned,
+//!   because the slot is confirmed and applications are redirected on that basis.
 
 pub mod tls;
 
@@ -62,6 +66,9 @@ pub struct Endpoint {
     pub sslrootcert: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// Send the password in clear text when the server asks for it over a connection
+    /// without TLS (off: such a connection is refused before the password leaves).
+    pub allow_cleartext_password: bool,
 }
 
 impl Endpoint {
@@ -103,6 +110,7 @@ impl Endpoint {
         &self,
         notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
     ) -> Result<tokio_postgres::Client, ClusterError> {
+        self.refuse_cleartext().await?;
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.host)
             .port(self.port)
@@ -150,8 +158,80 @@ impl Endpoint {
                 client
             }
         };
+        durable_commits(&client).await?;
         Ok(client)
     }
+}
+
+impl Endpoint {
+    /// The SQL driver answers a server's request for a clear-text password whatever the
+    /// connection: where this one may run without TLS (`disable`, or `prefer` and a server
+    /// without it) over TCP with a password, a probe connection first reads which method the
+    /// server asks for (pg_hba.conf decides it by user, database and address, the same for
+    /// the real connection) and refuses clear text before any password is sent.
+    async fn refuse_cleartext(&self) -> Result<(), ClusterError> {
+        if self.is_unix_socket()
+            || self.password.is_none()
+            || self.allow_cleartext_password
+            || !matches!(self.sslmode, SslMode::Disable | SslMode::Prefer)
+        {
+            return Ok(());
+        }
+        let probe = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+            let mut out = bytes::BytesMut::new();
+            if self.sslmode == SslMode::Prefer {
+                postgres_protocol::message::frontend::ssl_request(&mut out);
+                s.write_all(&out).await?;
+                let mut answer = [0u8; 1];
+                s.read_exact(&mut answer).await?;
+                if answer[0] == b'S' {
+                    // TLS on offer: the real connection will use it.
+                    return Ok(None);
+                }
+                out.clear();
+            }
+            let params = [
+                ("user", self.user.as_str()),
+                ("database", self.dbname.as_str()),
+            ];
+            postgres_protocol::message::frontend::startup_message(
+                params.iter().copied(),
+                &mut out,
+            )?;
+            s.write_all(&out).await?;
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await?;
+            // 'R', length 8, code 3: AuthenticationCleartextPassword.
+            Ok::<_, std::io::Error>(Some(head[0] == b'R' && head[5..9] == [0, 0, 0, 3]))
+        };
+        match tokio::time::timeout(self.connect_timeout, probe).await {
+            Ok(Ok(Some(true))) => Err(ClusterError::Insecure(format!(
+                "{} asks for the password in clear text over a connection without TLS; refused before sending it (use sslmode require or stronger, scram-sha-256 in pg_hba.conf, or set allow_cleartext_password = true)",
+                self.describe()
+            ))),
+            // Anything else (another method, an error, no answer) is for the real
+            // connection to meet and report.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `synchronous_commit = on` for this session where the cluster's setting is `off`. With
+/// `off` a commit returns before its WAL is flushed: a target that crashed then would come
+/// back without transactions whose positions were already confirmed to the source, and the
+/// target's WAL write position would trail the move's last commits (the reverse stream
+/// begins after it). `local`, `remote_write` and `remote_apply` are kept: each flushes at
+/// least locally.
+async fn durable_commits(client: &tokio_postgres::Client) -> Result<(), ClusterError> {
+    client
+        .batch_execute(
+            "SELECT set_config('synchronous_commit', 'on', false) \
+              WHERE current_setting('synchronous_commit') = 'off'",
+        )
+        .await
+        .map_err(ClusterError::sql("making the session's commits durable"))
 }
 
 async fn drive<S, T>(
@@ -195,6 +275,9 @@ pub enum ClusterError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// The connection would expose the password (see [`Endpoint::allow_cleartext_password`]).
+    #[error("{0}")]
+    Insecure(String),
     #[error("{context}: {}", describe(.source))]
     Sql {
         context: String,
@@ -277,7 +360,7 @@ impl ClusterError {
     /// Worth retrying: no server answer at all (I/O), or a transient SQLSTATE.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClusterError::Tls(_) => false,
+            ClusterError::Tls(_) | ClusterError::Insecure(_) => false,
             _ => self.sqlstate().is_none_or(is_transient_sqlstate),
         }
     }
@@ -288,7 +371,7 @@ impl ClusterError {
             ClusterError::Connect { source, .. } | ClusterError::Sql { source, .. } => {
                 source.code().map(|c| c.code())
             }
-            ClusterError::Tls(_) => None,
+            ClusterError::Tls(_) | ClusterError::Insecure(_) => None,
         }
     }
 }
@@ -311,6 +394,7 @@ mod tests {
             sslrootcert: None,
             application_name: "switchyard".into(),
             connect_timeout: Duration::from_secs(5),
+            allow_cleartext_password: false,
         };
         let dbg = format!("{ep:?} {}", ep.describe());
         assert!(!dbg.contains("hunter2"), "{dbg}");

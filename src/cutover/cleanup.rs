@@ -186,6 +186,7 @@ mod tests {
             reverse_from: None,
             rollback_requested: false,
             cleanup_due: true,
+            tables: None,
         }
     }
 

@@ -26,6 +26,14 @@
 //!   dollar-quoted text that a hostile name could close.
 //! - Trigger functions run as their owner (SECURITY DEFINER, fixed search_path), so
 //!   applications need no rights on the registry and cannot redirect its names.
+//! - No session but switchyard's own passes the fence. Inside `fence_check` (called from the
+//!   SECURITY DEFINER trigger functions) `current_user` is the functions' owner, switchyard's
+//!   role, so `session_user = current_user` means a session logged in as switchyard: only
+//!   there do its apply (the replica role) and the bypass setting (one tenant) count. The
+//!   triggers fire ALWAYS, so other sessions under `session_replication_role = replica`
+//!   (subscriptions, pg_restore) are fenced too, and TRUNCATE is fenced by a statement
+//!   trigger. An attempt whose triggers cannot be made ALWAYS (switchyard does not own the
+//!   table) fails with the owner's fix.
 
 use std::time::{Duration, Instant};
 
@@ -41,8 +49,12 @@ pub const MOVED_SQLSTATE: &str = "SY001";
 /// The name of the fence trigger on every fenced table.
 pub const TRIGGER: &str = "switchyard_fence";
 
+/// The name of the statement trigger that fences TRUNCATE on every fenced table.
+pub const TRUNCATE_TRIGGER: &str = "switchyard_fence_truncate";
+
 /// Session setting that lets switchyard's own sessions write a fenced tenant (cleanup's
-/// deletes, the reverse apply); it names the one tenant it lets through.
+/// deletes, the reverse apply); it names the one tenant it lets through, and only in a
+/// session logged in as the fence's owner (any role can set a custom setting).
 pub const BYPASS_SETTING: &str = "switchyard.bypass_tenant";
 
 /// Arguments of the tenant's advisory lock (`$1` is the tenant id).
@@ -63,8 +75,13 @@ pub fn ddl(registry_schema: &str) -> String {
     let body = format!(
         "DECLARE f record;
 BEGIN
-  IF t IS NULL OR current_setting({cleanup}, true) = t THEN
+  IF t IS NULL THEN
     RETURN;
+  END IF;
+  IF session_user = current_user THEN
+    IF current_setting('session_replication_role') = 'replica' OR current_setting({cleanup}, true) = t THEN
+      RETURN;
+    END IF;
   END IF;
   PERFORM 1 FROM {schema}.fences WHERE tenant = t;
   IF NOT FOUND THEN
@@ -97,6 +114,8 @@ END",
   moved_at timestamptz);
 CREATE OR REPLACE FUNCTION {schema}.fence_check(t text) RETURNS void LANGUAGE plpgsql AS {};
 CREATE OR REPLACE FUNCTION {schema}.fence_whole() RETURNS trigger LANGUAGE plpgsql \
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {};
+CREATE OR REPLACE FUNCTION {schema}.fence_truncate() RETURNS trigger LANGUAGE plpgsql \
   SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {};",
         quote_literal(&body),
         quote_literal(&format!(
@@ -106,6 +125,31 @@ CREATE OR REPLACE FUNCTION {schema}.fence_whole() RETURNS trigger LANGUAGE plpgs
   RETURN NEW;
 END"
         )),
+        quote_literal(&truncate_body(&schema)),
+    )
+}
+
+/// TRUNCATE removes every row at once, so it is checked against every fenced tenant whose
+/// rows the table holds: `TG_ARGV[0]` is `whole` (every row is the tenant `TG_ARGV[1]`'s) or
+/// `column` (`TG_ARGV[1]` names the tenant column). A fenced tenant's TRUNCATE takes its
+/// shared lock like a row write (the cutover waits for it) and is refused once it moved.
+fn truncate_body(schema: &str) -> String {
+    format!(
+        "DECLARE f record; present boolean;
+BEGIN
+  IF TG_ARGV[0] = 'whole' THEN
+    PERFORM {schema}.fence_check(TG_ARGV[1]);
+    RETURN NULL;
+  END IF;
+  FOR f IN SELECT tenant FROM {schema}.fences LOOP
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I::text = $1)', TG_RELID::regclass, TG_ARGV[1])
+      INTO present USING f.tenant;
+    IF present THEN
+      PERFORM {schema}.fence_check(f.tenant);
+    END IF;
+  END LOOP;
+  RETURN NULL;
+END"
     )
 }
 
@@ -134,7 +178,7 @@ END"
     )
 }
 
-/// The trigger on `table`.
+/// The row trigger on `table`.
 pub fn trigger_sql(
     registry_schema: &str,
     table: &QualifiedName,
@@ -151,6 +195,35 @@ pub fn trigger_sql(
         table.quoted(),
         quote_ident(registry_schema),
         quote_ident(function),
+    )
+}
+
+/// The TRUNCATE trigger on `table`.
+pub fn truncate_trigger_sql(
+    registry_schema: &str,
+    table: &QualifiedName,
+    tenant: &TenantOf,
+) -> String {
+    let args = match tenant {
+        TenantOf::Column(c) => format!("'column', {}", quote_literal(c)),
+        TenantOf::Whole(t) => format!("'whole', {}", quote_literal(t.as_str())),
+    };
+    format!(
+        "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.fence_truncate({args})",
+        quote_ident(TRUNCATE_TRIGGER),
+        table.quoted(),
+        quote_ident(registry_schema),
+    )
+}
+
+/// `ALTER TABLE` statements that make both fence triggers of `table` fire ALWAYS, for the
+/// table's owner to run where switchyard does not own it.
+pub fn always_sql(table: &QualifiedName) -> String {
+    format!(
+        "ALTER TABLE {t} ENABLE ALWAYS TRIGGER {}; ALTER TABLE {t} ENABLE ALWAYS TRIGGER {};",
+        quote_ident(TRIGGER),
+        quote_ident(TRUNCATE_TRIGGER),
+        t = table.quoted()
     )
 }
 
@@ -198,32 +271,77 @@ async fn try_install(
     ))
     .await
     .map_err(ClusterError::sql(ctx("installing")))?;
+    // Two tenants of one shared table may be cut over at once: one installer per table.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('switchyard.fence_install'), hashtext($1))",
+        &[&table.quoted()],
+    )
+    .await
+    .map_err(ClusterError::sql(ctx("waiting to install")))?;
+    // Each trigger: whether it exists, and whether it fires ALWAYS ('A').
     let row = tx
         .query_one(
-            "SELECT c.oid, EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $3) \
+            "SELECT c.oid, \
+                    (SELECT g.tgenabled::text FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $3), \
+                    (SELECT g.tgenabled::text FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $4) \
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
               WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.schema, &table.name, &TRIGGER],
+            &[&table.schema, &table.name, &TRIGGER, &TRUNCATE_TRIGGER],
         )
         .await
         .map_err(ClusterError::sql(ctx("looking for")))?;
-    let (oid, exists): (u32, bool) = (row.get(0), row.get(1));
-    if exists {
+    let (oid, row_trigger, truncate_trigger): (u32, Option<String>, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    let always = |t: &Option<String>| t.as_deref() == Some("A");
+    if always(&row_trigger) && always(&truncate_trigger) {
         return Ok(false);
     }
-    let function = match tenant {
-        TenantOf::Column(col) => {
-            let f = format!("fence_{oid}");
-            tx.batch_execute(&column_function(registry_schema, &f, col))
-                .await
-                .map_err(ClusterError::sql(ctx("creating the function of")))?;
-            f
-        }
-        TenantOf::Whole(_) => "fence_whole".to_owned(),
-    };
-    tx.batch_execute(&trigger_sql(registry_schema, table, &function, tenant))
+    if row_trigger.is_none() {
+        let function = match tenant {
+            TenantOf::Column(col) => {
+                let f = format!("fence_{oid}");
+                tx.batch_execute(&column_function(registry_schema, &f, col))
+                    .await
+                    .map_err(ClusterError::sql(ctx("creating the function of")))?;
+                f
+            }
+            TenantOf::Whole(_) => "fence_whole".to_owned(),
+        };
+        tx.batch_execute(&trigger_sql(registry_schema, table, &function, tenant))
+            .await
+            .map_err(ClusterError::sql(ctx("creating")))?;
+    }
+    if truncate_trigger.is_none() {
+        tx.batch_execute(&truncate_trigger_sql(registry_schema, table, tenant))
+            .await
+            .map_err(ClusterError::sql(ctx("creating the TRUNCATE part of")))?;
+    }
+    tx.commit()
         .await
-        .map_err(ClusterError::sql(ctx("creating")))?;
+        .map_err(ClusterError::sql(ctx("committing")))?;
+    // A trigger that does not fire ALWAYS is skipped by every session under
+    // `session_replication_role = replica`, and only the table's owner may change that. The
+    // triggers are committed first: the owner's fix needs them to exist.
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ClusterError::sql(ctx("enabling")))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'; {}",
+        lock_wait.as_millis().max(1),
+        always_sql(table)
+    ))
+    .await
+    .map_err(|e| {
+        if e.code().map(|c| c.code()) == Some("42501") {
+            ClusterError::sql(format!(
+                "the fence on {table} must fire for every session, also under session_replication_role = replica, and only the table's owner can make it so. Fix: run `{}` as the owner, or GRANT the owner's role TO the switchyard role",
+                always_sql(table)
+            ))(e)
+        } else {
+            ClusterError::sql(ctx("enabling (ALWAYS)"))(e)
+        }
+    })?;
     tx.commit()
         .await
         .map_err(ClusterError::sql(ctx("committing")))?;
@@ -270,7 +388,7 @@ pub async fn arm(
     tenant: &TenantId,
 ) -> Result<Armed, ClusterError> {
     let fences = format!("{}.fences", quote_ident(registry_schema));
-    client
+    let inserted = client
         .execute(
             &format!(
                 "INSERT INTO {fences} (tenant, state) VALUES ($1, 'armed') ON CONFLICT (tenant) DO NOTHING"
@@ -279,6 +397,21 @@ pub async fn arm(
         )
         .await
         .map_err(ClusterError::sql("arming the write fence"))?;
+    if inserted == 1 {
+        // `armed_at` must be a time by which every new transaction sees the row: the
+        // INSERT's own clock reading precedes its commit, and a transaction that began in
+        // between took no lock and would not count as older than the fence. Read again
+        // after the commit returned.
+        client
+            .execute(
+                &format!(
+                    "UPDATE {fences} SET armed_at = clock_timestamp() WHERE tenant = $1 AND state = 'armed'"
+                ),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("arming the write fence"))?;
+    }
     let state: String = client
         .query_one(
             &format!("SELECT state FROM {fences} WHERE tenant = $1"),
@@ -327,23 +460,28 @@ pub async fn sees_all_sessions(client: &Client) -> Result<bool, ClusterError> {
         .get(0))
 }
 
-/// Backends of this database in a transaction older than the tenant's fence row that
-/// either holds a snapshot (repeatable read: it may not see the fence) or wrote something
-/// (it may have written the tenant before the fence, and commit after the cutover).
-/// Returns their pids.
+/// Transactions of this database that could have written the tenant without seeing its
+/// fence row, described for the attempt's reason: backends in a transaction older than the
+/// row that either hold a snapshot (repeatable read: it may not see the fence) or wrote
+/// something (it may have written the tenant before the fence, and commit after the
+/// cutover), and every prepared transaction (it has no backend to tell when it began, and
+/// its COMMIT PREPARED may come after the cutover).
 pub async fn old_transactions(
     client: &Client,
     registry_schema: &str,
     tenant: &TenantId,
-) -> Result<Vec<i32>, ClusterError> {
+) -> Result<Vec<String>, ClusterError> {
     let rows = client
         .query(
             &format!(
-                "SELECT a.pid FROM pg_stat_activity a, {}.fences f \
+                "SELECT 'pid ' || a.pid FROM pg_stat_activity a, {}.fences f \
                   WHERE f.tenant = $1 AND a.datname = current_database() \
                     AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend' \
                     AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL) \
-                    AND a.xact_start < f.armed_at",
+                    AND a.xact_start < f.armed_at \
+                 UNION ALL \
+                 SELECT 'prepared ' || quote_literal(p.gid) FROM pg_prepared_xacts p \
+                  WHERE p.database = current_database()",
                 quote_ident(registry_schema)
             ),
             &[&tenant.as_str()],

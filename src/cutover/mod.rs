@@ -225,6 +225,23 @@ async fn prepare(
             }));
         }
     }
+    // Every table of the tenant must be moved and fenced before a flip: one that appeared
+    // after the move started is neither (the daemon pauses the move for it).
+    let moves = registry.list(source).await?;
+    let now = crate::daemon::current_tenant_tables(cfg, source, &job.mv, &moves).await?;
+    if let Some(new) = now
+        .iter()
+        .find(|n| !job.tables.iter().any(|t| &t.chunk.source == *n))
+    {
+        return Ok(Some(Outcome::Aborted {
+            step: Step::Arm,
+            reason: format!(
+                "table {} appeared after the move started: it is not copied, so nothing is flipped",
+                new.quoted()
+            ),
+            pause: None,
+        }));
+    }
     for t in &job.tables {
         let of = match &t.chunk.tenant {
             Some((col, _)) => fence::TenantOf::Column(col.clone()),
@@ -283,7 +300,8 @@ async fn prepare(
             return Ok(Some(Outcome::Aborted {
                 step: Step::OldTransactions,
                 reason: format!(
-                    "transactions older than the fence are still open (pids {old:?}); they could write without seeing it"
+                    "transactions older than the fence are still open ({}); they could write without seeing it",
+                    old.join(", ")
                 ),
                 pause: None,
             }));
@@ -374,6 +392,36 @@ fn over_budget(e: &ClusterError) -> bool {
     matches!(e.sqlstate(), Some("57014" | "55P03"))
 }
 
+/// How long a session that holds a fence may sit idle inside its transaction before the
+/// server ends it: a few times the pause budget, at least one second.
+pub(crate) fn fence_idle_limit(budget: Duration) -> Duration {
+    (budget * 4).max(Duration::from_secs(1))
+}
+
+/// Makes the server itself end `session` (and so release the fence it is about to hold) if
+/// the daemon stops talking to it: the daemon's host may die or be cut off mid-cutover, and
+/// nothing on the daemon's side can then bound the tenant's pause. An idle transaction
+/// ends after [`fence_idle_limit`]; a vanished peer is noticed by TCP keepalives within
+/// about as long. Session settings: the attempt's connection is its own.
+pub(crate) async fn bound_by_server(
+    session: &Client,
+    budget: Duration,
+) -> Result<(), ClusterError> {
+    let idle = fence_idle_limit(budget);
+    let probe = (idle.as_secs() / 2).max(1);
+    session
+        .batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = '{}ms'; \
+             SET tcp_keepalives_idle = {probe}; SET tcp_keepalives_interval = {probe}; \
+             SET tcp_keepalives_count = 2",
+            idle.as_millis()
+        ))
+        .await
+        .map_err(ClusterError::sql(
+            "bounding the fence's session at the server",
+        ))
+}
+
 /// Writes the marker `token` into the WAL from inside the fence's transaction `tx`.
 async fn mark(
     tx: &tokio_postgres::Transaction<'_>,
@@ -412,6 +460,7 @@ async fn fenced(
         budget: cfg.cutover.pause_budget,
     };
     let sql = |ctx: &'static str| ClusterError::sql(ctx);
+    bound_by_server(source, clock.budget).await?;
     let tx = source
         .transaction()
         .await
@@ -446,7 +495,17 @@ async fn fenced(
     {
         return Ok(aborted(Step::CatchUp, "the pipeline is stopping".into()));
     }
-    mark(&tx, &flusher, job.token).await?;
+    // Bounded: a source that stops answering must not hold the attempt (the server ends
+    // the fence's session by itself, see `bound_by_server`).
+    match tokio::time::timeout(clock.budget, mark(&tx, &flusher, job.token)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Ok(aborted(
+                Step::CatchUp,
+                "the marker could not be written within the pause budget".into(),
+            ))
+        }
+    }
     let Some(wait) = clock.catch_up(t0.elapsed()) else {
         return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
     };
@@ -502,9 +561,13 @@ async fn fenced(
     }
     // From here on every change of the tenant's tables at the target is an application's
     // (the move applied all of its own): the reverse stream starts after this position.
+    // The insert position, not `pg_current_wal_lsn()` (the write position): every commit of
+    // the move returned, so its record is inserted, but under `synchronous_commit = off` it
+    // may not be written yet, and a write position before it would hand the move's own last
+    // transactions to the reverse stream as the application's.
     let reverse_from: Option<String> = if cfg.cutover.rollback {
         match target
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
         {
             Ok(row) => Some(row.get(0)),

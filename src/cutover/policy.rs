@@ -51,6 +51,9 @@ pub struct Readiness {
     pub attempt_running: bool,
     /// The backoff after the last aborted attempt has passed.
     pub backoff_over: bool,
+    /// Rows wait to be read again from the source (a row moved into the tenant arrived
+    /// without its TOAST values): the target lacks them until then.
+    pub rereads_pending: bool,
 }
 
 /// Why no attempt starts now.
@@ -61,6 +64,7 @@ pub enum NotNow {
     Lagging,
     Running,
     BackingOff,
+    Rereading,
 }
 
 pub fn may_start(r: &Readiness, s: &CutoverSettings) -> Result<(), NotNow> {
@@ -78,6 +82,9 @@ pub fn may_start(r: &Readiness, s: &CutoverSettings) -> Result<(), NotNow> {
     }
     if r.lag_bytes > s.max_lag_bytes {
         return Err(NotNow::Lagging);
+    }
+    if r.rereads_pending {
+        return Err(NotNow::Rereading);
     }
     Ok(())
 }
@@ -125,6 +132,7 @@ mod tests {
             lag_bytes: 0,
             attempt_running: false,
             backoff_over: true,
+            rereads_pending: false,
         }
     }
 
@@ -180,6 +188,13 @@ mod tests {
                     ..ready()
                 },
                 NotNow::BackingOff,
+            ),
+            (
+                Readiness {
+                    rereads_pending: true,
+                    ..ready()
+                },
+                NotNow::Rereading,
             ),
         ] {
             assert_eq!(may_start(&r, &s), Err(why), "{r:?}");

@@ -117,6 +117,8 @@ pub async fn rollback_tenant(
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Cancelled {
     pub tables_dropped: Vec<String>,
+    /// Target tables that were there before the move: kept (only rows the move wrote left).
+    pub tables_kept: Vec<String>,
     pub rows_deleted: i64,
     pub schema_dropped: Option<String>,
 }
@@ -172,6 +174,45 @@ async fn remove_target(
     tx.batch_execute("SET LOCAL lock_timeout = '2s'")
         .await
         .map_err(ClusterError::sql("starting the removal"))?;
+    // Only what the move created is dropped; a table that was there before loses only rows
+    // the move wrote (the tenant's rows of a shared table, once the move wrote anything).
+    let ledger = crate::provision::Ledger::table(&config.registry_schema);
+    let progress = crate::apply::writer::progress_table(&config.registry_schema);
+    let exists = |name: String| {
+        let tx = &tx;
+        async move {
+            tx.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&name])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .map_err(ClusterError::sql(
+                    "looking for switchyard's tables at the target",
+                ))
+        }
+    };
+    let mut created = std::collections::BTreeSet::new();
+    if exists(ledger.clone()).await? {
+        created = tx
+            .query(
+                &format!("SELECT relation FROM {ledger} WHERE tenant = $1"),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("reading which tables the move created"))?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+    }
+    let wrote = exists(progress.clone()).await?
+        && tx
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {progress} WHERE tenant = $1)"),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql(
+                "reading whether the move wrote at the target",
+            ))?
+            .get::<_, bool>(0);
     let mut drop = Vec::new();
     for t in tables {
         let exists: bool = tx
@@ -200,8 +241,13 @@ async fn remove_target(
                 .get(0),
             None => false,
         };
-        match (&t.chunk.tenant, shared_with_others) {
-            (Some((col, ty)), true) => {
+        let ours = created.contains(&t.target.quoted());
+        match &t.chunk.tenant {
+            // Created by the move and holding only the tenant's rows: it goes.
+            _ if ours && !shared_with_others => drop.push(t.target.clone()),
+            // A shared table (created by the move and since shared, or there before): only
+            // the tenant's rows go, and only if the move wrote any.
+            Some((col, ty)) if ours || wrote => {
                 out.rows_deleted += tx
                     .execute(
                         &format!(
@@ -217,7 +263,21 @@ async fn remove_target(
                         t.target
                     )))? as i64;
             }
-            _ => drop.push(t.target.clone()),
+            // A whole table that was there before, empty (the move refuses a table that
+            // holds rows) and then written by the move: its rows go, the table stays.
+            None if wrote => {
+                out.rows_deleted += tx
+                    .execute(&format!("DELETE FROM {}", t.target.quoted()), &[])
+                    .await
+                    .map_err(ClusterError::sql(format!(
+                        "removing the tenant's rows from {}",
+                        t.target
+                    )))? as i64;
+                out.tables_kept.push(t.target.to_string());
+            }
+            // There before the move, and nothing of it the move's to remove (a whole table
+            // of another tenant, or a shared table the move never wrote to).
+            _ => out.tables_kept.push(t.target.to_string()),
         }
     }
     if !drop.is_empty() {
@@ -229,6 +289,14 @@ async fn remove_target(
         out.tables_dropped = drop.iter().map(|t| t.to_string()).collect();
     }
     crate::apply::writer::forget_progress(&tx, &config.registry_schema, tenant).await?;
+    if !created.is_empty() {
+        tx.execute(
+            &format!("DELETE FROM {ledger} WHERE tenant = $1"),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(ClusterError::sql("forgetting the created tables"))?;
+    }
     tx.commit()
         .await
         .map_err(ClusterError::sql("committing the removal"))?;

@@ -72,9 +72,12 @@ pub async fn prepare(
     slot_wait: Duration,
 ) -> Result<(), ClusterError> {
     let key = target_key(tenant, target_schema);
+    // Attempts of several tenants onto one target run at once, and CREATE ... IF NOT EXISTS
+    // is no guard against a concurrent creator: one at a time.
     target
         .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {};\n{}",
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('switchyard.fence_ddl'));\n\
+             CREATE SCHEMA IF NOT EXISTS {};\n{}\nCOMMIT;",
             quote_ident(registry_schema),
             fence::ddl(registry_schema)
         ))
@@ -176,6 +179,46 @@ pub async fn drop_slot(target: &Client, move_id: i64) -> Result<(), ClusterError
         ))
         .await
         .map_err(ClusterError::sql("dropping the reverse publication"))?;
+    Ok(())
+}
+
+/// What an attempt left for a move that ended without a cutover (failed, paused or
+/// cancelled, by the daemon or through SQL): the source's armed fence (its writers would
+/// take the tenant's lock for ever), and at the target the reverse slot (it would keep WAL
+/// for ever), its publication and the target's armed fence. A fence is lifted only while no
+/// other move of the tenant is under way (a newer move may have armed it).
+pub async fn release_leftovers(config: &Config, mv: &Move) -> Result<(), Error> {
+    let registry = Registry::new(config.registry_schema.clone())?;
+    let source = config.source.connect_sql().await?;
+    let active = registry.active_for(&source, &mv.tenant).await?;
+    let busy = active.is_some_and(|a| a.id != mv.id || a.state.consumes_stream());
+    if !busy {
+        fence::disarm(&source, &config.registry_schema, &mv.tenant).await?;
+    }
+    // A target no longer configured cannot be reached; nothing to do there.
+    let Ok(endpoint) = crate::daemon::endpoint(config, &mv.target) else {
+        return Ok(());
+    };
+    let target = endpoint.connect_sql().await?;
+    drop_slot(&target, mv.id).await?;
+    if !busy {
+        let has_fences: bool = target
+            .query_one(
+                "SELECT to_regclass($1::text) IS NOT NULL",
+                &[&format!("{}.fences", quote_ident(&config.registry_schema))],
+            )
+            .await
+            .map_err(ClusterError::sql("looking for the target's fences"))?
+            .get(0);
+        if has_fences {
+            fence::disarm(
+                &target,
+                &config.registry_schema,
+                &target_key(&mv.tenant, &mv.target_schema),
+            )
+            .await?;
+        }
+    }
     Ok(())
 }
 
@@ -378,6 +421,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         budget: cfg.cutover.pause_budget,
     };
     let sql = |ctx: &'static str| ClusterError::sql(ctx);
+    super::bound_by_server(&target, clock.budget).await?;
     let tx = target
         .transaction()
         .await
@@ -409,7 +453,17 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
             "reverse replication is not running".into(),
         ));
     }
-    super::mark(&tx, &flusher, job.token).await?;
+    // Bounded: a source that stops answering must not hold the attempt (the server ends
+    // the fence's session by itself, see `bound_by_server`).
+    match tokio::time::timeout(clock.budget, super::mark(&tx, &flusher, job.token)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Ok(aborted(
+                Step::CatchUp,
+                "the marker could not be written within the pause budget".into(),
+            ))
+        }
+    }
     let Some(wait) = clock.catch_up(t0.elapsed()) else {
         return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
     };

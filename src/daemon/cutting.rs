@@ -53,6 +53,9 @@ pub(super) struct Cutovers {
     rolling_back: HashMap<i64, Instant>,
     /// Automatic cleanups running or failed (not retried before the time given), by move id.
     cleaning: HashMap<i64, Instant>,
+    /// Ended moves whose fences and reverse slot were released in this run, by the state
+    /// they were released in.
+    released: HashMap<i64, MoveState>,
 }
 
 impl Engine {
@@ -94,6 +97,7 @@ impl Engine {
                     .backoff
                     .get(&id)
                     .is_none_or(|(_, at)| Instant::now() >= *at),
+                rereads_pending: !t.is_copied(),
             };
             if policy::may_start(&ready, &self.config.cutover).is_err() {
                 continue;
@@ -164,7 +168,21 @@ impl Engine {
                     .expect("looked up above");
                 match r.task.await {
                     Ok(Err(e)) => {
-                        tracing::warn!(move_id = id, error = %e, "reverse replication failed; restarting")
+                        tracing::warn!(move_id = id, error = %e, "reverse replication failed; restarting");
+                        metrics::counter!(crate::telemetry::REVERSE_FAILURES).increment(1);
+                        // The old location stops following the new one: operators must see
+                        // it on the move, not only in the log.
+                        if let Err(e) = self
+                            .registry
+                            .note_error(
+                                &self.control,
+                                id,
+                                &format!("reverse replication (keeps the old location current for a rollback) failed; retrying: {e}"),
+                            )
+                            .await
+                        {
+                            tracing::warn!(move_id = id, error = %e, "recording the reverse stream's error");
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(move_id = id, error = %e, "reverse replication task ended")
@@ -230,6 +248,37 @@ impl Engine {
                 },
             );
         }
+    }
+
+    /// Lifts what cutover attempts left for moves that ended without a cutover (failed,
+    /// paused, cancelled): armed fences and reverse slots. Once per move and state in this
+    /// run (so once after every start, for moves that ended while the daemon was down).
+    pub(super) fn release_ended(&mut self, moves: &[Move]) {
+        let mut ended = Vec::new();
+        for mv in moves.iter().filter(|m| {
+            matches!(
+                m.state,
+                MoveState::Failed | MoveState::Paused | MoveState::Cancelled
+            )
+        }) {
+            if self.cutovers.released.get(&mv.id) != Some(&mv.state) {
+                self.cutovers.released.insert(mv.id, mv.state);
+                ended.push(mv.clone());
+            }
+        }
+        if ended.is_empty() {
+            return;
+        }
+        // One after the other: after a start this is every such move in the registry, and a
+        // connection burst on the source and the targets would serve no one.
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            for mv in ended {
+                if let Err(e) = reverse::release_leftovers(&config, &mv).await {
+                    tracing::warn!(tenant = %mv.tenant, move_id = mv.id, error = %e, "lifting the fence and reverse slot of an ended move");
+                }
+            }
+        });
     }
 
     /// Cleans up verified cut-over moves whose retention window is over (unless an
@@ -453,12 +502,16 @@ impl Engine {
                 self.cutovers.waits.swap_remove(i);
                 continue;
             }
+            // Rows waiting to be read again are not at the target yet: no answer (the
+            // attempt aborts at its budget) until they are.
             let done = w.through.is_some_and(|through| {
                 self.tenants.get(&w.tenant).is_some_and(|t| {
-                    self.unacked
-                        .get(&t.destination.target)
-                        .and_then(|q| q.front())
-                        .is_none_or(|(end, _)| *end > through)
+                    t.is_copied()
+                        && self
+                            .unacked
+                            .get(&t.destination.target)
+                            .and_then(|q| q.front())
+                            .is_none_or(|(end, _)| *end > through)
                 })
             });
             if done {

@@ -33,7 +33,9 @@ mod moving;
 mod reader;
 mod setup;
 
-pub use setup::{check_move, tenant_layout, unordered_chunk_reads};
+pub use setup::{
+    canonical_tenant, check_move, current_tenant_tables, tenant_layout, unordered_chunk_reads,
+};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -88,9 +90,19 @@ pub enum MoveError {
     TargetNotEmpty { table: String },
     #[error("target {target} has no progress record for this tenant although {recorded} was applied there (restored from a backup?); resume the move to copy it again")]
     LostProgress { target: String, recorded: Lsn },
+    #[error("tenant id {tenant:?}: {detail}")]
+    BadTenantId { tenant: String, detail: String },
+    #[error("table {table} of this tenant appeared after the move started: it is neither copied nor fenced, so the move cannot cut over. Fix: set the move's state to 'provisioning' to copy the tenant again with it (or take the table out of the publication)")]
+    NewTable { table: String },
+    #[error("target {target} holds this tenant only up to {found}, but {recorded} was applied there and confirmed to the source (the target came back from a crash with asynchronous commits, an asynchronous failover or a restore): the changes in between are gone from the slot. Copy the tenant again: set the move's state to 'provisioning'")]
+    TargetBehind {
+        target: String,
+        found: Lsn,
+        recorded: Lsn,
+    },
     #[error("the tenant's target lags {held} bytes of WAL behind the stream, over the budget of {budget} (move.wal_budget_mb); it was failed so the slot does not keep WAL for it")]
     WalBudget { held: u64, budget: u64 },
-    #[error("a source transaction (xid {xid}) brings this tenant more than {limit} bytes of changes (move.max_txn_mb); the daemon holds a transaction whole until its commit, so the tenant was failed rather than the daemon's memory exhausted. Raise move.max_txn_mb (the daemon needs about 4 times it in memory) and resume the move")]
+    #[error("a source transaction (xid {xid}) brings the moving tenants more than {limit} bytes of changes (move.max_txn_mb), this tenant's change crossing it; the daemon holds a transaction whole until its commit, so the tenant was failed rather than the daemon's memory exhausted. Raise move.max_txn_mb (the daemon needs about twice it in memory) and resume the move")]
     TransactionTooLarge { xid: u32, limit: u64 },
     #[error("target {target:?} is not configured in [targets] (known targets: {known})")]
     UnknownTarget { target: String, known: String },
@@ -193,8 +205,10 @@ struct OpenTxn {
     final_lsn: Lsn,
     xid: u32,
     parts: BTreeMap<TargetId, BTreeMap<TenantId, Vec<Work>>>,
-    /// Bytes of change data held per tenant (see `move.max_txn_mb`).
+    /// Bytes of change data held per tenant, and in all (see `move.max_txn_mb`: the bound
+    /// is per source transaction, however many moving tenants it touches).
     held: BTreeMap<TenantId, u64>,
+    held_total: u64,
     touched: BTreeSet<TenantId>,
     marks: Vec<Watermark>,
 }
@@ -214,6 +228,9 @@ struct Engine {
     tenants: BTreeMap<TenantId, Tenant>,
     /// Source tables some moving tenant copies: changes of other tables are not looked at.
     moved_tables: BTreeSet<QualifiedName>,
+    /// Published tables known to be no moving tenant's (no tenant column, or another
+    /// tenant's schema): not looked at again by [`Engine::notice_new_tables`].
+    global_tables: BTreeSet<QualifiedName>,
     appliers: BTreeMap<TargetId, applier::Applier>,
     apply_events: mpsc::UnboundedSender<ApplyEvent>,
     chunk_events: mpsc::UnboundedSender<ChunkEvent>,
@@ -370,6 +387,7 @@ async fn run_daemon(
         relations: RelationCache::new(),
         tenants: BTreeMap::new(),
         moved_tables: BTreeSet::new(),
+        global_tables: BTreeSet::new(),
         appliers: BTreeMap::new(),
         apply_events: apply_tx,
         chunk_events: chunk_tx,
@@ -587,6 +605,78 @@ impl Engine {
             .is_some_and(|t| t.same_database(&self.config.source))
     }
 
+    /// Tables of a moving tenant that appeared in the publication after its move started
+    /// (a new shared table with the tenant column, a new partition, a new table in a
+    /// tenant's schema) are neither copied nor fenced: each tenant concerned is paused with
+    /// the table named and the fix, so no cutover flips without them. Checked at every
+    /// registry poll (one catalog query; a table's columns are read once).
+    async fn notice_new_tables(&mut self, moves: &[Move]) -> Result<(), Error> {
+        if self.tenants.is_empty() {
+            return Ok(());
+        }
+        let Some(published) =
+            source::slot::publication_tables(&self.control, &self.config.replication.publication)
+                .await?
+        else {
+            return Ok(());
+        };
+        let excluded = self.excluded_schemas(moves);
+        let known: BTreeSet<&QualifiedName> = self
+            .tenants
+            .values()
+            .flat_map(|t| t.tables.keys())
+            .collect();
+        let unknown: Vec<QualifiedName> = published
+            .into_iter()
+            .filter(|t| {
+                !excluded.contains(&t.schema)
+                    && t.schema != self.config.registry_schema
+                    && !known.contains(t)
+                    && !self.global_tables.contains(t)
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mut concerned: Vec<(TenantId, QualifiedName)> = Vec::new();
+        match self.config.tenancy.mode {
+            crate::config::TenancyMode::Schema => {
+                for t in unknown {
+                    match TenantId::new(t.schema.clone()) {
+                        Ok(id) if self.tenants.contains_key(&id) => concerned.push((id, t)),
+                        _ => {
+                            self.global_tables.insert(t);
+                        }
+                    }
+                }
+            }
+            crate::config::TenancyMode::Shared => {
+                let defs = crate::provision::read_tables(&self.control, &unknown).await?;
+                for d in defs {
+                    let col = self.config.tenancy.column_of(&d.name);
+                    if d.columns.iter().any(|c| c.name == col) {
+                        for id in self.tenants.keys() {
+                            concerned.push((id.clone(), d.name.clone()));
+                        }
+                    } else {
+                        self.global_tables.insert(d.name);
+                    }
+                }
+            }
+        }
+        for (tenant, table) in concerned {
+            if !self.tenants.contains_key(&tenant) {
+                continue;
+            }
+            tracing::warn!(%tenant, %table, "a table of a moving tenant appeared; pausing the move");
+            let e = Error::Move(MoveError::NewTable {
+                table: table.quoted(),
+            });
+            self.fail(&tenant, &e, MoveState::Paused).await;
+        }
+        Ok(())
+    }
+
     fn excluded_schemas(&self, moves: &[Move]) -> BTreeSet<String> {
         moves
             .iter()
@@ -612,10 +702,26 @@ impl Engine {
         Ok(())
     }
 
+    /// The registry's moves; a row that does not parse is marked failed with the reason
+    /// and left out, and the others go on.
+    async fn list_moves(&mut self) -> Result<Vec<Move>, Error> {
+        let (moves, bad) = self.registry.list_checked(&self.control).await?;
+        for e in &bad {
+            match self.registry.fail_bad_row(&self.control, e).await {
+                Ok(true) => tracing::error!(error = %e, "a registry row is invalid; marked failed"),
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, bad = %e, "recording an invalid registry row")
+                }
+            }
+        }
+        Ok(moves)
+    }
+
     async fn restore_tenants(&mut self) -> Result<(), Error> {
         use futures_util::StreamExt;
         let started = Instant::now();
-        let moves = self.registry.list(&self.control).await?;
+        let moves = self.list_moves().await?;
         let excluded = self.excluded_schemas(&moves);
         let mut resuming = Vec::new();
         for mv in moves.into_iter().filter(|m| m.state.consumes_stream()) {
@@ -670,7 +776,7 @@ impl Engine {
     /// cancelled.
     async fn poll_registry(&mut self) -> Result<(), Error> {
         self.ensure_control().await?;
-        let moves = self.registry.list(&self.control).await?;
+        let moves = self.list_moves().await?;
         let excluded = self.excluded_schemas(&moves);
         // A tenant being moved follows its own move row, whatever other rows say: paused,
         // cancelled (a finished state) or deleted, it stops.
@@ -687,9 +793,11 @@ impl Engine {
             tracing::info!(%tenant, %state, "move stopped in the registry");
             self.release(&tenant);
         }
+        self.notice_new_tables(&moves).await?;
         self.start_cutovers(&moves).await;
         self.run_reverse(&moves).await;
         self.auto_cleanup(&moves);
+        self.release_ended(&moves);
         let mut seen = BTreeSet::new();
         for mv in moves {
             if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {
@@ -734,6 +842,48 @@ impl Engine {
             }
             let mut mv = mv;
             mv.state = MoveState::Provisioning;
+            // The id in the form the stream will carry it, stored once (a row written by
+            // hand may say `007` or an upper-case UUID).
+            match setup::canonical_tenant(&self.config, &self.control, &mv.tenant).await {
+                Ok(canonical) if canonical != mv.tenant => {
+                    tracing::info!(given = %mv.tenant, %canonical, move_id = mv.id, "tenant id written as its column's type writes it");
+                    if let Err(e) = self
+                        .registry
+                        .rename_tenant(&self.control, mv.id, &canonical)
+                        .await
+                    {
+                        let why = format!("storing the tenant id as {canonical}: {e}");
+                        self.set_state(
+                            mv.id,
+                            &mv.tenant,
+                            MoveState::Provisioning,
+                            MoveState::Failed,
+                            Some(&why),
+                        )
+                        .await;
+                        continue;
+                    }
+                    mv.tenant = canonical;
+                    if self.tenants.contains_key(&mv.tenant) || self.setting_up.contains(&mv.tenant)
+                    {
+                        continue;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.classify() == ErrorClass::TenantFatal => {
+                    tracing::error!(tenant = %mv.tenant, error = %e, "move refused");
+                    self.set_state(
+                        mv.id,
+                        &mv.tenant,
+                        MoveState::Provisioning,
+                        MoveState::Failed,
+                        Some(&e.to_string()),
+                    )
+                    .await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             // A move picked up here starts over (new, or resumed after a failure).
             let _ = self.checkpoints.forget_tenant(&mv.tenant).await;
             self.setting_up.insert(mv.tenant.clone());
@@ -815,6 +965,16 @@ impl Engine {
             self.appliers.insert(target.clone(), a);
         }
         if tenant.state == MoveState::Provisioning {
+            // What this move copies, and so what its cutover fences and its cancel and
+            // cleanup may touch (a table that appears later is not part of it).
+            let tables: Vec<String> = tenant.tables.keys().map(|t| t.quoted()).collect();
+            if let Err(e) = self
+                .registry
+                .record_tables(&self.control, tenant.move_id, &tables)
+                .await
+            {
+                tracing::warn!(tenant = %tenant.id, error = %e, "recording the move's tables");
+            }
             self.set_state(
                 tenant.move_id,
                 &tenant.id,
@@ -947,6 +1107,7 @@ impl Engine {
                     xid: b.xid,
                     parts: BTreeMap::new(),
                     held: BTreeMap::new(),
+                    held_total: 0,
                     touched: BTreeSet::new(),
                     marks: Vec::new(),
                 });
@@ -1162,9 +1323,13 @@ impl Engine {
             }
             let held = txn.held.get_mut(&tenant).expect("inserted above");
             *held += added;
-            if *held > self.config.moves.max_txn_bytes {
-                // Its changes of this transaction go now; failing the tenant stops
-                // routing the rest of them.
+            txn.held_total += added;
+            if txn.held_total > self.config.moves.max_txn_bytes {
+                // The tenant whose change crossed the bound: its changes of this transaction
+                // go now (and count no more), and failing it stops routing the rest of
+                // them. One transaction over N moving tenants holds the bound once, not N
+                // times.
+                txn.held_total -= *held;
                 by_tenant.remove(&tenant);
                 failures.push((
                     tenant,
@@ -1554,7 +1719,12 @@ impl Engine {
         for k in 0..n {
             let id = &ids[(self.rotation + k) % n];
             let t = self.tenants.get_mut(id).expect("listed above");
-            if t.state != MoveState::Copying {
+            // After the copy, a tenant still reads rows again that arrived without their
+            // TOAST values (a row moved into it from another tenant), up to the flip.
+            if !matches!(
+                t.state,
+                MoveState::Copying | MoveState::Streaming | MoveState::CuttingOver
+            ) {
                 continue;
             }
             for (name, tm) in t.tables.iter_mut() {
@@ -1653,6 +1823,20 @@ impl Engine {
         );
         let now = pg_now();
         let budget = self.config.moves.wal_budget_bytes;
+        // The source's own position: the daemon's read position stops where reading pauses
+        // (max_inflight_txns), so a target that is down would never look further behind.
+        self.ensure_control().await?;
+        let source_at: Lsn = match self
+            .control
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+        {
+            Ok(row) => row.get::<_, String>(0).parse().unwrap_or(Lsn::INVALID),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the source's WAL position");
+                Lsn::INVALID
+            }
+        };
         let mut over = Vec::new();
         let mut reports = Vec::new();
         for t in self.tenants.values() {
@@ -1668,14 +1852,22 @@ impl Engine {
             } else {
                 0
             };
+            // What the tenant holds back: while its target owes transactions, everything
+            // the source wrote since the target's position (the slot cannot move past it).
+            let owes = self.unacked.get(target).is_some_and(|q| !q.is_empty());
+            let held = if owes && source_at.is_valid() {
+                source_at.bytes_since(caught).max(lag_bytes)
+            } else {
+                lag_bytes
+            };
             let lag_seconds = self
                 .unacked
                 .get(target)
                 .and_then(|q| q.front())
                 .map(|(_, at)| ((now - at) as f64 / 1e6).max(0.0))
                 .unwrap_or(0.0);
-            if lag_bytes > budget {
-                over.push((t.id.clone(), lag_bytes));
+            if held > budget {
+                over.push((t.id.clone(), held));
             }
             if self.config.metrics.tenant_label {
                 use crate::telemetry as m;
@@ -1696,7 +1888,7 @@ impl Engine {
                 }
             }
             // A move failed on the budget gets no report: its error is the failure's.
-            if lag_bytes > budget {
+            if held > budget {
                 continue;
             }
             reports.push((

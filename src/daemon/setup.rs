@@ -82,6 +82,79 @@ async fn tenant_tables(
     Ok(defs)
 }
 
+/// The tenant id as the tenant column's type writes it (`7` for `007` in an integer
+/// column, lower case for a UUID): the router and the fence compare the text pgoutput sends,
+/// which is this form, while the backfill compares typed values, so an id in any other form
+/// would copy the rows and then never see a change. Schema-per-tenant ids are schema names
+/// and stay as they are. An id the column type does not accept is refused with the reason.
+pub async fn canonical_tenant(
+    config: &Config,
+    source: &Client,
+    tenant: &TenantId,
+) -> Result<TenantId, Error> {
+    if config.tenancy.mode == TenancyMode::Schema {
+        return Ok(tenant.clone());
+    }
+    let defs = tenant_tables(config, source, tenant, &BTreeSet::new()).await?;
+    let mut types: Vec<String> = defs
+        .iter()
+        .filter_map(|d| {
+            let col = config.tenancy.column_of(&d.name);
+            d.columns
+                .iter()
+                .find(|c| c.name == col)
+                .map(|c| c.type_sql.clone())
+        })
+        .collect();
+    types.sort();
+    types.dedup();
+    let mut canonical: Option<(String, String)> = None;
+    for ty in types {
+        // `ty` is the catalog's own rendering of the column type (format_type).
+        let text: String = source
+            .query_one(
+                &format!("SELECT CAST($1::text AS {ty})::text"),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(|e| -> Error {
+                // Class 22: the value does not fit the type. Anything else is the session's.
+                if e.code().is_some_and(|c| c.code().starts_with("22")) {
+                    MoveError::BadTenantId {
+                        tenant: tenant.to_string(),
+                        detail: format!(
+                            "not a value of the tenant column's type {ty}: {}",
+                            crate::cluster::describe(&e)
+                        ),
+                    }
+                    .into()
+                } else {
+                    ClusterError::sql("reading the tenant id's canonical form")(e).into()
+                }
+            })?
+            .get(0);
+        match &canonical {
+            Some((other_ty, other)) if *other != text => {
+                return Err(MoveError::BadTenantId {
+                    tenant: tenant.to_string(),
+                    detail: format!(
+                        "the tenant columns disagree on how to write it: {text:?} as {ty}, {other:?} as {other_ty}"
+                    ),
+                }
+                .into())
+            }
+            _ => canonical = Some((ty, text)),
+        }
+    }
+    match canonical {
+        Some((_, text)) => Ok(TenantId::new(text).map_err(|e| MoveError::BadTenantId {
+            tenant: tenant.to_string(),
+            detail: e.to_string(),
+        })?),
+        None => Ok(tenant.clone()),
+    }
+}
+
 /// Primary key column names in key order.
 async fn primary_key(source: &Client, table: &QualifiedName) -> Result<Vec<String>, Error> {
     let rows = source
@@ -289,7 +362,11 @@ pub async fn tenant_layout(
         })
         .map(|m| m.target_schema.clone())
         .collect();
-    let defs = tenant_tables(config, source, &mv.tenant, &excluded).await?;
+    let mut defs = tenant_tables(config, source, &mv.tenant, &excluded).await?;
+    // Only what the move copied: a table that appeared later was never part of it.
+    if let Some(recorded) = &mv.tables {
+        defs.retain(|d| recorded.contains(&d.name.quoted()));
+    }
     let placement = placement(config, mv, &defs);
     let chunks = layouts(config, source, &defs).await?;
     let mut out = Vec::new();
@@ -302,6 +379,31 @@ pub async fn tenant_layout(
         out.push((chunk, target));
     }
     Ok(out)
+}
+
+/// The tenant's tables in the publication now, whatever the move recorded (the cutover
+/// compares them with what it fences).
+pub async fn current_tenant_tables(
+    config: &Config,
+    source: &Client,
+    mv: &Move,
+    moves: &[Move],
+) -> Result<Vec<QualifiedName>, Error> {
+    let excluded: BTreeSet<String> = moves
+        .iter()
+        .filter(|m| {
+            config
+                .targets
+                .get(&m.target)
+                .is_some_and(|t| config.source.same_database(t))
+        })
+        .map(|m| m.target_schema.clone())
+        .collect();
+    Ok(tenant_tables(config, source, &mv.tenant, &excluded)
+        .await?
+        .into_iter()
+        .map(|d| d.name)
+        .collect())
 }
 
 /// Checks a move request before it is written (what `switchyard move` runs): the target
@@ -423,7 +525,11 @@ pub(crate) async fn prepare(
     for w in &plan.warnings {
         tracing::warn!(tenant = %mv.tenant, warning = %w, "provisioning");
     }
-    let created = provision::apply(&mut target, &plan).await?;
+    let ledger = provision::Ledger {
+        schema: &config.registry_schema,
+        tenant: mv.tenant.as_str(),
+    };
+    let created = provision::apply(&mut target, &plan, Some(&ledger)).await?;
     tracing::info!(tenant = %mv.tenant, target = %mv.target, created, "target provisioned");
     // Where a slow restart's time went (its tenants are set up before their changes apply).
     tracing::debug!(
@@ -460,7 +566,31 @@ pub(crate) async fn prepare(
         },
         tables,
     );
+    // A resumed move keeps the tables it recorded: one that appeared meanwhile was never
+    // copied (its earlier changes were not followed).
+    if let (true, Some(recorded)) = (ours, &mv.tables) {
+        if let Some(new) = tenant
+            .tables
+            .keys()
+            .find(|t| !recorded.contains(&t.quoted()))
+        {
+            return Err(MoveError::NewTable {
+                table: new.quoted(),
+            }
+            .into());
+        }
+    }
     match (ours, progress) {
+        // The daemon records a tenant's position only after its target reported the commit:
+        // a target below that lost committed transactions, which the slot no longer has.
+        (true, Some(p)) if p.lsn < remembered.applied => {
+            return Err(MoveError::TargetBehind {
+                target: mv.target.to_string(),
+                found: p.lsn,
+                recorded: remembered.applied,
+            }
+            .into());
+        }
         (true, Some(p)) => {
             let state = match &p.state {
                 Some(text) => CopyState::parse(text).map_err(MoveError::BadState)?,

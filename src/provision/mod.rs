@@ -745,9 +745,30 @@ fn fk_sql(fk: &ForeignKeyDef, referenced: &QualifiedName) -> String {
     sql
 }
 
-/// Runs `plan` on the target in one transaction, creating only what is missing.
+/// Where the target records the tables a tenant's move created (`<schema>.created` on the
+/// target, written in the provisioning transaction itself): cancel drops only those, and
+/// never a table that was there before (one of another tenant, say).
+#[derive(Clone, Debug)]
+pub struct Ledger<'a> {
+    pub schema: &'a str,
+    pub tenant: &'a str,
+}
+
+impl Ledger<'_> {
+    /// The quoted name of the ledger table in `schema`.
+    pub fn table(schema: &str) -> String {
+        format!("{}.{}", quote_ident(schema), quote_ident("created"))
+    }
+}
+
+/// Runs `plan` on the target in one transaction, creating only what is missing, and notes
+/// every table it created in `ledger`.
 /// Returns how many objects were created (0 when everything already existed).
-pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionError> {
+pub async fn apply(
+    client: &mut Client,
+    plan: &Plan,
+    ledger: Option<&Ledger<'_>>,
+) -> Result<usize, ProvisionError> {
     let tx = client
         .transaction()
         .await
@@ -762,6 +783,17 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
         .map_err(ClusterError::sql(
             "waiting for other provisioning on the target",
         ))?;
+    if let Some(l) = ledger {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} (\
+               tenant text NOT NULL, relation text NOT NULL, \
+               created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tenant, relation))",
+            quote_ident(l.schema),
+            Ledger::table(l.schema)
+        ))
+        .await
+        .map_err(ClusterError::sql("creating the table of created tables"))?;
+    }
     let mut created = 0;
     for step in &plan.steps {
         let (sql, exists) = match step {
@@ -883,6 +915,17 @@ pub async fn apply(client: &mut Client, plan: &Plan) -> Result<usize, ProvisionE
             .await
             .map_err(ClusterError::sql(format!("provisioning: {sql}")))?;
         created += 1;
+        if let (Some(l), Step::Table { name, .. }) = (ledger, step) {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (tenant, relation) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    Ledger::table(l.schema)
+                ),
+                &[&l.tenant, &name.quoted()],
+            )
+            .await
+            .map_err(ClusterError::sql("noting a created table"))?;
+        }
     }
     tx.commit()
         .await

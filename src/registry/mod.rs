@@ -228,6 +228,10 @@ pub struct Move {
     pub rollback_requested: bool,
     /// The retention window after the cutover is over (`cleanup_after` passed).
     pub cleanup_due: bool,
+    /// The source tables the move copies (quoted `schema.table`), recorded when it was set
+    /// up: what the cutover fences and what cancel and cleanup may touch. A table that
+    /// appears later is not part of it.
+    pub tables: Option<Vec<String>>,
 }
 
 /// One recorded cutover attempt.
@@ -348,7 +352,8 @@ ALTER TABLE {moves}
   ADD COLUMN IF NOT EXISTS cleanup_after timestamptz,
   ADD COLUMN IF NOT EXISTS reverse_slot text,
   ADD COLUMN IF NOT EXISTS reverse_from text,
-  ADD COLUMN IF NOT EXISTS rollback_requested boolean NOT NULL DEFAULT false;
+  ADD COLUMN IF NOT EXISTS rollback_requested boolean NOT NULL DEFAULT false,
+  ADD COLUMN IF NOT EXISTS tables text[];
 CREATE TABLE IF NOT EXISTS {attempts} (
   move_id bigint NOT NULL,
   attempt integer NOT NULL,
@@ -475,7 +480,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
             "SELECT id, tenant, target, target_schema, cutover_mode, state, rows_copied, rows_total, \
                     lag_bytes, last_error, cutover_requested, cutover_attempts, \
                     coalesce(verify_ok, false), reverse_slot, reverse_from, rollback_requested, \
-                    coalesce(cleanup_after <= now(), false) FROM {}",
+                    coalesce(cleanup_after <= now(), false), tables FROM {}",
             self.t("moves")
         )
     }
@@ -515,6 +520,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
                 .transpose()?,
             rollback_requested: row.get(15),
             cleanup_due: row.get(16),
+            tables: row.get(17),
         })
     }
 
@@ -555,12 +561,108 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
     }
 
     /// Every move, newest first.
+    /// Rows that do not parse are left out (and logged): one bad row must not hide the
+    /// others; [`Registry::list_checked`] returns them.
     pub async fn list(&self, client: &Client) -> Result<Vec<Move>, RegistryError> {
+        let (moves, bad) = self.list_checked(client).await?;
+        for e in bad {
+            tracing::warn!(error = %e, "a registry row is left out");
+        }
+        Ok(moves)
+    }
+
+    /// Every move that parses, newest first, and an error for each row that does not.
+    pub async fn list_checked(
+        &self,
+        client: &Client,
+    ) -> Result<(Vec<Move>, Vec<RegistryError>), RegistryError> {
         let rows = client
             .query(&format!("{} ORDER BY id DESC", self.select()), &[])
             .await
             .map_err(ClusterError::sql("listing moves"))?;
-        rows.iter().map(Self::parse).collect()
+        let mut moves = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
+        for row in &rows {
+            match Self::parse(row) {
+                Ok(m) => moves.push(m),
+                Err(e) => bad.push(e),
+            }
+        }
+        Ok((moves, bad))
+    }
+
+    /// Records the source tables move `id` copies (see [`Move::tables`]).
+    pub async fn record_tables(
+        &self,
+        client: &Client,
+        id: i64,
+        tables: &[String],
+    ) -> Result<(), RegistryError> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET tables = $2, updated_at = now() WHERE id = $1",
+                    self.t("moves")
+                ),
+                &[&id, &tables],
+            )
+            .await
+            .map_err(ClusterError::sql("recording the move's tables"))?;
+        Ok(())
+    }
+
+    /// Stores the tenant id of move `id` in its canonical form (see
+    /// `daemon::canonical_tenant`), before the move has started.
+    pub async fn rename_tenant(
+        &self,
+        client: &Client,
+        id: i64,
+        tenant: &TenantId,
+    ) -> Result<(), RegistryError> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET tenant = $2, updated_at = now() WHERE id = $1 AND state IN ('requested', 'provisioning')",
+                    self.t("moves")
+                ),
+                &[&id, &tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("storing the tenant id's canonical form"))?;
+        Ok(())
+    }
+
+    /// Marks a row that does not parse `failed` with the reason (unless it is failed or
+    /// finished already), so operators see it and every other move goes on.
+    pub async fn fail_bad_row(
+        &self,
+        client: &Client,
+        bad: &RegistryError,
+    ) -> Result<bool, RegistryError> {
+        let RegistryError::BadRow { id, .. } = bad else {
+            return Ok(false);
+        };
+        let finished: Vec<&str> = MoveState::ALL
+            .iter()
+            .filter(|s| s.is_finished() || **s == MoveState::Failed)
+            .map(|s| s.as_str())
+            .collect();
+        let n = client
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = 'failed', last_error = $2, updated_at = now() \
+                      WHERE id = $1 AND state <> ALL($3)",
+                    self.t("moves")
+                ),
+                &[
+                    id,
+                    &format!("{bad}; fix the row, then set its state to 'provisioning'"),
+                    &finished,
+                ],
+            )
+            .await
+            .map_err(ClusterError::sql("recording a bad registry row"))?;
+        Ok(n == 1)
     }
 
     /// Moves `id` from `from` to `to`, recording `error` (cleared when `None`).

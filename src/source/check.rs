@@ -108,6 +108,12 @@ pub async fn run(config: &Config) -> Report {
     if let Err(e) = checks(&client, config, &mut report).await {
         report.push("query", Status::Fail, e.to_string(), None);
     }
+    transport("source", ep, &mut report);
+    for (name, t) in &config.targets {
+        if !t.same_database(ep) {
+            transport(&format!("target {name}"), t, &mut report);
+        }
+    }
     replication_login(config, &mut report).await;
     // Enum types of the published tables: provisioning creates them on each target in the
     // schema they have on the source.
@@ -553,7 +559,9 @@ async fn checks(
         Err(e) => r.push("sessions", Status::Warn, format!("cannot tell: {e}"), None),
     }
     for table in &repl.tables {
-        check_table(client, table, r).await?;
+        let tenant_column = (config.tenancy.mode == crate::config::TenancyMode::Shared)
+            .then(|| config.tenancy.column_of(table));
+        check_table(client, table, tenant_column, r).await?;
         if config.tenancy.mode == crate::config::TenancyMode::Shared {
             check_tenant_column(client, table, config.tenancy.column_of(table), r).await?;
         }
@@ -561,9 +569,12 @@ async fn checks(
     Ok(())
 }
 
+/// `tenant_column`: a shared table's tenant column, whose place in the replica identity
+/// routing depends on (advice never takes it out).
 async fn check_table(
     client: &Client,
     table: &QualifiedName,
+    tenant_column: Option<&str>,
     r: &mut Report,
 ) -> Result<(), tokio_postgres::Error> {
     let name = format!("table {table}");
@@ -573,10 +584,13 @@ async fn check_table(
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
                     has_table_privilege(c.oid, 'SELECT'), c.relkind::text, \
-                    has_table_privilege(c.oid, 'TRIGGER') \
+                    has_table_privilege(c.oid, 'TRIGGER'), \
+                    $3::text IS NULL OR EXISTS (SELECT 1 FROM pg_index i \
+                        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey) \
+                       WHERE i.indrelid = c.oid AND i.indisprimary AND a.attname = $3) \
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
               WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.schema, &table.name],
+            &[&table.schema, &table.name, &tenant_column],
         )
         .await?;
     let Some(row) = row else {
@@ -591,6 +605,9 @@ async fn check_table(
     let (ident, has_pk, has_ident_index, can_select, kind): (String, bool, bool, bool, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     let can_fence: bool = row.get(5);
+    // With DEFAULT identity a delete carries the primary key only: it must hold the tenant
+    // column for the delete to say whose row it removes.
+    let pk_has_tenant: bool = row.get(6);
     if kind != "r" && kind != "p" {
         r.push(
             &name,
@@ -646,6 +663,12 @@ async fn check_table(
             Status::Fail,
             "replica identity index is missing",
             Some(add_pk),
+        ),
+        ("f", _, _) if has_pk && !pk_has_tenant => r.push(
+            &name,
+            Status::Ok,
+            "replica identity FULL: needed here (the primary key lacks the tenant column), every UPDATE/DELETE logs the whole old row",
+            None,
         ),
         ("f", _, _) => r.push(
             &name,
@@ -722,8 +745,8 @@ async fn check_tenant_column(
     } else if !not_null {
         r.push(
             &name,
-            Status::Fail,
-            "nullable: a row without a tenant cannot be routed",
+            Status::Warn,
+            "nullable: a row whose tenant is NULL belongs to no tenant and is never moved",
             Some(format!(
                 "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL;",
                 table.quoted(),
@@ -734,6 +757,52 @@ async fn check_tenant_column(
         r.push(&name, Status::Ok, "in the replica identity, NOT NULL", None);
     }
     Ok(())
+}
+
+/// How well a connection is protected: below `verify-full` (over TCP) a man in the middle
+/// can read or change what passes; the report says what each mode leaves open.
+fn transport(what: &str, ep: &crate::cluster::Endpoint, r: &mut Report) {
+    use crate::cluster::SslMode;
+    let check = format!("{what} transport");
+    if ep.is_unix_socket() {
+        r.push(
+            check,
+            Status::Ok,
+            "unix socket: no network in between",
+            None,
+        );
+        return;
+    }
+    let (status, detail) = match ep.sslmode {
+        SslMode::VerifyFull => (Status::Ok, "TLS, server certificate and host name verified"),
+        SslMode::VerifyCa => (
+            Status::Warn,
+            "TLS with the certificate checked against the CA, but not the host name: any server holding a certificate of that CA can pose as this one",
+        ),
+        SslMode::Require => (
+            Status::Warn,
+            "TLS without checking who the server is: a man in the middle can read and change the traffic",
+        ),
+        SslMode::Prefer => (
+            Status::Warn,
+            "TLS only if the server offers it, unverified; without it, data travels in clear text",
+        ),
+        SslMode::Disable => (Status::Warn, "no TLS: data travels in clear text"),
+    };
+    let mut detail = detail.to_owned();
+    if ep.allow_cleartext_password && ep.sslmode != SslMode::VerifyFull {
+        detail.push_str(
+            "; allow_cleartext_password = true lets the password itself travel in clear text",
+        );
+    }
+    r.push(
+        check,
+        status,
+        detail,
+        (status != Status::Ok).then(|| {
+            "sslmode = \"verify-full\" with sslrootcert (docs/configuration.md, TLS)".to_string()
+        }),
+    );
 }
 
 /// The replication login is separate from SQL: pg_hba.conf or a missing REPLICATION

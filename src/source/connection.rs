@@ -244,11 +244,29 @@ impl ReplicationConnection {
             })
         };
         let mut scram: Option<ScramSha256> = None;
+        let mut scram_verified = false;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'R' => match wire::parse_auth(&frame.body)? {
+                    // A server that started SCRAM must prove it knows the password (its
+                    // signature) before it may say the client is in: a man in the middle
+                    // would otherwise just answer Ok.
+                    AuthRequest::Ok if scram.is_some() && !scram_verified => {
+                        return Err(SourceError::Auth(format!(
+                            "server {} ended the SCRAM exchange without its signature; refusing the connection",
+                            endpoint.describe()
+                        )));
+                    }
                     AuthRequest::Ok => {}
+                    AuthRequest::Cleartext
+                        if !self.tls && !endpoint.is_unix_socket() && !endpoint.allow_cleartext_password =>
+                    {
+                        return Err(SourceError::Auth(format!(
+                            "server {} asks for the password in clear text over a connection without TLS; refused (use sslmode require or stronger, scram-sha-256 in pg_hba.conf, or set allow_cleartext_password = true)",
+                            endpoint.describe()
+                        )));
+                    }
                     AuthRequest::Cleartext => {
                         let mut out = BytesMut::new();
                         frontend::password_message(password()?.expose().as_bytes(), &mut out)
@@ -311,6 +329,7 @@ impl ReplicationConnection {
                         s.finish(&data).map_err(|e| {
                             SourceError::Auth(format!("server SCRAM signature invalid: {e}"))
                         })?;
+                        scram_verified = true;
                     }
                     AuthRequest::Other(code) => {
                         return Err(SourceError::Auth(format!(
@@ -574,5 +593,116 @@ mod tests {
             ..opts
         };
         assert!(!v1.command().contains("streaming"));
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn endpoint(port: u16) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            user: "u".into(),
+            dbname: "d".into(),
+            password: Some(crate::cluster::Secret::new("pw")),
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
+            application_name: "switchyard".into(),
+            connect_timeout: std::time::Duration::from_secs(5),
+            allow_cleartext_password: false,
+        }
+    }
+
+    /// An authentication request frame: 'R', length, code, payload.
+    fn auth(code: i32, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b'R'];
+        f.extend_from_slice(&((8 + payload.len()) as i32).to_be_bytes());
+        f.extend_from_slice(&code.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Reads one frontend message after the startup packet: (tag, body).
+    async fn read_message(s: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+        let tag = s.read_u8().await.ok()?;
+        let len = s.read_i32().await.ok()? as usize;
+        let mut body = vec![0; len.saturating_sub(4)];
+        s.read_exact(&mut body).await.ok()?;
+        Some((tag, body))
+    }
+
+    async fn skip_startup(s: &mut tokio::net::TcpStream) {
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut rest = vec![0; len - 4];
+        s.read_exact(&mut rest).await.unwrap();
+    }
+
+    /// A hostile server (a man in the middle) that begins SCRAM, then says "authenticated"
+    /// without ever proving it knows the password: refused.
+    #[tokio::test]
+    async fn a_scram_exchange_without_the_servers_signature_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            skip_startup(&mut s).await;
+            s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.unwrap();
+            let (_, body) = read_message(&mut s).await.unwrap();
+            // client-first-message: "n,,n=,r=<nonce>" after the mechanism and a length.
+            let text = String::from_utf8_lossy(&body).to_string();
+            let nonce = text
+                .split("r=")
+                .nth(1)
+                .unwrap()
+                .trim_end_matches('\0')
+                .to_owned();
+            let first = format!("r={nonce}evil,s=c2FsdHNhbHQ=,i=4096");
+            s.write_all(&auth(11, first.as_bytes())).await.unwrap();
+            let _ = read_message(&mut s).await;
+            // No SASLFinal: straight to AuthenticationOk, then ready.
+            s.write_all(&auth(0, b"")).await.unwrap();
+            s.write_all(&[b'Z', 0, 0, 0, 5, b'I']).await.unwrap();
+            let _ = read_message(&mut s).await;
+        });
+        let err = ReplicationConnection::connect(&endpoint(port), 1 << 20)
+            .await
+            .err()
+            .expect("the connection must be refused");
+        assert!(err.to_string().contains("without its signature"), "{err}");
+        server.abort();
+    }
+
+    /// A server that asks for the password in clear text over a connection without TLS
+    /// gets no password (unless allowed explicitly).
+    #[tokio::test]
+    async fn a_cleartext_password_request_without_tls_gets_no_password() {
+        for allowed in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                skip_startup(&mut s).await;
+                s.write_all(&auth(3, b"")).await.unwrap();
+                let got = read_message(&mut s).await;
+                if got.is_some() {
+                    s.write_all(&[b'E', 0, 0, 0, 4]).await.ok();
+                }
+                got.map(|(tag, _)| tag)
+            });
+            let ep = Endpoint {
+                allow_cleartext_password: allowed,
+                ..endpoint(port)
+            };
+            let err = ReplicationConnection::connect(&ep, 1 << 20)
+                .await
+                .err()
+                .expect("fails either way (the server is not real)");
+            let sent = server.await.unwrap();
+            if allowed {
+                assert_eq!(sent, Some(b'p'), "allowed: the password goes");
+            } else {
+                assert_eq!(sent, None, "the password was sent: {err}");
+                assert!(err.to_string().contains("clear text"), "{err}");
+            }
+        }
     }
 }

@@ -38,6 +38,8 @@ pub const SLOT_CONFIRMED_LSN: &str = "switchyard_slot_confirmed_lsn";
 pub const SLOT_RETAINED_BYTES: &str = "switchyard_slot_retained_wal_bytes";
 /// Pipeline step errors (label `class`: transient, tenant_fatal, fatal).
 pub const PIPELINE_ERRORS: &str = "switchyard_pipeline_errors_total";
+/// Reverse streams (after a cutover) that failed and were restarted.
+pub const REVERSE_FAILURES: &str = "switchyard_reverse_failures_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 static READY: AtomicBool = AtomicBool::new(false);
@@ -125,6 +127,11 @@ fn describe() {
         PIPELINE_ERRORS,
         Unit::Count,
         "Pipeline step errors by class (transient, tenant_fatal, fatal)"
+    );
+    describe_counter!(
+        REVERSE_FAILURES,
+        Unit::Count,
+        "Reverse streams (old location kept current after a cutover) that failed and restarted"
     );
 }
 
@@ -258,6 +265,7 @@ mod tests {
             SLOT_CONFIRMED_LSN,
             SLOT_RETAINED_BYTES,
             PIPELINE_ERRORS,
+            REVERSE_FAILURES,
         ] {
             assert!(name.starts_with("switchyard_"), "{name}");
             assert!(
@@ -265,7 +273,13 @@ mod tests {
                 "{name}"
             );
             // `_total` is for counters, and counters end with it.
-            let counter = [APPLIED_TRANSACTIONS, CUTOVER_ATTEMPTS, PIPELINE_ERRORS].contains(&name);
+            let counter = [
+                APPLIED_TRANSACTIONS,
+                CUTOVER_ATTEMPTS,
+                PIPELINE_ERRORS,
+                REVERSE_FAILURES,
+            ]
+            .contains(&name);
             assert_eq!(name.ends_with("_total"), counter, "{name}");
         }
     }

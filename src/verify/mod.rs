@@ -301,9 +301,11 @@ async fn hash(client: &Client, query: &Query, what: &str) -> Result<(i64, String
         .unwrap_or((0, "0".to_owned())))
 }
 
+/// The insert position: it covers every commit the statements before saw, also under
+/// `synchronous_commit = off`, where the write position may still trail them.
 async fn current_lsn(client: &Client) -> Result<Lsn, ClusterError> {
     let text: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(ClusterError::sql("reading the source position"))?
         .get(0);

@@ -34,6 +34,7 @@ pub mod mover;
 pub mod pipeline;
 pub mod proxy;
 pub mod report;
+pub mod tpcb;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
@@ -743,6 +744,32 @@ impl From<anyhow::Error> for StartError {
     fn from(error: anyhow::Error) -> Self {
         StartError::Other(error)
     }
+}
+
+/// SQL that hands every table of `schemas` to a role `app_owner` and makes `switchyard` a
+/// member of it: the application owns its tables, and switchyard acts as the owner where a
+/// cutover needs it (fence triggers that fire ALWAYS). Run after the tables exist.
+pub fn app_owned(schemas: &[&str]) -> String {
+    let list = schemas
+        .iter()
+        .map(|s| format!("'{}'", s.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "DO $do$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
+             CREATE ROLE app_owner NOLOGIN;
+           END IF;
+         END $do$;
+         DO $do$ DECLARE r record; BEGIN
+           FOR r IN SELECT c.oid::regclass AS t FROM pg_class c
+                      JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname IN ({list}) AND c.relkind IN ('r', 'p') LOOP
+             EXECUTE format('ALTER TABLE %s OWNER TO app_owner', r.t);
+           END LOOP;
+         END $do$;
+         GRANT app_owner TO switchyard;"
+    )
 }
 
 /// Polls `condition` every 50 ms until it returns `Ok(Some(value))` and

@@ -41,7 +41,7 @@ impl TwoClusters {
         let mut d = dst.client().await?;
         let defs = provision::read_tables(&s, &tables).await?;
         let placement = Placement::into_schema(&tables, target_schema, false);
-        provision::apply(&mut d, &provision::plan(&defs, &placement)?).await?;
+        provision::apply(&mut d, &provision::plan(&defs, &placement)?, None).await?;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("switchyard.toml");
         std::fs::write(
