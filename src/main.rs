@@ -528,6 +528,34 @@ async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Res
             repl.publication
         );
     }
+    if ack {
+        // Confirming on the daemon's slot while tenants move would hand their changes to
+        // this terminal instead of their targets: refused while any move consumes it.
+        let registry = Registry::new(config.registry_schema.clone())?;
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1::text) IS NOT NULL",
+                &[&registry.table("moves")],
+            )
+            .await?
+            .get(0);
+        if exists {
+            let moving: Vec<String> = registry
+                .list(&client)
+                .await?
+                .into_iter()
+                .filter(|m| m.state.consumes_stream() || m.state == MoveState::CuttingOver)
+                .map(|m| m.tenant.to_string())
+                .collect();
+            if !moving.is_empty() {
+                anyhow::bail!(
+                    "slot {:?} is switchyard's and tenants {} are moving through it: --ack would confirm changes their targets never received. Tail without --ack, or on a slot of its own (--create-slot with another replication.slot)",
+                    repl.slot,
+                    moving.join(", ")
+                );
+            }
+        }
+    }
     let slot = source::slot::ensure_slot(&client, &repl.slot, create).await?;
     drop(client);
     let start = from.max(slot.confirmed_flush.unwrap_or(Lsn::INVALID));

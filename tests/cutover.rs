@@ -754,6 +754,14 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
         .await
         .expect_err("the target must refuse the tenant after the rollback");
     assert_eq!(err.code().map(|c| c.code()), Some("SY001"));
+    // The refusal names the route version the application must re-read.
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("route version 2)")),
+        "{message:?}"
+    );
     // The reverse slot is gone, so the target keeps no WAL for it.
     wait_for(
         "the reverse slot to go",

@@ -28,6 +28,62 @@ fn async_commit_cluster() -> Result<PgCluster> {
     })
 }
 
+/// The shared schema with `tenants`, set up so their moves can be fenced: the application
+/// owns the tables and switchyard is a member of its role (ALWAYS triggers), and may see
+/// every session; the cluster is also a target of its own.
+fn fenceable(src: &PgCluster, tenants: &[i32], rows: i32) -> Result<()> {
+    src.psql(&shared_schema(tenants, rows))?;
+    src.psql(&support::app_owned(&["public"]))?;
+    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
+    prepare_target(src)
+}
+
+/// The daemon in-process on `src` (with `other` as target `shard2`).
+struct Daemon {
+    config: switchyard::config::Config,
+    s: Client,
+    daemon: InProcess,
+    registry: Registry,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(src: &PgCluster, other: Option<&PgCluster>, extra: &str) -> Result<Daemon> {
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), src, other, extra)?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    Ok(Daemon {
+        config,
+        s,
+        daemon,
+        registry: Registry::new("switchyard")?,
+        _dir: dir,
+    })
+}
+
+impl Daemon {
+    /// Requests the move of `tenant` into `schema` at `target` and waits until it is in sync.
+    async fn in_sync(&self, tenant: &str, target: &str, schema: &str) -> Result<i64> {
+        let id = request(&self.s, &self.registry, tenant, target, schema).await?;
+        wait_state(&self.s, id, "streaming", SYNC).await?;
+        Ok(id)
+    }
+
+    /// Cuts `tenant` over (the CLI's way) and checks that it did.
+    async fn cut_over(&self, tenant: &str) -> Result<()> {
+        let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
+            &self.config,
+            &TenantId::new(tenant)?,
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+        Ok(())
+    }
+}
+
 /// `count(*)` and an order-independent hash of `relation`'s rows under `filter`.
 async fn content(c: &Client, relation: &str, columns: &str, filter: &str) -> Result<(i64, String)> {
     let row = c
@@ -181,33 +237,17 @@ async fn after_a_cutover_under_tpcb_the_reverse_stream_replays_none_of_the_moves
 
 /// Tenant 1 of the shared schema moved to a schema of the same cluster and cut over, with
 /// the daemon still running.
-async fn cut_over_tenant_one(src: &PgCluster) -> Result<(Client, InProcess, tempfile::TempDir)> {
-    src.psql(&shared_schema(&[1, 2], 200))?;
-    src.psql(&support::app_owned(&["public"]))?;
-    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
-    prepare_target(src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+async fn cut_over_tenant_one(src: &PgCluster) -> Result<Daemon> {
+    fenceable(src, &[1, 2], 200)?;
+    let d = start(
         src,
         None,
         "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let id = request(&s, &registry, "1", "local", "t1").await?;
-    wait_state(&s, id, "streaming", SYNC).await?;
-    let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
-        &config,
-        &TenantId::new("1")?,
-        Duration::from_secs(120),
     )
     .await?;
-    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
-    Ok((s, daemon, dir))
+    d.in_sync("1", "local", "t1").await?;
+    d.cut_over("1").await?;
+    Ok(d)
 }
 
 /// The SQLSTATE of `sql` run on `c`, or `None` if it succeeded.
@@ -232,7 +272,7 @@ async fn sqlstate(c: &Client, sql: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_session_but_the_daemons_own_gets_past_the_fence() -> Result<()> {
     let src = PgCluster::start()?;
-    let (s, daemon, _dir) = cut_over_tenant_one(&src).await?;
+    let Daemon { s, daemon, .. } = cut_over_tenant_one(&src).await?;
     // An application role with every right on the tables, but not switchyard's.
     src.psql(
         "CREATE ROLE app LOGIN;
@@ -461,23 +501,16 @@ async fn a_target_that_comes_back_behind_what_was_confirmed_fails_the_move_loudl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_that_starts_while_the_fence_is_armed_is_waited_out() -> Result<()> {
     let src = PgCluster::start()?;
-    src.psql(&shared_schema(&[1, 2], 100))?;
-    src.psql(&support::app_owned(&["public"]))?;
-    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
-    prepare_target(&src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    fenceable(&src, &[1, 2], 100)?;
+    let Daemon {
+        config, s, daemon, ..
+    } = start(
         &src,
         None,
         "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\nold_transaction_wait_ms = 20000\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let id = request(&s, &registry, "1", "local", "t1").await?;
+    )
+    .await?;
+    let id = request(&s, &Registry::new("switchyard")?, "1", "local", "t1").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     // Arming now takes two seconds between the row's insert and its commit.
     s.batch_execute(
@@ -549,33 +582,27 @@ async fn a_writer_that_starts_while_the_fence_is_armed_is_waited_out() -> Result
 async fn moves_that_end_without_a_cutover_leave_no_armed_fence_and_no_reverse_slot() -> Result<()> {
     let src = PgCluster::start()?;
     let dst = PgCluster::start()?;
-    src.psql(&shared_schema(&[1, 2, 3, 4], 100))?;
-    src.psql(&support::app_owned(&["public"]))?;
-    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
+    fenceable(&src, &[1, 2, 3, 4], 100)?;
     prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    let running = start(
         &src,
         Some(&dst),
         // One attempt each: it aborts on an old transaction, and no retry comes soon.
         "[cutover]\npause_budget_ms = 1500\nold_transaction_wait_ms = 300\n\
          retry_initial_ms = 600000\nretry_max_ms = 600000\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let d = dst.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
+    )
+    .await?;
     let mut ids = Vec::new();
     for t in ["1", "2", "3"] {
-        let id = request(&s, &registry, t, "shard2", &format!("t{t}")).await?;
-        ids.push((t, id));
+        ids.push((t, running.in_sync(t, "shard2", &format!("t{t}")).await?));
     }
-    for (_, id) in &ids {
-        wait_state(&s, *id, "streaming", SYNC).await?;
-    }
+    let Daemon {
+        s,
+        daemon,
+        registry,
+        ..
+    } = running;
+    let d = dst.client().await?;
     // A repeatable-read transaction older than every fence: each attempt arms, prepares the
     // reverse slot, then aborts waiting for it.
     let old = src.client().await?;
@@ -807,14 +834,8 @@ async fn a_row_with_unchanged_toast_moved_into_a_streaming_tenant_arrives_whole(
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 100))?;
     prepare_target(&src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), &src, None, "")?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let id = request(&s, &registry, "1", "local", "t1").await?;
+    let Daemon { s, daemon, .. } = start(&src, None, "").await?;
+    let id = request(&s, &Registry::new("switchyard")?, "1", "local", "t1").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     s.batch_execute(
         "UPDATE public.orders SET big = (SELECT string_agg(md5(k::text), '') FROM generate_series(1, 320) k)
@@ -859,12 +880,7 @@ async fn tenant_ids_are_stored_as_their_column_type_writes_them() -> Result<()> 
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[7, 8], 50))?;
     prepare_target(&src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), &src, None, "")?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
+    let Daemon { s, daemon, .. } = start(&src, None, "").await?;
     let id: i64 = s
         .query_one(
             "INSERT INTO switchyard.moves (tenant, target, target_schema) VALUES ('007', 'local', 't7') RETURNING id",
@@ -998,20 +1014,14 @@ async fn a_target_that_is_down_fails_its_tenants_at_the_wal_budget() -> Result<(
     let mut dst = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 100))?;
     prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    let d = start(
         &src,
         Some(&dst),
         "[move]\nwal_budget_mb = 4\nmax_inflight_txns = 50\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let id = request(&s, &registry, "1", "shard2", "t1").await?;
-    wait_state(&s, id, "streaming", SYNC).await?;
+    )
+    .await?;
+    let id = d.in_sync("1", "shard2", "t1").await?;
+    let Daemon { s, daemon, .. } = d;
     dst.stop();
     // Tenant 1 goes on writing: ~12 MB of WAL in small transactions.
     for round in 0..300 {
@@ -1046,20 +1056,12 @@ async fn the_transaction_bound_holds_across_the_tenants_of_a_transaction() -> Re
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2, 3], 50))?;
     prepare_target(&src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), &src, None, "[move]\nmax_txn_mb = 1\n")?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
+    let d = start(&src, None, "[move]\nmax_txn_mb = 1\n").await?;
     let mut ids = Vec::new();
     for t in ["1", "2", "3"] {
-        ids.push(request(&s, &registry, t, "local", &format!("t{t}")).await?);
+        ids.push(d.in_sync(t, "local", &format!("t{t}")).await?);
     }
-    for id in &ids {
-        wait_state(&s, *id, "streaming", SYNC).await?;
-    }
+    let Daemon { s, daemon, .. } = d;
     s.batch_execute(
         "INSERT INTO public.orders (tenant_id, id, note)
            SELECT t, 900000 + g, repeat(md5(g::text), 20) FROM generate_series(1, 3) t, generate_series(1, 800) g",
@@ -1208,24 +1210,15 @@ async fn kill_loop_once(seed: u64) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_that_appears_mid_move_pauses_it_until_it_is_copied_too() -> Result<()> {
     let src = PgCluster::start()?;
-    src.psql(&shared_schema(&[1, 2], 100))?;
-    src.psql(&support::app_owned(&["public"]))?;
-    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
-    prepare_target(&src)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
+    fenceable(&src, &[1, 2], 100)?;
+    let d = start(
         &src,
         None,
         "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let id = request(&s, &registry, "1", "local", "t1").await?;
-    wait_state(&s, id, "streaming", SYNC).await?;
+    )
+    .await?;
+    let id = d.in_sync("1", "local", "t1").await?;
+    let s = &d.s;
     s.batch_execute(
         "CREATE TABLE public.notes (tenant_id int NOT NULL, id int NOT NULL, body text,
            PRIMARY KEY (tenant_id, id));
@@ -1264,13 +1257,7 @@ async fn a_table_that_appears_mid_move_pauses_it_until_it_is_copied_too() -> Res
         tables.contains(&"\"public\".\"notes\"".to_string()),
         "{tables:?}"
     );
-    let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
-        &config,
-        &TenantId::new("1")?,
-        Duration::from_secs(120),
-    )
-    .await?;
-    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+    d.cut_over("1").await?;
     let n: i64 = s
         .query_one("SELECT count(*) FROM t1.notes", &[])
         .await?
@@ -1281,6 +1268,76 @@ async fn a_table_that_appears_mid_move_pauses_it_until_it_is_copied_too() -> Res
         .await
         .expect_err("the new table is fenced too");
     assert_eq!(refused.code().map(|c| c.code()), Some("SY001"));
-    daemon.stop().await?;
+    d.daemon.stop().await?;
+    Ok(())
+}
+
+/// A server that asks for the password in clear text (pg_hba `password`) over a connection
+/// without TLS gets no password from any of switchyard's connections, SQL or replication,
+/// unless `allow_cleartext_password` says so. The defect: `sslmode=prefer` (or `disable`)
+/// fell back to plain text and sent the password as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_connection_sends_a_cleartext_password_without_tls_unless_allowed() -> Result<()> {
+    let src = PgCluster::start()?;
+    let hba = src.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba)?;
+    std::fs::write(
+        &hba,
+        format!(
+            "host all switchyard 127.0.0.1/32 password\n\
+             host replication switchyard 127.0.0.1/32 password\n{old}"
+        ),
+    )?;
+    src.psql("SELECT pg_reload_conf()")?;
+    let dir = tempfile::tempdir()?;
+    for (mode, allowed) in [("disable", false), ("prefer", false), ("disable", true)] {
+        let path = write_config(dir.path(), &src, None, "")?;
+        let text = std::fs::read_to_string(&path)?.replace(
+            "sslmode = \"disable\"",
+            &format!("sslmode = \"{mode}\"\nallow_cleartext_password = {allowed}"),
+        );
+        std::fs::write(&path, text)?;
+        let mut config = load_config(&path)?;
+        config.source.password = Some(switchyard::cluster::Secret::new(src.password()));
+        let sql = config.source.connect_sql().await;
+        let replication =
+            switchyard::source::ReplicationConnection::connect(&config.source, 1 << 20).await;
+        if allowed {
+            sql.context("allowed explicitly: the SQL session connects")?;
+            replication.map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else {
+            let e = sql.err().context("the SQL session must be refused")?;
+            ensure!(e.to_string().contains("clear text"), "{mode}: {e}");
+            let e = replication
+                .err()
+                .context("the replication connection must be refused")?;
+            ensure!(e.to_string().contains("clear text"), "{mode}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `tail --ack` on the daemon's slot while tenants move through it would confirm changes
+/// their targets never received: refused with the reason. (Without `--ack` it only reads.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_does_not_confirm_on_the_slot_of_moving_tenants() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 50))?;
+    prepare_target(&src)?;
+    let d = start(&src, None, "[metrics]\nlisten = \"off\"\n").await?;
+    d.in_sync("1", "local", "t1").await?;
+    let path = d._dir.path().join("switchyard.toml");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("--config")
+            .arg(&path)
+            .args(["tail", "--ack"])
+            .output()
+    })
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "tail --ack ran: {stderr}");
+    ensure!(stderr.contains("tenants 1 are moving"), "{stderr}");
+    d.daemon.stop().await?;
     Ok(())
 }

@@ -55,6 +55,12 @@ pub enum CheckpointError {
     WriterGone,
     #[error("the checkpoint writer stopped after an earlier failed write: {0}")]
     Stopped(String),
+    #[error("cannot create state directory {path} (mode 0700): {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Which slot, on which cluster, this state belongs to. Recorded when the slot is created;
@@ -122,6 +128,19 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, CheckpointError> {
+        // The state names slots, tenants and positions: readable by its owner only. An
+        // existing directory keeps the mode its operator gave it.
+        if !path.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(|source| CheckpointError::Create {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // Small, write-mostly state: keep the footprint modest.
@@ -335,6 +354,17 @@ mod tests {
 
     fn t(s: &str) -> TenantId {
         TenantId::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_new_state_directory_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested").join("state");
+        let store = Store::open(&path).unwrap();
+        drop(store);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{mode:o}");
     }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

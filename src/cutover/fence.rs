@@ -57,8 +57,10 @@ pub const TRUNCATE_TRIGGER: &str = "switchyard_fence_truncate";
 /// session logged in as the fence's owner (any role can set a custom setting).
 pub const BYPASS_SETTING: &str = "switchyard.bypass_tenant";
 
-/// Arguments of the tenant's advisory lock (`$1` is the tenant id).
-pub const LOCK_ARGS: &str = "hashtext('switchyard fence'), hashtext($1)";
+/// Argument of the tenant's advisory lock (`$1` is the tenant id): one 64-bit key, so two
+/// tenants sharing a lock (and one's cutover pausing the other's writers) does not happen in
+/// practice, as it could with a 32-bit hash of the id.
+pub const LOCK_ARGS: &str = "hashtextextended('switchyard fence ' || $1, 0)";
 
 /// How a fenced table names its tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,7 +89,7 @@ BEGIN
   IF NOT FOUND THEN
     RETURN;
   END IF;
-  PERFORM pg_advisory_xact_lock_shared(hashtext('switchyard fence'), hashtext(t));
+  PERFORM pg_advisory_xact_lock_shared(hashtextextended('switchyard fence ' || t, 0));
   IF current_setting('transaction_isolation') = 'read committed' THEN
     SELECT state, location, schema_name, version INTO f FROM {schema}.fences WHERE tenant = t;
   ELSE

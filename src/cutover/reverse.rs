@@ -480,13 +480,25 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     for (src, dst) in &seqs {
         super::carry_sequence(&tx, dst, &source, src).await?;
     }
+    // The version the route flip below will give the route, for the refusal's message.
+    let next_version: i64 = source
+        .query_one(
+            &format!(
+                "SELECT coalesce(max(version), 0) + 1 FROM {} WHERE tenant = $1",
+                registry.table("routes")
+            ),
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(sql("reading the route's version"))?
+        .get(0);
     tx.execute(
         &format!(
             "UPDATE {}.fences SET state = 'moved', location = 'source', schema_name = $2, \
-                    version = NULL, moved_at = now() WHERE tenant = $1",
+                    version = $3, moved_at = now() WHERE tenant = $1",
             quote_ident(&cfg.registry_schema)
         ),
-        &[&key.as_str(), &home],
+        &[&key.as_str(), &home, &next_version],
     )
     .await
     .map_err(sql("closing the fence at the target"))?;

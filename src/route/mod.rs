@@ -11,8 +11,9 @@
 //!   Such a table is refused with [`RouteError::TenantNotInIdentity`], never guessed.
 //! - An UPDATE that changes the tenant column becomes a delete for the old tenant and an
 //!   insert for the new one, each routed on its own.
-//! - A NULL tenant value is an error for the change, not "no tenant": a shared table whose
-//!   tenant column can be NULL cannot be moved safely.
+//! - A NULL tenant value means "no tenant's row": an insert or delete of it goes nowhere, and
+//!   an UPDATE that sets a moving tenant's row to NULL is that row leaving the tenant (a
+//!   delete at its target). A value that is not a valid id (not UTF-8, empty) is an error.
 
 use std::collections::BTreeMap;
 
@@ -168,9 +169,9 @@ impl Router {
         rel: &Relation,
         key: &TenantKey<'r>,
         tuple: &'r Tuple,
-    ) -> Result<&'r str, RouteError> {
+    ) -> Result<Option<&'r str>, RouteError> {
         match key {
-            TenantKey::Schema(id) => Ok(id),
+            TenantKey::Schema(id) => Ok(Some(id)),
             TenantKey::Column(idx) => {
                 if tuple.0.len() != rel.columns.len() {
                     return Err(RouteError::Shape {
@@ -187,7 +188,9 @@ impl Router {
                     Datum::Text(b) => std::str::from_utf8(b)
                         .ok()
                         .filter(|s| TenantId::check(s).is_ok())
+                        .map(Some)
                         .ok_or_else(bad),
+                    Datum::Null => Ok(None),
                     _ => Err(bad()),
                 }
             }
@@ -195,8 +198,13 @@ impl Router {
     }
 
     /// `op` for `tenant` if that tenant is moving (the id is the router's, shared).
-    fn routed<'a>(&'a self, rel: &'a Relation, tenant: &str, op: RowOp<'a>) -> Option<Routed<'a>> {
-        let (tenant, destination) = self.moving.get_key_value(tenant)?;
+    fn routed<'a>(
+        &'a self,
+        rel: &'a Relation,
+        tenant: Option<&str>,
+        op: RowOp<'a>,
+    ) -> Option<Routed<'a>> {
+        let (tenant, destination) = self.moving.get_key_value(tenant?)?;
         Some(Routed {
             tenant: tenant.clone(),
             destination,
@@ -272,13 +280,14 @@ impl Router {
     /// schema-per-tenant table.
     pub fn truncate<'a>(&'a self, rel: &'a Relation) -> Result<Vec<Routed<'a>>, RouteError> {
         match self.key(rel)? {
-            TenantKey::Schema(id) => {
-                Ok(self.routed(rel, id, RowOp::Truncate).into_iter().collect())
-            }
+            TenantKey::Schema(id) => Ok(self
+                .routed(rel, Some(id), RowOp::Truncate)
+                .into_iter()
+                .collect()),
             TenantKey::Column(_) => Ok(self
                 .moving
                 .keys()
-                .filter_map(|t| self.routed(rel, t.as_str(), RowOp::Truncate))
+                .filter_map(|t| self.routed(rel, Some(t.as_str()), RowOp::Truncate))
                 .collect()),
         }
     }
@@ -485,11 +494,29 @@ mod tests {
     }
 
     #[test]
-    fn null_or_malformed_tenant_values_are_errors() {
+    fn a_null_tenant_is_no_ones_row_and_setting_it_makes_the_row_leave() {
         let r = router();
+        let rel = keyed();
         let null_tenant = t(&[None, Some("1"), Some("x")]);
+        assert!(r.insert(&rel, &null_tenant).unwrap().is_empty());
+        let old = OldTuple::Key(t(&[Some("7"), Some("1"), None]));
+        let routed = r.update(&rel, Some(&old), &null_tenant).unwrap();
+        assert_eq!(routed.len(), 1, "{routed:?}");
+        assert_eq!(routed[0].tenant.as_str(), "7");
+        assert!(matches!(routed[0].op, RowOp::Delete { .. }));
+        let back = OldTuple::Key(null_tenant.clone());
+        let row = t(&[Some("7"), Some("1"), Some("x")]);
+        let arrive = r.update(&rel, Some(&back), &row).unwrap();
+        assert_eq!(arrive.len(), 1, "{arrive:?}");
+        assert!(matches!(arrive[0].op, RowOp::Upsert { update: false, .. }));
+    }
+
+    #[test]
+    fn malformed_tenant_values_are_errors() {
+        let r = router();
+        let empty = t(&[Some(""), Some("1"), Some("x")]);
         assert!(matches!(
-            r.insert(&keyed(), &null_tenant),
+            r.insert(&keyed(), &empty),
             Err(RouteError::BadTenantValue { .. })
         ));
         let short = t(&[Some("7")]);
