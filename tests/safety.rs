@@ -1229,7 +1229,7 @@ async fn a_table_that_appears_mid_move_pauses_it_until_it_is_copied_too() -> Res
     )
     .await?;
     let err = wait_for("the move to pause", Duration::from_secs(30), || async {
-        let (state, err, _) = support::mover::state_of(&s, id).await?;
+        let (state, err, _) = support::mover::state_of(s, id).await?;
         Ok((state == "paused").then_some(err.unwrap_or_default()))
     })
     .await?;
@@ -1248,7 +1248,7 @@ async fn a_table_that_appears_mid_move_pauses_it_until_it_is_copied_too() -> Res
         &[&id],
     )
     .await?;
-    wait_state(&s, id, "streaming", SYNC).await?;
+    wait_state(s, id, "streaming", SYNC).await?;
     let tables: Vec<String> = s
         .query_one("SELECT tables FROM switchyard.moves WHERE id = $1", &[&id])
         .await?
