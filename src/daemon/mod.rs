@@ -621,6 +621,8 @@ impl Engine {
             return Ok(());
         };
         let excluded = self.excluded_schemas(moves);
+        let rollback_schema =
+            crate::cutover::reverse::progress_schema(&self.config.registry_schema);
         let known: BTreeSet<&QualifiedName> = self
             .tenants
             .values()
@@ -631,6 +633,7 @@ impl Engine {
             .filter(|t| {
                 !excluded.contains(&t.schema)
                     && t.schema != self.config.registry_schema
+                    && t.schema != rollback_schema
                     && !known.contains(t)
                     && !self.global_tables.contains(t)
             })

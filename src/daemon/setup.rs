@@ -53,7 +53,11 @@ async fn tenant_tables(
         })?;
     let candidates: Vec<QualifiedName> = tables
         .into_iter()
-        .filter(|t| !excluded_schemas.contains(&t.schema) && t.schema != config.registry_schema)
+        .filter(|t| {
+            !excluded_schemas.contains(&t.schema)
+                && t.schema != config.registry_schema
+                && t.schema != crate::cutover::reverse::progress_schema(&config.registry_schema)
+        })
         .filter(|t| match config.tenancy.mode {
             TenancyMode::Schema => t.schema == tenant.as_str(),
             TenancyMode::Shared => true,
@@ -352,16 +356,7 @@ pub async fn tenant_layout(
     mv: &Move,
     moves: &[Move],
 ) -> Result<Vec<(ChunkTable, QualifiedName)>, Error> {
-    let excluded: BTreeSet<String> = moves
-        .iter()
-        .filter(|m| {
-            config
-                .targets
-                .get(&m.target)
-                .is_some_and(|t| config.source.same_database(t))
-        })
-        .map(|m| m.target_schema.clone())
-        .collect();
+    let excluded = target_schemas_in_source(config, moves);
     let mut defs = tenant_tables(config, source, &mv.tenant, &excluded).await?;
     // Only what the move copied: a table that appeared later was never part of it.
     if let Some(recorded) = &mv.tables {
@@ -381,15 +376,10 @@ pub async fn tenant_layout(
     Ok(out)
 }
 
-/// The tenant's tables in the publication now, whatever the move recorded (the cutover
-/// compares them with what it fences).
-pub async fn current_tenant_tables(
-    config: &Config,
-    source: &Client,
-    mv: &Move,
-    moves: &[Move],
-) -> Result<Vec<QualifiedName>, Error> {
-    let excluded: BTreeSet<String> = moves
+/// Schemas of the source database that are some move's target: their tables are copies,
+/// never a tenant's own.
+fn target_schemas_in_source(config: &Config, moves: &[Move]) -> BTreeSet<String> {
+    moves
         .iter()
         .filter(|m| {
             config
@@ -398,7 +388,18 @@ pub async fn current_tenant_tables(
                 .is_some_and(|t| config.source.same_database(t))
         })
         .map(|m| m.target_schema.clone())
-        .collect();
+        .collect()
+}
+
+/// The tenant's tables in the publication now, whatever the move recorded (the cutover
+/// compares them with what it fences).
+pub async fn current_tenant_tables(
+    config: &Config,
+    source: &Client,
+    mv: &Move,
+    moves: &[Move],
+) -> Result<Vec<QualifiedName>, Error> {
+    let excluded = target_schemas_in_source(config, moves);
     Ok(tenant_tables(config, source, &mv.tenant, &excluded)
         .await?
         .into_iter()
