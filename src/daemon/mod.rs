@@ -621,8 +621,6 @@ impl Engine {
             return Ok(());
         };
         let excluded = self.excluded_schemas(moves);
-        let rollback_schema =
-            crate::cutover::reverse::progress_schema(&self.config.registry_schema);
         let known: BTreeSet<&QualifiedName> = self
             .tenants
             .values()
@@ -631,9 +629,7 @@ impl Engine {
         let unknown: Vec<QualifiedName> = published
             .into_iter()
             .filter(|t| {
-                !excluded.contains(&t.schema)
-                    && t.schema != self.config.registry_schema
-                    && t.schema != rollback_schema
+                setup::may_hold_tenants(&self.config, &t.schema, &excluded)
                     && !known.contains(t)
                     && !self.global_tables.contains(t)
             })

@@ -38,6 +38,19 @@ pub(crate) struct Remembered {
     pub applied: Lsn,
 }
 
+/// Whether tables in `schema` can be a tenant's own: not switchyard's (the registry, the
+/// reverse apply's progress) and not a move's target in the source database
+/// (`target_schemas`, whose tables are copies).
+pub(super) fn may_hold_tenants(
+    config: &Config,
+    schema: &str,
+    target_schemas: &BTreeSet<String>,
+) -> bool {
+    !target_schemas.contains(schema)
+        && schema != config.registry_schema
+        && schema != crate::cutover::reverse::progress_schema(&config.registry_schema)
+}
+
 /// The tenant's tables in the publication.
 async fn tenant_tables(
     config: &Config,
@@ -53,11 +66,7 @@ async fn tenant_tables(
         })?;
     let candidates: Vec<QualifiedName> = tables
         .into_iter()
-        .filter(|t| {
-            !excluded_schemas.contains(&t.schema)
-                && t.schema != config.registry_schema
-                && t.schema != crate::cutover::reverse::progress_schema(&config.registry_schema)
-        })
+        .filter(|t| may_hold_tenants(config, &t.schema, excluded_schemas))
         .filter(|t| match config.tenancy.mode {
             TenancyMode::Schema => t.schema == tenant.as_str(),
             TenancyMode::Shared => true,
