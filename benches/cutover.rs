@@ -16,7 +16,7 @@
 //! default 8, connections; SWITCHYARD_BENCH_BUDGET_MS, default 100, the pause budget).
 //! Prints Markdown; docs/benchmarks.md has the figures.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;

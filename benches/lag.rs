@@ -12,7 +12,7 @@
 //! default 30, per pipeline; 50 tenants of 2000 accounts; SWITCHYARD_BENCH_CONFIG, extra
 //! TOML appended to the daemon's configuration). Prints Markdown.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,12 +3,12 @@
 //! dropped), then one of the moving tenant (applied to its target), each on a freshly
 //! started daemon so the high-water marks are separate. A daemon idle in sync is the base.
 //! (`move.max_txn_mb` is raised for the run: at its default a 1 GB transaction fails the
-//! moving tenant, which `tests/faults.rs` checks.)
+//! moving tenant, which `tests/it/faults.rs` checks.)
 //!
 //! Run: `cargo bench --bench memory` (SWITCHYARD_BENCH_TXN_MB, default 1024, the size of
 //! each transaction's row data). Prints Markdown.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

@@ -24,7 +24,7 @@
 //! `settle_target_maintenance`), so that no maintenance is due when it starts.
 //! Prints a Markdown table; docs/benchmarks.md has the figures.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

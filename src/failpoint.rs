@@ -14,7 +14,7 @@
 //! - With it, a point fires only when `SWITCHYARD_FAILPOINTS` names it; the variable is read
 //!   once, at the first hit of any point. A malformed setting aborts at that first hit with
 //!   the reason, so a test never runs believing a point is armed when it is not.
-//! - Every point in the code is listed in [`POINTS`] (tests/crash.rs checks the source
+//! - Every point in the code is listed in [`POINTS`] (tests/it/crash.rs checks the source
 //!   against the list and runs each one).
 
 /// Every failpoint, in pipeline order. The crash matrix runs each of them.

@@ -313,11 +313,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             // Refuse now, with the fix, what the daemon would refuse later.
-            let tables = switchyard::daemon::check_move(&config, &tenant, &target).await?;
+            let tables = switchyard::layout::check_move(&config, &tenant, &target).await?;
             let registry = Registry::new(config.registry_schema.clone())?;
             let mut client = config.source.connect_sql().await?;
             // Stored as the tenant column's type writes it (`7`, not `007`).
-            let tenant = switchyard::daemon::canonical_tenant(&config, &client, &tenant).await?;
+            let tenant = switchyard::layout::canonical_tenant(&config, &client, &tenant).await?;
             let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
             registry.install(&mut client).await?;
             let mode = if auto {
@@ -564,6 +564,7 @@ async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Res
         replication: repl.clone(),
         ack,
         start,
+        ceiling: None,
     })
     .await?;
     eprintln!(

@@ -9,6 +9,27 @@
 
 use std::fmt;
 
+/// How a COPY statement carries rows: binary where every column type is built in (its
+/// binary form is stable across versions), text otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text,
+    Binary,
+}
+
+impl CopyFormat {
+    /// Binary when every column type (by OID) is built in, else text.
+    pub fn for_type_oids(oids: impl IntoIterator<Item = u32>) -> CopyFormat {
+        // OIDs below this are the system's own types.
+        const FIRST_NORMAL_OID: u32 = 16384;
+        if oids.into_iter().all(|o| o < FIRST_NORMAL_OID) {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        }
+    }
+}
+
 /// Why a name cannot be used in SQL.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {

@@ -32,8 +32,8 @@ use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 use super::statement::TargetTable;
 use super::StatementError;
-use crate::backfill::{KeyKind, KeyValue};
 use crate::decode::{Datum, Tuple};
+use crate::key::{KeyKind, KeyValue};
 use crate::route::RowOp;
 use crate::sql::quote_ident;
 

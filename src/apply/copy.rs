@@ -16,29 +16,10 @@ use futures_util::SinkExt;
 
 use super::ApplyError;
 use crate::cluster::ClusterError;
-use crate::sql::{quote_ident, QualifiedName};
+use crate::sql::{quote_ident, CopyFormat, QualifiedName};
 
 /// PostgreSQL's first OID for user-defined objects.
-const FIRST_NORMAL_OID: u32 = 16384;
-
 const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyFormat {
-    Text,
-    Binary,
-}
-
-impl CopyFormat {
-    /// Binary when every column type (by OID) is built in, else text.
-    pub fn for_type_oids(oids: impl IntoIterator<Item = u32>) -> CopyFormat {
-        if oids.into_iter().all(|o| o < FIRST_NORMAL_OID) {
-            CopyFormat::Binary
-        } else {
-            CopyFormat::Text
-        }
-    }
-}
 
 /// Rows to insert with one COPY.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,7 +17,8 @@ pub mod statement;
 pub mod writer;
 
 use crate::cluster::ClusterError;
-pub use copy::{CopyFormat, CopyRows, RowBuffer};
+pub use crate::sql::CopyFormat;
+pub use copy::{CopyRows, RowBuffer};
 pub use statement::{build, Statement, StatementError, TargetColumn, TargetTable};
 pub use writer::{Progress, SourceTxn, TargetCatalog, TargetWriter, Work, WriterStats};
 

@@ -6,7 +6,7 @@
 //! - Every value is a bound text parameter cast to the column's type; names are quoted.
 //! - A chunk row of the parameterised query is its key columns as text (to order and
 //!   compare keys) followed by every column, in its own type when the rows travel as binary
-//!   COPY, as text otherwise (see [`crate::apply::copy`]); the COPY form has every column
+//!   COPY, as text otherwise (see `apply::copy`); the COPY form has every column
 //!   in its own type only (keys are decoded from their binary values).
 //! - Watermarks are transactional logical messages with prefix [`WATERMARK_PREFIX`]: their
 //!   place in the stream is their commit's place, which is what brackets the SELECT.
@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ChunkSpec, Cursor, Key, KeyKind, KeyValue};
-use crate::apply::CopyFormat;
+use crate::sql::CopyFormat;
 use crate::sql::{quote_ident, QualifiedName};
 
 pub const WATERMARK_PREFIX: &str = "switchyard.watermark";

@@ -3,12 +3,15 @@
 //!
 //! ```text
 //!   s:meta                       SlotRecord (which slot on which cluster)
-//!   s:confirmed                  Lsn, big-endian: last durable position checkpointed with
-//!                                applied positions (the slot may be confirmed further, past
-//!                                transactions that touched no target and idle keepalives)
+//!   s:confirmed                  Lsn, big-endian: the furthest position the slot may have
+//!                                been confirmed to (recorded before the stream may confirm it)
+//!   s:ceiling                    present once every confirmation is recorded first (state
+//!                                directories of earlier versions confirmed past s:confirmed)
 //!   t:<tenant>\0state            the tenant's move record (JSON, owned by the move engine)
 //!   t:<tenant>\0applied          Lsn: last source position durable on the tenant's target
 //!   t:<tenant>\0cursor\0<table>  backfill cursor of one table (JSON)
+//!   t:<tenant>\0gap              SlotGap: the slot was found confirmed past what this
+//!                                directory recorded while the tenant was moving (JSON)
 //! ```
 //!
 //! Invariants:
@@ -19,6 +22,9 @@
 //! - Positions only move forward: `s:confirmed` and `applied` writes that would go back are
 //!   ignored, so a late or replayed writer cannot rewind a resume point.
 //! - A [`Batch`] commits atomically: a tenant's cursor and applied position never disagree.
+//! - With `s:ceiling` present, the slot's confirmed position is never past `s:confirmed`
+//!   unless something other than this daemon moved it: the stream confirms only up to
+//!   what was recorded here.
 //! - Tenant ids contain no NUL (see [`TenantId`]), so NUL separates key parts unambiguously.
 //! - One process per state dir: RocksDB's lock makes a second opener fail with a clear error.
 
@@ -75,6 +81,16 @@ pub struct SlotRecord {
 
 const SLOT_META: &[u8] = b"s:meta";
 const SLOT_CONFIRMED: &[u8] = b"s:confirmed";
+const SLOT_CEILING: &[u8] = b"s:ceiling";
+
+/// Source changes a tenant's move never received: the slot was found confirmed to `to`
+/// at a start, while this directory had recorded (so its daemon confirmed) only `from`.
+/// Dropped with the tenant's other records when the move starts over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotGap {
+    pub from: Lsn,
+    pub to: Lsn,
+}
 
 fn tenant_prefix(tenant: &TenantId) -> Vec<u8> {
     let mut k = b"t:".to_vec();
@@ -192,9 +208,20 @@ impl Store {
         self.get_json(SLOT_META)
     }
 
-    /// The last position confirmed to the source (0/0 before the first).
+    /// The furthest position the slot may have been confirmed to (0/0 before the first).
     pub fn confirmed(&self) -> Result<Lsn, CheckpointError> {
         Ok(self.get_lsn(SLOT_CONFIRMED)?.unwrap_or(Lsn::INVALID))
+    }
+
+    /// Whether every confirmation is recorded before it is sent (see the module docs);
+    /// false for a directory an earlier version wrote, until [`Batch::ceiling_kept`].
+    pub fn ceiling_kept(&self) -> Result<bool, CheckpointError> {
+        Ok(self.db.get_pinned(SLOT_CEILING)?.is_some())
+    }
+
+    /// The changes `tenant`'s move missed, if the slot was moved under it.
+    pub fn slot_gap(&self, tenant: &TenantId) -> Result<Option<SlotGap>, CheckpointError> {
+        self.get_json(&tenant_key(tenant, "gap"))
     }
 
     pub fn tenant_state<T: DeserializeOwned>(
@@ -322,6 +349,17 @@ impl Batch {
 
     pub fn confirmed(&mut self, lsn: Lsn) -> &mut Self {
         self.raise_lsn(SLOT_CONFIRMED.to_vec(), lsn);
+        self
+    }
+
+    /// From this batch on, every confirmation is recorded before it is sent.
+    pub fn ceiling_kept(&mut self) -> &mut Self {
+        self.inner.put(SLOT_CEILING, b"1");
+        self
+    }
+
+    pub fn slot_gap(&mut self, tenant: &TenantId, gap: &SlotGap) -> &mut Self {
+        self.inner.put(tenant_key(tenant, "gap"), encode_json(gap));
         self
     }
 
@@ -488,5 +526,32 @@ mod tests {
             Err(CheckpointError::Corrupt { .. })
         ));
         assert!(s.tenants::<State>().is_err());
+    }
+
+    #[test]
+    fn a_slot_gap_is_kept_until_the_tenant_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(!s.ceiling_kept().unwrap());
+        let gap = SlotGap {
+            from: Lsn(0x100),
+            to: Lsn(0x900),
+        };
+        let mut b = Batch::new();
+        b.ceiling_kept()
+            .slot_gap(&t("acme"), &gap)
+            .confirmed(Lsn(0x900));
+        s.commit(b, true).unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.ceiling_kept().unwrap());
+        assert_eq!(s.slot_gap(&t("acme")).unwrap(), Some(gap));
+        assert_eq!(s.slot_gap(&t("globex")).unwrap(), None);
+        s.forget_tenant(&t("acme"), true).unwrap();
+        assert_eq!(s.slot_gap(&t("acme")).unwrap(), None);
+        assert!(
+            s.ceiling_kept().unwrap(),
+            "the slot's records are not a tenant's"
+        );
     }
 }

@@ -37,20 +37,36 @@ pub enum Written {
     Failed(CheckpointError),
 }
 
-/// How far the slot may be confirmed while checkpoints are being written: the pipeline's
-/// durable position, but no further than the last position the writer reported on disk
-/// while a later one is still queued. Without a write in flight the durable position passes
-/// as it is (transactions that touched no target need no checkpoint).
+/// How far the slot may be confirmed: never past what RocksDB holds as confirmed
+/// (`s:confirmed`), so that at a start a slot confirmed further was moved by someone else.
+/// What the stream would confirm beyond it is recorded first, in a batch of its own at
+/// most once per interval (apply checkpoints record it as they go), and passes once the
+/// writer reports that batch on disk.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotGate {
-    queued: Lsn,
+    /// On disk: the slot may be confirmed up to here.
     written: Lsn,
+    /// Handed to the writer: on disk soon.
+    queued: Lsn,
+    last_queued: Option<std::time::Instant>,
 }
 
 impl SlotGate {
-    /// A checkpoint that makes `lsn` durable was handed to the writer.
-    pub fn queued(&mut self, lsn: Lsn) {
-        self.queued = self.queued.max(lsn);
+    /// A gate whose state directory holds `recorded` as confirmed.
+    pub fn new(recorded: Lsn) -> Self {
+        SlotGate {
+            written: recorded,
+            queued: recorded,
+            last_queued: None,
+        }
+    }
+
+    /// A checkpoint that records `lsn` as confirmed was handed to the writer.
+    pub fn queued(&mut self, lsn: Lsn, now: std::time::Instant) {
+        if lsn > self.queued {
+            self.queued = lsn;
+            self.last_queued = Some(now);
+        }
     }
 
     /// The writer reported `lsn` on disk.
@@ -58,13 +74,28 @@ impl SlotGate {
         self.written = self.written.max(lsn);
     }
 
-    /// The position that may be confirmed, given what the pipeline holds durable.
-    pub fn confirmable(&self, durable: Lsn) -> Lsn {
-        if self.queued > self.written {
-            durable.min(self.written)
-        } else {
-            durable
+    /// How far the slot may be confirmed now.
+    pub fn ceiling(&self) -> Lsn {
+        self.written
+    }
+
+    /// The position to record now so that `wanted` can be confirmed: `None` when it is
+    /// queued already, or when the last record was queued less than `every` ago.
+    pub fn to_record(
+        &mut self,
+        wanted: Lsn,
+        now: std::time::Instant,
+        every: std::time::Duration,
+    ) -> Option<Lsn> {
+        if wanted <= self.queued
+            || self
+                .last_queued
+                .is_some_and(|at| now.saturating_duration_since(at) < every)
+        {
+            return None;
         }
+        self.queued(wanted, now);
+        Some(wanted)
     }
 }
 
@@ -361,36 +392,31 @@ mod tests {
     }
 
     #[test]
-    fn the_slot_waits_for_a_queued_checkpoint_and_only_for_it() {
-        let mut gate = SlotGate::default();
-        // Nothing queued: transactions that touched no target pass at once.
-        assert_eq!(gate.confirmable(lsn(5)), lsn(5));
-        gate.queued(lsn(10));
+    fn the_slot_is_confirmed_only_as_far_as_recorded() {
+        use std::time::{Duration, Instant};
+        let every = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut gate = SlotGate::new(lsn(5));
+        assert_eq!(gate.ceiling(), lsn(5), "what the directory held at start");
+        assert_eq!(gate.to_record(lsn(4), t0, every), None, "recorded already");
+        assert_eq!(gate.to_record(lsn(12), t0, every), Some(lsn(12)));
+        assert_eq!(gate.ceiling(), lsn(5), "queued is not on disk");
         assert_eq!(
-            gate.confirmable(lsn(12)),
-            Lsn::INVALID,
-            "nothing on disk yet"
+            gate.to_record(lsn(20), t0, every),
+            None,
+            "one record per interval"
         );
-        gate.written(lsn(8));
-        assert_eq!(gate.confirmable(lsn(12)), lsn(8));
-        assert_eq!(
-            gate.confirmable(lsn(6)),
-            lsn(6),
-            "never past what is durable"
-        );
-        gate.written(lsn(10));
-        assert_eq!(
-            gate.confirmable(lsn(12)),
-            lsn(12),
-            "all written: free again"
-        );
-        gate.written(lsn(9));
-        gate.queued(lsn(7));
-        assert_eq!(
-            gate.confirmable(lsn(12)),
-            lsn(12),
-            "positions only go forward"
-        );
+        gate.written(lsn(12));
+        assert_eq!(gate.ceiling(), lsn(12));
+        // An apply checkpoint records its position too, and counts as a record.
+        let t1 = t0 + every;
+        gate.queued(lsn(25), t1);
+        assert_eq!(gate.to_record(lsn(25), t1 + every, every), None);
+        assert_eq!(gate.to_record(lsn(30), t1 + every / 2, every), None);
+        assert_eq!(gate.to_record(lsn(30), t1 + every, every), Some(lsn(30)));
+        gate.written(lsn(30));
+        gate.written(lsn(25));
+        assert_eq!(gate.ceiling(), lsn(30), "positions only go forward");
     }
 
     #[tokio::test]

@@ -376,6 +376,20 @@ impl ClusterError {
     }
 }
 
+/// Whether this session may see every backend's transaction start and snapshot (superuser
+/// or `pg_read_all_stats`); without that, the cutover's wait for transactions older than a fence would miss other roles'.
+pub async fn sees_all_sessions(client: &tokio_postgres::Client) -> Result<bool, ClusterError> {
+    Ok(client
+        .query_one(
+            "SELECT pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
+                    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(ClusterError::sql("checking the role's rights"))?
+        .get(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

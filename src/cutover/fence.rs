@@ -43,24 +43,13 @@ use crate::cluster::ClusterError;
 use crate::sql::{quote_ident, quote_literal, QualifiedName};
 use crate::tenant::TenantId;
 
-/// The SQLSTATE of a write refused because the tenant moved (class `SY`, switchyard's own).
-pub const MOVED_SQLSTATE: &str = "SY001";
+pub use crate::registry::fences::{ddl, BYPASS_SETTING, LOCK_ARGS, MOVED_SQLSTATE};
 
 /// The name of the fence trigger on every fenced table.
 pub const TRIGGER: &str = "switchyard_fence";
 
 /// The name of the statement trigger that fences TRUNCATE on every fenced table.
 pub const TRUNCATE_TRIGGER: &str = "switchyard_fence_truncate";
-
-/// Session setting that lets switchyard's own sessions write a fenced tenant (cleanup's
-/// deletes, the reverse apply); it names the one tenant it lets through, and only in a
-/// session logged in as the fence's owner (any role can set a custom setting).
-pub const BYPASS_SETTING: &str = "switchyard.bypass_tenant";
-
-/// Argument of the tenant's advisory lock (`$1` is the tenant id): one 64-bit key, so two
-/// tenants sharing a lock (and one's cutover pausing the other's writers) does not happen in
-/// practice, as it could with a 32-bit hash of the id.
-pub const LOCK_ARGS: &str = "hashtextextended('switchyard fence ' || $1, 0)";
 
 /// How a fenced table names its tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,90 +58,6 @@ pub enum TenantOf {
     Column(String),
     /// Schema-per-tenant: every row is this tenant's.
     Whole(TenantId),
-}
-
-/// The fences table and the check every fence trigger calls; part of the registry DDL.
-pub fn ddl(registry_schema: &str) -> String {
-    let schema = quote_ident(registry_schema);
-    let body = format!(
-        "DECLARE f record;
-BEGIN
-  IF t IS NULL THEN
-    RETURN;
-  END IF;
-  IF session_user = current_user THEN
-    IF current_setting('session_replication_role') = 'replica' OR current_setting({cleanup}, true) = t THEN
-      RETURN;
-    END IF;
-  END IF;
-  PERFORM 1 FROM {schema}.fences WHERE tenant = t;
-  IF NOT FOUND THEN
-    RETURN;
-  END IF;
-  PERFORM pg_advisory_xact_lock_shared(hashtextextended('switchyard fence ' || t, 0));
-  IF current_setting('transaction_isolation') = 'read committed' THEN
-    SELECT state, location, schema_name, version INTO f FROM {schema}.fences WHERE tenant = t;
-  ELSE
-    SELECT state, location, schema_name, version INTO f FROM {schema}.fences WHERE tenant = t FOR SHARE;
-  END IF;
-  IF f.state = 'moved' THEN
-    RAISE EXCEPTION USING
-      ERRCODE = '{MOVED_SQLSTATE}',
-      MESSAGE = format('tenant %s has moved to %s (schema %s, route version %s); this location no longer takes its writes', t, f.location, f.schema_name, f.version),
-      HINT = 'Re-read {registry}.routes and write to the new location.';
-  END IF;
-END",
-        cleanup = quote_literal(BYPASS_SETTING),
-        registry = registry_schema.replace('\'', "''"),
-    );
-    format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.fences (
-  tenant text PRIMARY KEY,
-  state text NOT NULL CHECK (state IN ('armed', 'moved')),
-  location text,
-  schema_name text,
-  version bigint,
-  armed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-  moved_at timestamptz);
-CREATE OR REPLACE FUNCTION {schema}.fence_check(t text) RETURNS void LANGUAGE plpgsql AS {};
-CREATE OR REPLACE FUNCTION {schema}.fence_whole() RETURNS trigger LANGUAGE plpgsql \
-  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {};
-CREATE OR REPLACE FUNCTION {schema}.fence_truncate() RETURNS trigger LANGUAGE plpgsql \
-  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {};",
-        quote_literal(&body),
-        quote_literal(&format!(
-            "BEGIN
-  PERFORM {schema}.fence_check(TG_ARGV[0]);
-  IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
-  RETURN NEW;
-END"
-        )),
-        quote_literal(&truncate_body(&schema)),
-    )
-}
-
-/// TRUNCATE removes every row at once, so it is checked against every fenced tenant whose
-/// rows the table holds: `TG_ARGV[0]` is `whole` (every row is the tenant `TG_ARGV[1]`'s) or
-/// `column` (`TG_ARGV[1]` names the tenant column). A fenced tenant's TRUNCATE takes its
-/// shared lock like a row write (the cutover waits for it) and is refused once it moved.
-fn truncate_body(schema: &str) -> String {
-    format!(
-        "DECLARE f record; present boolean;
-BEGIN
-  IF TG_ARGV[0] = 'whole' THEN
-    PERFORM {schema}.fence_check(TG_ARGV[1]);
-    RETURN NULL;
-  END IF;
-  FOR f IN SELECT tenant FROM {schema}.fences LOOP
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I::text = $1)', TG_RELID::regclass, TG_ARGV[1])
-      INTO present USING f.tenant;
-    IF present THEN
-      PERFORM {schema}.fence_check(f.tenant);
-    END IF;
-  END LOOP;
-  RETURN NULL;
-END"
-    )
 }
 
 /// The trigger function of a shared table (one per table: it reads the tenant column by
@@ -446,20 +351,6 @@ pub async fn disarm(
         .await
         .map_err(ClusterError::sql("removing the write fence"))?;
     Ok(())
-}
-
-/// Whether this session may see every backend's transaction start and snapshot (superuser
-/// or `pg_read_all_stats`); without that, [`old_transactions`] would miss other roles'.
-pub async fn sees_all_sessions(client: &Client) -> Result<bool, ClusterError> {
-    Ok(client
-        .query_one(
-            "SELECT pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
-                    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
-            &[],
-        )
-        .await
-        .map_err(ClusterError::sql("checking the role's rights"))?
-        .get(0))
 }
 
 /// Transactions of this database that could have written the tenant without seeing its

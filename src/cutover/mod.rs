@@ -38,7 +38,6 @@ use tokio_postgres::Client;
 
 use crate::cluster::ClusterError;
 use crate::config::Config;
-use crate::error::Error;
 use crate::registry::{Move, MoveState, Registry};
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::TenantId;
@@ -46,20 +45,41 @@ use crate::verify::{self, VerifyOptions};
 
 pub use policy::Step;
 
+/// What cutover functions fail with.
+type Error = CutoverError;
+
 /// The prefix of the cutover marker (a non-transactional logical message).
 pub const MARKER_PREFIX: &str = "switchyard.cutover";
 
-/// Errors that stop an attempt without a verdict (connections, the registry).
+/// Errors that stop an attempt, a rollback or an operator's request without a verdict:
+/// the cutover's own, and those of the layers it calls, kept whole so that they are
+/// classified as they would be anywhere else.
 #[derive(Debug, thiserror::Error)]
 pub enum CutoverError {
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Route(#[from] crate::route::RouteError),
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
+    #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
     #[error("the move changed while cutting over: {0}")]
     Conflict(String),
     #[error("the tenant was moved away already (its fence says moved)")]
     AlreadyMoved,
     #[error("the source role cannot see other sessions' transactions, so it cannot tell whether one could write past the fence. Fix: GRANT pg_read_all_stats TO <the switchyard role>")]
     CannotSeeSessions,
+    #[error("target schema {schema:?} cannot name the reverse stream's tenant: {reason}")]
+    BadTargetSchema { schema: String, reason: String },
 }
 
 /// How an attempt ended.
@@ -137,7 +157,7 @@ async fn attempt(
     let cfg = &job.config;
     let registry = Registry::new(cfg.registry_schema.clone())?;
     let mut source = cfg.source.connect_sql().await?;
-    let endpoint = crate::daemon::endpoint(cfg, &job.mv.target)?;
+    let endpoint = crate::layout::target_endpoint(cfg, &job.mv.target)?;
     let mut target = endpoint.connect_sql().await?;
     registry
         .transition(
@@ -228,7 +248,7 @@ async fn prepare(
     // Every table of the tenant must be moved and fenced before a flip: one that appeared
     // after the move started is neither (the daemon pauses the move for it).
     let moves = registry.list(source).await?;
-    let now = crate::daemon::current_tenant_tables(cfg, source, &job.mv, &moves).await?;
+    let now = crate::layout::current_tenant_tables(cfg, source, &job.mv, &moves).await?;
     if let Some(new) = now
         .iter()
         .find(|n| !job.tables.iter().any(|t| &t.chunk.source == *n))
@@ -284,10 +304,10 @@ async fn prepare(
         }
     }
     if fence::arm(source, &cfg.registry_schema, tenant).await? == fence::Armed::Moved {
-        return Err(CutoverError::AlreadyMoved.into());
+        return Err(CutoverError::AlreadyMoved);
     }
-    if !fence::sees_all_sessions(source).await? {
-        return Err(CutoverError::CannotSeeSessions.into());
+    if !crate::cluster::sees_all_sessions(source).await? {
+        return Err(CutoverError::CannotSeeSessions);
     }
     crate::failpoint::hit("cutover.after_arm");
     let deadline = Instant::now() + cfg.cutover.old_transaction_wait;
@@ -649,7 +669,9 @@ async fn fenced(
         Err(e) => return over(Step::Flip, sql("recording the cutover")(e)),
     };
     if n != 1 {
-        return Err(CutoverError::Conflict("the move is no longer cutting_over".into()).into());
+        return Err(CutoverError::Conflict(
+            "the move is no longer cutting_over".into(),
+        ));
     }
     if clock.left(t0.elapsed()).is_none() {
         return Ok(aborted(

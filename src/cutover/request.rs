@@ -14,9 +14,9 @@
 use std::time::{Duration, Instant};
 
 use super::cleanup::{self, Cleaned};
+use super::CutoverError as Error;
 use super::FencedTable;
 use crate::config::Config;
-use crate::error::Error;
 use crate::registry::{Attempt, Move, MoveState, Registry, RegistryError};
 use crate::tenant::TenantId;
 use crate::verify::{self, VerifyOptions, VerifyReport};
@@ -39,7 +39,7 @@ async fn tables(
     mv: &Move,
 ) -> Result<Vec<FencedTable>, Error> {
     let moves = registry.list(client).await?;
-    Ok(crate::daemon::tenant_layout(config, client, mv, &moves)
+    Ok(crate::layout::tenant_layout(config, client, mv, &moves)
         .await?
         .into_iter()
         .map(|(chunk, target)| FencedTable { chunk, target })
@@ -49,7 +49,7 @@ async fn tables(
 /// Compares the tenant's rows on the source and its target and records the result.
 pub async fn verify_tenant(config: &Config, tenant: &TenantId) -> Result<VerifyReport, Error> {
     let (registry, source, mv) = tenant_move(config, tenant).await?;
-    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
+    let endpoint = crate::layout::target_endpoint(config, &mv.target)?;
     let target = endpoint.connect_sql().await?;
     let tables = tables(config, &registry, &source, &mv).await?;
     // Before the cutover the daemon keeps the target current: its confirmed position says
@@ -137,7 +137,7 @@ pub async fn cancel_tenant(config: &Config, tenant: &TenantId) -> Result<Cancell
         )
         .await?;
     super::fence::disarm(&client, &config.registry_schema, tenant).await?;
-    let endpoint = crate::daemon::endpoint(config, &mv.target)?;
+    let endpoint = crate::layout::target_endpoint(config, &mv.target)?;
     let mut target = endpoint.connect_sql().await?;
     // An aborted cutover attempt may have prepared reverse replication: its slot would
     // keep WAL at the target for nothing.

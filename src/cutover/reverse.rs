@@ -30,12 +30,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Client;
 
 use super::fence::{self, TenantOf};
+use super::CutoverError as Error;
 use super::{policy, FencedTable, Outcome, Step, MARKER_PREFIX};
 use crate::apply::writer::{OwnedRowOp, RowChange, SourceTxn, TargetWriter, Work};
 use crate::cluster::ClusterError;
 use crate::config::{Config, TenancyMode};
 use crate::decode::{Message, RelationCache};
-use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::registry::{Move, Registry};
 use crate::route::Router;
@@ -54,10 +54,7 @@ pub fn target_key(tenant: &TenantId, target_schema: &str) -> TenantId {
     TenantId::new(format!("{tenant}@{target_schema}")).unwrap_or_else(|_| tenant.clone())
 }
 
-/// The schema of the reverse apply's progress table on the source.
-pub fn progress_schema(registry_schema: &str) -> String {
-    format!("{registry_schema}_rollback")
-}
+pub use crate::registry::reverse_progress_schema as progress_schema;
 
 /// Prepares reverse replication at the target (outside the pause; idempotent): the fence
 /// (armed, so a rollback can take it), a publication of the tenant's target tables and a
@@ -196,7 +193,7 @@ pub async fn release_leftovers(config: &Config, mv: &Move) -> Result<(), Error> 
         fence::disarm(&source, &config.registry_schema, &mv.tenant).await?;
     }
     // A target no longer configured cannot be reached; nothing to do there.
-    let Ok(endpoint) = crate::daemon::endpoint(config, &mv.target) else {
+    let Ok(endpoint) = crate::layout::target_endpoint(config, &mv.target) else {
         return Ok(());
     };
     let target = endpoint.connect_sql().await?;
@@ -248,7 +245,7 @@ pub(crate) async fn run(
     mut waits: mpsc::UnboundedReceiver<MarkerWait>,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<(), Error> {
-    let endpoint = crate::daemon::endpoint(&config, &rev.target)?.clone();
+    let endpoint = crate::layout::target_endpoint(&config, &rev.target)?.clone();
     let source = config.source.connect_sql().await?;
     // Only this tenant's writes pass the source's fence, and only on this session.
     source
@@ -283,6 +280,7 @@ pub(crate) async fn run(
         replication,
         ack: true,
         start: Lsn::INVALID,
+        ceiling: None,
     })
     .await?;
     // Every table at the target is the tenant's: route by the target schema.
@@ -291,7 +289,10 @@ pub(crate) async fn run(
         ..config.tenancy.clone()
     });
     let schema_id = TenantId::new(rev.target_schema.clone()).map_err(|e| {
-        crate::daemon::MoveError::BadState(format!("target schema {:?}: {e}", rev.target_schema))
+        super::CutoverError::BadTargetSchema {
+            schema: rev.target_schema.clone(),
+            reason: e.to_string(),
+        }
     })?;
     router.start(
         schema_id,
@@ -407,7 +408,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     let tenant = &job.mv.tenant;
     let key = target_key(tenant, &job.mv.target_schema);
     let registry = Registry::new(cfg.registry_schema.clone())?;
-    let endpoint = crate::daemon::endpoint(cfg, &job.mv.target)?;
+    let endpoint = crate::layout::target_endpoint(cfg, &job.mv.target)?;
     let mut target = endpoint.connect_sql().await?;
     let flusher = endpoint.connect_sql().await?;
     let mut source = cfg.source.connect_sql().await?;

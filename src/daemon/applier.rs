@@ -22,7 +22,7 @@ use crate::apply::lanes::{self, Segment};
 use crate::apply::writer::RowChange;
 use crate::apply::{SourceTxn, TargetWriter};
 use crate::cluster::Endpoint;
-use crate::error::{Error, ErrorClass};
+use crate::daemon::{Error, ErrorClass};
 use crate::lsn::Lsn;
 use crate::sql::QualifiedName;
 use crate::tenant::{TargetId, TenantId};
@@ -495,7 +495,7 @@ fn fail_tenants(
         quarantine.insert(tenant.clone());
         let _ = events.send(ApplyEvent::TenantFailed {
             tenant,
-            error: Error::Move(super::MoveError::Target {
+            error: Error::Move(super::error::MoveError::Target {
                 target: cfg.target.to_string(),
                 detail: detail.to_owned(),
             }),

@@ -15,8 +15,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Engine;
-use crate::cutover::{self, policy, reverse, CutoverMsg, FencedTable, Job, Outcome};
-use crate::error::Error;
+use crate::cutover::{self, policy, reverse, CutoverError, CutoverMsg, FencedTable, Job, Outcome};
 use crate::lsn::Lsn;
 use crate::registry::{CutoverMode, Move, MoveState};
 use crate::tenant::TenantId;
@@ -34,7 +33,7 @@ pub(super) struct CatchUpWait {
 struct Reversing {
     stop: Option<oneshot::Sender<()>>,
     waits: mpsc::UnboundedSender<reverse::MarkerWait>,
-    task: tokio::task::JoinHandle<Result<(), Error>>,
+    task: tokio::task::JoinHandle<Result<(), CutoverError>>,
     tables: Vec<FencedTable>,
 }
 
@@ -204,7 +203,7 @@ impl Engine {
             let Some(from) = mv.reverse_from else {
                 continue;
             };
-            let tables = match crate::daemon::tenant_layout(&self.config, &self.control, mv, moves)
+            let tables = match crate::layout::tenant_layout(&self.config, &self.control, mv, moves)
                 .await
             {
                 Ok(t) => t
@@ -409,7 +408,7 @@ impl Engine {
         &mut self,
         tenant: TenantId,
         move_id: i64,
-        outcome: Result<Outcome, Error>,
+        outcome: Result<Outcome, CutoverError>,
     ) {
         let started = self.cutovers.running.remove(&tenant);
         count_attempt(&outcome, "");
@@ -546,7 +545,7 @@ impl Engine {
 async fn record_rollback(
     job: &reverse::RollbackJob,
     attempt: i32,
-    outcome: &Result<Outcome, Error>,
+    outcome: &Result<Outcome, CutoverError>,
 ) {
     let Ok(registry) = crate::registry::Registry::new(job.config.registry_schema.clone()) else {
         return;
@@ -603,7 +602,7 @@ async fn record_rollback(
 }
 
 /// Counts an attempt by result and records a finished one's pause.
-fn count_attempt(outcome: &Result<Outcome, Error>, prefix: &str) {
+fn count_attempt(outcome: &Result<Outcome, CutoverError>, prefix: &str) {
     use crate::telemetry as m;
     let result = match outcome {
         Ok(Outcome::CutOver { pause, .. }) => {

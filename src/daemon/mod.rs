@@ -29,13 +29,11 @@
 
 pub(crate) mod applier;
 mod cutting;
+mod error;
 mod moving;
-mod reader;
 mod setup;
 
-pub use setup::{
-    canonical_tenant, check_move, current_tenant_tables, tenant_layout, unordered_chunk_reads,
-};
+pub use error::{Error, ErrorClass, MoveError};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -49,12 +47,11 @@ use crate::apply::writer::{OwnedRowOp, RowChange, RowShape};
 use crate::apply::{CopyRows, SourceTxn, Work};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
 use crate::backfill::{BackfillError, ChunkSpec, RekeyPlan, Verdict};
-use crate::checkpoint::{Batch, SlotGate, SlotRecord, Store, Writer, Written};
+use crate::checkpoint::{Batch, SlotGap, SlotGate, SlotRecord, Store, Writer, Written};
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::cutover::CutoverMsg;
 use crate::decode::{Message, Relation, RelationCache, RelationChange, RelationId};
-use crate::error::{Error, ErrorClass};
 use crate::lsn::Lsn;
 use crate::registry::{self, Move, MoveState, Registry, Report};
 use crate::route::{RouteError, Router, RowOp};
@@ -62,84 +59,10 @@ use crate::source::{self, ReplicationStream, SourceError, SourceEvent, StreamSet
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
+use crate::backfill::reader::{self, ChunkEvent, ChunkJob};
 use applier::{ApplierConfig, ApplyEvent, Quarantine};
 use moving::{ChunkRows, Tenant, TenantRecord};
-use reader::{ChunkEvent, ChunkJob};
 use setup::Remembered;
-
-/// Move-level errors: each stops one tenant (tenant-fatal), except a wrong cluster.
-#[derive(Debug, thiserror::Error)]
-pub enum MoveError {
-    #[error("source table {table} changed ({detail}); the move is paused so nothing is applied with the old shape. Apply the same change to the target, then resume the move (set its state to 'provisioning'); it is copied again")]
-    Ddl { table: String, detail: String },
-    #[error("{table} has no primary key; backfill needs one. Fix: ALTER TABLE {table} ADD PRIMARY KEY (...)")]
-    NoKey { table: String },
-    #[error("{table}: primary key column {column:?} has type {type_sql}; backfill orders smallint, integer, bigint, text, varchar and uuid keys")]
-    KeyType {
-        table: String,
-        column: String,
-        type_sql: String,
-    },
-    #[error("{table}: tenant column {column:?} is not part of the replica identity, so a DELETE would not say whose row it removes. Fix: make the primary key include it, or ALTER TABLE {table} REPLICA IDENTITY FULL")]
-    TenantNotInIdentity { table: String, column: String },
-    #[error("{table}: a row has a NULL or unreadable primary key value")]
-    KeyValue { table: String },
-    #[error("{table}: the chunk data the source sent is malformed: {detail}")]
-    ChunkData { table: String, detail: String },
-    #[error("target table {table} already holds rows of this tenant that switchyard did not write; empty it or choose another target schema")]
-    TargetNotEmpty { table: String },
-    #[error("target {target} has no progress record for this tenant although {recorded} was applied there (restored from a backup?); resume the move to copy it again")]
-    LostProgress { target: String, recorded: Lsn },
-    #[error("tenant id {tenant:?}: {detail}")]
-    BadTenantId { tenant: String, detail: String },
-    #[error("table {table} of this tenant appeared after the move started: it is neither copied nor fenced, so the move cannot cut over. Fix: set the move's state to 'provisioning' to copy the tenant again with it (or take the table out of the publication)")]
-    NewTable { table: String },
-    #[error("target {target} holds this tenant only up to {found}, but {recorded} was applied there and confirmed to the source (the target came back from a crash with asynchronous commits, an asynchronous failover or a restore): the changes in between are gone from the slot. Copy the tenant again: set the move's state to 'provisioning'")]
-    TargetBehind {
-        target: String,
-        found: Lsn,
-        recorded: Lsn,
-    },
-    #[error("the tenant's target lags {held} bytes of WAL behind the stream, over the budget of {budget} (move.wal_budget_mb); it was failed so the slot does not keep WAL for it")]
-    WalBudget { held: u64, budget: u64 },
-    #[error("a source transaction (xid {xid}) brings the moving tenants more than {limit} bytes of changes (move.max_txn_mb), this tenant's change crossing it; the daemon holds a transaction whole until its commit, so the tenant was failed rather than the daemon's memory exhausted. Raise move.max_txn_mb (the daemon needs about twice it in memory) and resume the move")]
-    TransactionTooLarge { xid: u32, limit: u64 },
-    #[error("target {target:?} is not configured in [targets] (known targets: {known})")]
-    UnknownTarget { target: String, known: String },
-    #[error("no table of publication {publication:?} belongs to tenant {tenant}")]
-    NoTables { tenant: String, publication: String },
-    #[error("the backfill state stored on the target is unreadable: {0}")]
-    BadState(String),
-    #[error("target {target}: {detail}")]
-    Target { target: String, detail: String },
-    #[error(transparent)]
-    Backfill(#[from] BackfillError),
-    #[error("the state directory belongs to slot {recorded_slot:?} on cluster {recorded}, but the source is cluster {actual} (slot {slot:?}); use another state directory")]
-    WrongCluster {
-        recorded_slot: String,
-        recorded: String,
-        slot: String,
-        actual: String,
-    },
-    #[error("replication protocol: {0}")]
-    Protocol(String),
-    #[error("another switchyard daemon runs slot {slot:?} (it holds the daemon lease); start this one with --standby to take over when that one stops")]
-    Leased { slot: String },
-    #[error("the registry connection that held the daemon lease for slot {slot:?} was lost and another daemon holds it now; stopping")]
-    LeaseLost { slot: String },
-}
-
-impl MoveError {
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            MoveError::WrongCluster { .. }
-            | MoveError::Protocol(_)
-            | MoveError::Leased { .. }
-            | MoveError::LeaseLost { .. } => ErrorClass::Fatal,
-            _ => ErrorClass::TenantFatal,
-        }
-    }
-}
 
 /// How `run` starts.
 #[derive(Clone, Debug, Default)]
@@ -154,29 +77,6 @@ pub struct RunOptions {
 
 /// Takes the daemon lease of `slot` on the registry connection (a session advisory lock:
 /// it ends with the connection, so a dead daemon's lease is free at once).
-/// The configured endpoint of `target`, or an error that lists the known ones.
-pub fn endpoint<'a>(
-    config: &'a Config,
-    target: &TargetId,
-) -> Result<&'a crate::cluster::Endpoint, MoveError> {
-    config
-        .targets
-        .get(target)
-        .ok_or_else(|| unknown_target(config, target))
-}
-
-fn unknown_target(config: &Config, target: &TargetId) -> MoveError {
-    MoveError::UnknownTarget {
-        target: target.to_string(),
-        known: config
-            .targets
-            .keys()
-            .map(|t| format!("{:?}", t.as_str()))
-            .collect::<Vec<_>>()
-            .join(", "),
-    }
-}
-
 async fn take_lease(control: &Client, slot: &str) -> Result<bool, Error> {
     Ok(control
         .query_one(
@@ -275,6 +175,59 @@ const LEASE_GRACE: Duration = Duration::from_secs(10);
 /// at most this long).
 const DRAIN_BURST: usize = 256;
 
+/// How often at most a position is recorded in RocksDB only so that the slot may be
+/// confirmed there (transactions that touched no target, idle keepalives): WAL is released
+/// a little later, for one small synced write per interval at most.
+const CONFIRM_RECORD_EVERY: Duration = Duration::from_millis(100);
+
+/// Compares the slot's confirmed position with the furthest one this state directory
+/// recorded, and returns where the stream's confirmations may start.
+///
+/// This daemon confirms nothing it has not recorded first, so a slot confirmed past the
+/// record was moved by something else while the daemon was down: dropped and created
+/// again under its name, `pg_replication_slot_advance`, another consumer that
+/// acknowledged. The changes in between never reached the moving tenants: each one with a
+/// record here gets a [`SlotGap`], durably, before anything else runs, and fails at its
+/// resume ([`MoveError::SlotAdvanced`]). A directory of an earlier version (which confirmed
+/// past its record) is taken as it is, once.
+async fn check_slot_position(
+    store: &Store,
+    checkpoints: &Writer,
+    recorded: Option<&SlotRecord>,
+    slot: &source::slot::SlotInfo,
+) -> Result<Lsn, Error> {
+    let kept = store.confirmed()?;
+    let found = slot.confirmed_flush.unwrap_or(Lsn::INVALID);
+    if recorded.is_none() {
+        return Ok(kept.max(found));
+    }
+    let mut batch = Batch::new();
+    if !store.ceiling_kept()? {
+        tracing::info!(recorded = %kept, slot = %found, "state directory of an earlier version: from now on every confirmation is recorded first");
+        batch.ceiling_kept();
+    } else if found > kept {
+        let gap = SlotGap {
+            from: kept,
+            to: found,
+        };
+        let tenants = store.tenants::<serde_json::Value>()?;
+        tracing::error!(
+            recorded = %kept,
+            slot = %found,
+            tenants = tenants.len(),
+            "the slot was confirmed past what this daemon recorded (dropped and created again, advanced, or acknowledged by another consumer); the moving tenants missed the changes in between and must be copied again"
+        );
+        for (tenant, _) in &tenants {
+            batch.slot_gap(tenant, &gap);
+        }
+    } else {
+        return Ok(kept.max(found));
+    }
+    batch.confirmed(found);
+    checkpoints.commit(batch).await?;
+    Ok(kept.max(found))
+}
+
 fn pg_now() -> i64 {
     // PostgreSQL timestamps count microseconds from 2000-01-01.
     let unix = SystemTime::now()
@@ -364,6 +317,7 @@ async fn run_daemon(
     )
     .await
     .map_err(|e| e.for_slot(&repl.slot))?;
+    let ceiling = check_slot_position(&store, &checkpoints, recorded.as_ref(), &slot).await?;
 
     let (apply_tx, mut apply_rx) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
@@ -380,7 +334,7 @@ async fn run_daemon(
         config,
         store,
         checkpoints,
-        gate: SlotGate::default(),
+        gate: SlotGate::new(ceiling),
         registry,
         control,
         run_id,
@@ -419,6 +373,7 @@ async fn run_daemon(
         replication: stream_repl,
         ack: true,
         start: Lsn::INVALID,
+        ceiling: Some(ceiling),
     };
     // Every tenant that was moving resumes before the first change is read, so none of its
     // changes can pass by unrouted. The stream starts meanwhile: the server's decoding
@@ -456,12 +411,14 @@ async fn run_daemon(
         None => {
             crate::failpoint::hit("source.after_slot_created");
             let mut batch = Batch::new();
-            batch.slot(&SlotRecord {
-                slot: repl.slot.clone(),
-                system_id: system.system_id.clone(),
-                database: system.dbname.clone().unwrap_or_default(),
-                created_lsn: slot.confirmed_flush.unwrap_or(Lsn::INVALID),
-            });
+            batch
+                .slot(&SlotRecord {
+                    slot: repl.slot.clone(),
+                    system_id: system.system_id.clone(),
+                    database: system.dbname.clone().unwrap_or_default(),
+                    created_lsn: slot.confirmed_flush.unwrap_or(Lsn::INVALID),
+                })
+                .ceiling_kept();
             engine.checkpoints.commit(batch).await?;
         }
     }
@@ -584,13 +541,15 @@ async fn run_daemon(
         }
     }
     // The last checkpoints land before the last confirmation is sent.
+    engine.pass_durable(&stream);
+    engine.record_confirmable(&stream, Duration::ZERO);
     engine.checkpoints.close().await;
     while let Ok(w) = written_rx.try_recv() {
         if let Err(e) = engine.on_written(w) {
             tracing::warn!(error = %e, "while stopping");
         }
     }
-    engine.confirm(&stream);
+    engine.pass_durable(&stream);
     let confirmed = stream.durable();
     stream.shutdown().await;
     tracing::info!(%confirmed, "switchyard stopped");
@@ -629,7 +588,7 @@ impl Engine {
         let unknown: Vec<QualifiedName> = published
             .into_iter()
             .filter(|t| {
-                setup::may_hold_tenants(&self.config, &t.schema, &excluded)
+                crate::layout::may_hold_tenants(&self.config, &t.schema, &excluded)
                     && !known.contains(t)
                     && !self.global_tables.contains(t)
             })
@@ -727,6 +686,7 @@ impl Engine {
             let remembered = Remembered {
                 record: self.store.tenant_state(&mv.tenant)?,
                 applied: self.store.applied(&mv.tenant)?,
+                gap: self.store.slot_gap(&mv.tenant)?,
             };
             resuming.push((mv, remembered));
         }
@@ -843,7 +803,10 @@ impl Engine {
             mv.state = MoveState::Provisioning;
             // The id in the form the stream will carry it, stored once (a row written by
             // hand may say `007` or an upper-case UUID).
-            match setup::canonical_tenant(&self.config, &self.control, &mv.tenant).await {
+            match crate::layout::canonical_tenant(&self.config, &self.control, &mv.tenant)
+                .await
+                .map_err(Error::from)
+            {
                 Ok(canonical) if canonical != mv.tenant => {
                     tracing::info!(given = %mv.tenant, %canonical, move_id = mv.id, "tenant id written as its column's type writes it");
                     if let Err(e) = self
@@ -899,6 +862,7 @@ impl Engine {
                 let remembered = Remembered {
                     record: None,
                     applied: Lsn::INVALID,
+                    gap: None,
                 };
                 let r = setup::prepare(&config, &mv, remembered, &excluded).await;
                 let _ = tx.send((mv, r));
@@ -1404,6 +1368,7 @@ impl Engine {
                 } else {
                     return;
                 }
+                let error = Error::from(error);
                 if error.classify() == ErrorClass::Transient {
                     tracing::warn!(%tenant, %table, chunk, %error, "chunk read failed; reading it again");
                 } else {
@@ -1626,13 +1591,34 @@ impl Engine {
         }
     }
 
-    /// Hands the stream what may be confirmed now, if that moved: what the tracker holds
-    /// durable downstream, held back while an applied commit's checkpoint is still being
-    /// written, so RocksDB's record never trails the slot past an applied commit.
-    fn confirm(&self, stream: &ReplicationStream) {
-        let durable = self.gate.confirmable(self.tracker.durable());
+    /// Hands the stream what may be confirmed now and records what waits for that (see
+    /// [`Engine::pass_durable`], [`Engine::record_confirmable`]).
+    fn confirm(&mut self, stream: &ReplicationStream) {
+        self.pass_durable(stream);
+        self.record_confirmable(stream, CONFIRM_RECORD_EVERY);
+    }
+
+    /// Marks what the tracker holds durable downstream, and lets the stream confirm as far
+    /// as RocksDB records: an applied commit's checkpoint is on disk before the slot passes
+    /// it, and a slot found past the record at a start was moved by someone else.
+    fn pass_durable(&self, stream: &ReplicationStream) {
+        let durable = self.tracker.durable();
         if durable > stream.durable() {
             stream.mark_durable(durable);
+        }
+        stream.raise_ceiling(self.gate.ceiling());
+    }
+
+    /// Records what the stream would confirm beyond the ceiling (transactions that touched
+    /// no target, idle keepalives), at most once per `every`.
+    fn record_confirmable(&mut self, stream: &ReplicationStream, every: Duration) {
+        let wanted = stream.wanted().max(self.tracker.durable());
+        if let Some(lsn) = self.gate.to_record(wanted, Instant::now(), every) {
+            let mut batch = Batch::new();
+            batch.confirmed(lsn);
+            if let Err(e) = self.checkpoints.commit_later(batch, Some(lsn)) {
+                tracing::warn!(error = %e, "cannot record the slot's position");
+            }
         }
     }
 
@@ -1665,7 +1651,7 @@ impl Engine {
                 let durable = self.tracker.durable();
                 if durable.is_valid() {
                     batch.confirmed(durable);
-                    self.gate.queued(durable);
+                    self.gate.queued(durable, Instant::now());
                 }
                 // The slot follows when the writer reports the batch on disk (`on_written`);
                 // routing goes on meanwhile.

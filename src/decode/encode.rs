@@ -278,7 +278,7 @@ mod tests {
     //! Byte layouts written out by hand from the protocol documentation, so that encode is
     //! checked against the spec rather than only against the decoder (a mistake made the
     //! same way in both would otherwise round-trip happily). The real-server check is
-    //! tests/decode_golden.rs, which re-encodes captured messages.
+    //! tests/it/decode_golden.rs, which re-encodes captured messages.
 
     use super::*;
     use crate::lsn::Lsn;

@@ -169,7 +169,7 @@ impl Env for NoEnv {
 /// The daemon running inside the demo process.
 struct Daemon {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), switchyard::error::Error>>,
+    task: tokio::task::JoinHandle<Result<(), switchyard::daemon::Error>>,
 }
 
 impl Daemon {
@@ -303,7 +303,7 @@ async fn show(
     for (tenant, target, schema) in [("1", "shard2", "tenant_1"), ("2", "local", "tenant_2")] {
         let tenant = TenantId::new(tenant)?;
         let target = TargetId::new(target)?;
-        switchyard::daemon::check_move(&config, &tenant, &target).await?;
+        switchyard::layout::check_move(&config, &tenant, &target).await?;
         let id = registry
             .request_move(&control, &tenant, &target, schema, CutoverMode::Manual)
             .await?;

@@ -19,6 +19,7 @@
 //!   state in its WHERE clause, so a concurrent change is detected, not overwritten.
 //! - Tenant ids and names are always bound parameters; the schema name is a fixed identifier.
 
+pub mod fences;
 pub mod status;
 
 use std::fmt;
@@ -315,7 +316,7 @@ impl Registry {
             .join(", ");
         let notify_fn = self.t("notify_moves");
         let attempts = self.t("cutover_attempts");
-        let fences = crate::cutover::fence::ddl(&self.schema);
+        let fences = fences::ddl(&self.schema);
         format!(
             "CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {moves} (
@@ -913,6 +914,12 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
             .map_err(ClusterError::sql("reading a route"))?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
     }
+}
+
+/// The schema of the reverse apply's progress table on the source: the registry's name
+/// with `_rollback`; never a tenant's.
+pub fn reverse_progress_schema(registry_schema: &str) -> String {
+    format!("{registry_schema}_rollback")
 }
 
 #[cfg(test)]

@@ -540,7 +540,7 @@ async fn checks(
         ),
     }
 
-    match crate::cutover::fence::sees_all_sessions(client).await {
+    match crate::cluster::sees_all_sessions(client).await {
         Ok(true) => r.push(
             "sessions",
             Status::Ok,

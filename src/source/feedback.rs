@@ -9,6 +9,9 @@
 //!   transactions still open on the server commit later and are re-sent after a restart.
 //!   This is what lets an idle or fully filtered stream release WAL.
 //! - Without `ack` nothing is reported (InvalidXLogRecPtr), so the slot does not move.
+//! - With a ceiling, nothing past it is reported: the consumer raises the ceiling only to
+//!   positions it has recorded durably itself, so a slot confirmed past its record was
+//!   moved by someone else. [`Feedback::wanted`] is what would be reported without it.
 
 use crate::decode::Message;
 use crate::lsn::Lsn;
@@ -23,6 +26,7 @@ pub struct Feedback {
     /// (keepalive wal_end, delivered_end when it arrived).
     idle: Option<(Lsn, Lsn)>,
     reported: Lsn,
+    ceiling: Option<Lsn>,
 }
 
 impl Feedback {
@@ -34,7 +38,13 @@ impl Feedback {
             delivered_end: Lsn::INVALID,
             idle: None,
             reported: if ack { start } else { Lsn::INVALID },
+            ceiling: None,
         }
+    }
+
+    /// Nothing past `lsn` is reported from now on (until a higher ceiling); it only rises.
+    pub fn raise_ceiling(&mut self, lsn: Lsn) {
+        self.ceiling = Some(self.ceiling.map_or(lsn, |c| c.max(lsn)));
     }
 
     /// A new connection starts outside any block; what was delivered stays delivered.
@@ -101,6 +111,16 @@ impl Feedback {
 
     /// The flush position the next status update would carry, without recording it.
     pub fn peek(&self, durable: Lsn) -> Lsn {
+        let wanted = self.wanted(durable);
+        match self.ceiling {
+            Some(ceiling) => wanted.min(ceiling).max(self.reported),
+            None => wanted,
+        }
+    }
+
+    /// What could be confirmed given what is durable now, ceiling aside: the position the
+    /// consumer has to record before the ceiling lets it through.
+    pub fn wanted(&self, durable: Lsn) -> Lsn {
         if !self.ack {
             return Lsn::INVALID;
         }
@@ -220,5 +240,23 @@ mod tests {
         f.on_delivered(&Message::StreamStop, Lsn(130));
         f.on_keepalive(Lsn(310));
         assert_eq!(f.flush(Lsn(100)), Lsn(310));
+    }
+
+    #[test]
+    fn nothing_past_the_ceiling_is_reported_and_wanted_says_what_waits() {
+        let mut f = Feedback::new(true, Lsn::INVALID);
+        f.raise_ceiling(Lsn(300));
+        f.on_keepalive(Lsn(500));
+        assert_eq!(f.wanted(Lsn(100)), Lsn(500));
+        assert_eq!(f.flush(Lsn(100)), Lsn(300));
+        // A lower ceiling never takes back what was reported, nor lowers the ceiling.
+        f.raise_ceiling(Lsn(200));
+        assert_eq!(f.flush(Lsn(100)), Lsn(300));
+        f.raise_ceiling(Lsn(600));
+        assert_eq!(f.flush(Lsn(100)), Lsn(500));
+        // Without a ceiling (tail), positions pass as they are.
+        let mut open = Feedback::new(true, Lsn::INVALID);
+        open.on_keepalive(Lsn(500));
+        assert_eq!(open.flush(Lsn(100)), Lsn(500));
     }
 }

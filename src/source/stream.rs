@@ -13,6 +13,8 @@
 //!   position may be confirmed as idle, which must not pass a transaction still queued here.
 //! - While waiting for budget it still sends status updates on schedule and on request,
 //!   so the server's wal_sender_timeout never fires because the consumer is slow.
+//! - With a ceiling (the daemon's stream), no status update confirms past it, whatever is
+//!   durable or idle: the consumer records a position before it raises the ceiling there.
 //! - Every `select!` arm is cancellation safe: socket reads only append to a buffer and a
 //!   waiting budget acquisition is kept across loop turns.
 
@@ -46,6 +48,10 @@ pub struct StreamSettings {
     pub ack: bool,
     /// Where to start; the server starts at max(this, slot's confirmed position).
     pub start: Lsn,
+    /// With `Some`, nothing past the ceiling is confirmed: the consumer raises it
+    /// ([`ReplicationStream::raise_ceiling`]) to what it recorded, and learns what waits
+    /// from [`ReplicationStream::wanted`]. `None` confirms what is durable as it is.
+    pub ceiling: Option<Lsn>,
 }
 
 /// One decoded message handed to the consumer.
@@ -87,6 +93,8 @@ pub struct ReplicationStream {
     batch: std::collections::VecDeque<Received>,
     held: Option<OwnedSemaphorePermit>,
     durable: Arc<ProgressLsn>,
+    ceiling: Option<Arc<ProgressLsn>>,
+    wanted: Arc<ProgressLsn>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     system: SystemInfo,
@@ -99,6 +107,8 @@ impl ReplicationStream {
     /// missing slot) are returned here rather than retried.
     pub async fn start(settings: StreamSettings) -> Result<Self, SourceError> {
         let durable = Arc::new(ProgressLsn::new(settings.start));
+        let ceiling = settings.ceiling.map(|c| Arc::new(ProgressLsn::new(c)));
+        let wanted = Arc::new(ProgressLsn::new(settings.start));
         let settings_slot = settings.replication.slot.clone();
         let (conn, system, decoder_opts) = open(&settings, settings.start).await?;
         let (tx, items) = mpsc::unbounded_channel();
@@ -110,6 +120,8 @@ impl ReplicationStream {
             budget: Arc::new(Semaphore::new(settings.replication.max_buffered_bytes)),
             settings,
             durable: durable.clone(),
+            ceiling: ceiling.clone(),
+            wanted: wanted.clone(),
             tx,
             shutdown: shutdown_rx,
             decoder: Decoder::new(decoder_opts),
@@ -121,6 +133,8 @@ impl ReplicationStream {
             batch: std::collections::VecDeque::new(),
             held: None,
             durable,
+            ceiling,
+            wanted,
             shutdown,
             task,
             system,
@@ -194,6 +208,20 @@ impl ReplicationStream {
         self.durable.get()
     }
 
+    /// Lets confirmations pass up to `lsn` (see [`StreamSettings::ceiling`]); a stream
+    /// without a ceiling ignores it.
+    pub fn raise_ceiling(&self, lsn: Lsn) {
+        if let Some(c) = &self.ceiling {
+            c.advance(lsn);
+        }
+    }
+
+    /// What the stream would confirm if the ceiling allowed: durable marks and safe idle
+    /// positions, as of the task's last feedback tick.
+    pub fn wanted(&self) -> Lsn {
+        self.wanted.get()
+    }
+
     pub fn system(&self) -> &SystemInfo {
         &self.system
     }
@@ -264,6 +292,8 @@ struct Task {
     feedback: Feedback,
     budget: Arc<Semaphore>,
     durable: Arc<ProgressLsn>,
+    ceiling: Option<Arc<ProgressLsn>>,
+    wanted: Arc<ProgressLsn>,
     tx: mpsc::UnboundedSender<Item>,
     shutdown: watch::Receiver<bool>,
     decoder: Decoder,
@@ -490,6 +520,7 @@ impl Task {
                 }
                 _ = ticker.tick() => {
                     let durable = self.durable.get();
+                    self.follow_ceiling(durable);
                     let moved = self.feedback.peek(durable) != sent.flush;
                     let due = sent.at.elapsed() >= status_interval;
                     if !waiting && last_heard.elapsed() > silence_limit {
@@ -554,6 +585,14 @@ impl Task {
         Ok(())
     }
 
+    /// Takes the consumer's ceiling and tells it what waits behind it.
+    fn follow_ceiling(&mut self, durable: Lsn) {
+        if let Some(c) = &self.ceiling {
+            self.feedback.raise_ceiling(c.get());
+        }
+        self.wanted.advance(self.feedback.wanted(durable));
+    }
+
     fn deliver(&mut self, batch: Vec<Received>, permit: OwnedSemaphorePermit) -> bool {
         for r in &batch {
             self.feedback.on_delivered(&r.message, r.wal_end);
@@ -567,7 +606,9 @@ impl Task {
         sent: &mut Sent,
         reply: bool,
     ) -> Result<(), SourceError> {
-        let flush = self.feedback.flush(self.durable.get());
+        let durable = self.durable.get();
+        self.follow_ceiling(durable);
+        let flush = self.feedback.flush(durable);
         let write = self.feedback.received().max(flush);
         let payload = wire::standby_status(write.0, flush.0, flush.0, wire::pg_now_micros(), reply);
         let advanced = flush != sent.flush && flush.is_valid();

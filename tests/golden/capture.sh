@@ -11,7 +11,7 @@
 #   PGBIN=/usr/lib/postgresql/15/bin PORT=54999 override the defaults.
 #
 # Values that differ per run (LSNs, xids, OIDs, timestamps) are not asserted by
-# tests/decode_golden.rs; names and column values are, so keep them when editing the SQL.
+# tests/it/decode_golden.rs; names and column values are, so keep them when editing the SQL.
 set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}

@@ -3,7 +3,7 @@
 //! unchanged TOAST values) and deleting; at the end the target equals the source for that
 //! tenant. The pieces are wired here by hand; the `run` daemon will do the same.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -489,7 +489,7 @@ async fn text_keys_without_a_byte_order_index_get_the_fix() -> Result<()> {
         key: vec![(0, KeyKind::Int), (1, KeyKind::Text)],
         tenant: Some(("org".into(), "integer".into())),
     };
-    let fix = switchyard::daemon::unordered_chunk_reads(&c, &chunk, "1", 5_000)
+    let fix = switchyard::layout::unordered_chunk_reads(&c, &chunk, "1", 5_000)
         .await?
         .context("the primary key cannot give byte order: a fix is due")?;
     assert_eq!(
@@ -499,7 +499,7 @@ async fn text_keys_without_a_byte_order_index_get_the_fix() -> Result<()> {
     c.batch_execute(&fix).await?;
     c.batch_execute("ANALYZE public.users").await?;
     assert_eq!(
-        switchyard::daemon::unordered_chunk_reads(&c, &chunk, "1", 5_000).await?,
+        switchyard::layout::unordered_chunk_reads(&c, &chunk, "1", 5_000).await?,
         None,
         "with the index, chunks are read in order"
     );
@@ -509,7 +509,7 @@ async fn text_keys_without_a_byte_order_index_get_the_fix() -> Result<()> {
         ..chunk
     };
     assert_eq!(
-        switchyard::daemon::unordered_chunk_reads(&c, &ints, "1", 5_000).await?,
+        switchyard::layout::unordered_chunk_reads(&c, &ints, "1", 5_000).await?,
         None
     );
     Ok(())

@@ -69,6 +69,7 @@ impl TwoClusters {
             replication: self.config.replication.clone(),
             ack,
             start: Lsn::INVALID,
+            ceiling: None,
         })
         .await?)
     }

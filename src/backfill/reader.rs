@@ -21,15 +21,28 @@ use tokio_postgres::Client;
 
 use futures_util::StreamExt;
 
+use super::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL};
+use super::pace::Pace;
+use super::{ChunkSpec, Cursor, Key};
 use crate::apply::copy::{BinaryRowSplitter, CopyDataError};
 use crate::apply::{CopyFormat, RowBuffer};
-use crate::backfill::chunk::{ChunkTable, Mark, Watermark, EMIT_SQL};
-use crate::backfill::pace::Pace;
-use crate::backfill::{ChunkSpec, Cursor, Key};
 use crate::cluster::{ClusterError, Endpoint};
-use crate::error::Error;
 use crate::sql::QualifiedName;
 use crate::tenant::TenantId;
+
+/// Why a chunk could not be read. The pipeline reads the chunk's range again in any case;
+/// the class of the error decides whether it also stops the tenant.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{table}: a row has a NULL or unreadable primary key value")]
+    KeyValue { table: String },
+    #[error("{table}: the chunk data the source sent is malformed: {detail}")]
+    ChunkData { table: String, detail: String },
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+type Error = ReadError;
 
 /// One chunk to read.
 pub(crate) struct ChunkJob {
@@ -236,9 +249,9 @@ async fn read(
     let width = job.layout.columns.len();
     if nkeys == 0 || width == 0 {
         // Setup refuses tables without a primary key; this is a guard, not a path.
-        return Err(Error::Move(super::MoveError::KeyValue {
+        return Err(Error::KeyValue {
             table: job.table.to_string(),
-        }));
+        });
     }
     let (format, key_oids) = match format {
         Some(f) => (f.0, f.1.clone()),
@@ -272,10 +285,8 @@ async fn read(
     };
     let mut rows = RowBuffer::new(format);
     let mut keys = Vec::new();
-    let bad_key = || {
-        Error::Move(super::MoveError::KeyValue {
-            table: job.table.to_string(),
-        })
+    let bad_key = || Error::KeyValue {
+        table: job.table.to_string(),
     };
     let read_err = || ClusterError::sql(format!("reading a chunk of {}", job.table));
     if format == CopyFormat::Binary {
@@ -288,11 +299,9 @@ async fn read(
         futures_util::pin_mut!(stream);
         let mut split = BinaryRowSplitter::new();
         let mut fields = Vec::new();
-        let bad_data = |e: CopyDataError| {
-            Error::Move(super::MoveError::ChunkData {
-                table: job.table.to_string(),
-                detail: e.to_string(),
-            })
+        let bad_data = |e: CopyDataError| Error::ChunkData {
+            table: job.table.to_string(),
+            detail: e.to_string(),
         };
         while let Some(data) = stream.next().await {
             split.feed(&data.map_err(read_err())?);

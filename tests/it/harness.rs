@@ -1,6 +1,6 @@
-//! Tests of the real-PostgreSQL test harness in `tests/support` itself.
+//! Tests of the real-PostgreSQL test harness in `tests/it/support` itself.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

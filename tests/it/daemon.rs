@@ -3,7 +3,7 @@
 //! updates, rows moving between tenants, deletes with cascades, TOAST-sized values), and
 //! each moved tenant ends with exactly its rows on the target.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -570,7 +570,7 @@ async fn a_move_is_refused_up_front_with_the_fix() -> Result<()> {
         ))
         .map(|_| ())
     };
-    let check = || switchyard::daemon::check_move(&config, &tenant, &local);
+    let check = || switchyard::layout::check_move(&config, &tenant, &local);
 
     let err = check()
         .await
@@ -607,7 +607,7 @@ async fn a_move_is_refused_up_front_with_the_fix() -> Result<()> {
     let tables = check().await?;
     assert_eq!(tables.len(), 2);
     let unknown = switchyard::tenant::TargetId::new("nowhere")?;
-    let err = switchyard::daemon::check_move(&config, &tenant, &unknown)
+    let err = switchyard::layout::check_move(&config, &tenant, &unknown)
         .await
         .expect_err("unknown target")
         .to_string();

@@ -1,7 +1,7 @@
 //! The registry on a real cluster: install, operator INSERTs with notification, the
 //! one-unfinished-move rule, guarded state transitions, and `switchyard move`.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

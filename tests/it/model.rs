@@ -15,7 +15,7 @@
 //! number of programs (CI runs a few); a failure prints the shrunk program, and proptest
 //! keeps its seed in `tests/model.proptest-regressions` to replay first.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! changes do not, and a diverged target is reported. (No backfill here: the slot exists
 //! before the first row, so the stream alone carries everything.)
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

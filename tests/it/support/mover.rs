@@ -66,7 +66,7 @@ pub fn prepare_target(pg: &PgCluster) -> Result<()> {
 /// The daemon inside the test process.
 pub struct InProcess {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), switchyard::error::Error>>,
+    task: tokio::task::JoinHandle<Result<(), switchyard::daemon::Error>>,
 }
 
 /// Daemon logs into the test's captured output (shown when a test fails).

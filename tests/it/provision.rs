@@ -1,6 +1,6 @@
 //! Provisioning target schemas from the source catalog, on the same cluster and another.
 
-mod support;
+use crate::support;
 
 use anyhow::Result;
 use support::PgCluster;

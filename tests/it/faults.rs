@@ -12,7 +12,7 @@
 //! Each time the move completes with exactly the tenant's rows, or (permissions) that tenant
 //! fails with the server's reason and completes once resumed; its neighbour never stops.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! (The rest of the hostile suite lives next to the code it attacks; docs/proof.md maps
 //! every item to its test.)
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

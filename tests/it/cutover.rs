@@ -3,7 +3,7 @@
 //! a transaction that holds the tenant's fence, attempts aborted by locks at the target
 //! and on the routes, sequences, and cleanup.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! every DML kind and common type, feedback semantics, reconnects, slot loss, large
 //! streamed transactions, TLS and SCRAM, and `switchyard check`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -527,6 +527,7 @@ fn settings(config: &Config) -> StreamSettings {
         replication: config.replication.clone(),
         ack: true,
         start: Lsn::INVALID,
+        ceiling: None,
     }
 }
 

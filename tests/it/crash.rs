@@ -15,12 +15,12 @@
 //!    (content hash per table, so nothing lost and nothing twice) and holds no other
 //!    tenant's rows.
 //!
-//! `cargo test --release --features failpoints --test crash` runs every point once at a hit
+//! `cargo test --release --features failpoints --test it crash::` runs every point once at a hit
 //! number chosen to land under load (the CI slice). `SWITCHYARD_CRASH_HITS=full` runs every
 //! point at Fibonacci-spaced hits up to the most one run reaches (the full matrix,
 //! docs/proof.md).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
