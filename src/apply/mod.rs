@@ -5,11 +5,12 @@
 //!   bound as text and cast to the target column type, never formatted into SQL.
 //! - [`execute`] runs a statement and enforces its expected row count, so a target that
 //!   diverged from the source for a key is reported, not silently repaired.
-//! - [`progress::DurableTracker`] decides what may be confirmed to the source: the minimum
+//! - [`durable::DurableTracker`] decides what may be confirmed to the source: the minimum
 //!   over targets of what they have durably committed.
 
 pub mod compaction;
 pub mod copy;
+pub mod durable;
 pub mod lanes;
 pub mod progress;
 pub mod spill;
@@ -19,8 +20,9 @@ pub mod writer;
 use crate::cluster::ClusterError;
 pub use crate::sql::CopyFormat;
 pub use copy::{CopyRows, RowBuffer};
+pub use progress::Progress;
 pub use statement::{build, Statement, StatementError, TargetColumn, TargetTable};
-pub use writer::{Progress, SourceTxn, TargetCatalog, TargetWriter, Work, WriterStats};
+pub use writer::{SourceTxn, TargetCatalog, TargetWriter, Work, WriterStats};
 
 /// Errors while applying to a target.
 #[derive(Debug, thiserror::Error)]

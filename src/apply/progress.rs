@@ -1,159 +1,237 @@
-//! What may be confirmed to the source: the longest prefix of source transactions that is
-//! durable everywhere it had to go. A pure state machine; the writers report flushes.
+//! The target's progress store: what each target durably holds of each tenant, written in
+//! the same transaction as the rows it accounts for. Lane 0 records the position and the
+//! backfill state in `<schema>.applied`; lanes 1.. record their positions in
+//! `<schema>.applied_lanes`.
 //!
 //! Invariants:
-//! - A source commit is durable when every target it touched has committed it (a commit
-//!   that touched no moving tenant is durable at once, but only behind everything before it).
-//! - [`DurableTracker::durable`] only moves forward and never passes a commit that some
-//!   target still owes, however far other targets have got: the slot position is the minimum
-//!   over targets, never a maximum.
+//! - A recorded position never moves back (`GREATEST` in the record statement).
+//! - A tenant resumes from the lowest position of its lanes: a lane without a row for a
+//!   tenant lane 0 has may have lost an uncommitted share, and resumes it from the slot.
+//! - Creating the tables is idempotent and safe when every lane does it at once.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use super::ApplyError;
+use crate::cluster::ClusterError;
 use crate::lsn::Lsn;
-use crate::tenant::TargetId;
+use crate::sql::quote_ident;
+use crate::tenant::TenantId;
 
-#[derive(Debug)]
-struct Pending {
-    end: Lsn,
-    waiting: BTreeSet<TargetId>,
+/// What a target records for one tenant: the applied position and the backfill state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub lsn: Lsn,
+    pub state: Option<String>,
 }
 
-#[derive(Debug, Default)]
-pub struct DurableTracker {
-    queue: VecDeque<Pending>,
-    durable: Lsn,
+/// One lane's positions (`<schema>.applied_lanes`).
+pub(super) async fn read_lane(
+    client: &Client,
+    lanes_table: &str,
+    lane: usize,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    read_rows(
+        client,
+        &format!("SELECT tenant, lsn::text, NULL::text FROM {lanes_table} WHERE lane = $1"),
+        &[&(lane as i32)],
+        lanes_table,
+    )
+    .await
 }
 
-impl DurableTracker {
-    pub fn new(start: Lsn) -> Self {
-        DurableTracker {
-            queue: VecDeque::new(),
-            durable: start,
+/// Where each tenant resumes on this target: lane 0's record (with the backfill state),
+/// its position lowered to the lowest of the lanes. A lane without a row for a tenant that
+/// lane 0 has may have lost an uncommitted share: the tenant resumes from the slot's
+/// position then (each lane still skips what it holds).
+pub async fn read_resume_progress(
+    client: &Client,
+    schema: &str,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    let mut out = read_progress(client, &progress_table(schema)).await?;
+    let table = lanes_table(schema);
+    let lanes: i32 = client
+        .query_one(
+            &format!("SELECT COALESCE(max(lane) + 1, 1) FROM {table}"),
+            &[],
+        )
+        .await
+        .map_err(ClusterError::sql("reading the apply lanes"))?
+        .get(0);
+    for lane in 1..lanes.max(1) as usize {
+        let positions = read_lane(client, &table, lane).await?;
+        for (tenant, p) in out.iter_mut() {
+            p.lsn = match positions.get(tenant) {
+                Some(l) => p.lsn.min(l.lsn),
+                None => Lsn::INVALID,
+            };
         }
     }
+    Ok(out)
+}
 
-    /// A source transaction ending at `end` was handed to these targets (maybe none).
-    /// Commits must be reported in source order.
-    pub fn on_commit(&mut self, end: Lsn, targets: BTreeSet<TargetId>) {
-        debug_assert!(
-            self.queue.back().is_none_or(|p| p.end <= end),
-            "commits are reported in source order"
+/// Removes a tenant's progress rows (all lanes) inside `tx`; the tables may be missing.
+pub async fn forget_progress(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    tenant: &TenantId,
+) -> Result<(), ApplyError> {
+    for table in [progress_table(schema), lanes_table(schema)] {
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+            .await
+            .map_err(ClusterError::sql("looking for the progress table"))?
+            .get(0);
+        if exists {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE tenant = $1"),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("removing the progress rows"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The progress rows of a target (`<schema>.applied`).
+pub async fn read_progress(
+    client: &Client,
+    progress_table: &str,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    read_rows(
+        client,
+        &format!("SELECT tenant, lsn::text, state FROM {progress_table}"),
+        &[],
+        progress_table,
+    )
+    .await
+}
+
+/// Rows of (tenant, lsn as text, state) from `sql` over `table`.
+async fn read_rows(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    table: &str,
+) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
+    let rows = client
+        .query(sql, params)
+        .await
+        .map_err(ClusterError::sql(format!(
+            "reading the positions in {table}"
+        )))?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
+        let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
+            return Err(ApplyError::Corrupt(format!(
+                "{table} row for {tenant:?} holds {lsn:?}"
+            )));
+        };
+        out.insert(
+            t,
+            Progress {
+                lsn: l,
+                state: r.get(2),
+            },
         );
-        self.queue.push_back(Pending {
-            end,
-            waiting: targets,
-        });
-        self.advance();
     }
+    Ok(out)
+}
 
-    /// `target` has durably committed every transaction it was given up to `up_to`.
-    pub fn on_flushed(&mut self, target: &TargetId, up_to: Lsn) {
-        for p in self.queue.iter_mut() {
-            if p.end > up_to {
-                break;
-            }
-            p.waiting.remove(target);
+/// Creates the progress table in `schema` if missing; returns its quoted name.
+pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<String, ApplyError> {
+    let table = progress_table(schema);
+    let lanes = lanes_table(schema);
+    // Both tables with every column: nothing to do. The DDL's ALTER TABLE takes an ACCESS
+    // EXCLUSIVE lock even when the column exists, and every lane connects at once.
+    let ready: bool = client
+        .query_one(
+            "SELECT to_regclass($2) IS NOT NULL AND EXISTS (
+               SELECT 1 FROM pg_attribute
+                WHERE attrelid = to_regclass($1) AND attname = 'state' AND NOT attisdropped)",
+            &[&table, &lanes],
+        )
+        .await
+        .map_err(ClusterError::sql("reading the progress table's columns"))?
+        .get(0);
+    if ready {
+        return Ok(table);
+    }
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {table} (
+           tenant text PRIMARY KEY,
+           lsn pg_lsn NOT NULL,
+           updated_at timestamptz NOT NULL DEFAULT now());
+         ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text;
+         CREATE TABLE IF NOT EXISTS {lanes} (
+           tenant text NOT NULL,
+           lane int NOT NULL CHECK (lane > 0),
+           lsn pg_lsn NOT NULL,
+           PRIMARY KEY (tenant, lane))",
+        schema = quote_ident(schema),
+    );
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.batch_execute(&sql).await {
+            Ok(()) => return Ok(table),
+            // Two sessions creating it at once: IF NOT EXISTS is not atomic, the loser
+            // fails with a duplicate (of the schema, the table, its row type or a column);
+            // the next attempt sees the winner's objects.
+            Err(e)
+                if attempt < 5
+                    && matches!(
+                        e.code().map(|c| c.code()),
+                        Some("23505" | "42P06" | "42P07" | "42701" | "42710")
+                    ) => {}
+            Err(e) => return Err(ClusterError::sql("creating the progress table")(e).into()),
         }
-        self.advance();
-    }
-
-    fn advance(&mut self) {
-        while let Some(front) = self.queue.front() {
-            if !front.waiting.is_empty() {
-                break;
-            }
-            self.durable = self.durable.max(front.end);
-            self.queue.pop_front();
-        }
-    }
-
-    /// Everything up to here is durable downstream and may be confirmed to the source.
-    pub fn durable(&self) -> Lsn {
-        self.durable
-    }
-
-    /// Transactions handed out and not yet durable everywhere.
-    pub fn outstanding(&self) -> usize {
-        self.queue.len()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn tg(names: &[&str]) -> BTreeSet<TargetId> {
-        names.iter().map(|n| TargetId::new(*n).unwrap()).collect()
+/// The statement that records every tenant's position of a batch for `lane`, and its
+/// parameter types: lane 0 upserts (tenant, lsn, state) into `progress_table`, lane k > 0
+/// upserts (tenant, k, lsn) into `lanes_table`; a position never moves back.
+pub(super) fn record_sql(
+    lane: usize,
+    progress_table: &str,
+    lanes_table: &str,
+) -> (String, &'static [Type]) {
+    if lane == 0 {
+        (
+            format!(
+                "INSERT INTO {progress_table} AS p (tenant, lsn, state) \
+                 SELECT u.tenant, u.lsn::pg_lsn, u.state \
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, lsn, state) \
+                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn), \
+                   state = COALESCE(EXCLUDED.state, p.state), updated_at = now()"
+            ),
+            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
+        )
+    } else {
+        (
+            format!(
+                "INSERT INTO {lanes_table} AS p (tenant, lane, lsn) \
+                 SELECT u.tenant, $3::int, u.lsn::pg_lsn \
+                   FROM unnest($1::text[], $2::text[]) AS u(tenant, lsn) \
+                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn)"
+            ),
+            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT4],
+        )
     }
+}
 
-    #[test]
-    fn the_slowest_target_holds_the_position() {
-        let mut d = DurableTracker::new(Lsn(10));
-        d.on_commit(Lsn(100), tg(&["a"]));
-        d.on_commit(Lsn(200), tg(&["b"]));
-        d.on_commit(Lsn(300), tg(&[]));
-        assert_eq!(d.durable(), Lsn(10));
-        d.on_flushed(&TargetId::new("b").unwrap(), Lsn(200));
-        assert_eq!(d.durable(), Lsn(10), "a still owes 100");
-        d.on_flushed(&TargetId::new("a").unwrap(), Lsn(100));
-        assert_eq!(
-            d.durable(),
-            Lsn(300),
-            "then everything, incl. the untouched commit"
-        );
-        assert_eq!(d.outstanding(), 0);
-    }
+/// The quoted name of the progress table in `schema`.
+pub fn progress_table(schema: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident("applied"))
+}
 
-    #[test]
-    fn untouched_commits_are_durable_at_once_when_nothing_is_ahead() {
-        let mut d = DurableTracker::new(Lsn(1));
-        d.on_commit(Lsn(50), tg(&[]));
-        assert_eq!(d.durable(), Lsn(50));
-    }
-
-    #[test]
-    fn a_commit_for_two_targets_waits_for_both() {
-        let mut d = DurableTracker::new(Lsn(1));
-        d.on_commit(Lsn(50), tg(&["a", "b"]));
-        d.on_flushed(&TargetId::new("a").unwrap(), Lsn(50));
-        assert_eq!(d.durable(), Lsn(1));
-        d.on_flushed(&TargetId::new("b").unwrap(), Lsn(60));
-        assert_eq!(d.durable(), Lsn(50));
-    }
-
-    proptest! {
-        /// Against a brute-force model: durable is the end of the longest fully flushed prefix.
-        #[test]
-        fn matches_a_brute_force_model(
-            commits in proptest::collection::vec(proptest::collection::btree_set(0u8..3, 0..3), 1..30),
-            flushes in proptest::collection::vec((0u8..3, 0usize..30), 0..40),
-        ) {
-            let name = |i: u8| TargetId::new(format!("t{i}")).unwrap();
-            let mut d = DurableTracker::new(Lsn(0));
-            let ends: Vec<Lsn> = (1..=commits.len() as u64).map(|i| Lsn(i * 10)).collect();
-            for (i, c) in commits.iter().enumerate() {
-                d.on_commit(ends[i], c.iter().map(|t| name(*t)).collect());
-            }
-            let mut flushed = [Lsn(0); 3];
-            let mut last = d.durable();
-            for (t, upto) in flushes {
-                let up_to = Lsn((upto as u64) * 10);
-                flushed[t as usize] = flushed[t as usize].max(up_to);
-                d.on_flushed(&name(t), up_to);
-                prop_assert!(d.durable() >= last, "durable moved backward");
-                last = d.durable();
-            }
-            let mut model = Lsn(0);
-            for (i, c) in commits.iter().enumerate() {
-                if c.iter().all(|t| flushed[*t as usize] >= ends[i]) {
-                    model = ends[i];
-                } else {
-                    break;
-                }
-            }
-            prop_assert_eq!(d.durable(), model);
-        }
-    }
+/// The quoted name of the table of apply lanes 1.. in `schema` (lane 0 is `applied`).
+pub fn lanes_table(schema: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident("applied_lanes"))
 }

@@ -39,13 +39,16 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::compaction::{SetStatement, TableChanges, TextArray};
 use super::copy::{copy, CopyRows};
+use super::progress::{
+    ensure_progress_table, lanes_table, read_lane, read_progress, record_sql, Progress,
+};
 use super::statement::{build, build_replay, Statement, TargetColumn, TargetTable};
 use super::{check_count, ApplyError};
 use crate::cluster::{ClusterError, Endpoint};
 use crate::decode::Tuple;
 use crate::lsn::Lsn;
 use crate::route::RowOp;
-use crate::sql::{quote_ident, QualifiedName};
+use crate::sql::QualifiedName;
 use crate::tenant::{TargetId, TenantId};
 
 /// One unit of work inside a target transaction.
@@ -192,13 +195,6 @@ fn tuple_weight(t: &Tuple) -> usize {
     t.0.iter().map(crate::decode::Datum::weight).sum()
 }
 
-/// What a target records for one tenant: the applied position and the backfill state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Progress {
-    pub lsn: Lsn,
-    pub state: Option<String>,
-}
-
 /// Column layouts of target tables, read from the target catalog and cached.
 pub struct TargetCatalog {
     tables: HashMap<QualifiedName, Arc<TargetTable>>,
@@ -309,7 +305,7 @@ pub struct TargetWriter {
     prepared: HashMap<String, tokio_postgres::Statement>,
     /// A transaction is open on the connection (BEGIN sent, no COMMIT or ROLLBACK yet).
     open: bool,
-    /// The statement recording this lane's positions (see [`record_sql`]), once prepared.
+    /// The statement recording this lane's positions (see [`super::progress`]), once prepared.
     record: Option<tokio_postgres::Statement>,
     /// Fold row changes into set-based statements (only under the replica role, where no
     /// foreign-key trigger sees the order between keys).
@@ -515,6 +511,305 @@ fn flush_folds<'a>(
         }
     }
     Ok(())
+}
+
+/// What a batch advances: per tenant, the end of its last transaction in the batch and
+/// the backfill state to record with it.
+type Advanced<'a> = BTreeMap<TenantId, (Lsn, Option<&'a str>)>;
+
+/// Queues every change of `batch` that this lane does not hold yet (`applied`), replaying
+/// those inside a tenant's replay window; returns what the batch advances.
+async fn queue_batch<'a>(
+    out: &mut Outgoing<'a, '_>,
+    batch: &'a [SourceTxn],
+    compact: bool,
+    applied: &HashMap<TenantId, Lsn>,
+    replay_windows: &HashMap<TenantId, (Lsn, Lsn)>,
+) -> Result<Advanced<'a>, ApplyError> {
+    let mut advanced: Advanced<'a> = BTreeMap::new();
+    for txn in batch {
+        for (tenant, work) in &txn.parts {
+            let held = applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
+            let replay = replay_windows
+                .get(tenant)
+                .is_some_and(|(lo, hi)| txn.end_lsn > *lo && txn.end_lsn <= *hi);
+            if txn.end_lsn <= held && !replay {
+                continue;
+            }
+            for w in work {
+                if txn.end_lsn <= held && !matches!(w, Work::Row(_)) {
+                    // Lane 0 ran it (COPY chunks and statements never leave lane 0).
+                    continue;
+                }
+                out.queue(tenant, w, batch, compact, replay).await?;
+            }
+            let entry = advanced
+                .entry(tenant.clone())
+                .or_insert((txn.end_lsn, None));
+            entry.0 = txn.end_lsn;
+        }
+        for (tenant, state) in &txn.states {
+            let held = applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
+            if txn.end_lsn <= held {
+                continue;
+            }
+            let entry = advanced
+                .entry(tenant.clone())
+                .or_insert((txn.end_lsn, None));
+            *entry = (txn.end_lsn, Some(state.as_str()));
+        }
+    }
+    Ok(advanced)
+}
+
+/// The statement recording this lane's positions, prepared once per connection.
+async fn record_statement(
+    client: &Client,
+    record: &mut Option<tokio_postgres::Statement>,
+    lane: usize,
+    progress_table: &str,
+    lanes_table: &str,
+) -> Result<tokio_postgres::Statement, ApplyError> {
+    if let Some(st) = record {
+        return Ok(st.clone());
+    }
+    let (sql, types) = record_sql(lane, progress_table, lanes_table);
+    let st = client
+        .prepare_typed(&sql, types)
+        .await
+        .map_err(ClusterError::sql("preparing the applied-position record"))?;
+    *record = Some(st.clone());
+    Ok(st)
+}
+
+/// One target transaction's statements on their way: the writer's parts it needs,
+/// borrowed apart from the writer (what is in flight borrows the connection), and what is
+/// queued but not sent. Statements go out in the order their changes came: a pending COPY
+/// first, then the pipelined statements; a table's folded changes before anything else
+/// touches that table.
+struct Outgoing<'a, 'w> {
+    client: &'w Client,
+    prepared: &'w mut HashMap<String, tokio_postgres::Statement>,
+    catalog: &'w mut TargetCatalog,
+    /// Set to the tenant whose change failed, so the applier retries without it.
+    failed_tenant: &'w mut Option<TenantId>,
+    copies: &'w mut u64,
+    pending: Vec<(&'a TenantId, Pending<'a>)>,
+    /// Row changes folded into set-based statements, per tenant and table.
+    folds: Vec<(&'a TenantId, TableChanges<'a>)>,
+    copying: Option<(&'a TenantId, Vec<&'a CopyRows>)>,
+    /// The layout of the last shape seen: consecutive changes mostly share one, and a
+    /// pointer comparison then replaces a catalog lookup per change.
+    last_layout: Option<(&'a Arc<RowShape>, Arc<TargetTable>)>,
+}
+
+impl<'a> Outgoing<'a, '_> {
+    /// Queues one piece of a tenant's work, sending ahead when the pipeline is full.
+    async fn queue(
+        &mut self,
+        tenant: &'a TenantId,
+        work: &'a Work,
+        batch: &'a [SourceTxn],
+        compact: bool,
+        replay: bool,
+    ) -> Result<(), ApplyError> {
+        let statement = match work {
+            Work::Copy(c) => return self.queue_copy(tenant, c, compact).await,
+            Work::Statement(st) => {
+                self.finish_copy().await?;
+                flush_folds(&mut self.folds, None, &mut self.pending, self.failed_tenant)?;
+                Cow::Borrowed(st)
+            }
+            Work::Row(r) => match self.row(tenant, r, batch, compact, replay).await? {
+                Some(st) => Cow::Owned(st),
+                None => return Ok(()),
+            },
+        };
+        self.pending.push((tenant, Pending::One(statement)));
+        if self.pending.len() >= PIPELINE_DEPTH {
+            self.send_queued().await?;
+        }
+        Ok(())
+    }
+
+    /// A chunk's rows: joined to the pending COPY when it continues it, else sent after
+    /// everything queued before it (COPY is not pipelined).
+    async fn queue_copy(
+        &mut self,
+        tenant: &'a TenantId,
+        c: &'a CopyRows,
+        compact: bool,
+    ) -> Result<(), ApplyError> {
+        // Consecutive copies into one table with nothing else done to it in between
+        // become one COPY statement.
+        if let (true, Some((t, parts))) = (compact, self.copying.as_mut()) {
+            if *t == tenant
+                && parts[0].table == c.table
+                && parts[0].columns == c.columns
+                && parts[0].format == c.format
+            {
+                parts.push(c);
+                return Ok(());
+            }
+        }
+        flush_folds(
+            &mut self.folds,
+            Some(&c.table),
+            &mut self.pending,
+            self.failed_tenant,
+        )?;
+        self.send_queued().await?;
+        self.copying = Some((tenant, vec![c]));
+        Ok(())
+    }
+
+    /// A row change: folded into its table's set-based statements where it can be
+    /// (`None`), else the statement that applies it alone.
+    async fn row(
+        &mut self,
+        tenant: &'a TenantId,
+        r: &'a RowChange,
+        batch: &'a [SourceTxn],
+        compact: bool,
+        replay: bool,
+    ) -> Result<Option<Statement>, ApplyError> {
+        if self
+            .copying
+            .as_ref()
+            .is_some_and(|(_, parts)| parts[0].table == r.shape.table)
+        {
+            self.finish_copy().await?;
+        }
+        let layout = self.layout_of(tenant, &r.shape).await?;
+        let op = r.op.as_op();
+        if compact && !replay && self.fold(tenant, &r.shape.table, &layout, &op, batch)? {
+            return Ok(None);
+        }
+        let built = if replay {
+            build_replay(&layout, &op, tenant.as_str())
+        } else {
+            build(&layout, &op, tenant.as_str())
+        };
+        match built {
+            Ok(st) => Ok(Some(st)),
+            Err(e) => {
+                *self.failed_tenant = Some(tenant.clone());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The target table's layout for `shape`, from the last one or the catalog.
+    async fn layout_of(
+        &mut self,
+        tenant: &TenantId,
+        shape: &'a Arc<RowShape>,
+    ) -> Result<Arc<TargetTable>, ApplyError> {
+        if let Some((last, layout)) = &self.last_layout {
+            if Arc::ptr_eq(last, shape) {
+                return Ok(Arc::clone(layout));
+            }
+        }
+        let found = self
+            .catalog
+            .table(
+                self.client,
+                &shape.table,
+                &shape.identity,
+                shape.tenant_column.as_deref(),
+            )
+            .await;
+        match found {
+            Ok(layout) => {
+                self.last_layout = Some((shape, Arc::clone(&layout)));
+                Ok(layout)
+            }
+            Err(e) => {
+                *self.failed_tenant = Some(tenant.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds `op` to the fold of its table; false when it has to run as a statement of its
+    /// own (then what the batch did to the table so far is queued ahead of it).
+    fn fold(
+        &mut self,
+        tenant: &'a TenantId,
+        table: &QualifiedName,
+        layout: &Arc<TargetTable>,
+        op: &RowOp<'a>,
+        batch: &[SourceTxn],
+    ) -> Result<bool, ApplyError> {
+        let at = match self
+            .folds
+            .iter()
+            .position(|(t, f)| *t == tenant && f.table().name == *table)
+        {
+            Some(at) if self.folds[at].1.is_for(layout) => Some(at),
+            Some(at) => {
+                // The layout changed under the fold: finish it first.
+                self.flush_fold(at)?;
+                self.folds.remove(at);
+                None
+            }
+            None => None,
+        };
+        let at = match at {
+            Some(at) => at,
+            None => match TableChanges::new(Arc::clone(layout)) {
+                Some(mut f) => {
+                    f.reserve(tenant_rows(batch, tenant));
+                    self.folds.push((tenant, f));
+                    self.folds.len() - 1
+                }
+                None => return Ok(false),
+            },
+        };
+        if self.folds[at].1.add(op).is_ok() {
+            return Ok(true);
+        }
+        // Runs alone, after what the batch did to the table so far.
+        self.flush_fold(at)?;
+        Ok(false)
+    }
+
+    fn flush_fold(&mut self, at: usize) -> Result<(), ApplyError> {
+        flush_folds(
+            &mut self.folds[at..=at],
+            None,
+            &mut self.pending,
+            self.failed_tenant,
+        )
+    }
+
+    async fn finish_copy(&mut self) -> Result<(), ApplyError> {
+        finish_copy(
+            self.client,
+            &mut self.copying,
+            self.failed_tenant,
+            self.copies,
+        )
+        .await
+    }
+
+    async fn send_queued(&mut self) -> Result<(), ApplyError> {
+        send_queued(
+            self.client,
+            self.prepared,
+            &mut self.pending,
+            &mut self.copying,
+            self.failed_tenant,
+            self.copies,
+        )
+        .await
+    }
+
+    /// Sends everything still queued, folds included.
+    async fn send_all(&mut self) -> Result<(), ApplyError> {
+        flush_folds(&mut self.folds, None, &mut self.pending, self.failed_tenant)?;
+        self.send_queued().await
+    }
 }
 
 impl TargetWriter {
@@ -730,206 +1025,20 @@ impl TargetWriter {
         };
         self.open = true;
         self.failed_tenant = None;
-        let mut advanced: BTreeMap<TenantId, (Lsn, Option<&str>)> = BTreeMap::new();
-        let mut pending: Vec<(&TenantId, Pending<'_>)> = Vec::new();
-        let mut folds: Vec<(&TenantId, TableChanges<'_>)> = Vec::new();
-        let mut copying: Option<(&TenantId, Vec<&CopyRows>)> = None;
-        // The layout of the last shape seen: consecutive changes mostly share one, and a
-        // pointer comparison then replaces a catalog lookup per change.
-        let mut last_layout: Option<(&Arc<RowShape>, Arc<TargetTable>)> = None;
-        for txn in batch {
-            for (tenant, work) in &txn.parts {
-                let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
-                let replay = self
-                    .replay
-                    .get(tenant)
-                    .is_some_and(|(lo, hi)| txn.end_lsn > *lo && txn.end_lsn <= *hi);
-                if txn.end_lsn <= held && !replay {
-                    continue;
-                }
-                for w in work {
-                    if txn.end_lsn <= held && !matches!(w, Work::Row(_)) {
-                        // Lane 0 ran it (COPY chunks and statements never leave lane 0).
-                        continue;
-                    }
-                    let statement = match w {
-                        Work::Copy(c) => {
-                            // Consecutive copies into one table with nothing else done to it
-                            // in between become one COPY statement.
-                            let joins = compact
-                                && copying.as_ref().is_some_and(|(t, parts)| {
-                                    *t == tenant
-                                        && parts[0].table == c.table
-                                        && parts[0].columns == c.columns
-                                        && parts[0].format == c.format
-                                });
-                            if let (true, Some((_, parts))) = (joins, copying.as_mut()) {
-                                parts.push(c);
-                                continue;
-                            }
-                            // COPY is not pipelined: send what is queued first, in order.
-                            flush_folds(
-                                &mut folds,
-                                Some(&c.table),
-                                &mut pending,
-                                &mut self.failed_tenant,
-                            )?;
-                            send_queued(
-                                tx,
-                                &mut self.prepared,
-                                &mut pending,
-                                &mut copying,
-                                &mut self.failed_tenant,
-                                &mut self.stats.copies,
-                            )
-                            .await?;
-                            copying = Some((tenant, vec![c]));
-                            continue;
-                        }
-                        Work::Statement(st) => {
-                            finish_copy(
-                                tx,
-                                &mut copying,
-                                &mut self.failed_tenant,
-                                &mut self.stats.copies,
-                            )
-                            .await?;
-                            flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
-                            Cow::Borrowed(st)
-                        }
-                        Work::Row(r) => {
-                            if copying
-                                .as_ref()
-                                .is_some_and(|(_, parts)| parts[0].table == r.shape.table)
-                            {
-                                finish_copy(
-                                    tx,
-                                    &mut copying,
-                                    &mut self.failed_tenant,
-                                    &mut self.stats.copies,
-                                )
-                                .await?;
-                            }
-                            let shared = match &last_layout {
-                                Some((shape, layout)) if Arc::ptr_eq(shape, &r.shape) => {
-                                    Arc::clone(layout)
-                                }
-                                _ => {
-                                    let shape = &r.shape;
-                                    let found = self
-                                        .catalog
-                                        .table(
-                                            tx,
-                                            &shape.table,
-                                            &shape.identity,
-                                            shape.tenant_column.as_deref(),
-                                        )
-                                        .await;
-                                    match found {
-                                        Ok(layout) => {
-                                            last_layout = Some((shape, Arc::clone(&layout)));
-                                            layout
-                                        }
-                                        Err(e) => {
-                                            self.failed_tenant = Some(tenant.clone());
-                                            return Err(e);
-                                        }
-                                    }
-                                }
-                            };
-                            let layout = &*shared;
-                            let op = r.op.as_op();
-                            if compact && !replay {
-                                let at = match folds.iter().position(|(t, f)| {
-                                    *t == tenant && f.table().name == r.shape.table
-                                }) {
-                                    Some(at) if folds[at].1.is_for(&shared) => Some(at),
-                                    Some(at) => {
-                                        // The layout changed under the fold: finish it first.
-                                        flush_folds(
-                                            &mut folds[at..=at],
-                                            None,
-                                            &mut pending,
-                                            &mut self.failed_tenant,
-                                        )?;
-                                        folds.remove(at);
-                                        None
-                                    }
-                                    None => None,
-                                };
-                                let at = at.or_else(|| {
-                                    TableChanges::new(Arc::clone(&shared)).map(|mut f| {
-                                        f.reserve(tenant_rows(batch, tenant));
-                                        folds.push((tenant, f));
-                                        folds.len() - 1
-                                    })
-                                });
-                                if let Some(at) = at {
-                                    if folds[at].1.add(&op).is_ok() {
-                                        continue;
-                                    }
-                                    // Runs alone, after what the batch did to the table so far.
-                                    flush_folds(
-                                        &mut folds[at..=at],
-                                        None,
-                                        &mut pending,
-                                        &mut self.failed_tenant,
-                                    )?;
-                                }
-                            }
-                            let built = if replay {
-                                build_replay(layout, &op, tenant.as_str())
-                            } else {
-                                build(layout, &op, tenant.as_str())
-                            };
-                            match built {
-                                Ok(st) => Cow::Owned(st),
-                                Err(e) => {
-                                    self.failed_tenant = Some(tenant.clone());
-                                    return Err(e.into());
-                                }
-                            }
-                        }
-                    };
-                    pending.push((tenant, Pending::One(statement)));
-                    if pending.len() >= PIPELINE_DEPTH {
-                        send_queued(
-                            tx,
-                            &mut self.prepared,
-                            &mut pending,
-                            &mut copying,
-                            &mut self.failed_tenant,
-                            &mut self.stats.copies,
-                        )
-                        .await?;
-                    }
-                }
-                let entry = advanced
-                    .entry(tenant.clone())
-                    .or_insert((txn.end_lsn, None));
-                entry.0 = txn.end_lsn;
-            }
-            for (tenant, state) in &txn.states {
-                let held = self.applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
-                if txn.end_lsn <= held {
-                    continue;
-                }
-                let entry = advanced
-                    .entry(tenant.clone())
-                    .or_insert((txn.end_lsn, None));
-                *entry = (txn.end_lsn, Some(state.as_str()));
-            }
-        }
-        flush_folds(&mut folds, None, &mut pending, &mut self.failed_tenant)?;
-        send_queued(
-            tx,
-            &mut self.prepared,
-            &mut pending,
-            &mut copying,
-            &mut self.failed_tenant,
-            &mut self.stats.copies,
-        )
-        .await?;
+        let mut out = Outgoing {
+            client: tx,
+            prepared: &mut self.prepared,
+            catalog: &mut self.catalog,
+            failed_tenant: &mut self.failed_tenant,
+            copies: &mut self.stats.copies,
+            pending: Vec::new(),
+            folds: Vec::new(),
+            copying: None,
+            last_layout: None,
+        };
+        let advanced = queue_batch(&mut out, batch, compact, &self.applied, &self.replay).await?;
+        out.send_all().await?;
+        drop(out);
         crate::failpoint::hit("apply.before_progress");
         if self.lane != 0 {
             if let Some((tenant, _)) = advanced.iter().find(|(_, (_, s))| s.is_some()) {
@@ -940,21 +1049,14 @@ impl TargetWriter {
                 )));
             }
         }
-        // Every tenant's position in one statement, prepared once per connection, and
-        // sent with the COMMIT: one round trip for both, however many tenants the batch
-        // holds (a statement per tenant made a batch of fifty tenants fifty round trips).
-        let record = match &self.record {
-            Some(st) => st.clone(),
-            None => {
-                let (sql, types) = record_sql(self.lane, &self.progress_table, &self.lanes_table);
-                let st = tx
-                    .prepare_typed(&sql, types)
-                    .await
-                    .map_err(ClusterError::sql("preparing the applied-position record"))?;
-                self.record = Some(st.clone());
-                st
-            }
-        };
+        let record = record_statement(
+            tx,
+            &mut self.record,
+            self.lane,
+            &self.progress_table,
+            &self.lanes_table,
+        )
+        .await?;
         let tenants: Vec<&str> = advanced.keys().map(TenantId::as_str).collect();
         let lsns: Vec<String> = advanced.values().map(|(l, _)| l.to_string()).collect();
         let states: Vec<Option<&str>> = advanced.values().map(|(_, s)| *s).collect();
@@ -1114,173 +1216,6 @@ impl TargetWriter {
     }
 }
 
-/// One lane's positions (`<schema>.applied_lanes`).
-async fn read_lane(
-    client: &Client,
-    lanes_table: &str,
-    lane: usize,
-) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
-    read_rows(
-        client,
-        &format!("SELECT tenant, lsn::text, NULL::text FROM {lanes_table} WHERE lane = $1"),
-        &[&(lane as i32)],
-        lanes_table,
-    )
-    .await
-}
-
-/// Where each tenant resumes on this target: lane 0's record (with the backfill state),
-/// its position lowered to the lowest of the lanes. A lane without a row for a tenant that
-/// lane 0 has may have lost an uncommitted share: the tenant resumes from the slot's
-/// position then (each lane still skips what it holds).
-pub async fn read_resume_progress(
-    client: &Client,
-    schema: &str,
-) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
-    let mut out = read_progress(client, &progress_table(schema)).await?;
-    let table = lanes_table(schema);
-    let lanes: i32 = client
-        .query_one(
-            &format!("SELECT COALESCE(max(lane) + 1, 1) FROM {table}"),
-            &[],
-        )
-        .await
-        .map_err(ClusterError::sql("reading the apply lanes"))?
-        .get(0);
-    for lane in 1..lanes.max(1) as usize {
-        let positions = read_lane(client, &table, lane).await?;
-        for (tenant, p) in out.iter_mut() {
-            p.lsn = match positions.get(tenant) {
-                Some(l) => p.lsn.min(l.lsn),
-                None => Lsn::INVALID,
-            };
-        }
-    }
-    Ok(out)
-}
-
-/// Removes a tenant's progress rows (all lanes) inside `tx`; the tables may be missing.
-pub async fn forget_progress(
-    tx: &tokio_postgres::Transaction<'_>,
-    schema: &str,
-    tenant: &TenantId,
-) -> Result<(), ApplyError> {
-    for table in [progress_table(schema), lanes_table(schema)] {
-        let exists: bool = tx
-            .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
-            .await
-            .map_err(ClusterError::sql("looking for the progress table"))?
-            .get(0);
-        if exists {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE tenant = $1"),
-                &[&tenant.as_str()],
-            )
-            .await
-            .map_err(ClusterError::sql("removing the progress rows"))?;
-        }
-    }
-    Ok(())
-}
-
-/// The progress rows of a target (`<schema>.applied`).
-pub async fn read_progress(
-    client: &Client,
-    progress_table: &str,
-) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
-    read_rows(
-        client,
-        &format!("SELECT tenant, lsn::text, state FROM {progress_table}"),
-        &[],
-        progress_table,
-    )
-    .await
-}
-
-/// Rows of (tenant, lsn as text, state) from `sql` over `table`.
-async fn read_rows(
-    client: &Client,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-    table: &str,
-) -> Result<BTreeMap<TenantId, Progress>, ApplyError> {
-    let rows = client
-        .query(sql, params)
-        .await
-        .map_err(ClusterError::sql(format!(
-            "reading the positions in {table}"
-        )))?;
-    let mut out = BTreeMap::new();
-    for r in rows {
-        let (tenant, lsn): (String, String) = (r.get(0), r.get(1));
-        let (Ok(t), Ok(l)) = (TenantId::new(tenant.clone()), lsn.parse::<Lsn>()) else {
-            return Err(ApplyError::Corrupt(format!(
-                "{table} row for {tenant:?} holds {lsn:?}"
-            )));
-        };
-        out.insert(
-            t,
-            Progress {
-                lsn: l,
-                state: r.get(2),
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// Creates the progress table in `schema` if missing; returns its quoted name.
-pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<String, ApplyError> {
-    let table = progress_table(schema);
-    let lanes = lanes_table(schema);
-    // Both tables with every column: nothing to do. The DDL's ALTER TABLE takes an ACCESS
-    // EXCLUSIVE lock even when the column exists, and every lane connects at once.
-    let ready: bool = client
-        .query_one(
-            "SELECT to_regclass($2) IS NOT NULL AND EXISTS (
-               SELECT 1 FROM pg_attribute
-                WHERE attrelid = to_regclass($1) AND attname = 'state' AND NOT attisdropped)",
-            &[&table, &lanes],
-        )
-        .await
-        .map_err(ClusterError::sql("reading the progress table's columns"))?
-        .get(0);
-    if ready {
-        return Ok(table);
-    }
-    let sql = format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {table} (
-           tenant text PRIMARY KEY,
-           lsn pg_lsn NOT NULL,
-           updated_at timestamptz NOT NULL DEFAULT now());
-         ALTER TABLE {table} ADD COLUMN IF NOT EXISTS state text;
-         CREATE TABLE IF NOT EXISTS {lanes} (
-           tenant text NOT NULL,
-           lane int NOT NULL CHECK (lane > 0),
-           lsn pg_lsn NOT NULL,
-           PRIMARY KEY (tenant, lane))",
-        schema = quote_ident(schema),
-    );
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match client.batch_execute(&sql).await {
-            Ok(()) => return Ok(table),
-            // Two sessions creating it at once: IF NOT EXISTS is not atomic, the loser
-            // fails with a duplicate (of the schema, the table, its row type or a column);
-            // the next attempt sees the winner's objects.
-            Err(e)
-                if attempt < 5
-                    && matches!(
-                        e.code().map(|c| c.code()),
-                        Some("23505" | "42P06" | "42P07" | "42701" | "42710")
-                    ) => {}
-            Err(e) => return Err(ClusterError::sql("creating the progress table")(e).into()),
-        }
-    }
-}
-
 /// `SET session_replication_role = replica` on `client`; false when not permitted.
 pub async fn replica_role(client: &Client) -> Result<bool, ApplyError> {
     set_role(
@@ -1312,42 +1247,4 @@ async fn set_role(client: &Client, sql: &str, what: &str) -> Result<bool, ApplyE
         Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
         Err(e) => Err(ClusterError::sql(what)(e).into()),
     }
-}
-
-/// The statement that records every tenant's position of a batch for `lane`, and its
-/// parameter types: lane 0 upserts (tenant, lsn, state) into `progress_table`, lane k > 0
-/// upserts (tenant, k, lsn) into `lanes_table`; a position never moves back.
-fn record_sql(lane: usize, progress_table: &str, lanes_table: &str) -> (String, &'static [Type]) {
-    if lane == 0 {
-        (
-            format!(
-                "INSERT INTO {progress_table} AS p (tenant, lsn, state) \
-                 SELECT u.tenant, u.lsn::pg_lsn, u.state \
-                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, lsn, state) \
-                 ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn), \
-                   state = COALESCE(EXCLUDED.state, p.state), updated_at = now()"
-            ),
-            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
-        )
-    } else {
-        (
-            format!(
-                "INSERT INTO {lanes_table} AS p (tenant, lane, lsn) \
-                 SELECT u.tenant, $3::int, u.lsn::pg_lsn \
-                   FROM unnest($1::text[], $2::text[]) AS u(tenant, lsn) \
-                 ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn)"
-            ),
-            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT4],
-        )
-    }
-}
-
-/// The quoted name of the progress table in `schema`.
-pub fn progress_table(schema: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident("applied"))
-}
-
-/// The quoted name of the table of apply lanes 1.. in `schema` (lane 0 is `applied`).
-pub fn lanes_table(schema: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident("applied_lanes"))
 }

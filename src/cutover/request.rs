@@ -177,7 +177,7 @@ async fn remove_target(
     // Only what the move created is dropped; a table that was there before loses only rows
     // the move wrote (the tenant's rows of a shared table, once the move wrote anything).
     let ledger = crate::provision::Ledger::table(&config.registry_schema);
-    let progress = crate::apply::writer::progress_table(&config.registry_schema);
+    let progress = crate::apply::progress::progress_table(&config.registry_schema);
     let exists = |name: String| {
         let tx = &tx;
         async move {
@@ -288,7 +288,7 @@ async fn remove_target(
             .map_err(ClusterError::sql("dropping the target tables"))?;
         out.tables_dropped = drop.iter().map(|t| t.to_string()).collect();
     }
-    crate::apply::writer::forget_progress(&tx, &config.registry_schema, tenant).await?;
+    crate::apply::progress::forget_progress(&tx, &config.registry_schema, tenant).await?;
     if !created.is_empty() {
         tx.execute(
             &format!("DELETE FROM {ledger} WHERE tenant = $1"),

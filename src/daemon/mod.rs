@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
-use crate::apply::progress::DurableTracker;
+use crate::apply::durable::DurableTracker;
 use crate::apply::writer::{OwnedRowOp, RowChange, RowShape};
 use crate::apply::{CopyRows, SourceTxn, Work};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};

@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use super::error::MoveError;
 use super::moving::{CopyState, TableMove, Tenant, TenantRecord};
-use crate::apply::writer::{
+use crate::apply::progress::{
     ensure_progress_table, forget_progress, read_resume_progress, Progress,
 };
 use crate::backfill::chunk::ChunkTable;

@@ -681,7 +681,7 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
             .collect()
     };
     commit_lanes(&mut lanes, txns(1000, updates()), &[0, 1]).await?;
-    let progress = switchyard::apply::writer::read_resume_progress(&d, "switchyard").await?;
+    let progress = switchyard::apply::progress::read_resume_progress(&d, "switchyard").await?;
     let resume = progress[&seven].lsn;
     assert!(
         resume < Lsn(1000),
@@ -704,7 +704,7 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     )
     .await?;
     assert_eq!(notes, ["c:30"]);
-    let progress = switchyard::apply::writer::read_resume_progress(&d, "switchyard").await?;
+    let progress = switchyard::apply::progress::read_resume_progress(&d, "switchyard").await?;
     assert_eq!(progress[&seven].lsn, Lsn(1000 + updates().len() as u64 - 1));
 
     // The lanes agree again: a new count takes effect, starting from lane 0's positions.

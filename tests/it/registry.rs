@@ -256,7 +256,7 @@ async fn a_current_registry_is_not_reinstalled_and_takes_no_lock() -> Result<()>
 
     // Progress tables on a target: a lane connecting while another lane's transaction
     // holds the table neither waits nor fails.
-    switchyard::apply::writer::ensure_progress_table(&c, "sy progress").await?;
+    switchyard::apply::progress::ensure_progress_table(&c, "sy progress").await?;
     let mut lane = pg.client().await?;
     let busy = lane.transaction().await?;
     busy.batch_execute(
@@ -264,7 +264,7 @@ async fn a_current_registry_is_not_reinstalled_and_takes_no_lock() -> Result<()>
          INSERT INTO \"sy progress\".applied_lanes (tenant, lane, lsn) VALUES ('t', 1, '0/1')",
     )
     .await?;
-    switchyard::apply::writer::ensure_progress_table(&c, "sy progress").await?;
+    switchyard::apply::progress::ensure_progress_table(&c, "sy progress").await?;
     busy.rollback().await?;
     Ok(())
 }
