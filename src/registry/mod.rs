@@ -613,7 +613,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
     }
 
     /// Stores the tenant id of move `id` in its canonical form (see
-    /// `daemon::canonical_tenant`), before the move has started.
+    /// `layout::canonical_tenant`), before the move has started.
     pub async fn rename_tenant(
         &self,
         client: &Client,

@@ -889,6 +889,8 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
          CREATE TABLE public.t_not_in_pk (tenant_id int NOT NULL, id int PRIMARY KEY);
          CREATE TABLE public.t_nullable (tenant_id int, id int);
          ALTER TABLE public.t_nullable REPLICA IDENTITY FULL;
+         CREATE TABLE public.t_full (tenant_id int NOT NULL, id int PRIMARY KEY);
+         ALTER TABLE public.t_full REPLICA IDENTITY FULL;
          ALTER PUBLICATION sy_pub ADD TABLE public.t_good;
          GRANT SELECT ON ALL TABLES IN SCHEMA public TO switchyard;",
     )?;
@@ -919,7 +921,7 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
         &pg,
         "",
         "tables = [\"public.no_pk\", \"public.nothing_ident\", \"public.missing\", \
-         \"public.t_not_in_pk\", \"public.t_nullable\"]",
+         \"public.t_not_in_pk\", \"public.t_nullable\", \"public.t_full\"]",
     );
     let (ok, out) = run_check(&bad);
     assert!(!ok, "{out}");
@@ -932,6 +934,16 @@ async fn check_reports_each_prerequisite_with_its_fix() -> Result<()> {
     assert!(out.contains("PRIMARY KEY (\"tenant_id\", id)"), "{out}");
     assert!(
         out.contains("warn tenant column public.t_nullable.tenant_id: nullable"),
+        "{out}"
+    );
+    // FULL is what makes a key without the tenant column routable: the advice must not
+    // take it back.
+    assert!(
+        out.contains("ok   tenant column public.t_full.tenant_id"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("\"public\".\"t_full\" REPLICA IDENTITY DEFAULT"),
         "{out}"
     );
     assert!(

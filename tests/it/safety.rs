@@ -572,6 +572,57 @@ async fn a_slot_created_again_while_the_daemon_was_down_fails_the_moving_tenant(
     Ok(())
 }
 
+/// An UPDATE that sets a moving tenant's row's tenant column to NULL is that row leaving
+/// the tenant: it goes from the target. The defect: the change was skipped whole (a NULL
+/// tenant is no one's), and the row stayed at the target with its old values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_tenant_is_set_to_null_leaves_the_target() -> Result<()> {
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 50))?;
+    // A nullable tenant column: the key lacks it, so the old row is logged whole.
+    src.psql(
+        "CREATE TABLE public.notes (id int PRIMARY KEY, tenant_id int, body text);
+         ALTER TABLE public.notes REPLICA IDENTITY FULL;
+         INSERT INTO public.notes SELECT g, 1 + g % 2, 'note ' || g FROM generate_series(1, 20) g;
+         GRANT SELECT ON public.notes TO switchyard;
+         ALTER PUBLICATION sy_pub ADD TABLE public.notes;",
+    )?;
+    prepare_target(&src)?;
+    let d = start(&src, None, "").await?;
+    d.in_sync("1", "local", "t1").await?;
+    let s = &d.s;
+    async fn at_target(s: &Client, id: i32) -> Result<i64> {
+        Ok(
+            s.query_one("SELECT count(*) FROM t1.notes WHERE id = $1", &[&id])
+                .await?
+                .get(0),
+        )
+    }
+    ensure!(
+        at_target(s, 4).await? == 1,
+        "note 4 is tenant 1's and was copied"
+    );
+    s.batch_execute(
+        "UPDATE public.notes SET tenant_id = NULL WHERE id = 4;
+         UPDATE public.notes SET body = 'after' WHERE id = 6;",
+    )
+    .await?;
+    support::wait_for_row(
+        s,
+        "a later change of the tenant",
+        SYNC,
+        "SELECT 1 FROM t1.notes WHERE id = 6 AND body = 'after'",
+        &[],
+    )
+    .await?;
+    ensure!(
+        at_target(s, 4).await? == 0,
+        "the row that left the tenant stayed at its target"
+    );
+    d.daemon.stop().await?;
+    Ok(())
+}
+
 /// A writer whose transaction begins while the fence is being armed (its row inserted, not
 /// yet committed: widened here by a slow trigger on the fences table) takes no lock. The
 /// cutover must wait it out, so its write reaches the target; the defect: `armed_at` was read
