@@ -256,113 +256,16 @@ async fn read(
     let (format, key_oids) = match format {
         Some(f) => (f.0, f.1.clone()),
         None => {
-            // Binary rows go to the target untouched when every column type is built in; the
-            // binary query's result types tell (user-defined types are read as text). Decided
-            // once per reader: a table's column types do not change under a move (DDL pauses it).
-            let sql = job
-                .layout
-                .query(job.tenant.as_str(), &job.spec, CopyFormat::Binary)
-                .0;
-            let st = tx
-                .prepare_typed(&sql, &types)
-                .await
-                .map_err(ClusterError::sql(format!(
-                    "preparing the chunk query on {}",
-                    job.table
-                )))?;
-            let values = &st.columns()[nkeys.min(st.columns().len())..];
-            let f = CopyFormat::for_type_oids(values.iter().map(|c| c.type_().oid()));
-            // The key columns' types, to decode their binary values.
-            let key_oids: Vec<u32> = job
-                .layout
-                .key
-                .iter()
-                .map(|(i, _)| values.get(*i).map_or(0, |c| c.type_().oid()))
-                .collect();
-            *format = Some((f, key_oids.clone()));
-            (f, key_oids)
+            let f = copy_format(&tx, job, &types).await?;
+            *format = Some(f.clone());
+            f
         }
     };
-    let mut rows = RowBuffer::new(format);
-    let mut keys = Vec::new();
-    let bad_key = || Error::KeyValue {
-        table: job.table.to_string(),
-    };
-    let read_err = || ClusterError::sql(format!("reading a chunk of {}", job.table));
-    if format == CopyFormat::Binary {
-        // Binary rows come as COPY data and go on as they came: only the key columns'
-        // values are decoded, the rest is moved without parsing.
-        let stream = tx
-            .copy_out(&job.layout.copy_query(job.tenant.as_str(), &job.spec))
-            .await
-            .map_err(read_err())?;
-        futures_util::pin_mut!(stream);
-        let mut split = BinaryRowSplitter::new();
-        let mut fields = Vec::new();
-        let bad_data = |e: CopyDataError| Error::ChunkData {
-            table: job.table.to_string(),
-            detail: e.to_string(),
-        };
-        while let Some(data) = stream.next().await {
-            split.feed(&data.map_err(read_err())?);
-            while let Some(row) = split.next_row(&mut fields).map_err(bad_data)? {
-                if fields.len() != width {
-                    return Err(bad_data(CopyDataError(format!(
-                        "a row has {} fields, the chunk query {}",
-                        fields.len(),
-                        width
-                    ))));
-                }
-                let key = job
-                    .layout
-                    .key
-                    .iter()
-                    .zip(&key_oids)
-                    .map(|(&(i, kind), &oid)| {
-                        let value = fields.get(i)?.as_ref()?;
-                        kind.decode_binary(oid, row.get(value.clone())?)
-                    })
-                    .collect::<Option<Key>>()
-                    .ok_or_else(bad_key)?;
-                keys.push(key);
-                rows.push_binary_row(&row);
-            }
-        }
-        split.finish().map_err(bad_data)?;
+    let (rows, keys) = if format == CopyFormat::Binary {
+        read_binary(&tx, job, &key_oids).await?
     } else {
-        let sql = job
-            .layout
-            .query(job.tenant.as_str(), &job.spec, CopyFormat::Text)
-            .0;
-        let statement = tx
-            .prepare_typed(&sql, &types)
-            .await
-            .map_err(ClusterError::sql(format!(
-                "preparing the chunk query on {}",
-                job.table
-            )))?;
-        if statement.columns().len() != nkeys + width {
-            return Err(bad_key());
-        }
-        let stream = tx
-            .query_raw(&statement, params.iter().map(|p| p as &(dyn ToSql + Sync)))
-            .await
-            .map_err(read_err())?;
-        futures_util::pin_mut!(stream);
-        while let Some(r) = stream.next().await {
-            let r = r.map_err(read_err())?;
-            let texts = (0..nkeys)
-                .map(|i| r.try_get::<_, Option<&str>>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| bad_key())?;
-            keys.push(job.layout.key_from(&texts).ok_or_else(bad_key)?);
-            let values = (nkeys..nkeys + width)
-                .map(|i| r.try_get::<_, Option<Raw<'_>>>(i).map(|v| v.map(|v| v.0)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| bad_key())?;
-            rows.push(values.into_iter());
-        }
-    }
+        read_text(&tx, job, &params, &types).await?
+    };
     tx.commit()
         .await
         .map_err(ClusterError::sql("ending a chunk snapshot"))?;
@@ -392,4 +295,143 @@ async fn read(
     crate::failpoint::hit("backfill.after_high_watermark");
     pool.put(client);
     Ok(last)
+}
+
+/// How the table's rows are read: binary rows go to the target untouched when every column
+/// type is built in; the binary query's result types tell (user-defined types are read as
+/// text). With the key columns' type OIDs, to decode their binary values. Decided once per
+/// reader: a table's column types do not change under a move (DDL pauses it).
+async fn copy_format(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: &ChunkJob,
+    types: &[Type],
+) -> Result<(CopyFormat, Vec<u32>), Error> {
+    let nkeys = job.layout.key.len();
+    let sql = job
+        .layout
+        .query(job.tenant.as_str(), &job.spec, CopyFormat::Binary)
+        .0;
+    let st = tx
+        .prepare_typed(&sql, types)
+        .await
+        .map_err(ClusterError::sql(format!(
+            "preparing the chunk query on {}",
+            job.table
+        )))?;
+    let values = &st.columns()[nkeys.min(st.columns().len())..];
+    let f = CopyFormat::for_type_oids(values.iter().map(|c| c.type_().oid()));
+    let key_oids: Vec<u32> = job
+        .layout
+        .key
+        .iter()
+        .map(|(i, _)| values.get(*i).map_or(0, |c| c.type_().oid()))
+        .collect();
+    Ok((f, key_oids))
+}
+
+fn bad_key(job: &ChunkJob) -> Error {
+    Error::KeyValue {
+        table: job.table.to_string(),
+    }
+}
+
+fn read_err(job: &ChunkJob) -> impl Fn(tokio_postgres::Error) -> ClusterError + '_ {
+    move |e| ClusterError::sql(format!("reading a chunk of {}", job.table))(e)
+}
+
+/// The chunk as binary COPY data, passed on as it came: only the key columns' values are
+/// decoded, the rest is moved without parsing.
+async fn read_binary(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: &ChunkJob,
+    key_oids: &[u32],
+) -> Result<(RowBuffer, Vec<Key>), Error> {
+    let width = job.layout.columns.len();
+    let mut rows = RowBuffer::new(CopyFormat::Binary);
+    let mut keys = Vec::new();
+    let stream = tx
+        .copy_out(&job.layout.copy_query(job.tenant.as_str(), &job.spec))
+        .await
+        .map_err(read_err(job))?;
+    futures_util::pin_mut!(stream);
+    let mut split = BinaryRowSplitter::new();
+    let mut fields = Vec::new();
+    let bad_data = |e: CopyDataError| Error::ChunkData {
+        table: job.table.to_string(),
+        detail: e.to_string(),
+    };
+    while let Some(data) = stream.next().await {
+        split.feed(&data.map_err(read_err(job))?);
+        while let Some(row) = split.next_row(&mut fields).map_err(bad_data)? {
+            if fields.len() != width {
+                return Err(bad_data(CopyDataError(format!(
+                    "a row has {} fields, the chunk query {}",
+                    fields.len(),
+                    width
+                ))));
+            }
+            let key = job
+                .layout
+                .key
+                .iter()
+                .zip(key_oids)
+                .map(|(&(i, kind), &oid)| {
+                    let value = fields.get(i)?.as_ref()?;
+                    kind.decode_binary(oid, row.get(value.clone())?)
+                })
+                .collect::<Option<Key>>()
+                .ok_or_else(|| bad_key(job))?;
+            keys.push(key);
+            rows.push_binary_row(&row);
+        }
+    }
+    split.finish().map_err(bad_data)?;
+    Ok((rows, keys))
+}
+
+/// The chunk as text rows (a table with a user-defined column type): keys parsed from
+/// their text, values kept as the server sent them.
+async fn read_text(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: &ChunkJob,
+    params: &[Option<String>],
+    types: &[Type],
+) -> Result<(RowBuffer, Vec<Key>), Error> {
+    let nkeys = job.layout.key.len();
+    let width = job.layout.columns.len();
+    let mut rows = RowBuffer::new(CopyFormat::Text);
+    let mut keys = Vec::new();
+    let sql = job
+        .layout
+        .query(job.tenant.as_str(), &job.spec, CopyFormat::Text)
+        .0;
+    let statement = tx
+        .prepare_typed(&sql, types)
+        .await
+        .map_err(ClusterError::sql(format!(
+            "preparing the chunk query on {}",
+            job.table
+        )))?;
+    if statement.columns().len() != nkeys + width {
+        return Err(bad_key(job));
+    }
+    let stream = tx
+        .query_raw(&statement, params.iter().map(|p| p as &(dyn ToSql + Sync)))
+        .await
+        .map_err(read_err(job))?;
+    futures_util::pin_mut!(stream);
+    while let Some(r) = stream.next().await {
+        let r = r.map_err(read_err(job))?;
+        let texts = (0..nkeys)
+            .map(|i| r.try_get::<_, Option<&str>>(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad_key(job))?;
+        keys.push(job.layout.key_from(&texts).ok_or_else(|| bad_key(job))?);
+        let values = (nkeys..nkeys + width)
+            .map(|i| r.try_get::<_, Option<Raw<'_>>>(i).map(|v| v.map(|v| v.0)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad_key(job))?;
+        rows.push(values.into_iter());
+    }
+    Ok((rows, keys))
 }
