@@ -544,7 +544,7 @@ async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Res
                 .list(&client)
                 .await?
                 .into_iter()
-                .filter(|m| m.state.consumes_stream() || m.state == MoveState::CuttingOver)
+                .filter(|m| m.state.consumes_stream())
                 .map(|m| m.tenant.to_string())
                 .collect();
             if !moving.is_empty() {

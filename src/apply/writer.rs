@@ -443,38 +443,6 @@ async fn pipeline<'a>(
     Ok(())
 }
 
-/// Runs the pending COPY, if any (one statement for all its parts).
-async fn finish_copy<'a>(
-    tx: &Client,
-    copying: &mut Option<(&'a TenantId, Vec<&'a CopyRows>)>,
-    failed_tenant: &mut Option<TenantId>,
-    copies: &mut u64,
-) -> Result<(), ApplyError> {
-    if let Some((tenant, parts)) = copying.take() {
-        *copies += 1;
-        if let Err(e) = copy(tx, &parts).await {
-            *failed_tenant = Some(tenant.clone());
-            return Err(e);
-        }
-        crate::failpoint::hit("apply.after_copy");
-    }
-    Ok(())
-}
-
-/// Sends what is queued: the pending COPY first, then the pipelined statements, which were
-/// all queued after that COPY began. Every send goes through here, so that order holds.
-async fn send_queued<'a>(
-    tx: &Client,
-    prepared: &mut HashMap<String, tokio_postgres::Statement>,
-    pending: &mut Vec<(&'a TenantId, Pending<'a>)>,
-    copying: &mut Option<(&'a TenantId, Vec<&'a CopyRows>)>,
-    failed_tenant: &mut Option<TenantId>,
-    copies: &mut u64,
-) -> Result<(), ApplyError> {
-    finish_copy(tx, copying, failed_tenant, copies).await?;
-    pipeline(tx, prepared, pending, failed_tenant).await
-}
-
 /// Row changes `tenant` has in `batch`, at most [`FOLD_RESERVE`]: the room a new fold of
 /// one of its tables makes at once (an upper bound for that table, capped so that a tenant
 /// with many tables or one huge transaction reserves at most that many keys a fold).
@@ -783,24 +751,29 @@ impl<'a> Outgoing<'a, '_> {
         )
     }
 
+    /// Runs the pending COPY, if any (one statement for all its parts).
     async fn finish_copy(&mut self) -> Result<(), ApplyError> {
-        finish_copy(
-            self.client,
-            &mut self.copying,
-            self.failed_tenant,
-            self.copies,
-        )
-        .await
+        if let Some((tenant, parts)) = self.copying.take() {
+            *self.copies += 1;
+            if let Err(e) = copy(self.client, &parts).await {
+                *self.failed_tenant = Some(tenant.clone());
+                return Err(e);
+            }
+            crate::failpoint::hit("apply.after_copy");
+        }
+        Ok(())
     }
 
+    /// Sends what is queued: the pending COPY first, then the pipelined statements, which
+    /// were all queued after that COPY began. Every send goes through here, so that order
+    /// holds.
     async fn send_queued(&mut self) -> Result<(), ApplyError> {
-        send_queued(
+        self.finish_copy().await?;
+        pipeline(
             self.client,
             self.prepared,
             &mut self.pending,
-            &mut self.copying,
             self.failed_tenant,
-            self.copies,
         )
         .await
     }

@@ -54,8 +54,6 @@ pub fn target_key(tenant: &TenantId, target_schema: &str) -> TenantId {
     TenantId::new(format!("{tenant}@{target_schema}")).unwrap_or_else(|_| tenant.clone())
 }
 
-pub use crate::registry::reverse_progress_schema as progress_schema;
-
 /// Prepares reverse replication at the target (outside the pause; idempotent): the fence
 /// (armed, so a rollback can take it), a publication of the tenant's target tables and a
 /// logical slot that keeps every later change.
@@ -258,7 +256,7 @@ pub(crate) async fn run(
     let mut writer = TargetWriter::with_client(
         TargetId::new("source").expect("\"source\" is a valid target name"),
         source,
-        &progress_schema(&config.registry_schema),
+        &crate::registry::reverse_progress_schema(&config.registry_schema),
     )
     .await?;
     let _ = writer.use_replica_role().await;
@@ -568,6 +566,9 @@ mod tests {
         assert_eq!(slot_name(42), "switchyard_rev_42");
         let t = TenantId::new("acme").unwrap();
         assert_eq!(target_key(&t, "shard_acme").as_str(), "acme@shard_acme");
-        assert_eq!(progress_schema("switchyard"), "switchyard_rollback");
+        assert_eq!(
+            crate::registry::reverse_progress_schema("switchyard"),
+            "switchyard_rollback"
+        );
     }
 }

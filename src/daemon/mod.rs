@@ -198,8 +198,9 @@ async fn check_slot_position(
 ) -> Result<Lsn, Error> {
     let kept = store.confirmed()?;
     let found = slot.confirmed_flush.unwrap_or(Lsn::INVALID);
+    let ceiling = kept.max(found);
     if recorded.is_none() {
-        return Ok(kept.max(found));
+        return Ok(ceiling);
     }
     let mut batch = Batch::new();
     if !store.ceiling_kept()? {
@@ -221,11 +222,11 @@ async fn check_slot_position(
             batch.slot_gap(tenant, &gap);
         }
     } else {
-        return Ok(kept.max(found));
+        return Ok(ceiling);
     }
     batch.confirmed(found);
     checkpoints.commit(batch).await?;
-    Ok(kept.max(found))
+    Ok(ceiling)
 }
 
 fn pg_now() -> i64 {
@@ -453,13 +454,12 @@ impl Engine {
     /// Resumes every tenant that was moving and starts the stream; checks that the slot
     /// is on the cluster the state belongs to, and records it on a first start.
     async fn start_stream(&mut self, opened: &OpenedSlot) -> Result<ReplicationStream, Error> {
-        let repl = self.config.replication.clone();
         // The daemon assembles whole transactions; the server spills large ones itself.
-        let mut stream_repl = repl.clone();
-        stream_repl.streaming = false;
+        let mut repl = self.config.replication.clone();
+        repl.streaming = false;
         let settings = StreamSettings {
             endpoint: self.config.source.clone(),
-            replication: stream_repl,
+            replication: repl.clone(),
             ack: true,
             start: Lsn::INVALID,
             ceiling: Some(opened.ceiling),

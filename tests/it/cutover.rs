@@ -11,50 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use support::mover::{
-    assert_parity, digest, load_config, prepare_target, registry_ready, request, shared_schema,
-    state_of, wait_drained, wait_state, write_config, InProcess,
+    assert_parity, digest, fence_grants, prepare_target, request, shared_schema,
+    start_daemon as start, state_of, wait_drained, wait_state, InProcess, Running,
 };
 use support::{wait_for, wait_for_row, PgCluster};
-use switchyard::registry::Registry;
 use switchyard::tenant::TenantId;
 use tokio_postgres::Client;
 
 const SYNC: Duration = Duration::from_secs(180);
-
-/// What the source's switchyard role needs for cutovers: the owner's rights on the moved
-/// tables (fence triggers that fire ALWAYS) and a view of every session's transaction.
-fn fence_grants(src: &PgCluster) -> Result<()> {
-    src.psql(&support::app_owned(&["public"]))?;
-    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
-    Ok(())
-}
-
-/// The daemon running in-process on `src` (with `other` as target `shard2`).
-struct Running {
-    config: switchyard::config::Config,
-    path: std::path::PathBuf,
-    s: Client,
-    daemon: InProcess,
-    registry: Registry,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(src: &PgCluster, other: Option<&PgCluster>, extra: &str) -> Result<Running> {
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), src, other, extra)?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    Ok(Running {
-        config,
-        path,
-        s,
-        daemon,
-        registry: Registry::new("switchyard")?,
-        _dir: dir,
-    })
-}
 
 /// Writes one tenant's rows in small transactions until stopped or, with
 /// `stop_when_refused`, until the source refuses them. Keeps the longest transaction time.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use support::mover::{
-    load_config, prepare_target, registry_ready, request, shared_schema, wait_state, write_config,
-    InProcess,
+    fence_grants, load_config, prepare_target, registry_ready, request, shared_schema,
+    start_daemon as start, wait_state, write_config, InProcess, Running,
 };
 use support::tpcb::{self, Load};
 use support::{wait_for, ClusterOptions, PgCluster};
@@ -33,37 +33,11 @@ fn async_commit_cluster() -> Result<PgCluster> {
 /// every session; the cluster is also a target of its own.
 fn fenceable(src: &PgCluster, tenants: &[i32], rows: i32) -> Result<()> {
     src.psql(&shared_schema(tenants, rows))?;
-    src.psql(&support::app_owned(&["public"]))?;
-    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
+    fence_grants(src)?;
     prepare_target(src)
 }
 
-/// The daemon in-process on `src` (with `other` as target `shard2`).
-struct Daemon {
-    config: switchyard::config::Config,
-    s: Client,
-    daemon: InProcess,
-    registry: Registry,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(src: &PgCluster, other: Option<&PgCluster>, extra: &str) -> Result<Daemon> {
-    let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), src, other, extra)?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    Ok(Daemon {
-        config,
-        s,
-        daemon,
-        registry: Registry::new("switchyard")?,
-        _dir: dir,
-    })
-}
-
-impl Daemon {
+impl Running {
     /// Requests the move of `tenant` into `schema` at `target` and waits until it is in sync.
     async fn in_sync(&self, tenant: &str, target: &str, schema: &str) -> Result<i64> {
         let id = request(&self.s, &self.registry, tenant, target, schema).await?;
@@ -237,7 +211,7 @@ async fn after_a_cutover_under_tpcb_the_reverse_stream_replays_none_of_the_moves
 
 /// Tenant 1 of the shared schema moved to a schema of the same cluster and cut over, with
 /// the daemon still running.
-async fn cut_over_tenant_one(src: &PgCluster) -> Result<Daemon> {
+async fn cut_over_tenant_one(src: &PgCluster) -> Result<Running> {
     fenceable(src, &[1, 2], 200)?;
     let d = start(
         src,
@@ -272,7 +246,7 @@ async fn sqlstate(c: &Client, sql: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_session_but_the_daemons_own_gets_past_the_fence() -> Result<()> {
     let src = PgCluster::start()?;
-    let Daemon { s, daemon, .. } = cut_over_tenant_one(&src).await?;
+    let Running { s, daemon, .. } = cut_over_tenant_one(&src).await?;
     // An application role with every right on the tables, but not switchyard's.
     src.psql(
         "CREATE ROLE app LOGIN;
@@ -632,7 +606,7 @@ async fn a_row_whose_tenant_is_set_to_null_leaves_the_target() -> Result<()> {
 async fn a_writer_that_starts_while_the_fence_is_armed_is_waited_out() -> Result<()> {
     let src = PgCluster::start()?;
     fenceable(&src, &[1, 2], 100)?;
-    let Daemon {
+    let Running {
         config, s, daemon, ..
     } = start(
         &src,
@@ -746,7 +720,7 @@ async fn moves_that_end_without_a_cutover_leave_no_armed_fence_and_no_reverse_sl
     for t in ["1", "2", "3"] {
         ids.push((t, running.in_sync(t, "shard2", &format!("t{t}")).await?));
     }
-    let Daemon {
+    let Running {
         s,
         daemon,
         registry,
@@ -1001,7 +975,7 @@ async fn a_row_with_unchanged_toast_moved_into_a_streaming_tenant_arrives_whole(
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 100))?;
     prepare_target(&src)?;
-    let Daemon { s, daemon, .. } = start(&src, None, "").await?;
+    let Running { s, daemon, .. } = start(&src, None, "").await?;
     let id = request(&s, &Registry::new("switchyard")?, "1", "local", "t1").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
     s.batch_execute(
@@ -1047,7 +1021,7 @@ async fn tenant_ids_are_stored_as_their_column_type_writes_them() -> Result<()> 
     let src = PgCluster::start()?;
     src.psql(&shared_schema(&[7, 8], 50))?;
     prepare_target(&src)?;
-    let Daemon { s, daemon, .. } = start(&src, None, "").await?;
+    let Running { s, daemon, .. } = start(&src, None, "").await?;
     let id: i64 = s
         .query_one(
             "INSERT INTO switchyard.moves (tenant, target, target_schema) VALUES ('007', 'local', 't7') RETURNING id",
@@ -1188,7 +1162,7 @@ async fn a_target_that_is_down_fails_its_tenants_at_the_wal_budget() -> Result<(
     )
     .await?;
     let id = d.in_sync("1", "shard2", "t1").await?;
-    let Daemon { s, daemon, .. } = d;
+    let Running { s, daemon, .. } = d;
     dst.stop();
     // Tenant 1 goes on writing: ~12 MB of WAL in small transactions.
     for round in 0..300 {
@@ -1228,7 +1202,7 @@ async fn the_transaction_bound_holds_across_the_tenants_of_a_transaction() -> Re
     for t in ["1", "2", "3"] {
         ids.push(d.in_sync(t, "local", &format!("t{t}")).await?);
     }
-    let Daemon { s, daemon, .. } = d;
+    let Running { s, daemon, .. } = d;
     s.batch_execute(
         "INSERT INTO public.orders (tenant_id, id, note)
            SELECT t, 900000 + g, repeat(md5(g::text), 20) FROM generate_series(1, 3) t, generate_series(1, 800) g",
@@ -1501,8 +1475,12 @@ async fn tail_does_not_confirm_on_the_slot_of_moving_tenants() -> Result<()> {
     d.in_sync("1", "local", "t1").await?;
     // Stopped, the daemon no longer holds the slot: this is when an operator reaches for
     // `tail --ack` on it. Changes written now are the moving tenant's to apply later.
-    let Daemon {
-        s, daemon, _dir, ..
+    let Running {
+        s,
+        daemon,
+        path,
+        _dir,
+        ..
     } = d;
     daemon.stop().await?;
     s.batch_execute("UPDATE public.orders SET note = 'while stopped' WHERE tenant_id = 1")
@@ -1520,7 +1498,7 @@ async fn tail_does_not_confirm_on_the_slot_of_moving_tenants() -> Result<()> {
     let before = confirmed().await?;
     let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("--config")
-        .arg(_dir.path().join("switchyard.toml"))
+        .arg(&path)
         .args(["tail", "--ack"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -235,6 +235,48 @@ impl Drop for Process {
     }
 }
 
+/// What the source's switchyard role needs for cutovers: the owner's rights on the moved
+/// tables (fence triggers that fire ALWAYS) and a view of every session's transaction.
+pub fn fence_grants(src: &PgCluster) -> Result<()> {
+    src.psql(&super::app_owned(&["public"]))?;
+    src.psql("GRANT pg_read_all_stats TO switchyard;")?;
+    Ok(())
+}
+
+/// The daemon running in-process on `src` (with `other` as target `shard2`), its config
+/// (and the file it was read from) and a client of the source.
+pub struct Running {
+    pub config: Config,
+    pub path: PathBuf,
+    pub s: Client,
+    pub daemon: InProcess,
+    pub registry: Registry,
+    pub _dir: tempfile::TempDir,
+}
+
+/// Writes a config for `src` (and `other`, with `extra` appended), starts the daemon on it
+/// (creating the slot) and waits for the registry.
+pub async fn start_daemon(
+    src: &PgCluster,
+    other: Option<&PgCluster>,
+    extra: &str,
+) -> Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), src, other, extra)?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    Ok(Running {
+        config,
+        path,
+        s,
+        daemon,
+        registry: Registry::new("switchyard")?,
+        _dir: dir,
+    })
+}
+
 /// Waits until the daemon has installed the registry.
 pub async fn registry_ready(client: &Client) -> Result<()> {
     wait_for_row(
