@@ -174,7 +174,7 @@ fn run(input: &[Bytes], layout: &std::sync::Arc<TargetTable>) -> (u64, usize) {
             }
             Message::Begin(_) => open.clear(),
             Message::Commit(c) => batch.push(SourceTxn {
-                end_lsn: c.end_lsn,
+                end: c.end(),
                 parts: vec![(tenant.clone(), std::mem::take(&mut open))],
                 states: Vec::new(),
             }),

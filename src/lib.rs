@@ -10,6 +10,7 @@
 //! (`decode`), and only confirms a position to the source once it is durable downstream.
 
 pub mod apply;
+pub mod assembly;
 pub mod backfill;
 pub mod checkpoint;
 pub mod cluster;

@@ -6,6 +6,9 @@
 //! - Text form is PostgreSQL's `X/X` (upper hex, no padding); parsing accepts any case.
 //! - `to_be_bytes` gives big-endian bytes so that byte order equals LSN order (RocksDB keys).
 //! - [`ProgressLsn`] only ever moves forward: shared progress between tasks can never regress.
+//! - [`CommitLsn`] is the end of a source transaction's commit, the unit the pipeline counts
+//!   in: received from the stream, applied at a target, confirmed to the source. It is a type
+//!   of its own so that a keepalive's or a BEGIN's position cannot stand in for one.
 
 use std::fmt;
 use std::str::FromStr;
@@ -44,6 +47,41 @@ impl Lsn {
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// Where a source transaction's commit record ends: received from the stream, applied at
+/// a target, confirmed to the source. Every change of the transaction is before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommitLsn(Lsn);
+
+impl CommitLsn {
+    /// No commit yet (a position before any transaction).
+    pub const NONE: CommitLsn = CommitLsn(Lsn::INVALID);
+
+    /// The end of a commit record: a COMMIT message's end LSN, or a position recorded as one.
+    pub fn of(end: Lsn) -> CommitLsn {
+        CommitLsn(end)
+    }
+
+    pub fn lsn(self) -> Lsn {
+        self.0
+    }
+
+    pub fn is_valid(self) -> bool {
+        self.0.is_valid()
+    }
+}
+
+impl fmt::Display for CommitLsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<CommitLsn> for Lsn {
+    fn from(end: CommitLsn) -> Lsn {
+        end.0
     }
 }
 

@@ -595,7 +595,7 @@ async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Res
                     };
                 }
                 if let Some(lsn) = line.durable_after {
-                    stream.mark_durable(lsn);
+                    stream.mark_applied(switchyard::lsn::CommitLsn::of(lsn));
                 }
             }
             Ok(None) => break Ok(()),

@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::writer::{OwnedRowOp, RowChange, SourceTxn, Work};
 use crate::decode::Datum;
-use crate::lsn::Lsn;
+use crate::lsn::CommitLsn;
 use crate::sql::QualifiedName;
 use crate::tenant::TenantId;
 
@@ -148,16 +148,16 @@ pub fn split(
         .map(|_| Vec::with_capacity(segment.txns.len() / lanes + 1))
         .collect();
     // Each tenant's last position in the segment, in the order tenants first appear.
-    let mut last: Vec<(TenantId, Lsn)> = Vec::new();
+    let mut last: Vec<(TenantId, CommitLsn)> = Vec::new();
     let mut seen: HashMap<TenantId, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut shares: Vec<Option<SourceTxn>> = (0..lanes).map(|_| None).collect();
     for txn in segment.txns {
         for (tenant, works) in txn.parts {
             match seen.get(&tenant) {
-                Some(&at) => last[at].1 = txn.end_lsn,
+                Some(&at) => last[at].1 = txn.end,
                 None => {
                     seen.insert(tenant.clone(), last.len());
-                    last.push((tenant.clone(), txn.end_lsn));
+                    last.push((tenant.clone(), txn.end));
                 }
             }
             for w in works {
@@ -168,7 +168,7 @@ pub fn split(
                     _ => 0,
                 };
                 let share = shares[lane].get_or_insert_with(|| SourceTxn {
-                    end_lsn: txn.end_lsn,
+                    end: txn.end,
                     parts: Vec::with_capacity(1),
                     states: Vec::new(),
                 });
@@ -190,7 +190,7 @@ pub fn split(
     for (tenant, end) in last {
         for share in out.iter_mut() {
             share.push(SourceTxn {
-                end_lsn: end,
+                end,
                 parts: vec![(tenant.clone(), Vec::new())],
                 states: Vec::new(),
             });
@@ -208,7 +208,7 @@ fn split_barrier(segment: Segment, lanes: usize) -> Vec<Vec<SourceTxn>> {
     for txn in segment.txns {
         for share in out.iter_mut().skip(1) {
             share.push(SourceTxn {
-                end_lsn: txn.end_lsn,
+                end: txn.end,
                 parts: txn
                     .parts
                     .iter()
@@ -248,7 +248,7 @@ mod tests {
     use super::*;
     use crate::apply::copy::CopyRows;
     use crate::decode::Tuple;
-    use crate::lsn::Lsn;
+    use crate::lsn::{CommitLsn, Lsn};
     use crate::tenant::TenantId;
     use bytes::Bytes;
 
@@ -296,7 +296,7 @@ mod tests {
 
     fn txn(end: u64, parts: Vec<(&str, Vec<Work>)>) -> SourceTxn {
         SourceTxn {
-            end_lsn: Lsn(end),
+            end: CommitLsn::of(Lsn(end)),
             parts: parts.into_iter().map(|(t2, w)| (t(t2), w)).collect(),
             states: Vec::new(),
         }
@@ -339,7 +339,7 @@ mod tests {
         let segs = segments(batch);
         let shape: Vec<(bool, Vec<u64>)> = segs
             .iter()
-            .map(|s| (s.barrier, s.txns.iter().map(|t| t.end_lsn.0).collect()))
+            .map(|s| (s.barrier, s.txns.iter().map(|t| t.end.lsn().0).collect()))
             .collect();
         assert_eq!(
             shape,
@@ -373,7 +373,7 @@ mod tests {
         }
         let original: Vec<(u64, String)> = txns
             .iter()
-            .map(|t| (t.end_lsn.0, key_of(&t.parts[0].1[0])))
+            .map(|t| (t.end.lsn().0, key_of(&t.parts[0].1[0])))
             .collect();
         let lanes = split(
             Segment {
@@ -390,7 +390,7 @@ mod tests {
         for (lane, share) in lanes.iter().enumerate() {
             // Every lane ends with the tenant's last position, so every lane records it.
             let (marker, changes) = share.split_last().expect("a position entry");
-            assert_eq!(marker.end_lsn, Lsn(200));
+            assert_eq!(marker.end, CommitLsn::of(Lsn(200)));
             assert_eq!(marker.parts.len(), 1);
             assert!(marker.parts[0].1.is_empty());
             // A transaction reaches only the lanes that have some of its changes.
@@ -400,8 +400,8 @@ mod tests {
             carried += changes.len();
             let mut last_end = 0;
             for t2 in changes {
-                assert!(t2.end_lsn.0 > last_end, "order kept inside a lane");
-                last_end = t2.end_lsn.0;
+                assert!(t2.end.lsn().0 > last_end, "order kept inside a lane");
+                last_end = t2.end.lsn().0;
                 for w in &t2.parts[0].1 {
                     total += 1;
                     let prev = seen_lane.insert(key_of(w), lane);
@@ -479,7 +479,7 @@ mod tests {
             // Positions last, in increasing order: globex at 10, initech at 20, acme at 30.
             let marks: Vec<(u64, &str, usize)> = share[n - 3..]
                 .iter()
-                .map(|t2| (t2.end_lsn.0, t2.parts[0].0.as_str(), t2.parts[0].1.len()))
+                .map(|t2| (t2.end.lsn().0, t2.parts[0].0.as_str(), t2.parts[0].1.len()))
                 .collect();
             assert_eq!(
                 marks,

@@ -8,6 +8,7 @@
 //! - [`durable::DurableTracker`] decides what may be confirmed to the source: the minimum
 //!   over targets of what they have durably committed.
 
+pub mod applier;
 pub mod compaction;
 pub mod copy;
 pub mod durable;
@@ -41,6 +42,18 @@ pub enum ApplyError {
         expected: u64,
         actual: u64,
     },
+    /// The apply task lost a share of work it cannot redo, or an error outside any one
+    /// tenant's rows stopped every tenant of a segment.
+    #[error("target {target}: {detail}")]
+    Target { target: String, detail: String },
+}
+
+impl ApplyError {
+    /// Worth retrying on a new connection (the one test the apply task makes; the daemon's
+    /// `classify()` agrees: these and only these are transient there).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApplyError::Cluster(e) if e.is_transient())
+    }
 }
 
 /// Runs `st` on `client` (typically inside the batch's transaction) and checks its row count.

@@ -46,7 +46,7 @@ use super::statement::{build, build_replay, Statement, TargetColumn, TargetTable
 use super::{check_count, ApplyError};
 use crate::cluster::{ClusterError, Endpoint};
 use crate::decode::Tuple;
-use crate::lsn::Lsn;
+use crate::lsn::{CommitLsn, Lsn};
 use crate::route::RowOp;
 use crate::sql::QualifiedName;
 use crate::tenant::{TargetId, TenantId};
@@ -131,7 +131,7 @@ impl From<Statement> for Work {
 /// One source transaction's work for this target, split by tenant.
 #[derive(Clone, Debug, Default)]
 pub struct SourceTxn {
-    pub end_lsn: Lsn,
+    pub end: CommitLsn,
     pub parts: Vec<(TenantId, Vec<Work>)>,
     /// Tenants whose backfill state changed in this transaction, with the new state
     /// (opaque text). It is stored next to the applied position, in the same target
@@ -500,12 +500,12 @@ async fn queue_batch<'a>(
             let held = applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
             let replay = replay_windows
                 .get(tenant)
-                .is_some_and(|(lo, hi)| txn.end_lsn > *lo && txn.end_lsn <= *hi);
-            if txn.end_lsn <= held && !replay {
+                .is_some_and(|(lo, hi)| txn.end.lsn() > *lo && txn.end.lsn() <= *hi);
+            if txn.end.lsn() <= held && !replay {
                 continue;
             }
             for w in work {
-                if txn.end_lsn <= held && !matches!(w, Work::Row(_)) {
+                if txn.end.lsn() <= held && !matches!(w, Work::Row(_)) {
                     // Lane 0 ran it (COPY chunks and statements never leave lane 0).
                     continue;
                 }
@@ -513,18 +513,18 @@ async fn queue_batch<'a>(
             }
             let entry = advanced
                 .entry(tenant.clone())
-                .or_insert((txn.end_lsn, None));
-            entry.0 = txn.end_lsn;
+                .or_insert((txn.end.lsn(), None));
+            entry.0 = txn.end.lsn();
         }
         for (tenant, state) in &txn.states {
             let held = applied.get(tenant).copied().unwrap_or(Lsn::INVALID);
-            if txn.end_lsn <= held {
+            if txn.end.lsn() <= held {
                 continue;
             }
             let entry = advanced
                 .entry(tenant.clone())
-                .or_insert((txn.end_lsn, None));
-            *entry = (txn.end_lsn, Some(state.as_str()));
+                .or_insert((txn.end.lsn(), None));
+            *entry = (txn.end.lsn(), Some(state.as_str()));
         }
     }
     Ok(advanced)
@@ -936,7 +936,7 @@ impl TargetWriter {
     /// folded into set-based statements ([`TableChanges`]); if that transaction fails for
     /// any reason but a lost connection, the batch is replayed change by change, which is
     /// the reference behaviour and names the exact change and tenant that fail.
-    pub async fn commit(&mut self, batch: &[SourceTxn]) -> Result<Lsn, ApplyError> {
+    pub async fn commit(&mut self, batch: &[SourceTxn]) -> Result<CommitLsn, ApplyError> {
         if self.compact {
             match self.apply(batch, true).await {
                 Ok(lsn) => {
@@ -954,7 +954,7 @@ impl TargetWriter {
     }
 
     /// Applies `batch` in one target transaction; a failure leaves no transaction open.
-    async fn apply(&mut self, batch: &[SourceTxn], compact: bool) -> Result<Lsn, ApplyError> {
+    async fn apply(&mut self, batch: &[SourceTxn], compact: bool) -> Result<CommitLsn, ApplyError> {
         self.end_open().await?;
         let applied = self.apply_in_transaction(batch, compact).await;
         if applied.is_err() {
@@ -982,9 +982,9 @@ impl TargetWriter {
         &mut self,
         batch: &[SourceTxn],
         compact: bool,
-    ) -> Result<Lsn, ApplyError> {
+    ) -> Result<CommitLsn, ApplyError> {
         let Some(last) = batch.last() else {
-            return Ok(Lsn::INVALID);
+            return Ok(CommitLsn::NONE);
         };
         // BEGIN is sent now and its answer read just before COMMIT, so it travels with the
         // first statements instead of costing a round trip of its own (a commit of a small
@@ -1064,7 +1064,7 @@ impl TargetWriter {
             let held = self.applied.entry(tenant).or_insert(lsn);
             *held = (*held).max(lsn);
         }
-        Ok(last.end_lsn)
+        Ok(last.end)
     }
 
     /// Tenants with a recorded position.

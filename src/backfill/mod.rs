@@ -22,6 +22,7 @@
 pub mod chunk;
 pub mod pace;
 pub mod reader;
+pub mod table;
 
 use std::collections::BTreeSet;
 
@@ -88,6 +89,8 @@ pub enum BackfillError {
     NoResult(u64),
     #[error("chunk {0} rows are not in key order or outside the chunk")]
     BadRows(u64),
+    #[error("{table}: a row has a NULL or unreadable primary key value")]
+    KeyValue { table: String },
 }
 
 #[derive(Clone, Debug)]

@@ -354,10 +354,10 @@ pub(crate) async fn run(
             }
             Message::Commit(c) => {
                 in_txn = false;
-                let end = c.end_lsn;
-                if end > skip_through && !works.is_empty() {
+                let end = c.end();
+                if end.lsn() > skip_through && !works.is_empty() {
                     let txn = SourceTxn {
-                        end_lsn: end,
+                        end,
                         parts: vec![(rev.tenant.clone(), std::mem::take(&mut works))],
                         states: Vec::new(),
                     };
@@ -366,7 +366,7 @@ pub(crate) async fn run(
                     }
                 }
                 works.clear();
-                stream.mark_durable(end);
+                stream.mark_applied(end);
             }
             Message::Message(m) if m.prefix == MARKER_PREFIX && !in_txn => {
                 // Everything before the marker is applied (commits are applied in order,

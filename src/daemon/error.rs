@@ -10,6 +10,7 @@
 //!   further). Callers never match on error text.
 
 use crate::apply::ApplyError;
+use crate::assembly::AssemblyError;
 use crate::backfill::reader::ReadError;
 use crate::backfill::BackfillError;
 use crate::checkpoint::CheckpointError;
@@ -92,6 +93,8 @@ pub enum Error {
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     #[error(transparent)]
+    Assembly(#[from] AssemblyError),
+    #[error(transparent)]
     Route(#[from] RouteError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -170,7 +173,7 @@ impl Error {
             Error::Source(e) => source(e),
             Error::Cluster(e) => classify_cluster(e),
             // A message we cannot read might be any tenant's change: never skip it.
-            Error::Decode(_) | Error::Relation(_) => ErrorClass::Fatal,
+            Error::Decode(_) | Error::Relation(_) | Error::Assembly(_) => ErrorClass::Fatal,
             Error::Io { .. } => ErrorClass::Fatal,
             Error::Move(e) => moving(e),
             Error::Layout(e) => layout(e),
@@ -309,6 +312,29 @@ mod tests {
             detail: "d".into(),
         });
         assert_eq!(corrupt.classify(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn the_apply_task_retries_exactly_what_classify_calls_transient() {
+        let errors = [
+            ApplyError::Cluster(ClusterError::Tls("handshake".into())),
+            ApplyError::Corrupt("x".into()),
+            ApplyError::Target {
+                target: "t".into(),
+                detail: "lane stopped".into(),
+            },
+            ApplyError::Divergence {
+                sql: "DELETE".into(),
+                expected: 1,
+                actual: 0,
+            },
+        ];
+        for e in errors {
+            let retried = e.is_transient();
+            let class = Error::Apply(e).classify();
+            assert_eq!(retried, class == ErrorClass::Transient, "{class:?}");
+            assert_ne!(class, ErrorClass::Transient);
+        }
     }
 
     #[test]

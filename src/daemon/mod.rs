@@ -27,7 +27,6 @@
 //! - DDL that changes a moved table pauses the tenants moving it; nothing is applied with a
 //!   stale shape.
 
-pub(crate) mod applier;
 mod cutting;
 mod error;
 mod moving;
@@ -42,26 +41,29 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
+use crate::apply::applier::{self, ApplierConfig, ApplyEvent, Quarantine};
 use crate::apply::durable::DurableTracker;
-use crate::apply::writer::{OwnedRowOp, RowChange, RowShape};
-use crate::apply::{CopyRows, SourceTxn, Work};
+use crate::apply::writer::{RowChange, RowShape};
+use crate::apply::Work;
+use crate::assembly::images::{Images, Planned};
+use crate::assembly::{Assembler, Transaction};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
-use crate::backfill::{BackfillError, ChunkSpec, RekeyPlan, Verdict};
+use crate::backfill::ChunkSpec;
 use crate::checkpoint::{Batch, SlotGap, SlotGate, SlotRecord, Store, Writer, Written};
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::cutover::CutoverMsg;
 use crate::decode::{Message, Relation, RelationCache, RelationChange, RelationId};
-use crate::lsn::Lsn;
+use crate::lsn::{CommitLsn, Lsn};
 use crate::registry::{self, Move, MoveState, Registry, Report};
-use crate::route::{RouteError, Router, RowOp};
+use crate::route::{RouteError, Router};
 use crate::source::{self, ReplicationStream, SourceError, SourceEvent, StreamSettings};
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
 use crate::backfill::reader::{self, ChunkEvent, ChunkJob};
-use applier::{ApplierConfig, ApplyEvent, Quarantine};
-use moving::{ChunkRows, Tenant, TenantRecord};
+use crate::backfill::table::{ChunkRows, High};
+use moving::{Tenant, TenantRecord};
 use setup::Remembered;
 
 /// How `run` starts.
@@ -100,19 +102,6 @@ impl Drop for Endpoint {
     }
 }
 
-/// A source transaction being assembled.
-struct OpenTxn {
-    final_lsn: Lsn,
-    xid: u32,
-    parts: BTreeMap<TargetId, BTreeMap<TenantId, Vec<Work>>>,
-    /// Bytes of change data held per tenant, and in all (see `move.max_txn_mb`: the bound
-    /// is per source transaction, however many moving tenants it touches).
-    held: BTreeMap<TenantId, u64>,
-    held_total: u64,
-    touched: BTreeSet<TenantId>,
-    marks: Vec<Watermark>,
-}
-
 struct Engine {
     config: Config,
     /// Read directly; written only through `checkpoints`.
@@ -147,7 +136,7 @@ struct Engine {
     quarantine: Quarantine,
     pool: Arc<reader::Pool>,
     tracker: DurableTracker,
-    txn: Option<OpenTxn>,
+    assembler: Assembler,
     last_end: Lsn,
     /// Per target: (end, commit time) of transactions handed over and not yet durable.
     unacked: BTreeMap<TargetId, VecDeque<(Lsn, i64)>>,
@@ -304,6 +293,7 @@ async fn run_daemon(
         .unwrap_or_default()
         .as_nanos() as u64;
     let setup_slots = Arc::new(tokio::sync::Semaphore::new(config.moves.setup_concurrency));
+    let assembler = Assembler::new(config.moves.max_txn_bytes);
     let mut engine = Engine {
         router: Router::new(config.tenancy.clone()),
         pool: reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
@@ -328,8 +318,8 @@ async fn run_daemon(
         released: BTreeMap::new(),
         retry_setup_after: BTreeMap::new(),
         quarantine: Quarantine::default(),
-        tracker: DurableTracker::new(Lsn::INVALID),
-        txn: None,
+        tracker: DurableTracker::new(CommitLsn::NONE),
+        assembler,
         last_end: Lsn::INVALID,
         unacked: BTreeMap::new(),
         caught_up: BTreeMap::new(),
@@ -649,7 +639,7 @@ impl Engine {
             }
         }
         // The last checkpoints land before the last confirmation is sent.
-        self.pass_durable(&stream);
+        self.pass_applied(&stream);
         self.record_confirmable(&stream, Duration::ZERO);
         self.checkpoints.close().await;
         while let Ok(w) = inbox.written.try_recv() {
@@ -657,8 +647,8 @@ impl Engine {
                 tracing::warn!(error = %e, "while stopping");
             }
         }
-        self.pass_durable(&stream);
-        let confirmed = stream.durable();
+        self.pass_applied(&stream);
+        let confirmed = stream.applied();
         stream.shutdown().await;
         tracing::info!(%confirmed, "switchyard stopped");
     }
@@ -885,7 +875,7 @@ impl Engine {
                 continue;
             }
             if let Some(at) = self.released.get(&mv.tenant) {
-                if self.tracker.durable() < *at && self.tracker.outstanding() > 0 {
+                if self.tracker.confirmable().lsn() < *at && self.tracker.outstanding() > 0 {
                     continue;
                 }
                 self.released.remove(&mv.tenant);
@@ -1116,12 +1106,7 @@ impl Engine {
     fn release(&mut self, tenant: &TenantId) -> Option<Tenant> {
         self.router.stop(tenant);
         self.quarantine.insert(tenant.clone());
-        if let Some(txn) = &mut self.txn {
-            for parts in txn.parts.values_mut() {
-                parts.remove(tenant);
-            }
-            txn.touched.remove(tenant);
-        }
+        self.assembler.forget(tenant);
         self.released.insert(tenant.clone(), self.last_end);
         // Queued behind the tenant's earlier checkpoints; a crash before it lands leaves
         // a record the registry's state (not consuming the stream) makes restore skip.
@@ -1163,7 +1148,7 @@ impl Engine {
             } => {
                 tracing::warn!(%resume_from, attempt, "replication reconnected");
                 // The open transaction is sent again from its start.
-                self.txn = None;
+                self.assembler.reset();
                 Ok(())
             }
             SourceEvent::Message(r) => self.on_message(r.message).await,
@@ -1173,18 +1158,10 @@ impl Engine {
     async fn on_message(&mut self, message: Message) -> Result<(), Error> {
         match &message {
             Message::Begin(b) => {
-                self.txn = Some(OpenTxn {
-                    final_lsn: b.final_lsn,
-                    xid: b.xid,
-                    parts: BTreeMap::new(),
-                    held: BTreeMap::new(),
-                    held_total: 0,
-                    touched: BTreeSet::new(),
-                    marks: Vec::new(),
-                });
+                self.assembler.begin(b.final_lsn, b.xid);
                 Ok(())
             }
-            Message::Commit(c) => self.commit(c.end_lsn, c.commit_time),
+            Message::Commit(c) => self.commit(c.end(), c.commit_time),
             Message::Relation(rel) => {
                 self.on_relation(rel.clone()).await;
                 Ok(())
@@ -1194,9 +1171,8 @@ impl Engine {
             }
             Message::Message(m) if m.prefix == WATERMARK_PREFIX => {
                 if let Some(w) = Watermark::parse(&m.prefix, &m.content) {
-                    match &mut self.txn {
-                        Some(txn) => txn.marks.push(w),
-                        None => tracing::warn!("a watermark outside a transaction is ignored"),
+                    if let Err(e) = self.assembler.watermark(w) {
+                        tracing::warn!(error = %e, "watermark ignored");
                     }
                 }
                 Ok(())
@@ -1271,9 +1247,7 @@ impl Engine {
     }
 
     async fn on_rows(&mut self, message: Message) -> Result<(), Error> {
-        let Some(final_lsn) = self.txn.as_ref().map(|t| t.final_lsn) else {
-            return Err(MoveError::Protocol("a row change outside a transaction".into()).into());
-        };
+        let final_lsn = self.assembler.open()?.final_lsn();
         let one: [RelationId; 1];
         let relation_ids: &[RelationId] = match &message {
             Message::Insert(i) => {
@@ -1343,11 +1317,8 @@ impl Engine {
                 let Some(table) = t.tables.get_mut(name) else {
                     continue;
                 };
-                let txn = self.txn.as_mut().expect("checked above");
-                if !txn.touched.contains(&op.tenant) {
-                    txn.touched.insert(op.tenant.clone());
-                }
-                match decide(table, op.op) {
+                self.assembler.open()?.touch(&op.tenant);
+                match table.decide(op.op).map_err(|e| Error::Move(e.into())) {
                     Ok(Some(d)) => {
                         let plan = images.plan(&message, &d);
                         planned.push((op.tenant, table.shape(rel), plan));
@@ -1375,38 +1346,15 @@ impl Engine {
                 continue;
             };
             let work = Work::Row(RowChange { shape, op });
-            let txn = self.txn.as_mut().expect("checked above");
-            // Looked up before inserting: the usual case (the transaction already has
-            // work for this target and tenant) then clones no identifier.
-            let target = &t.destination.target;
-            if !txn.parts.contains_key(target) {
-                txn.parts.insert(target.clone(), Default::default());
-            }
-            let by_tenant = txn.parts.get_mut(target).expect("inserted above");
-            if !by_tenant.contains_key(&tenant) {
-                by_tenant.insert(tenant.clone(), Vec::new());
-            }
-            let parts = by_tenant.get_mut(&tenant).expect("inserted above");
-            let added = work.weight() as u64;
-            parts.push(work);
-            if !txn.held.contains_key(&tenant) {
-                txn.held.insert(tenant.clone(), 0);
-            }
-            let held = txn.held.get_mut(&tenant).expect("inserted above");
-            *held += added;
-            txn.held_total += added;
-            if txn.held_total > self.config.moves.max_txn_bytes {
-                // The tenant whose change crossed the bound: its changes of this transaction
-                // go now (and count no more), and failing it stops routing the rest of
-                // them. One transaction over N moving tenants holds the bound once, not N
-                // times.
-                txn.held_total -= *held;
-                by_tenant.remove(&tenant);
+            let txn = self.assembler.open()?;
+            if let Err(over) = txn.push_change(&t.destination.target, &tenant, work) {
+                // Failing the tenant whose change crossed the bound stops routing the rest
+                // of its changes.
                 failures.push((
                     tenant,
                     Error::Move(MoveError::TransactionTooLarge {
-                        xid: txn.xid,
-                        limit: self.config.moves.max_txn_bytes,
+                        xid: over.xid,
+                        limit: over.limit,
                     }),
                 ));
             }
@@ -1433,25 +1381,17 @@ impl Engine {
                 keys,
                 in_progress,
             } => {
-                let Some(tm) = self
+                if let Some(tm) = self
                     .tenants
                     .get_mut(&tenant)
                     .and_then(|t| t.tables.get_mut(&table))
-                else {
-                    return;
-                };
-                let rows = ChunkRows {
-                    chunk,
-                    rows,
-                    keys,
-                    in_progress,
-                };
-                match tm.copy.in_flight() {
-                    Some(c) if c == chunk => take_rows(&tenant, &table, tm, rows),
-                    // Read ahead by the following reader: its window opens at the high
-                    // watermark of the chunk in flight.
-                    Some(c) if tm.follow.is_some() && c + 1 == chunk => tm.ahead = Some(rows),
-                    _ => {}
+                {
+                    tm.on_rows(ChunkRows {
+                        chunk,
+                        rows,
+                        keys,
+                        in_progress,
+                    });
                 }
             }
             ChunkEvent::Failed {
@@ -1460,20 +1400,12 @@ impl Engine {
                 chunk,
                 error,
             } => {
-                let Some(tm) = self
+                let concerned = self
                     .tenants
                     .get_mut(&tenant)
                     .and_then(|t| t.tables.get_mut(&table))
-                else {
-                    return;
-                };
-                if tm.copy.in_flight() == Some(chunk) {
-                    tm.abandon(chunk);
-                } else if tm.copy.in_flight().map(|c| c + 1) == Some(chunk) {
-                    // The reader died reading ahead: the chunk in flight completes, the
-                    // range then goes on through the scheduler.
-                    tm.stop_following(chunk);
-                } else {
+                    .is_some_and(|tm| tm.on_read_failed(chunk));
+                if !concerned {
                     return;
                 }
                 let error = Error::from(error);
@@ -1487,23 +1419,23 @@ impl Engine {
         }
     }
 
-    fn commit(&mut self, end: Lsn, commit_time: i64) -> Result<(), Error> {
-        let Some(mut txn) = self.txn.take() else {
-            return Err(MoveError::Protocol("a commit outside a transaction".into()).into());
-        };
-        if txn.marks.iter().any(|w| w.mark == Mark::High) {
+    fn commit(&mut self, commit: CommitLsn, commit_time: i64) -> Result<(), Error> {
+        let end = commit.lsn();
+        let mut txn = self.assembler.commit()?;
+        let marks = txn.take_marks();
+        if marks.iter().any(|w| w.mark == Mark::High) {
             // The rows of a chunk are queued before its high watermark is written.
             self.drain_chunks();
         }
         let mut failures = Vec::new();
-        self.recent.insert(txn.xid, end);
-        self.recent_order.push_back(txn.xid);
+        self.recent.insert(txn.xid(), end);
+        self.recent_order.push_back(txn.xid());
         while self.recent_order.len() > RECENT_COMMITS {
             if let Some(old) = self.recent_order.pop_front() {
                 self.recent.remove(&old);
             }
         }
-        for w in std::mem::take(&mut txn.marks) {
+        for w in marks {
             if let Err(failed) = self.on_watermark(w, end, &mut txn) {
                 failures.push(*failed);
             }
@@ -1512,51 +1444,31 @@ impl Engine {
             self.stop(&tenant, &e, MoveState::Failed);
         }
         let mut states: BTreeMap<TargetId, Vec<(TenantId, String)>> = BTreeMap::new();
-        for id in &txn.touched {
+        for id in txn.touched() {
             let Some(t) = self.tenants.get_mut(id) else {
                 continue;
             };
             if matches!(t.state, MoveState::Streaming | MoveState::CuttingOver) {
                 continue;
             }
-            let state = t.copy_state().to_json();
-            if state != t.sent_state {
+            let (state, completed) = t.after_commit(end);
+            if let Some(state) = state {
                 states
                     .entry(t.destination.target.clone())
                     .or_default()
-                    .push((id.clone(), state.clone()));
-                t.sent_state = state;
+                    .push((id.clone(), state));
             }
-            if t.copied_at.is_none() && t.is_copied() {
-                t.copied_at = Some(end);
+            if completed {
                 tracing::info!(tenant = %id, at = %end, "copy complete; waiting for the target to hold it");
             }
         }
-        let mut targets: BTreeSet<TargetId> = txn
-            .parts
-            .iter()
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(t, _)| t.clone())
-            .collect();
-        targets.extend(states.keys().cloned());
-        for target in &targets {
-            let parts: Vec<(TenantId, Vec<Work>)> = txn
-                .parts
-                .remove(target)
-                .map(|p| p.into_iter().collect())
-                .unwrap_or_default();
-            let st = states.remove(target).unwrap_or_default();
-            let Some(a) = self.appliers.get(target) else {
+        let handed = txn.into_targets(commit, states);
+        let targets: BTreeSet<TargetId> = handed.iter().map(|(t, _)| t.clone()).collect();
+        for (target, source_txn) in handed {
+            let Some(a) = self.appliers.get(&target) else {
                 continue;
             };
-            if a.tx
-                .send(SourceTxn {
-                    end_lsn: end,
-                    parts,
-                    states: st,
-                })
-                .is_err()
-            {
+            if a.tx.send(source_txn).is_err() {
                 return Err(MoveError::Target {
                     target: target.to_string(),
                     detail: "its apply task stopped".into(),
@@ -1564,7 +1476,7 @@ impl Engine {
                 .into());
             }
             self.unacked
-                .entry(target.clone())
+                .entry(target)
                 .or_default()
                 .push_back((end, commit_time));
         }
@@ -1573,7 +1485,7 @@ impl Engine {
                 self.caught_up.insert(target.clone(), end);
             }
         }
-        self.tracker.on_commit(end, targets);
+        self.tracker.on_commit(commit, targets);
         self.last_end = end;
         Ok(())
     }
@@ -1582,7 +1494,7 @@ impl Engine {
         &mut self,
         w: Watermark,
         end: Lsn,
-        txn: &mut OpenTxn,
+        txn: &mut Transaction,
     ) -> Result<(), Box<(TenantId, Error)>> {
         if w.run != self.run_id {
             return Ok(());
@@ -1607,82 +1519,24 @@ impl Engine {
             return Ok(());
         }
         match w.mark {
-            Mark::Low => {
-                if let Err(e) = tm.copy.low(w.chunk) {
-                    tracing::debug!(%tenant, %table, error = %e, "low watermark seen twice");
-                }
-                tm.low_at = Some((w.chunk, end));
-            }
+            Mark::Low => tm.on_low(w.chunk, end),
             Mark::High => {
-                let result = match tm.rows.take() {
-                    Some(r) if r.chunk == w.chunk => r,
-                    _ => {
-                        return Err(Box::new((
-                            tenant,
-                            Error::Move(MoveError::Backfill(BackfillError::NoResult(w.chunk))),
-                        )))
-                    }
-                };
-                let low = match tm.low_at.take() {
-                    Some((c, at)) if c == w.chunk => at,
-                    _ => Lsn::INVALID,
-                };
-                // A transaction that committed before the low watermark but was still
-                // running in the chunk's snapshot: its changes are neither in the rows nor
-                // inside the window. Rare (it is the instant between a commit's WAL record
-                // and its visibility); the range is simply read again.
-                let raced = !low.is_valid()
-                    || result
-                        .in_progress
-                        .iter()
-                        .any(|x| self.recent.get(x).is_some_and(|at| *at < low));
-                if raced {
-                    tracing::info!(%tenant, %table, chunk = w.chunk, "chunk raced a committing transaction; reading it again");
-                    tm.abandon(w.chunk);
-                    return Ok(());
-                }
-                let picked = tm
-                    .copy
-                    .high(w.chunk)
+                let recent = &self.recent;
+                let high = tm
+                    .on_high(w.chunk, chunk_rows, |xid| recent.get(&xid).copied())
                     .map_err(|e| Box::new((tenant.clone(), Error::Move(e.into()))))?;
-                if tm.follow.is_some() {
-                    // The reader goes on with the range: open its next window now, before
-                    // its low watermark (written after this high one) arrives.
-                    match tm.copy.next_range(chunk_rows) {
-                        Some((next, _)) if next == w.chunk + 1 => {
-                            if let Some(ahead) = tm.ahead.take().filter(|a| a.chunk == next) {
-                                take_rows(&tenant, &table, tm, ahead);
-                            }
-                            if let Some(follow) = &tm.follow {
-                                let _ = follow.send(w.chunk);
-                            }
+                match high {
+                    High::Raced => {
+                        tracing::info!(%tenant, %table, chunk = w.chunk, "chunk raced a committing transaction; reading it again");
+                    }
+                    High::Done { copied, rows } => {
+                        t.rows_copied += copied as i64;
+                        if let Some(rows) = rows {
+                            txn.push_copy(&target, &tenant, Work::Copy(rows));
                         }
-                        other => {
-                            if let Some((next, _)) = other {
-                                tm.copy.abandon(next);
-                            }
-                            tm.stop_following(w.chunk + 1);
-                        }
+                        txn.touch(&tenant);
                     }
                 }
-                t.rows_copied += picked.len() as i64;
-                if !picked.is_empty() {
-                    let format = result.rows.format();
-                    let n = picked.len() as u64;
-                    txn.parts
-                        .entry(target)
-                        .or_default()
-                        .entry(tenant.clone())
-                        .or_default()
-                        .push(Work::Copy(CopyRows {
-                            table: tm.target.clone(),
-                            columns: tm.chunk.columns.clone(),
-                            format,
-                            data: result.rows.select(&picked),
-                            rows: n,
-                        }));
-                }
-                txn.touched.insert(tenant);
             }
         }
         Ok(())
@@ -1700,19 +1554,19 @@ impl Engine {
     }
 
     /// Hands the stream what may be confirmed now and records what waits for that (see
-    /// [`Engine::pass_durable`], [`Engine::record_confirmable`]).
+    /// [`Engine::pass_applied`], [`Engine::record_confirmable`]).
     fn confirm(&mut self, stream: &ReplicationStream) {
-        self.pass_durable(stream);
+        self.pass_applied(stream);
         self.record_confirmable(stream, CONFIRM_RECORD_EVERY);
     }
 
     /// Marks what the tracker holds durable downstream, and lets the stream confirm as far
     /// as RocksDB records: an applied commit's checkpoint is on disk before the slot passes
     /// it, and a slot found past the record at a start was moved by someone else.
-    fn pass_durable(&self, stream: &ReplicationStream) {
-        let durable = self.tracker.durable();
-        if durable > stream.durable() {
-            stream.mark_durable(durable);
+    fn pass_applied(&self, stream: &ReplicationStream) {
+        let applied = self.tracker.confirmable();
+        if applied.lsn() > stream.applied() {
+            stream.mark_applied(applied);
         }
         stream.raise_ceiling(self.gate.ceiling());
     }
@@ -1720,7 +1574,7 @@ impl Engine {
     /// Records what the stream would confirm beyond the ceiling (transactions that touched
     /// no target, idle keepalives), at most once per `every`.
     fn record_confirmable(&mut self, stream: &ReplicationStream, every: Duration) {
-        let wanted = stream.wanted().max(self.tracker.durable());
+        let wanted = stream.wanted().max(self.tracker.confirmable().lsn());
         if let Some(lsn) = self.gate.to_record(wanted, Instant::now(), every) {
             let mut batch = Batch::new();
             batch.confirmed(lsn);
@@ -1732,12 +1586,13 @@ impl Engine {
 
     fn on_apply(&mut self, ev: ApplyEvent) -> Result<(), Error> {
         match ev {
-            ApplyEvent::Committed {
+            ApplyEvent::Applied {
                 target,
                 up_to,
                 tenants,
             } => {
-                self.tracker.on_flushed(&target, up_to);
+                self.tracker.on_applied(&target, up_to);
+                let up_to = up_to.lsn();
                 if let Some(q) = self.unacked.get_mut(&target) {
                     let before = q.len();
                     while q.front().is_some_and(|(end, _)| *end <= up_to) {
@@ -1756,7 +1611,7 @@ impl Engine {
                         batch.applied(&tenant, lsn);
                     }
                 }
-                let durable = self.tracker.durable();
+                let durable = self.tracker.confirmable().lsn();
                 if durable.is_valid() {
                     batch.confirmed(durable);
                     self.gate.queued(durable, Instant::now());
@@ -1768,7 +1623,7 @@ impl Engine {
                 Ok(())
             }
             ApplyEvent::TenantFailed { tenant, error } => {
-                self.stop(&tenant, &error, MoveState::Failed);
+                self.stop(&tenant, &Error::Apply(error), MoveState::Failed);
                 Ok(())
             }
             ApplyEvent::Retrying { target, error } => {
@@ -1860,9 +1715,7 @@ impl Engine {
         let synced: Vec<TenantId> = self
             .tenants
             .values()
-            .filter(|t| {
-                t.state == MoveState::Copying && t.copied_at.is_some_and(|c| t.applied >= c)
-            })
+            .filter(|t| t.state == MoveState::Copying && t.is_synced())
             .map(|t| t.id.clone())
             .collect();
         for tenant in synced {
@@ -1909,7 +1762,7 @@ impl Engine {
         self.mark_synced().await;
         tracing::debug!(
             last_end = %self.last_end,
-            durable = %self.tracker.durable(),
+            confirmable = %self.tracker.confirmable(),
             outstanding = self.tracker.outstanding(),
             unacked = ?self.unacked.iter().map(|(t, q)| (t.to_string(), q.len(), q.front().map(|f| f.0.to_string()))).collect::<Vec<_>>(),
             "pipeline"
@@ -2003,7 +1856,8 @@ impl Engine {
         for (id, r) in reports {
             self.registry.report(&self.control, id, &r).await?;
         }
-        metrics::gauge!(crate::telemetry::SLOT_CONFIRMED_LSN).set(self.tracker.durable().0 as f64);
+        metrics::gauge!(crate::telemetry::SLOT_CONFIRMED_LSN)
+            .set(self.tracker.confirmable().lsn().0 as f64);
         if let Ok(row) = self
             .control
             .query_one(
@@ -2016,414 +1870,5 @@ impl Engine {
             metrics::gauge!(crate::telemetry::SLOT_RETAINED_BYTES).set(row.get::<_, f64>(0));
         }
         Ok(())
-    }
-}
-
-/// Which row image of a row message a change uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Image {
-    New,
-    Old,
-}
-
-/// A change to apply, naming row images instead of borrowing them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Planned {
-    Upsert { new: Image, update: bool },
-    Delete { old: Image },
-    Rekey { old: Image, new: Image },
-    Truncate,
-}
-
-/// The row images of one row message, moved into the changes routed from it: a row image
-/// is copied only when a second change wants it (routing never does that today; a row
-/// moving between tenants uses its old image for one and its new image for the other).
-#[derive(Default)]
-struct Images {
-    new: Option<crate::decode::Tuple>,
-    old: Option<crate::decode::Tuple>,
-    /// Changes still to take each image: [new, old].
-    wanted: [u32; 2],
-}
-
-impl Images {
-    /// Notes that a change uses the images `op` borrows from `message`.
-    fn plan(&mut self, message: &Message, op: &RowOp<'_>) -> Planned {
-        let (new, old) = match message {
-            Message::Insert(i) => (Some(&i.new), None),
-            Message::Update(u) => (Some(&u.new), u.old.as_ref().map(|o| o.tuple())),
-            Message::Delete(d) => (None, Some(d.old.tuple())),
-            _ => (None, None),
-        };
-        let mut image = |t: &crate::decode::Tuple| {
-            let which = if new.is_some_and(|n| std::ptr::eq(n, t)) {
-                Image::New
-            } else {
-                debug_assert!(
-                    old.is_some_and(|o| std::ptr::eq(o, t)),
-                    "routed ops borrow the message"
-                );
-                Image::Old
-            };
-            self.wanted[which as usize] += 1;
-            which
-        };
-        match op {
-            RowOp::Upsert { new, update } => Planned::Upsert {
-                new: image(new),
-                update: *update,
-            },
-            RowOp::Delete { old } => Planned::Delete { old: image(old) },
-            RowOp::Rekey { old, new } => Planned::Rekey {
-                old: image(old),
-                new: image(new),
-            },
-            RowOp::Truncate => Planned::Truncate,
-        }
-    }
-
-    /// Takes the message's row images once every change is planned.
-    fn fill(&mut self, message: Message) {
-        let (new, old) = match message {
-            Message::Insert(i) => (Some(i.new), None),
-            Message::Update(u) => (Some(u.new), u.old.map(crate::decode::OldTuple::into_tuple)),
-            Message::Delete(d) => (None, Some(d.old.into_tuple())),
-            _ => (None, None),
-        };
-        self.new = new;
-        self.old = old;
-    }
-
-    fn image(&mut self, which: Image) -> Option<crate::decode::Tuple> {
-        let slot = match which {
-            Image::New => &mut self.new,
-            Image::Old => &mut self.old,
-        };
-        let wanted = &mut self.wanted[which as usize];
-        *wanted = wanted.saturating_sub(1);
-        match slot {
-            Some(t) if *wanted > 0 => Some(t.clone()),
-            _ => slot.take(),
-        }
-    }
-
-    /// The change `plan` describes; `None` if the message had no such image (a bug, not
-    /// input: the caller fails the tenant rather than apply a made-up row).
-    fn take(&mut self, plan: Planned) -> Option<OwnedRowOp> {
-        Some(match plan {
-            Planned::Upsert { new, update } => OwnedRowOp::Upsert {
-                new: self.image(new)?,
-                update,
-            },
-            Planned::Delete { old } => OwnedRowOp::Delete {
-                old: self.image(old)?,
-            },
-            Planned::Rekey { old, new } => OwnedRowOp::Rekey {
-                old: self.image(old)?,
-                new: self.image(new)?,
-            },
-            Planned::Truncate => OwnedRowOp::Truncate,
-        })
-    }
-
-    /// Drops a planned change that will not be taken (its tenant failed meanwhile), so the
-    /// last change that does take an image moves it instead of copying it.
-    fn forgo(&mut self, plan: Planned) {
-        let images = match plan {
-            Planned::Upsert { new, .. } => [Some(new), None],
-            Planned::Delete { old } => [Some(old), None],
-            Planned::Rekey { old, new } => [Some(old), Some(new)],
-            Planned::Truncate => [None, None],
-        };
-        for which in images.into_iter().flatten() {
-            let wanted = &mut self.wanted[which as usize];
-            *wanted = wanted.saturating_sub(1);
-        }
-    }
-}
-
-/// Hands a chunk's rows to the table's copy (the chunk's window is the one in flight).
-fn take_rows(
-    tenant: &TenantId,
-    table: &QualifiedName,
-    tm: &mut moving::TableMove,
-    mut rows: ChunkRows,
-) {
-    let chunk = rows.chunk;
-    let keyed = std::mem::take(&mut rows.keys)
-        .into_iter()
-        .enumerate()
-        .map(|(i, k)| (k, i))
-        .collect();
-    if let Err(e) = tm.copy.rows(chunk, keyed) {
-        tracing::error!(%tenant, %table, error = %e, "chunk rejected; reading it again");
-        tm.abandon(chunk);
-        return;
-    }
-    tm.rows = Some(rows);
-}
-
-/// What to apply for one routed operation of a tenant's table, given its backfill state
-/// (at most one operation: a key change may become the delete of its old key).
-fn decide<'a>(table: &mut moving::TableMove, op: RowOp<'a>) -> Result<Option<RowOp<'a>>, Error> {
-    if table.copy.is_done() {
-        // Every key is copied and no chunk window records changes: each verdict would be
-        // Apply, so the key is not worth building. A row arriving without its TOAST values
-        // still needs the keyed path (it is re-read).
-        match op {
-            RowOp::Upsert { new, update: false } if new.has_unchanged_toast() => {}
-            RowOp::Truncate => {}
-            _ => return Ok(Some(op)),
-        }
-    }
-    let key = |t| {
-        table.key_of(t).ok_or_else(|| {
-            Error::Move(MoveError::KeyValue {
-                table: table.chunk.source.to_string(),
-            })
-        })
-    };
-    Ok(match op {
-        RowOp::Upsert { new, update } => {
-            let k = key(new)?;
-            let copied = table.copy.change(&k) == Verdict::Apply;
-            let toast = new.has_unchanged_toast();
-            if copied && !update && toast {
-                // A row arriving (e.g. from another tenant) without its TOAST value: only a
-                // re-read can supply it.
-                table.copy.requeue(&k);
-                None
-            } else if copied {
-                Some(op)
-            } else {
-                None
-            }
-        }
-        RowOp::Delete { old } => {
-            let k = key(old)?;
-            (table.copy.change(&k) == Verdict::Apply).then_some(op)
-        }
-        RowOp::Rekey { old, new } => {
-            let (o, n) = (key(old)?, key(new)?);
-            match table.copy.rekey(&o, &n) {
-                RekeyPlan::Update => Some(op),
-                RekeyPlan::DeleteOld => Some(RowOp::Delete { old }),
-                RekeyPlan::Skip => None,
-            }
-        }
-        RowOp::Truncate => {
-            table.copy.truncate();
-            if let Some(chunk) = table.copy.in_flight() {
-                // Rows read before the TRUNCATE must not come back: read the range again.
-                table.abandon(chunk);
-            }
-            Some(op)
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backfill::chunk::ChunkTable;
-    use crate::backfill::{Cursor, KeyKind, KeyValue, TableCopy};
-    use crate::decode::Datum;
-    use bytes::Bytes;
-
-    fn table(copy: TableCopy) -> moving::TableMove {
-        let source = QualifiedName::parse("public.orders").unwrap();
-        let mut tm = moving::TableMove::new(
-            ChunkTable {
-                source,
-                columns: vec!["tenant_id".into(), "id".into(), "note".into()],
-                key: vec![(0, KeyKind::Int), (1, KeyKind::Int)],
-                tenant: Some(("tenant_id".into(), "integer".into())),
-            },
-            QualifiedName::parse("acme.orders").unwrap(),
-        );
-        tm.copy = copy;
-        tm
-    }
-
-    fn row(id: i64, note: Datum) -> crate::decode::Tuple {
-        crate::decode::Tuple(vec![
-            Datum::Text(Bytes::from_static(b"7")),
-            Datum::Text(Bytes::from(id.to_string())),
-            note,
-        ])
-    }
-
-    fn key(id: i64) -> Vec<KeyValue> {
-        vec![KeyValue::Int(7), KeyValue::Int(id)]
-    }
-
-    #[test]
-    fn a_finished_copy_applies_every_change_without_keys_and_still_requeues_toastless_arrivals() {
-        let mut done = table(TableCopy::resume(Cursor::End, BTreeSet::new()));
-        assert!(done.copy.is_done());
-        let note = || Datum::Text(Bytes::from_static(b"n"));
-        let (a, b) = (row(1, note()), row(2, note()));
-        for op in [
-            RowOp::Upsert {
-                new: &a,
-                update: false,
-            },
-            RowOp::Upsert {
-                new: &a,
-                update: true,
-            },
-            RowOp::Delete { old: &a },
-            RowOp::Rekey { old: &a, new: &b },
-            RowOp::Truncate,
-        ] {
-            assert_eq!(decide(&mut done, op.clone()).unwrap(), Some(op));
-        }
-        // Unchanged TOAST in an UPDATE keeps the target's value: applied as is.
-        let toast = row(3, Datum::UnchangedToast);
-        let update = RowOp::Upsert {
-            new: &toast,
-            update: true,
-        };
-        assert_eq!(decide(&mut done, update.clone()).unwrap(), Some(update));
-        // A row arriving without its TOAST value cannot be written whole: it is re-read,
-        // which makes the copy unfinished again.
-        let arrival = RowOp::Upsert {
-            new: &toast,
-            update: false,
-        };
-        assert_eq!(decide(&mut done, arrival).unwrap(), None);
-        assert!(done.copy.requeued().contains(&key(3)));
-        assert!(!done.copy.is_done());
-        // A key that cannot be parsed is still refused once the copy is unfinished.
-        let bad = crate::decode::Tuple(vec![
-            Datum::Text(Bytes::from_static(b"7")),
-            Datum::Text(Bytes::from_static(b"x")),
-            note(),
-        ]);
-        let op = RowOp::Delete { old: &bad };
-        assert!(decide(&mut done, op).is_err());
-    }
-
-    #[test]
-    fn row_images_move_into_the_changes_and_are_copied_only_when_wanted_twice() {
-        use crate::decode::{OldTuple, Update};
-        let note = || Datum::Text(Bytes::from_static(b"n"));
-        let (old, new) = (row(1, note()), row(2, note()));
-        let message = Message::Update(Update {
-            xid: None,
-            relation: RelationId(1),
-            old: Some(OldTuple::Key(old.clone())),
-            new: new.clone(),
-        });
-        // A row moving between tenants: its old image leaves one, its new image arrives
-        // at the other.
-        let (Message::Update(u), mut images) = (&message, Images::default()) else {
-            unreachable!()
-        };
-        let leave = images.plan(
-            &message,
-            &RowOp::Delete {
-                old: u.old.as_ref().unwrap().tuple(),
-            },
-        );
-        let arrive = images.plan(
-            &message,
-            &RowOp::Upsert {
-                new: &u.new,
-                update: false,
-            },
-        );
-        // The same new image wanted a second time (a copy).
-        let again = images.plan(
-            &message,
-            &RowOp::Upsert {
-                new: &u.new,
-                update: true,
-            },
-        );
-        assert_eq!(leave, Planned::Delete { old: Image::Old });
-        assert_eq!(
-            arrive,
-            Planned::Upsert {
-                new: Image::New,
-                update: false
-            }
-        );
-        images.fill(message);
-        assert_eq!(
-            images.take(leave),
-            Some(OwnedRowOp::Delete { old: old.clone() })
-        );
-        assert_eq!(
-            images.take(arrive),
-            Some(OwnedRowOp::Upsert {
-                new: new.clone(),
-                update: false
-            })
-        );
-        assert_eq!(
-            images.take(again),
-            Some(OwnedRowOp::Upsert {
-                new: new.clone(),
-                update: true
-            })
-        );
-        // Every image is spent: a further change naming one gets none, not an empty row.
-        assert_eq!(images.take(leave), None);
-
-        // A planned change that is dropped (its tenant failed) wants nothing any more: the
-        // other change then moves the image instead of copying it.
-        let message = Message::Update(Update {
-            xid: None,
-            relation: RelationId(1),
-            old: None,
-            new: new.clone(),
-        });
-        let (Message::Update(u), mut images) = (&message, Images::default()) else {
-            unreachable!()
-        };
-        let upsert = RowOp::Upsert {
-            new: &u.new,
-            update: true,
-        };
-        let (kept, dropped) = (
-            images.plan(&message, &upsert),
-            images.plan(&message, &upsert),
-        );
-        images.fill(message);
-        images.forgo(dropped);
-        assert_eq!(
-            images.take(kept),
-            Some(OwnedRowOp::Upsert {
-                new: new.clone(),
-                update: true
-            })
-        );
-        assert!(images.new.is_none(), "moved, not copied");
-    }
-
-    #[test]
-    fn during_the_copy_changes_past_the_cursor_are_left_to_the_chunks() {
-        let mut copying = table(TableCopy::resume(Cursor::After(key(10)), BTreeSet::new()));
-        let note = || Datum::Text(Bytes::from_static(b"n"));
-        let (inside, outside) = (row(5, note()), row(50, note()));
-        let upd = |t| RowOp::Upsert {
-            new: t,
-            update: true,
-        };
-        assert_eq!(
-            decide(&mut copying, upd(&inside)).unwrap(),
-            Some(upd(&inside))
-        );
-        assert_eq!(decide(&mut copying, upd(&outside)).unwrap(), None);
-        // A key change out of the copied range deletes the old key only.
-        let rekey = RowOp::Rekey {
-            old: &inside,
-            new: &outside,
-        };
-        assert_eq!(
-            decide(&mut copying, rekey).unwrap(),
-            Some(RowOp::Delete { old: &inside })
-        );
     }
 }

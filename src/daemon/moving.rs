@@ -11,141 +11,16 @@
 //!   state again.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::writer::RowShape;
-use crate::backfill::chunk::ChunkTable;
-use crate::backfill::{Cursor, Key, TableCopy};
-use crate::decode::{Datum, Relation, Tuple};
+use crate::backfill::table::{CopyState, TableMove, TableState};
+use crate::backfill::{Key, TableCopy};
 use crate::lsn::Lsn;
 use crate::registry::MoveState;
 use crate::route::Destination;
 use crate::sql::QualifiedName;
 use crate::tenant::TenantId;
-
-/// One table of a moving tenant.
-pub(crate) struct TableMove {
-    pub chunk: ChunkTable,
-    /// Where the rows go on the target.
-    pub target: QualifiedName,
-    pub copy: TableCopy,
-    /// The chunk in flight, once its SELECT returned.
-    pub rows: Option<ChunkRows>,
-    /// Where the low watermark of the chunk in flight committed: (chunk, end LSN).
-    pub low_at: Option<(u64, Lsn)>,
-    /// While a reader goes on with the range scan on its own: tells it which chunk's high
-    /// watermark the pipeline has handled (it stays at most one chunk ahead); dropping it
-    /// stops the reader.
-    pub follow: Option<tokio::sync::watch::Sender<u64>>,
-    /// Rows of the chunk after the one in flight, read ahead by the following reader.
-    pub ahead: Option<ChunkRows>,
-    /// What its stream changes share, for the relation layout last seen.
-    shape: Option<Arc<RowShape>>,
-}
-
-impl TableMove {
-    pub fn new(chunk: ChunkTable, target: QualifiedName) -> TableMove {
-        TableMove {
-            chunk,
-            target,
-            copy: TableCopy::new(),
-            rows: None,
-            low_at: None,
-            follow: None,
-            ahead: None,
-            shape: None,
-        }
-    }
-
-    /// The shape of this table's changes under `rel`'s replica identity: shared by every
-    /// change until the relation's layout changes.
-    pub fn shape(&mut self, rel: &Relation) -> Arc<RowShape> {
-        let current = self.shape.as_ref().is_some_and(|s| {
-            s.table == self.target
-                && s.identity
-                    .iter()
-                    .copied()
-                    .eq(rel.columns.iter().map(|c| c.is_key()))
-        });
-        if !current {
-            self.shape = Some(Arc::new(RowShape {
-                table: self.target.clone(),
-                identity: rel.columns.iter().map(|c| c.is_key()).collect(),
-                tenant_column: self.chunk.tenant.as_ref().map(|c| c.0.clone()),
-            }));
-        }
-        Arc::clone(self.shape.as_ref().expect("set above"))
-    }
-
-    /// Gives up on the chunk in flight: its rows are dropped and its range is read again.
-    pub fn abandon(&mut self, chunk: u64) {
-        self.copy.abandon(chunk);
-        self.rows = None;
-        self.low_at = None;
-        self.stop_following(chunk + 1);
-    }
-
-    /// Stops the reader that goes on with the range; it may still be reading up to chunk
-    /// `last`, whose number is never reused.
-    pub fn stop_following(&mut self, last: u64) {
-        if self.follow.take().is_some() {
-            self.copy.retire_through(last);
-        }
-        self.ahead = None;
-    }
-
-    /// The key of a stream tuple, in the chunk's key order; `None` when a key column is
-    /// NULL, not text, or an unchanged TOAST value.
-    pub fn key_of(&self, tuple: &Tuple) -> Option<Key> {
-        let texts: Vec<Option<&str>> = tuple
-            .0
-            .iter()
-            .map(|d| match d {
-                Datum::Text(b) => std::str::from_utf8(b).ok(),
-                _ => None,
-            })
-            .collect();
-        self.chunk.key_of(&texts)
-    }
-}
-
-/// A chunk's SELECT result, waiting for its high watermark.
-pub(crate) struct ChunkRows {
-    pub chunk: u64,
-    pub rows: crate::apply::RowBuffer,
-    pub keys: Vec<Key>,
-    /// Transactions running in the chunk's snapshot.
-    pub in_progress: Vec<u32>,
-}
-
-/// The persisted backfill state of one tenant: per table, the cursor and the keys waiting
-/// for a re-read.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct CopyState {
-    pub tables: BTreeMap<String, TableState>,
-    /// Rows copied so far (progress reporting survives restarts).
-    #[serde(default)]
-    pub rows_copied: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct TableState {
-    pub cursor: Cursor,
-    #[serde(default)]
-    pub requeued: Vec<Key>,
-}
-
-impl CopyState {
-    pub fn parse(text: &str) -> Result<CopyState, String> {
-        serde_json::from_str(text).map_err(|e| e.to_string())
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("copy state is plain data")
-    }
-}
 
 /// What the daemon keeps in RocksDB per tenant, next to the applied position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +29,26 @@ pub(crate) struct TenantRecord {
     pub state: MoveState,
     pub target: String,
     pub schema: String,
+}
+
+/// Where a tenant's copy stands, with what the target was last handed of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Backfill {
+    /// Rows remain to be read; `sent` is the copy state last handed to the target (sent
+    /// again only when it changes).
+    Copying { sent: Option<CopyState> },
+    /// Every key was copied by the source transaction ending at `at`: the tenant is in sync
+    /// once the target holds `at`. A key queued for a re-read after that (a row arriving
+    /// without its TOAST values) is read under the live stream like any other; `at` stands.
+    Copied { at: Lsn, sent: Option<CopyState> },
+}
+
+impl Backfill {
+    fn sent(&mut self) -> &mut Option<CopyState> {
+        match self {
+            Backfill::Copying { sent } | Backfill::Copied { sent, .. } => sent,
+        }
+    }
 }
 
 /// A tenant the pipeline is moving.
@@ -168,10 +63,7 @@ pub(crate) struct Tenant {
     pub skip_before: Lsn,
     /// Durable on the target (acknowledged by its applier).
     pub applied: Lsn,
-    /// The state last handed to the applier (to send it again only when it changes).
-    pub sent_state: String,
-    /// The source transaction that completed the copy, once it did.
-    pub copied_at: Option<Lsn>,
+    backfill: Backfill,
     pub rows_copied: i64,
     pub rows_total: Option<i64>,
     /// The transient error its target is being retried for, until the target commits
@@ -196,8 +88,7 @@ impl Tenant {
             tables,
             skip_before: Lsn::INVALID,
             applied: Lsn::INVALID,
-            sent_state: String::new(),
-            copied_at: None,
+            backfill: Backfill::Copying { sent: None },
             rows_copied: 0,
             rows_total: None,
             retrying: None,
@@ -223,16 +114,46 @@ impl Tenant {
         }
     }
 
-    /// Restores each table's copy from a persisted state; tables the state does not know
-    /// (added to the move since) start from the beginning.
-    pub fn restore(&mut self, state: &CopyState) {
-        self.rows_copied = state.rows_copied;
+    /// Restores each table's copy from the state the target holds as of `at` (`None`: it
+    /// holds none); tables the state does not know (added to the move since) start from the
+    /// beginning.
+    pub fn restore(&mut self, state: Option<CopyState>, at: Lsn) {
+        let known = state.clone().unwrap_or_default();
+        self.rows_copied = known.rows_copied;
         for (name, t) in self.tables.iter_mut() {
-            if let Some(s) = state.tables.get(&name.to_string()) {
+            if let Some(s) = known.tables.get(&name.to_string()) {
                 let requeued: BTreeSet<Key> = s.requeued.iter().cloned().collect();
                 t.copy = TableCopy::resume(s.cursor.clone(), requeued);
             }
         }
+        self.backfill = if self.is_copied() {
+            Backfill::Copied { at, sent: state }
+        } else {
+            Backfill::Copying { sent: state }
+        };
+    }
+
+    /// After a source transaction ending at `end` that concerned this tenant: its copy
+    /// state as text if it changed since last handed to the target (it then counts as
+    /// handed), and whether the copy became complete in that transaction.
+    pub fn after_commit(&mut self, end: Lsn) -> (Option<String>, bool) {
+        let state = self.copy_state();
+        let changed = self.backfill.sent().as_ref() != Some(&state);
+        let text = changed.then(|| state.to_json());
+        if changed {
+            *self.backfill.sent() = Some(state);
+        }
+        let completed = matches!(self.backfill, Backfill::Copying { .. }) && self.is_copied();
+        if completed {
+            let sent = self.backfill.sent().take();
+            self.backfill = Backfill::Copied { at: end, sent };
+        }
+        (text, completed)
+    }
+
+    /// The target holds the whole copy.
+    pub fn is_synced(&self) -> bool {
+        matches!(self.backfill, Backfill::Copied { at, .. } if self.applied >= at)
     }
 
     pub fn is_copied(&self) -> bool {
@@ -243,7 +164,8 @@ impl Tenant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backfill::{KeyKind, KeyValue};
+    use crate::backfill::chunk::ChunkTable;
+    use crate::backfill::{Cursor, KeyKind, KeyValue};
     use crate::tenant::TargetId;
 
     fn tenant() -> Tenant {
@@ -289,66 +211,67 @@ mod tests {
             rows_copied: 12,
         };
         let text = state.to_json();
-        t.restore(&CopyState::parse(&text).unwrap());
+        t.restore(Some(CopyState::parse(&text).unwrap()), Lsn(100));
         assert_eq!(t.copy_state(), state);
         assert!(!t.is_copied());
         assert!(CopyState::parse("{\"tables\": 3}").is_err());
+        // What the target holds is not handed to it again.
+        assert_eq!(t.after_commit(Lsn(200)), (None, false));
     }
 
     #[test]
-    fn changes_share_one_shape_until_the_relation_layout_changes() {
-        use crate::decode::{Column, RelationId, ReplicaIdentity};
+    fn the_copy_state_goes_to_the_target_when_it_changes_and_the_copy_completes_once() {
         let mut t = tenant();
-        let table = t
-            .tables
-            .get_mut(&QualifiedName::parse("public.orders").unwrap())
-            .unwrap();
-        let rel = |keys: [u8; 3]| Relation {
-            xid: None,
-            id: RelationId(16400),
-            namespace: "public".into(),
-            name: "orders".into(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: ["tenant_id", "id", "note"]
-                .iter()
-                .zip(keys)
-                .map(|(name, flags)| Column {
-                    flags,
-                    name: (*name).into(),
-                    type_oid: 23,
-                    type_modifier: -1,
-                })
-                .collect(),
-        };
-        let first = table.shape(&rel([1, 1, 0]));
-        assert_eq!(first.table, QualifiedName::parse("acme.orders").unwrap());
-        assert_eq!(first.identity, vec![true, true, false]);
-        assert_eq!(first.tenant_column.as_deref(), Some("tenant_id"));
-        assert!(Arc::ptr_eq(&first, &table.shape(&rel([1, 1, 0]))));
-        // REPLICA IDENTITY changed: a new shape, and the old one stays as it was for the
-        // changes that already carry it.
-        let full = table.shape(&rel([1, 1, 1]));
-        assert!(!Arc::ptr_eq(&first, &full));
-        assert_eq!(full.identity, vec![true, true, true]);
-        assert_eq!(first.identity, vec![true, true, false]);
+        let name = QualifiedName::parse("public.orders").unwrap();
+        let (first, completed) = t.after_commit(Lsn(100));
+        assert_eq!(first.as_deref(), Some(t.copy_state().to_json().as_str()));
+        assert!(!completed);
+        assert_eq!(
+            t.after_commit(Lsn(110)),
+            (None, false),
+            "unchanged: not sent"
+        );
+        let tm = t.tables.get_mut(&name).unwrap();
+        tm.copy = TableCopy::resume(Cursor::End, BTreeSet::new());
+        let (changed, completed) = t.after_commit(Lsn(120));
+        assert!(changed.is_some() && completed);
+        assert!(!t.is_synced(), "the target holds nothing yet");
+        t.applied = Lsn(119);
+        assert!(!t.is_synced());
+        t.applied = Lsn(120);
+        assert!(t.is_synced());
+        // A key queued for a re-read later changes the state, but the copy completed once.
+        let tm = t.tables.get_mut(&name).unwrap();
+        tm.copy.requeue(&vec![KeyValue::Int(7), KeyValue::Int(3)]);
+        let (changed, completed) = t.after_commit(Lsn(130));
+        assert!(changed.is_some() && !completed);
+        assert!(t.is_synced());
     }
 
     #[test]
-    fn stream_keys_come_from_text_columns_only() {
-        let t = tenant();
-        let table = t.tables.values().next().unwrap();
-        let row = |id: Datum| {
-            Tuple(vec![
-                Datum::Text("7".into()),
-                id,
-                Datum::Text("note".into()),
-            ])
+    fn a_tenant_restored_with_its_copy_complete_is_synced_at_its_position() {
+        let mut t = tenant();
+        let name = QualifiedName::parse("public.orders").unwrap();
+        let state = CopyState {
+            tables: [(
+                name.to_string(),
+                TableState {
+                    cursor: Cursor::End,
+                    requeued: Vec::new(),
+                },
+            )]
+            .into(),
+            rows_copied: 5,
         };
-        assert_eq!(
-            table.key_of(&row(Datum::Text("42".into()))),
-            Some(vec![KeyValue::Int(7), KeyValue::Int(42)])
+        t.applied = Lsn(300);
+        t.restore(Some(state), Lsn(300));
+        assert!(t.is_copied() && t.is_synced());
+        let mut fresh = tenant();
+        fresh.restore(None, Lsn(300));
+        assert!(!fresh.is_synced());
+        assert!(
+            fresh.after_commit(Lsn(310)).0.is_some(),
+            "nothing held: sent"
         );
-        assert_eq!(table.key_of(&row(Datum::Null)), None);
-        assert_eq!(table.key_of(&row(Datum::UnchangedToast)), None);
     }
 }

@@ -14,11 +14,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::Client;
 
 use super::error::MoveError;
-use super::moving::{CopyState, TableMove, Tenant, TenantRecord};
+use super::moving::{Tenant, TenantRecord};
 use crate::apply::progress::{
     ensure_progress_table, forget_progress, read_resume_progress, Progress,
 };
 use crate::backfill::chunk::ChunkTable;
+use crate::backfill::table::{CopyState, TableMove};
 use crate::checkpoint::SlotGap;
 use crate::cluster::ClusterError;
 use crate::config::Config;
@@ -219,16 +220,12 @@ pub(crate) async fn prepare(
         }
         (true, Some(p)) => {
             let state = match &p.state {
-                Some(text) => CopyState::parse(text).map_err(MoveError::BadState)?,
-                None => CopyState::default(),
+                Some(text) => Some(CopyState::parse(text).map_err(MoveError::BadState)?),
+                None => None,
             };
-            tenant.restore(&state);
-            tenant.sent_state = p.state.unwrap_or_default();
             tenant.skip_before = p.lsn;
             tenant.applied = p.lsn;
-            if tenant.is_copied() {
-                tenant.copied_at = Some(p.lsn);
-            }
+            tenant.restore(state, p.lsn);
             tracing::info!(tenant = %mv.tenant, applied = %p.lsn, "resuming the move");
         }
         (true, None) if remembered.applied.is_valid() => {

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 
-use crate::lsn::Lsn;
+use crate::lsn::{CommitLsn, Lsn};
 
 /// OID of a source relation as pgoutput names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -65,6 +65,13 @@ pub struct Commit {
     /// End of the commit record: the position to confirm once the transaction is durable.
     pub end_lsn: Lsn,
     pub commit_time: PgTimestamp,
+}
+
+impl Commit {
+    /// The commit's end, as the position the pipeline counts in.
+    pub fn end(&self) -> CommitLsn {
+        CommitLsn::of(self.end_lsn)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,11 +1,11 @@
 //! What flush position to report to the server: a pure state machine, no I/O.
 //!
 //! Invariants:
-//! - The reported flush is `max(previous report, consumer-durable, safe idle position)`,
+//! - The reported flush is `max(previous report, consumer-applied commit, safe idle position)`,
 //!   so it never moves backward.
 //! - A keepalive's `wal_end` is a *safe idle position* only if it arrived outside any
-//!   transaction block and every transaction delivered before it is durable. Then the
-//!   server has nothing before that position that we still owe a durable apply for:
+//!   transaction block and every transaction delivered before it is applied. Then the
+//!   server has nothing before that position that we still owe an apply for:
 //!   transactions still open on the server commit later and are re-sent after a restart.
 //!   This is what lets an idle or fully filtered stream release WAL.
 //! - Without `ack` nothing is reported (InvalidXLogRecPtr), so the slot does not move.
@@ -92,10 +92,10 @@ impl Feedback {
         }
     }
 
-    /// Outside any block with everything delivered durable: a fresh keepalive position
+    /// Outside any block with everything delivered applied: a fresh keepalive position
     /// could be confirmed right away.
-    pub fn caught_up(&self, durable: Lsn) -> bool {
-        self.ack && !self.in_block && durable >= self.delivered_end
+    pub fn caught_up(&self, applied: Lsn) -> bool {
+        self.ack && !self.in_block && applied >= self.delivered_end
     }
 
     /// End of the last transaction handed to the consumer. Everything before it is in
@@ -110,32 +110,32 @@ impl Feedback {
     }
 
     /// The flush position the next status update would carry, without recording it.
-    pub fn peek(&self, durable: Lsn) -> Lsn {
-        let wanted = self.wanted(durable);
+    pub fn peek(&self, applied: Lsn) -> Lsn {
+        let wanted = self.wanted(applied);
         match self.ceiling {
             Some(ceiling) => wanted.min(ceiling).max(self.reported),
             None => wanted,
         }
     }
 
-    /// What could be confirmed given what is durable now, ceiling aside: the position the
+    /// What could be confirmed given what is applied now, ceiling aside: the position the
     /// consumer has to record before the ceiling lets it through.
-    pub fn wanted(&self, durable: Lsn) -> Lsn {
+    pub fn wanted(&self, applied: Lsn) -> Lsn {
         if !self.ack {
             return Lsn::INVALID;
         }
-        let mut flush = self.reported.max(durable);
+        let mut flush = self.reported.max(applied);
         if let Some((wal_end, needed)) = self.idle {
-            if durable >= needed {
+            if applied >= needed {
                 flush = flush.max(wal_end);
             }
         }
         flush
     }
 
-    /// The flush position to put in the next status update, given what is durable now.
-    pub fn flush(&mut self, durable: Lsn) -> Lsn {
-        let flush = self.peek(durable);
+    /// The flush position to put in the next status update, given what is applied now.
+    pub fn flush(&mut self, applied: Lsn) -> Lsn {
+        let flush = self.peek(applied);
         if self.ack {
             self.reported = flush;
         }
@@ -178,7 +178,7 @@ mod tests {
         f.on_keepalive(Lsn(500));
         assert_eq!(f.flush(Lsn(100)), Lsn(100));
         f.on_delivered(&commit(200), Lsn(200));
-        // The commit is delivered but not durable yet: stay put.
+        // The commit is delivered but not applied yet: stay put.
         assert_eq!(f.flush(Lsn(100)), Lsn(100));
         assert_eq!(f.flush(Lsn(200)), Lsn(200));
     }

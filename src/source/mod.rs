@@ -3,11 +3,15 @@
 //! ```text
 //!   ReplicationConnection ──frames──► stream task ──decode──► byte-budgeted channel ──► consumer
 //!          ▲                              │  ▲                                            │
-//!          └──── standby status ◄─ Feedback ─┘ ◄──────── mark_durable(end_lsn) ◄───────────┘
+//!          └──── standby status ◄─ Feedback ─┘ ◄──────── mark_applied(end_lsn) ◄───────────┘
 //! ```
 //!
+//! Positions, in one vocabulary: *received* (the furthest the server sent), *applied* (commit
+//! ends, [`crate::lsn::CommitLsn`], the consumer marked as held downstream) and *confirmed*
+//! (the flush position reported to the server, which moves the slot).
+//!
 //! Invariants:
-//! - The flush position sent to the server is only ever what the consumer marked durable,
+//! - The flush position sent to the server is only ever what the consumer marked applied,
 //!   or a keepalive position that provably covers nothing undelivered (see [`feedback`]);
 //!   it never moves backward, and without `ack` it is never sent at all.
 //! - Feedback keeps flowing while the consumer applies back-pressure: the task stops reading

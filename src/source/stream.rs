@@ -14,7 +14,7 @@
 //! - While waiting for budget it still sends status updates on schedule and on request,
 //!   so the server's wal_sender_timeout never fires because the consumer is slow.
 //! - With a ceiling (the daemon's stream), no status update confirms past it, whatever is
-//!   durable or idle: the consumer records a position before it raises the ceiling there.
+//!   applied or idle: the consumer records a position before it raises the ceiling there.
 //! - Every `select!` arm is cancellation safe: socket reads only append to a buffer and a
 //!   waiting budget acquisition is kept across loop turns.
 
@@ -32,7 +32,7 @@ use super::SourceError;
 use crate::cluster::Endpoint;
 use crate::config::ReplicationConfig;
 use crate::decode::{Decoder, DecoderOptions, Message};
-use crate::lsn::{Lsn, ProgressLsn};
+use crate::lsn::{CommitLsn, Lsn, ProgressLsn};
 
 /// How often the task checks whether a status update is due.
 const FEEDBACK_TICK: Duration = Duration::from_millis(20);
@@ -44,13 +44,13 @@ const HEALTHY_CONNECTION: Duration = Duration::from_secs(30);
 pub struct StreamSettings {
     pub endpoint: Endpoint,
     pub replication: ReplicationConfig,
-    /// Report durable positions to the server (advance the slot).
+    /// Report applied positions to the server (advance the slot).
     pub ack: bool,
     /// Where to start; the server starts at max(this, slot's confirmed position).
     pub start: Lsn,
     /// With `Some`, nothing past the ceiling is confirmed: the consumer raises it
     /// ([`ReplicationStream::raise_ceiling`]) to what it recorded, and learns what waits
-    /// from [`ReplicationStream::wanted`]. `None` confirms what is durable as it is.
+    /// from [`ReplicationStream::wanted`]. `None` confirms what is applied as it is.
     pub ceiling: Option<Lsn>,
 }
 
@@ -92,7 +92,7 @@ pub struct ReplicationStream {
     /// The rest of the batch being handed out, and its budget.
     batch: std::collections::VecDeque<Received>,
     held: Option<OwnedSemaphorePermit>,
-    durable: Arc<ProgressLsn>,
+    applied: Arc<ProgressLsn>,
     ceiling: Option<Arc<ProgressLsn>>,
     wanted: Arc<ProgressLsn>,
     shutdown: watch::Sender<bool>,
@@ -106,7 +106,7 @@ impl ReplicationStream {
     /// Connects and starts streaming. Errors of the first connection (bad credentials, a
     /// missing slot) are returned here rather than retried.
     pub async fn start(settings: StreamSettings) -> Result<Self, SourceError> {
-        let durable = Arc::new(ProgressLsn::new(settings.start));
+        let applied = Arc::new(ProgressLsn::new(settings.start));
         let ceiling = settings.ceiling.map(|c| Arc::new(ProgressLsn::new(c)));
         let wanted = Arc::new(ProgressLsn::new(settings.start));
         let settings_slot = settings.replication.slot.clone();
@@ -119,7 +119,7 @@ impl ReplicationStream {
             feedback: Feedback::new(settings.ack, settings.start),
             budget: Arc::new(Semaphore::new(settings.replication.max_buffered_bytes)),
             settings,
-            durable: durable.clone(),
+            applied: applied.clone(),
             ceiling: ceiling.clone(),
             wanted: wanted.clone(),
             tx,
@@ -132,7 +132,7 @@ impl ReplicationStream {
             items,
             batch: std::collections::VecDeque::new(),
             held: None,
-            durable,
+            applied,
             ceiling,
             wanted,
             shutdown,
@@ -198,14 +198,14 @@ impl ReplicationStream {
         }
     }
 
-    /// Declares everything up to `lsn` durable downstream; it may now be confirmed.
-    /// The task reports it within one feedback tick (20 ms).
-    pub fn mark_durable(&self, lsn: Lsn) {
-        self.durable.advance(lsn);
+    /// Declares every transaction up to the commit ending at `end` applied downstream; it
+    /// may now be confirmed. The task reports it within one feedback tick (20 ms).
+    pub fn mark_applied(&self, end: CommitLsn) {
+        self.applied.advance(end.lsn());
     }
 
-    pub fn durable(&self) -> Lsn {
-        self.durable.get()
+    pub fn applied(&self) -> Lsn {
+        self.applied.get()
     }
 
     /// Lets confirmations pass up to `lsn` (see [`StreamSettings::ceiling`]); a stream
@@ -216,7 +216,7 @@ impl ReplicationStream {
         }
     }
 
-    /// What the stream would confirm if the ceiling allowed: durable marks and safe idle
+    /// What the stream would confirm if the ceiling allowed: applied marks and safe idle
     /// positions, as of the task's last feedback tick.
     pub fn wanted(&self) -> Lsn {
         self.wanted.get()
@@ -234,7 +234,7 @@ impl ReplicationStream {
         self.server_version_num
     }
 
-    /// Sends a last status update with the durable position and closes the connection.
+    /// Sends a last status update with the applied position and closes the connection.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
@@ -291,7 +291,7 @@ struct Task {
     settings: StreamSettings,
     feedback: Feedback,
     budget: Arc<Semaphore>,
-    durable: Arc<ProgressLsn>,
+    applied: Arc<ProgressLsn>,
     ceiling: Option<Arc<ProgressLsn>>,
     wanted: Arc<ProgressLsn>,
     tx: mpsc::UnboundedSender<Item>,
@@ -362,10 +362,10 @@ impl Task {
                     return;
                 }
                 backoff = (backoff * 2).min(self.settings.replication.reconnect_max_backoff);
-                // Not just `durable`: transactions already queued for the consumer will be
+                // Not just `applied`: transactions already queued for the consumer will be
                 // processed, so asking the server for them again would duplicate them.
                 let resume = self
-                    .durable
+                    .applied
                     .get()
                     .max(self.feedback.delivered())
                     .max(self.settings.start);
@@ -519,9 +519,9 @@ impl Task {
                     }
                 }
                 _ = ticker.tick() => {
-                    let durable = self.durable.get();
-                    self.follow_ceiling(durable);
-                    let moved = self.feedback.peek(durable) != sent.flush;
+                    let applied = self.applied.get();
+                    self.follow_ceiling(applied);
+                    let moved = self.feedback.peek(applied) != sent.flush;
                     let due = sent.at.elapsed() >= status_interval;
                     if !waiting && last_heard.elapsed() > silence_limit {
                         return Err(SourceError::Timeout {
@@ -534,7 +534,7 @@ impl Task {
                         // an idle or fully filtered stream confirm past WAL it skipped,
                         // instead of waiting for wal_sender_timeout/2. Silence asks too.
                         let ask = due
-                            && (self.feedback.caught_up(durable)
+                            && (self.feedback.caught_up(applied)
                                 || last_heard.elapsed() > status_interval * 3);
                         self.send_status(conn, &mut sent, ask).await?;
                     }
@@ -586,11 +586,11 @@ impl Task {
     }
 
     /// Takes the consumer's ceiling and tells it what waits behind it.
-    fn follow_ceiling(&mut self, durable: Lsn) {
+    fn follow_ceiling(&mut self, applied: Lsn) {
         if let Some(c) = &self.ceiling {
             self.feedback.raise_ceiling(c.get());
         }
-        self.wanted.advance(self.feedback.wanted(durable));
+        self.wanted.advance(self.feedback.wanted(applied));
     }
 
     fn deliver(&mut self, batch: Vec<Received>, permit: OwnedSemaphorePermit) -> bool {
@@ -606,9 +606,9 @@ impl Task {
         sent: &mut Sent,
         reply: bool,
     ) -> Result<(), SourceError> {
-        let durable = self.durable.get();
-        self.follow_ceiling(durable);
-        let flush = self.feedback.flush(durable);
+        let applied = self.applied.get();
+        self.follow_ceiling(applied);
+        let flush = self.feedback.flush(applied);
         let write = self.feedback.received().max(flush);
         let payload = wire::standby_status(write.0, flush.0, flush.0, wire::pg_now_micros(), reply);
         let advanced = flush != sent.flush && flush.is_valid();

@@ -15,7 +15,7 @@ use switchyard::apply::writer::{OwnedRowOp, RowChange};
 use switchyard::apply::{self, ApplyError, SourceTxn, Statement, TargetTable, TargetWriter, Work};
 use switchyard::config::Tenancy;
 use switchyard::decode::{Datum, Message, RelationCache, Tuple};
-use switchyard::lsn::Lsn;
+use switchyard::lsn::{CommitLsn, Lsn};
 use switchyard::route::{Destination, Router, RowOp};
 use switchyard::source::{ReplicationStream, SourceEvent};
 use switchyard::sql::QualifiedName;
@@ -80,7 +80,7 @@ async fn pump(
                     }
                 }
                 txn.commit().await?;
-                stream.mark_durable(c.end_lsn);
+                stream.mark_applied(c.end());
             }
             Message::Message(m) if m.prefix == "sy" && &m.content[..] == marker.as_bytes() => {
                 return Ok(Ok(()));
@@ -284,7 +284,7 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
         TargetWriter::with_client(target.clone(), dst.client().await?, "switchyard").await?;
     let table = w.table(&name, &identity, Some("tenant_id")).await?.clone();
     let txn = |end: u64, parts: Vec<(TenantId, Vec<Statement>)>| SourceTxn {
-        end_lsn: Lsn(end),
+        end: CommitLsn::of(Lsn(end)),
         parts: parts
             .into_iter()
             .map(|(t, sts)| (t, sts.into_iter().map(Work::from).collect()))
@@ -304,7 +304,7 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
             ],
         ),
     ];
-    assert_eq!(w.commit(&batch1).await?, Lsn(200));
+    assert_eq!(w.commit(&batch1).await?, CommitLsn::of(Lsn(200)));
     assert_eq!(w.applied(&acme), Lsn(200));
 
     // "Crash": a new writer learns the positions from the target itself, and a replay of
@@ -319,7 +319,7 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
         300,
         vec![(acme.clone(), vec![row_insert(&table, "7", 3, "d")?])],
     ));
-    assert_eq!(w.commit(&replay).await?, Lsn(300));
+    assert_eq!(w.commit(&replay).await?, CommitLsn::of(Lsn(300)));
     let count = count_rows(&d, "acme.orders").await?;
     assert_eq!(count, 4);
     assert_eq!(w.applied(&acme), Lsn(300));
@@ -367,7 +367,7 @@ async fn the_writer_applies_each_source_transaction_exactly_once_across_restarts
     assert_eq!(w.applied(&acme), Lsn(300));
     d.batch_execute("ALTER TABLE switchyard.applied DROP CONSTRAINT refuse_9")
         .await?;
-    assert_eq!(w.commit(&refused).await?, Lsn(600));
+    assert_eq!(w.commit(&refused).await?, CommitLsn::of(Lsn(600)));
     let count = count_rows(&d, "acme.orders").await?;
     assert_eq!(count, 6);
     let stored = w.load_applied().await?;
@@ -435,7 +435,7 @@ fn txns(from: u64, works: Vec<Work>) -> Vec<SourceTxn> {
         .into_iter()
         .enumerate()
         .map(|(i, w)| SourceTxn {
-            end_lsn: Lsn(from + i as u64),
+            end: CommitLsn::of(Lsn(from + i as u64)),
             parts: vec![(TenantId::new("7").unwrap(), vec![w])],
             states: Vec::new(),
         })
@@ -497,7 +497,7 @@ async fn compacted_batches_end_where_change_by_change_replay_ends() -> Result<()
             upd(order(10, "a4", None)),
         ],
     );
-    assert_eq!(w.commit(&batch).await?, Lsn(111));
+    assert_eq!(w.commit(&batch).await?, CommitLsn::of(Lsn(111)));
     assert_eq!(
         state().await?,
         ["2|b2|big2b", "3|c2|big3", "4|d2|big4b", "10|a4|big1"]
@@ -752,7 +752,7 @@ async fn a_batch_larger_than_a_statement_goes_in_bounded_statements() -> Result<
         .collect();
     works.extend((5..=40).step_by(5).map(del));
     let stats = w.stats();
-    assert_eq!(w.commit(&txns(100, works)).await?, Lsn(147));
+    assert_eq!(w.commit(&txns(100, works)).await?, CommitLsn::of(Lsn(147)));
     let after = w.stats();
     assert_eq!(after.compacted, stats.compacted + 1, "applied folded");
     assert_eq!(after.replayed, stats.replayed, "not replayed");
@@ -802,7 +802,7 @@ async fn folded_statements_probe_keys_instead_of_reading_the_whole_table() -> Re
         .map(|i| upd(order(i * 37 % 50_000 + 1, "new", Some("b"))))
         .collect();
     works.extend((0..2000).map(|i| del(50_000 + i * 23 % 50_000 + 1)));
-    assert_eq!(w.commit(&txns(10, works)).await?, Lsn(4009));
+    assert_eq!(w.commit(&txns(10, works)).await?, CommitLsn::of(Lsn(4009)));
     assert_eq!(w.stats().compacted, 1, "applied folded");
     // A backend reports its table statistics when it exits.
     drop(w);

@@ -295,13 +295,13 @@ async fn a_tenant_is_copied_under_live_writes_and_converges() -> Result<()> {
                 if !pending.is_empty() {
                     writer
                         .commit(&[SourceTxn {
-                            end_lsn: c.end_lsn,
+                            end: c.end(),
                             parts: vec![(tenant.clone(), std::mem::take(&mut pending))],
                             states: Vec::new(),
                         }])
                         .await?;
                 }
-                stream.mark_durable(c.end_lsn);
+                stream.mark_applied(c.end());
                 // Done once the writer's last change has been seen and every re-read of
                 // what it touched has been committed.
                 if marker_seen && copy.is_done() && in_flight.is_none() {

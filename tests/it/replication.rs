@@ -512,7 +512,7 @@ async fn consume_ids(
                     for id in pending.drain(..) {
                         *seen.entry(id).or_default() += 1;
                     }
-                    stream.mark_durable(c.end_lsn);
+                    stream.mark_applied(c.end());
                 }
                 _ => {}
             },

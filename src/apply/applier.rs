@@ -4,7 +4,7 @@
 //! Invariants:
 //! - Transactions are committed in the order received (source commit order); a batch is
 //!   a prefix of the queue, never a reordering.
-//! - A report `Committed { up_to }` is sent only after the target transaction committed,
+//! - A report `Applied { up_to }` is sent only after the target transaction committed,
 //!   so the pipeline confirms nothing to the source that the target does not hold.
 //! - A tenant-fatal failure inside one tenant's work quarantines that tenant: the batch is
 //!   retried without it, so other tenants on the same target go on. Transient failures
@@ -18,19 +18,18 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::apply::lanes::{self, Segment};
-use crate::apply::writer::RowChange;
-use crate::apply::{SourceTxn, TargetWriter};
+use super::lanes::{self, Segment};
+use super::writer::RowChange;
+use super::{ApplyError, SourceTxn, TargetWriter};
 use crate::cluster::Endpoint;
-use crate::daemon::{Error, ErrorClass};
-use crate::lsn::Lsn;
+use crate::lsn::{CommitLsn, Lsn};
 use crate::sql::QualifiedName;
 use crate::tenant::{TargetId, TenantId};
 
 /// Tenants whose work must be dropped (they failed), shared by the pipeline and every
 /// applier. A lock poisoned by a panicking holder still holds a valid set.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Quarantine(Arc<Mutex<HashSet<TenantId>>>);
+pub struct Quarantine(Arc<Mutex<HashSet<TenantId>>>);
 
 impl Quarantine {
     fn set(&self) -> std::sync::MutexGuard<'_, HashSet<TenantId>> {
@@ -64,26 +63,26 @@ impl Quarantine {
 
 /// What an applier tells the pipeline.
 #[derive(Debug)]
-pub(crate) enum ApplyEvent {
+pub enum ApplyEvent {
     /// Every transaction up to `up_to` given to this target is durable there; `tenants`
     /// holds the positions recorded per tenant in that commit.
-    Committed {
+    Applied {
         target: TargetId,
-        up_to: Lsn,
+        up_to: CommitLsn,
         tenants: Vec<(TenantId, Lsn)>,
     },
     /// `tenant`'s work cannot be applied; it has been quarantined.
-    TenantFailed { tenant: TenantId, error: Error },
-    /// A transient problem, being retried.
-    Retrying { target: TargetId, error: Error },
+    TenantFailed { tenant: TenantId, error: ApplyError },
+    /// A problem being retried (a transient one, or a target that cannot be reached yet).
+    Retrying { target: TargetId, error: ApplyError },
 }
 
-pub(crate) struct Applier {
+pub struct Applier {
     pub tx: mpsc::UnboundedSender<SourceTxn>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
-pub(crate) struct ApplierConfig {
+pub struct ApplierConfig {
     pub target: TargetId,
     pub endpoint: Endpoint,
     pub progress_schema: String,
@@ -93,7 +92,7 @@ pub(crate) struct ApplierConfig {
     pub lanes: usize,
 }
 
-pub(crate) fn spawn(
+pub fn spawn(
     cfg: ApplierConfig,
     quarantine: Quarantine,
     events: mpsc::UnboundedSender<ApplyEvent>,
@@ -117,7 +116,7 @@ fn batch_tenants(batch: &[SourceTxn]) -> BTreeMap<TenantId, Lsn> {
             .map(|p| &p.0)
             .chain(txn.states.iter().map(|s| &s.0))
         {
-            tenants.insert(t.clone(), txn.end_lsn);
+            tenants.insert(t.clone(), txn.end.lsn());
         }
     }
     tenants
@@ -130,7 +129,7 @@ async fn sleep_backoff(backoff: &mut Duration) {
 
 /// A writer on a new connection for `lane`, applying like a replication worker where
 /// allowed; returns whether that is allowed (the replica role).
-async fn connect(cfg: &ApplierConfig, lane: usize) -> Result<(TargetWriter, bool), Error> {
+async fn connect(cfg: &ApplierConfig, lane: usize) -> Result<(TargetWriter, bool), ApplyError> {
     let mut w = TargetWriter::connect_lane(
         cfg.target.clone(),
         &cfg.endpoint,
@@ -171,7 +170,7 @@ struct Lanes {
 
 impl Lanes {
     /// Connects every lane not connected; settles the lane count first.
-    async fn connect(&mut self, cfg: &ApplierConfig) -> Result<(), Error> {
+    async fn connect(&mut self, cfg: &ApplierConfig) -> Result<(), ApplyError> {
         if !self.settled {
             let (mut w, replica) = connect(cfg, 0).await?;
             // Lanes reorder changes across keys: only where no trigger or foreign key sees it.
@@ -231,7 +230,10 @@ impl Lanes {
     }
 
     /// Splits `segment` over the lanes, after learning how its new tables spread.
-    async fn split(&mut self, segment: &mut Option<Segment>) -> Result<Vec<Vec<SourceTxn>>, Error> {
+    async fn split(
+        &mut self,
+        segment: &mut Option<Segment>,
+    ) -> Result<Vec<Vec<SourceTxn>>, ApplyError> {
         let Some(seg) = segment.as_ref() else {
             return Ok(Vec::new());
         };
@@ -305,7 +307,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let up_to = batch.last().map(|t| t.end_lsn).unwrap_or(Lsn::INVALID);
+        let up_to = batch.last().map(|t| t.end).unwrap_or(CommitLsn::NONE);
         let tenants = batch_tenants(&batch);
         for segment in lanes::segments(batch) {
             apply_segment(
@@ -319,7 +321,7 @@ async fn run(
             .await;
         }
         crate::failpoint::hit("applier.before_report");
-        let sent = events.send(ApplyEvent::Committed {
+        let sent = events.send(ApplyEvent::Applied {
             target: cfg.target.clone(),
             up_to,
             tenants: tenants
@@ -368,7 +370,7 @@ async fn apply_segment(
             other => other,
         };
         if let Err(error) = ready {
-            if error.classify() != ErrorClass::Transient {
+            if !error.is_transient() {
                 tracing::error!(target = %cfg.target, %error, "cannot reach the target; retrying");
             }
             let _ = events.send(ApplyEvent::Retrying {
@@ -436,9 +438,9 @@ async fn apply_segment(
                 continue;
             };
             failed = true;
-            let error = Error::Apply(e);
-            match (error.classify(), failed_tenant) {
-                (ErrorClass::Transient, _) => {
+            let error = e;
+            match (error.is_transient(), failed_tenant) {
+                (true, _) => {
                     tracing::warn!(target = %cfg.target, lane, %error, "apply failed; retrying");
                     // The connection may be fine (e.g. a serialization failure), but a
                     // new one re-reads the lane's applied positions, which is always right.
@@ -495,10 +497,10 @@ fn fail_tenants(
         quarantine.insert(tenant.clone());
         let _ = events.send(ApplyEvent::TenantFailed {
             tenant,
-            error: Error::Move(super::error::MoveError::Target {
+            error: ApplyError::Target {
                 target: cfg.target.to_string(),
                 detail: detail.to_owned(),
-            }),
+            },
         });
     }
 }
