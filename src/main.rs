@@ -283,82 +283,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(addr) => Ok(health(addr).await),
             None => anyhow::bail!("[metrics] listen is off: there is no health endpoint"),
         },
-        Command::Check { json } => {
-            let report = source::check::run(&config).await;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.render_text());
-            }
-            Ok(if report.passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
-        }
+        Command::Check { json } => check(&config, json).await,
         Command::Move {
             tenant,
             to,
             schema,
             auto,
-        } => {
-            let tenant = TenantId::new(tenant)?;
-            let target = TargetId::new(to)?;
-            if !config.targets.contains_key(&target) {
-                let known: Vec<String> = config.targets.keys().map(|t| t.to_string()).collect();
-                anyhow::bail!(
-                    "target {:?} is not configured; known targets: {}",
-                    target.as_str(),
-                    known.join(", ")
-                );
-            }
-            // Refuse now, with the fix, what the daemon would refuse later.
-            let tables = switchyard::layout::check_move(&config, &tenant, &target).await?;
-            let registry = Registry::new(config.registry_schema.clone())?;
-            let mut client = config.source.connect_sql().await?;
-            // Stored as the tenant column's type writes it (`7`, not `007`).
-            let tenant = switchyard::layout::canonical_tenant(&config, &client, &tenant).await?;
-            let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
-            registry.install(&mut client).await?;
-            let mode = if auto {
-                CutoverMode::Auto
-            } else {
-                CutoverMode::Manual
-            };
-            let id = registry
-                .request_move(&client, &tenant, &target, &schema, mode)
-                .await?;
-            println!(
-                "move {id} requested: tenant {tenant} ({} tables) to {target} schema {schema} ({} cutover)",
-                tables.len(),
-                mode.as_str()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Verify { tenant, json } => {
-            let tenant = TenantId::new(tenant)?;
-            let report = switchyard::cutover::request::verify_tenant(&config, &tenant).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for t in &report.tables {
-                    println!(
-                        "{:<40} {:>10} rows  {:>10} at target  {:>4} chunks  {}",
-                        t.table,
-                        t.source_rows,
-                        t.target_rows,
-                        t.chunks,
-                        if t.ok() { "equal" } else { "DIFFERENT" }
-                    );
-                }
-                println!("{} ({} ms)", report.summary(), report.millis);
-            }
-            Ok(if report.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        } => request_move(&config, tenant, to, schema, auto).await,
+        Command::Verify { tenant, json } => verify(&config, tenant, json).await,
         Command::Cutover { tenant, wait } => {
             let tenant = TenantId::new(tenant)?;
             let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
@@ -369,50 +301,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(report(&tenant, &mv, attempts.iter(), MoveState::CutOver))
         }
-        Command::Cleanup { tenant } => {
-            let tenant = TenantId::new(tenant)?;
-            let cleaned = switchyard::cutover::request::cleanup_tenant(&config, &tenant).await?;
-            println!(
-                "tenant {tenant} removed from its old location: {} rows deleted, {} tables dropped{}",
-                cleaned.rows_deleted,
-                cleaned.tables_dropped.len(),
-                cleaned
-                    .schema_dropped
-                    .map(|s| format!(", schema {s} dropped"))
-                    .unwrap_or_default()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Status { json, watch } => {
-            use std::io::IsTerminal;
-            use switchyard::registry::status;
-            let registry = Registry::new(config.registry_schema.clone())?;
-            let mut client = config.source.connect_sql().await?;
-            registry.install(&mut client).await?;
-            let tty = std::io::stdout().is_terminal();
-            let mut samples = status::Watch::default();
-            loop {
-                let redraw = tty && samples.has_sample();
-                let rows = samples.sample(&registry, &client).await?;
-                if json {
-                    println!("{}", serde_json::to_string(&rows)?);
-                } else {
-                    if redraw {
-                        // Redraw in place on a terminal.
-                        print!("\x1b[2J\x1b[H");
-                    }
-                    print!("{}", status::render(rows, tty));
-                }
-                let Some(secs) = watch else {
-                    break;
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
-                    _ = tokio::signal::ctrl_c() => break,
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Cleanup { tenant } => cleanup(&config, tenant).await,
+        Command::Status { json, watch } => status(&config, json, watch).await,
         Command::Rollback { tenant, wait } => {
             let tenant = TenantId::new(tenant)?;
             let (mv, attempts) = switchyard::cutover::request::rollback_tenant(
@@ -424,85 +314,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rollbacks = attempts.iter().filter(|a| a.result.starts_with("roll"));
             Ok(report(&tenant, &mv, rollbacks, MoveState::RolledBack))
         }
-        Command::Cancel { tenant } => {
-            let tenant = TenantId::new(tenant)?;
-            let c = switchyard::cutover::request::cancel_tenant(&config, &tenant).await?;
-            println!(
-                "move of tenant {tenant} cancelled; at the target: {} tables dropped, {} rows deleted{}{}",
-                c.tables_dropped.len(),
-                c.rows_deleted,
-                c.schema_dropped
-                    .map(|s| format!(", schema {s} dropped"))
-                    .unwrap_or_default(),
-                if c.tables_kept.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; kept (there before the move): {}",
-                        c.tables_kept.join(", ")
-                    )
-                }
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Cancel { tenant } => cancel(&config, tenant).await,
         Command::Run {
             create_slot,
             standby,
             threads: _,
-        } => {
-            // A stop is bounded in every state: the daemon may be waiting on a cluster that
-            // went away (a reconnect loop, a query on a silent link) where it does not look
-            // at the signal. Past `stop_timeout`, or at a second signal, it exits as a crash
-            // would, which every move resumes from exactly.
-            let stop_timeout = config.moves.stop_timeout;
-            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot install the SIGTERM handler");
-                            std::future::pending::<()>().await;
-                            return;
-                        }
-                    };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!(
-                    timeout_ms = stop_timeout.as_millis() as u64,
-                    "stopping: finishing in-flight work"
-                );
-                let _ = stop_tx.send(true);
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {
-                        tracing::warn!("a second stop request: exiting now");
-                    }
-                    _ = term.recv() => {
-                        tracing::warn!("a second stop request: exiting now");
-                    }
-                    _ = tokio::time::sleep(stop_timeout) => {
-                        tracing::error!(timeout_ms = stop_timeout.as_millis() as u64, "the stop did not finish in time (a cluster does not answer?): exiting; the next start resumes from what is durable");
-                    }
-                }
-                std::process::exit(1);
-            });
-            let shutdown = async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            };
-            switchyard::daemon::run(
-                config,
-                switchyard::daemon::RunOptions {
-                    create_slot,
-                    standby,
-                },
-                shutdown,
-            )
-            .await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_daemon(config, create_slot, standby).await,
         Command::Tail {
             ack,
             create_slot,
@@ -512,6 +329,225 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `check`: the report's exit status tells a script whether the source is ready.
+async fn check(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let report = source::check::run(config).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// `move`: the request is checked here first, so the operator gets the fix at once rather
+/// than a failed move from the daemon later.
+async fn request_move(
+    config: &Config,
+    tenant: String,
+    to: String,
+    schema: Option<String>,
+    auto: bool,
+) -> anyhow::Result<ExitCode> {
+    let tenant = TenantId::new(tenant)?;
+    let target = TargetId::new(to)?;
+    if !config.targets.contains_key(&target) {
+        let known: Vec<String> = config.targets.keys().map(|t| t.to_string()).collect();
+        anyhow::bail!(
+            "target {:?} is not configured; known targets: {}",
+            target.as_str(),
+            known.join(", ")
+        );
+    }
+    // Refuse now, with the fix, what the daemon would refuse later.
+    let tables = switchyard::layout::check_move(config, &tenant, &target).await?;
+    let registry = Registry::new(config.registry_schema.clone())?;
+    let mut client = config.source.connect_sql().await?;
+    // Stored as the tenant column's type writes it (`7`, not `007`).
+    let tenant = switchyard::layout::canonical_tenant(config, &client, &tenant).await?;
+    let schema = schema.unwrap_or_else(|| tenant.as_str().to_owned());
+    registry.install(&mut client).await?;
+    let mode = if auto {
+        CutoverMode::Auto
+    } else {
+        CutoverMode::Manual
+    };
+    let id = registry
+        .request_move(&client, &tenant, &target, &schema, mode)
+        .await?;
+    println!(
+        "move {id} requested: tenant {tenant} ({} tables) to {target} schema {schema} ({} cutover)",
+        tables.len(),
+        mode.as_str()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `verify`: a table per line for the operator, the whole report for a script; the exit
+/// status says whether the copies are equal.
+async fn verify(config: &Config, tenant: String, json: bool) -> anyhow::Result<ExitCode> {
+    let tenant = TenantId::new(tenant)?;
+    let report = switchyard::cutover::request::verify_tenant(config, &tenant).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for t in &report.tables {
+            println!(
+                "{:<40} {:>10} rows  {:>10} at target  {:>4} chunks  {}",
+                t.table,
+                t.source_rows,
+                t.target_rows,
+                t.chunks,
+                if t.ok() { "equal" } else { "DIFFERENT" }
+            );
+        }
+        println!("{} ({} ms)", report.summary(), report.millis);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `cleanup`: says what left the old location, so the operator knows what is gone.
+async fn cleanup(config: &Config, tenant: String) -> anyhow::Result<ExitCode> {
+    let tenant = TenantId::new(tenant)?;
+    let cleaned = switchyard::cutover::request::cleanup_tenant(config, &tenant).await?;
+    println!(
+        "tenant {tenant} removed from its old location: {} rows deleted, {} tables dropped{}",
+        cleaned.rows_deleted,
+        cleaned.tables_dropped.len(),
+        cleaned
+            .schema_dropped
+            .map(|s| format!(", schema {s} dropped"))
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status`: once, or redrawn every `watch` seconds until interrupted (the rates need
+/// more than one sample).
+async fn status(config: &Config, json: bool, watch: Option<u64>) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    use switchyard::registry::status;
+    let registry = Registry::new(config.registry_schema.clone())?;
+    let mut client = config.source.connect_sql().await?;
+    registry.install(&mut client).await?;
+    let tty = std::io::stdout().is_terminal();
+    let mut samples = status::Watch::default();
+    loop {
+        let redraw = tty && samples.has_sample();
+        let rows = samples.sample(&registry, &client).await?;
+        if json {
+            println!("{}", serde_json::to_string(&rows)?);
+        } else {
+            if redraw {
+                // Redraw in place on a terminal.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", status::render(rows, tty));
+        }
+        let Some(secs) = watch else {
+            break;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cancel`: says what the move left behind at the target and what it kept there, so the
+/// operator knows nothing of another tenant's went.
+async fn cancel(config: &Config, tenant: String) -> anyhow::Result<ExitCode> {
+    let tenant = TenantId::new(tenant)?;
+    let c = switchyard::cutover::request::cancel_tenant(config, &tenant).await?;
+    println!(
+        "move of tenant {tenant} cancelled; at the target: {} tables dropped, {} rows deleted{}{}",
+        c.tables_dropped.len(),
+        c.rows_deleted,
+        c.schema_dropped
+            .map(|s| format!(", schema {s} dropped"))
+            .unwrap_or_default(),
+        if c.tables_kept.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; kept (there before the move): {}",
+                c.tables_kept.join(", ")
+            )
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run`: the daemon, until a stop signal.
+async fn run_daemon(config: Config, create_slot: bool, standby: bool) -> anyhow::Result<ExitCode> {
+    // A stop is bounded in every state: the daemon may be waiting on a cluster that
+    // went away (a reconnect loop, a query on a silent link) where it does not look
+    // at the signal. Past `stop_timeout`, or at a second signal, it exits as a crash
+    // would, which every move resumes from exactly.
+    let stop_timeout = config.moves.stop_timeout;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(stop_on_signals(stop_tx, stop_timeout));
+    let shutdown = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    switchyard::daemon::run(
+        config,
+        switchyard::daemon::RunOptions {
+            create_slot,
+            standby,
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's stop: the first SIGINT or SIGTERM asks for it on `stop`; a second one, or
+/// `stop_timeout` without the daemon having stopped, exits the process (see `run_daemon`).
+async fn stop_on_signals(
+    stop: tokio::sync::watch::Sender<bool>,
+    stop_timeout: std::time::Duration,
+) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!(
+        timeout_ms = stop_timeout.as_millis() as u64,
+        "stopping: finishing in-flight work"
+    );
+    let _ = stop.send(true);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("a second stop request: exiting now");
+        }
+        _ = term.recv() => {
+            tracing::warn!("a second stop request: exiting now");
+        }
+        _ = tokio::time::sleep(stop_timeout) => {
+            tracing::error!(timeout_ms = stop_timeout.as_millis() as u64, "the stop did not finish in time (a cluster does not answer?): exiting; the next start resumes from what is durable");
+        }
+    }
+    std::process::exit(1);
 }
 
 async fn tail(config: Config, ack: bool, create: bool, from: Lsn) -> anyhow::Result<()> {

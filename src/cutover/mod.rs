@@ -464,6 +464,45 @@ async fn mark(
     Ok(())
 }
 
+/// The tenant's write pause, measured from the fence lock request: every abort inside it
+/// reports how long the tenant's writers waited.
+struct Pause {
+    t0: Instant,
+}
+
+impl Pause {
+    /// The pause begins with the lock request: from here on the tenant's writers may wait.
+    fn start() -> Pause {
+        Pause { t0: Instant::now() }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    /// The attempt ends at `step` without a cutover; the writers waited until now.
+    fn aborted(&self, step: Step, reason: String) -> Outcome {
+        Outcome::Aborted {
+            step,
+            reason,
+            pause: Some(self.t0.elapsed()),
+        }
+    }
+
+    /// A statement cut short by the budget is an abort at `step`; any other failure is an
+    /// error of the attempt.
+    fn over(&self, step: Step, e: ClusterError) -> Result<Outcome, Error> {
+        if over_budget(&e) {
+            Ok(self.aborted(
+                step,
+                format!("a statement did not finish within the pause budget: {e}"),
+            ))
+        } else {
+            Err(e.into())
+        }
+    }
+}
+
 /// The fenced part: everything from the lock request to the commit.
 async fn fenced(
     job: &Job,
@@ -485,14 +524,9 @@ async fn fenced(
         .transaction()
         .await
         .map_err(sql("starting the cutover"))?;
-    let t0 = Instant::now();
-    let aborted = |step, reason: String| Outcome::Aborted {
-        step,
-        reason,
-        pause: Some(t0.elapsed()),
-    };
+    let pause = Pause::start();
     if !fence::take(&tx, tenant, clock.lock_wait()).await? {
-        return Ok(aborted(
+        return Ok(pause.aborted(
             Step::Fence,
             format!(
                 "the tenant's open transactions did not end within {} ms",
@@ -500,60 +534,19 @@ async fn fenced(
             ),
         ));
     }
-    let lock_wait = t0.elapsed();
+    let lock_wait = pause.elapsed();
     crate::failpoint::hit("cutover.after_lock");
 
-    // Everything the tenant committed is now before this point in the WAL.
-    let (reply_tx, reply_rx) = oneshot::channel();
-    if pipeline
-        .send(CutoverMsg::Wait {
-            token: job.token,
-            tenant: tenant.clone(),
-            reply: reply_tx,
-        })
-        .is_err()
-    {
-        return Ok(aborted(Step::CatchUp, "the pipeline is stopping".into()));
+    if let Some(aborted) = catch_up(job, &tx, &flusher, pipeline, &clock, &pause).await? {
+        return Ok(aborted);
     }
-    // Bounded: a source that stops answering must not hold the attempt (the server ends
-    // the fence's session by itself, see `bound_by_server`).
-    match tokio::time::timeout(clock.budget, mark(&tx, &flusher, job.token)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Ok(aborted(
-                Step::CatchUp,
-                "the marker could not be written within the pause budget".into(),
-            ))
-        }
-    }
-    let Some(wait) = clock.catch_up(t0.elapsed()) else {
-        return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
-    };
-    match tokio::time::timeout(wait, reply_rx).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => {
-            return Ok(aborted(
-                Step::CatchUp,
-                "the pipeline dropped the wait".into(),
-            ))
-        }
-        Err(_) => {
-            return Ok(aborted(
-                Step::CatchUp,
-                format!(
-                    "the target did not catch up within the pause budget ({} ms)",
-                    cfg.cutover.pause_budget.as_millis()
-                ),
-            ))
-        }
-    }
-    let catch_up = t0.elapsed() - lock_wait;
+    let catch_up = pause.elapsed() - lock_wait;
     crate::failpoint::hit("cutover.after_catch_up");
     // What is left runs under a statement_timeout of the remaining budget on both sides:
     // a lock held by someone else (on the routes, a fence row, a target sequence) aborts
     // the attempt at its step instead of stretching the pause.
-    let Some(left) = clock.left(t0.elapsed()) else {
-        return Ok(aborted(
+    let Some(left) = clock.left(pause.elapsed()) else {
+        return Ok(pause.aborted(
             Step::Sequences,
             "the pause budget ran out after the catch-up".into(),
         ));
@@ -562,16 +555,6 @@ async fn fenced(
     tx.batch_execute(&format!("SET LOCAL {bound}"))
         .await
         .map_err(sql("bounding the cutover's statements"))?;
-    let over = |step: Step, e: ClusterError| -> Result<Outcome, Error> {
-        if over_budget(&e) {
-            Ok(aborted(
-                step,
-                format!("a statement did not finish within the pause budget: {e}"),
-            ))
-        } else {
-            Err(e.into())
-        }
-    };
     if cfg.cutover.rollback || !seqs.is_empty() {
         // The attempt's own session: the setting ends with it.
         target
@@ -591,7 +574,7 @@ async fn fenced(
             .await
         {
             Ok(row) => Some(row.get(0)),
-            Err(e) => return over(Step::Sequences, sql("reading the target's position")(e)),
+            Err(e) => return pause.over(Step::Sequences, sql("reading the target's position")(e)),
         }
     } else {
         None
@@ -600,16 +583,125 @@ async fn fenced(
 
     for (src, dst) in &seqs {
         if let Err(e) = carry_sequence(&tx, src, target, dst).await {
-            return over(Step::Sequences, e);
+            return pause.over(Step::Sequences, e);
         }
     }
-    if clock.left(t0.elapsed()).is_none() {
-        return Ok(aborted(
+    if clock.left(pause.elapsed()).is_none() {
+        return Ok(pause.aborted(
             Step::Sequences,
             "the pause budget ran out while setting sequences".into(),
         ));
     }
-    let route_version: i64 = match tx
+    let route_version = match flip_route(&tx, registry, job).await {
+        Ok(version) => version,
+        Err(e) => return pause.over(Step::Flip, e),
+    };
+    if let Err(e) = close_fence(&tx, job, route_version).await {
+        return pause.over(Step::Flip, e);
+    }
+    let pause_ms = pause.elapsed().as_secs_f64() * 1e3;
+    let cut_over = CutOverRow {
+        pause_ms,
+        reverse_slot,
+        reverse_from,
+    };
+    let n = match record_cut_over(&tx, registry, job, &cut_over).await {
+        Ok(n) => n,
+        Err(e) => return pause.over(Step::Flip, e),
+    };
+    if n != 1 {
+        return Err(CutoverError::Conflict(
+            "the move is no longer cutting_over".into(),
+        ));
+    }
+    if clock.left(pause.elapsed()).is_none() {
+        return Ok(pause.aborted(
+            Step::Flip,
+            "the pause budget ran out before the commit".into(),
+        ));
+    }
+    crate::failpoint::hit("cutover.before_commit");
+    if let Err(e) = tx.commit().await {
+        return pause.over(Step::Flip, sql("committing the cutover")(e));
+    }
+    crate::failpoint::hit("cutover.after_commit");
+    Ok(Outcome::CutOver {
+        pause: pause.elapsed(),
+        lock_wait,
+        catch_up,
+        route_version,
+    })
+}
+
+/// Inside the pause: waits until the pipeline read the marker written after the fence and
+/// the target holds every change of the tenant before it. `Some` ends the attempt.
+async fn catch_up(
+    job: &Job,
+    tx: &tokio_postgres::Transaction<'_>,
+    flusher: &Client,
+    pipeline: &mpsc::UnboundedSender<CutoverMsg>,
+    clock: &policy::Clock,
+    pause: &Pause,
+) -> Result<Option<Outcome>, Error> {
+    let cfg = &job.config;
+    // Everything the tenant committed is now before this point in the WAL.
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if pipeline
+        .send(CutoverMsg::Wait {
+            token: job.token,
+            tenant: job.mv.tenant.clone(),
+            reply: reply_tx,
+        })
+        .is_err()
+    {
+        return Ok(Some(
+            pause.aborted(Step::CatchUp, "the pipeline is stopping".into()),
+        ));
+    }
+    // Bounded: a source that stops answering must not hold the attempt (the server ends
+    // the fence's session by itself, see `bound_by_server`).
+    match tokio::time::timeout(clock.budget, mark(tx, flusher, job.token)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Ok(Some(pause.aborted(
+                Step::CatchUp,
+                "the marker could not be written within the pause budget".into(),
+            )))
+        }
+    }
+    let Some(wait) = clock.catch_up(pause.elapsed()) else {
+        return Ok(Some(
+            pause.aborted(Step::CatchUp, "no time left to catch up".into()),
+        ));
+    };
+    match tokio::time::timeout(wait, reply_rx).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {
+            return Ok(Some(
+                pause.aborted(Step::CatchUp, "the pipeline dropped the wait".into()),
+            ))
+        }
+        Err(_) => {
+            return Ok(Some(pause.aborted(
+                Step::CatchUp,
+                format!(
+                    "the target did not catch up within the pause budget ({} ms)",
+                    cfg.cutover.pause_budget.as_millis()
+                ),
+            )))
+        }
+    }
+    Ok(None)
+}
+
+/// The flip: the tenant's route names the target from the commit on. Returns the route's
+/// new version (the fence and the writers' refusals name it).
+async fn flip_route(
+    tx: &tokio_postgres::Transaction<'_>,
+    registry: &Registry,
+    job: &Job,
+) -> Result<i64, ClusterError> {
+    let row = tx
         .query_one(
             &format!(
                 "INSERT INTO {routes} AS r (tenant, location, schema_name) VALUES ($1, $2, $3) \
@@ -618,78 +710,78 @@ async fn fenced(
                  RETURNING version",
                 routes = registry.table("routes")
             ),
-            &[&tenant.as_str(), &job.mv.target.as_str(), &job.mv.target_schema],
-        )
-        .await
-    {
-        Ok(row) => row.get(0),
-        Err(e) => return over(Step::Flip, sql("flipping the route")(e)),
-    };
-    if let Err(e) = tx
-        .execute(
-            &format!(
-            "UPDATE {}.fences SET state = 'moved', location = $2, schema_name = $3, version = $4, \
-                    moved_at = now() WHERE tenant = $1",
-            quote_ident(&cfg.registry_schema)
-        ),
             &[
-                &tenant.as_str(),
+                &job.mv.tenant.as_str(),
                 &job.mv.target.as_str(),
                 &job.mv.target_schema,
-                &route_version,
             ],
         )
         .await
-    {
-        return over(Step::Flip, sql("closing the write fence")(e));
-    }
-    let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let n = match tx
-        .execute(
-            &format!(
-                "UPDATE {} SET state = 'cut_over', last_error = NULL, pause_ms = $2, \
-                        cutover_attempts = $3, cut_over_at = now(), \
-                        cleanup_after = now() + make_interval(secs => $4), updated_at = now(), \
-                        reverse_slot = $5, reverse_from = $6 \
-                  WHERE id = $1 AND state = 'cutting_over'",
-                registry.table("moves")
-            ),
-            &[
-                &job.mv.id,
-                &pause_ms,
-                &job.attempt,
-                &cfg.cutover.retention.as_secs_f64(),
-                &reverse_slot,
-                &reverse_from,
-            ],
-        )
-        .await
-    {
-        Ok(n) => n,
-        Err(e) => return over(Step::Flip, sql("recording the cutover")(e)),
-    };
-    if n != 1 {
-        return Err(CutoverError::Conflict(
-            "the move is no longer cutting_over".into(),
-        ));
-    }
-    if clock.left(t0.elapsed()).is_none() {
-        return Ok(aborted(
-            Step::Flip,
-            "the pause budget ran out before the commit".into(),
-        ));
-    }
-    crate::failpoint::hit("cutover.before_commit");
-    if let Err(e) = tx.commit().await {
-        return over(Step::Flip, sql("committing the cutover")(e));
-    }
-    crate::failpoint::hit("cutover.after_commit");
-    Ok(Outcome::CutOver {
-        pause: t0.elapsed(),
-        lock_wait,
-        catch_up,
-        route_version,
-    })
+        .map_err(ClusterError::sql("flipping the route"))?;
+    Ok(row.get(0))
+}
+
+/// The fence turns to `moved` in the flip's transaction: from the commit on, writers at the
+/// source are refused and told where the tenant went.
+async fn close_fence(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: &Job,
+    route_version: i64,
+) -> Result<u64, ClusterError> {
+    tx.execute(
+        &format!(
+            "UPDATE {}.fences SET state = 'moved', location = $2, schema_name = $3, version = $4, \
+                    moved_at = now() WHERE tenant = $1",
+            quote_ident(&job.config.registry_schema)
+        ),
+        &[
+            &job.mv.tenant.as_str(),
+            &job.mv.target.as_str(),
+            &job.mv.target_schema,
+            &route_version,
+        ],
+    )
+    .await
+    .map_err(ClusterError::sql("closing the write fence"))
+}
+
+/// What the move's row records of a cutover besides its state.
+struct CutOverRow {
+    pause_ms: f64,
+    /// The reverse stream's slot and the target position it starts after (when rollback
+    /// is on).
+    reverse_slot: Option<String>,
+    reverse_from: Option<String>,
+}
+
+/// The move becomes `cut_over` in the flip's transaction, only if it is still cutting over.
+/// Returns the rows updated (1, or 0 when the move changed meanwhile).
+async fn record_cut_over(
+    tx: &tokio_postgres::Transaction<'_>,
+    registry: &Registry,
+    job: &Job,
+    row: &CutOverRow,
+) -> Result<u64, ClusterError> {
+    tx.execute(
+        &format!(
+            "UPDATE {} SET state = 'cut_over', last_error = NULL, pause_ms = $2, \
+                    cutover_attempts = $3, cut_over_at = now(), \
+                    cleanup_after = now() + make_interval(secs => $4), updated_at = now(), \
+                    reverse_slot = $5, reverse_from = $6 \
+              WHERE id = $1 AND state = 'cutting_over'",
+            registry.table("moves")
+        ),
+        &[
+            &job.mv.id,
+            &row.pause_ms,
+            &job.attempt,
+            &job.config.cutover.retention.as_secs_f64(),
+            &row.reverse_slot,
+            &row.reverse_from,
+        ],
+    )
+    .await
+    .map_err(ClusterError::sql("recording the cutover"))
 }
 
 /// Writes the attempt into the registry; an aborted attempt returns the move to streaming.

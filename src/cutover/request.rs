@@ -11,13 +11,16 @@
 //!   only the tenant's rows are dropped, others lose the tenant's rows; the target schema
 //!   goes if it is left empty).
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::cleanup::{self, Cleaned};
 use super::CutoverError as Error;
 use super::FencedTable;
+use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::registry::{Attempt, Move, MoveState, Registry, RegistryError};
+use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::TenantId;
 use crate::verify::{self, VerifyOptions, VerifyReport};
 
@@ -157,6 +160,9 @@ pub async fn cancel_tenant(config: &Config, tenant: &TenantId) -> Result<Cancell
     }
 }
 
+/// One attempt at removing what the move wrote at the target: the tables and rows in one
+/// transaction (under a short lock_timeout, so the caller can retry while an apply batch
+/// still holds them), then the target schema if that left it empty.
 async fn remove_target(
     target: &mut tokio_postgres::Client,
     config: &Config,
@@ -164,8 +170,6 @@ async fn remove_target(
     mv: &Move,
     tables: &[FencedTable],
 ) -> Result<Cancelled, Error> {
-    use crate::cluster::ClusterError;
-    use crate::sql::quote_ident;
     let mut out = Cancelled::default();
     let tx = target
         .transaction()
@@ -177,107 +181,11 @@ async fn remove_target(
     // Only what the move created is dropped; a table that was there before loses only rows
     // the move wrote (the tenant's rows of a shared table, once the move wrote anything).
     let ledger = crate::provision::Ledger::table(&config.registry_schema);
-    let progress = crate::apply::progress::progress_table(&config.registry_schema);
-    let exists = |name: String| {
-        let tx = &tx;
-        async move {
-            tx.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&name])
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .map_err(ClusterError::sql(
-                    "looking for switchyard's tables at the target",
-                ))
-        }
-    };
-    let mut created = std::collections::BTreeSet::new();
-    if exists(ledger.clone()).await? {
-        created = tx
-            .query(
-                &format!("SELECT relation FROM {ledger} WHERE tenant = $1"),
-                &[&tenant.as_str()],
-            )
-            .await
-            .map_err(ClusterError::sql("reading which tables the move created"))?
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect();
-    }
-    let wrote = exists(progress.clone()).await?
-        && tx
-            .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM {progress} WHERE tenant = $1)"),
-                &[&tenant.as_str()],
-            )
-            .await
-            .map_err(ClusterError::sql(
-                "reading whether the move wrote at the target",
-            ))?
-            .get::<_, bool>(0);
+    let written = Written::read(&tx, config, tenant, &ledger).await?;
     let mut drop = Vec::new();
     for t in tables {
-        let exists: bool = tx
-            .query_one(
-                "SELECT to_regclass($1::text) IS NOT NULL",
-                &[&t.target.quoted()],
-            )
-            .await
-            .map_err(ClusterError::sql("looking for a target table"))?
-            .get(0);
-        if !exists {
-            continue;
-        }
-        let shared_with_others = match &t.chunk.tenant {
-            Some((col, ty)) => tx
-                .query_one(
-                    &format!(
-                        "SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS DISTINCT FROM CAST($1::text AS {ty}))",
-                        t.target.quoted(),
-                        quote_ident(col)
-                    ),
-                    &[&tenant.as_str()],
-                )
-                .await
-                .map_err(ClusterError::sql("looking for other tenants' rows"))?
-                .get(0),
-            None => false,
-        };
-        let ours = created.contains(&t.target.quoted());
-        match &t.chunk.tenant {
-            // Created by the move and holding only the tenant's rows: it goes.
-            _ if ours && !shared_with_others => drop.push(t.target.clone()),
-            // A shared table (created by the move and since shared, or there before): only
-            // the tenant's rows go, and only if the move wrote any.
-            Some((col, ty)) if ours || wrote => {
-                out.rows_deleted += tx
-                    .execute(
-                        &format!(
-                            "DELETE FROM {} WHERE {} = CAST($1::text AS {ty})",
-                            t.target.quoted(),
-                            quote_ident(col)
-                        ),
-                        &[&tenant.as_str()],
-                    )
-                    .await
-                    .map_err(ClusterError::sql(format!(
-                        "removing the tenant's rows from {}",
-                        t.target
-                    )))? as i64;
-            }
-            // A whole table that was there before, empty (the move refuses a table that
-            // holds rows) and then written by the move: its rows go, the table stays.
-            None if wrote => {
-                out.rows_deleted += tx
-                    .execute(&format!("DELETE FROM {}", t.target.quoted()), &[])
-                    .await
-                    .map_err(ClusterError::sql(format!(
-                        "removing the tenant's rows from {}",
-                        t.target
-                    )))? as i64;
-                out.tables_kept.push(t.target.to_string());
-            }
-            // There before the move, and nothing of it the move's to remove (a whole table
-            // of another tenant, or a shared table the move never wrote to).
-            _ => out.tables_kept.push(t.target.to_string()),
+        if let Some(t) = remove_table(&tx, tenant, t, &written, &mut out).await? {
+            drop.push(t);
         }
     }
     if !drop.is_empty() {
@@ -289,7 +197,7 @@ async fn remove_target(
         out.tables_dropped = drop.iter().map(|t| t.to_string()).collect();
     }
     crate::apply::progress::forget_progress(&tx, &config.registry_schema, tenant).await?;
-    if !created.is_empty() {
+    if !written.created.is_empty() {
         tx.execute(
             &format!("DELETE FROM {ledger} WHERE tenant = $1"),
             &[&tenant.as_str()],
@@ -312,6 +220,142 @@ async fn remove_target(
         }
     }
     Ok(out)
+}
+
+/// What the move left at the target, as the target's own records say: which tables it
+/// created (the provisioning ledger) and whether it wrote rows at all (its progress row).
+struct Written {
+    /// Quoted names of the target tables the move created.
+    created: BTreeSet<String>,
+    wrote: bool,
+}
+
+impl Written {
+    /// Reads both records inside the removal's transaction; a target where switchyard
+    /// never created them has neither.
+    async fn read(
+        tx: &tokio_postgres::Transaction<'_>,
+        config: &Config,
+        tenant: &TenantId,
+        ledger: &str,
+    ) -> Result<Written, ClusterError> {
+        let progress = crate::apply::progress::progress_table(&config.registry_schema);
+        let mut created = BTreeSet::new();
+        if switchyard_table_exists(tx, ledger.to_owned()).await? {
+            created = tx
+                .query(
+                    &format!("SELECT relation FROM {ledger} WHERE tenant = $1"),
+                    &[&tenant.as_str()],
+                )
+                .await
+                .map_err(ClusterError::sql("reading which tables the move created"))?
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect();
+        }
+        let wrote = switchyard_table_exists(tx, progress.clone()).await?
+            && tx
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {progress} WHERE tenant = $1)"),
+                    &[&tenant.as_str()],
+                )
+                .await
+                .map_err(ClusterError::sql(
+                    "reading whether the move wrote at the target",
+                ))?
+                .get::<_, bool>(0);
+        Ok(Written { created, wrote })
+    }
+}
+
+/// Whether one of switchyard's own tables (`name`, quoted) exists at the target.
+async fn switchyard_table_exists(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: String,
+) -> Result<bool, ClusterError> {
+    tx.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&name])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .map_err(ClusterError::sql(
+            "looking for switchyard's tables at the target",
+        ))
+}
+
+/// Removes what the move wrote into one target table, noting it in `out`. Returns the
+/// table when it is to be dropped whole (all at once, by the caller).
+async fn remove_table(
+    tx: &tokio_postgres::Transaction<'_>,
+    tenant: &TenantId,
+    t: &FencedTable,
+    written: &Written,
+    out: &mut Cancelled,
+) -> Result<Option<QualifiedName>, ClusterError> {
+    let exists: bool = tx
+        .query_one(
+            "SELECT to_regclass($1::text) IS NOT NULL",
+            &[&t.target.quoted()],
+        )
+        .await
+        .map_err(ClusterError::sql("looking for a target table"))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let shared_with_others = match &t.chunk.tenant {
+        Some((col, ty)) => tx
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS DISTINCT FROM CAST($1::text AS {ty}))",
+                    t.target.quoted(),
+                    quote_ident(col)
+                ),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(ClusterError::sql("looking for other tenants' rows"))?
+            .get(0),
+        None => false,
+    };
+    let ours = written.created.contains(&t.target.quoted());
+    let wrote = written.wrote;
+    match &t.chunk.tenant {
+        // Created by the move and holding only the tenant's rows: it goes.
+        _ if ours && !shared_with_others => return Ok(Some(t.target.clone())),
+        // A shared table (created by the move and since shared, or there before): only
+        // the tenant's rows go, and only if the move wrote any.
+        Some((col, ty)) if ours || wrote => {
+            out.rows_deleted += tx
+                .execute(
+                    &format!(
+                        "DELETE FROM {} WHERE {} = CAST($1::text AS {ty})",
+                        t.target.quoted(),
+                        quote_ident(col)
+                    ),
+                    &[&tenant.as_str()],
+                )
+                .await
+                .map_err(ClusterError::sql(format!(
+                    "removing the tenant's rows from {}",
+                    t.target
+                )))? as i64;
+        }
+        // A whole table that was there before, empty (the move refuses a table that
+        // holds rows) and then written by the move: its rows go, the table stays.
+        None if wrote => {
+            out.rows_deleted += tx
+                .execute(&format!("DELETE FROM {}", t.target.quoted()), &[])
+                .await
+                .map_err(ClusterError::sql(format!(
+                    "removing the tenant's rows from {}",
+                    t.target
+                )))? as i64;
+            out.tables_kept.push(t.target.to_string());
+        }
+        // There before the move, and nothing of it the move's to remove (a whole table
+        // of another tenant, or a shared table the move never wrote to).
+        _ => out.tables_kept.push(t.target.to_string()),
+    }
+    Ok(None)
 }
 
 /// Removes the tenant from its old location (see [`cleanup`]) and marks the move cleaned.

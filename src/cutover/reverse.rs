@@ -31,7 +31,7 @@ use tokio_postgres::Client;
 
 use super::fence::{self, TenantOf};
 use super::CutoverError as Error;
-use super::{policy, FencedTable, Outcome, Step, MARKER_PREFIX};
+use super::{policy, FencedTable, Outcome, Pause, Step, MARKER_PREFIX};
 use crate::apply::writer::{OwnedRowOp, RowChange, SourceTxn, TargetWriter, Work};
 use crate::cluster::ClusterError;
 use crate::config::{Config, TenancyMode};
@@ -244,6 +244,47 @@ pub(crate) async fn run(
     mut stop: oneshot::Receiver<()>,
 ) -> Result<(), Error> {
     let endpoint = crate::layout::target_endpoint(&config, &rev.target)?.clone();
+    let (mut writer, skip_through) = source_writer(&config, &rev).await?;
+    let mut stream = reverse_stream(&config, &rev, endpoint).await?;
+    let router = schema_router(&config, &rev)?;
+    let mut apply = ReverseApply {
+        rev: &rev,
+        skip_through,
+        router,
+        relations: RelationCache::new(),
+        works: Vec::new(),
+        in_txn: false,
+        pending: Vec::new(),
+    };
+    tracing::info!(tenant = %rev.tenant, from = %skip_through, "reverse replication running");
+    let result = loop {
+        let ev = tokio::select! {
+            _ = &mut stop => break Ok(()),
+            Some(w) = waits.recv() => { apply.pending.push(w); continue; }
+            ev = stream.recv() => ev,
+        };
+        let message = match ev {
+            Ok(Some(SourceEvent::Message(r))) => r.message,
+            Ok(Some(SourceEvent::Restarted { .. })) => {
+                apply.works.clear();
+                apply.in_txn = false;
+                continue;
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(Error::from(e)),
+        };
+        if let Err(e) = apply.message(&message, &mut writer, &stream).await {
+            break Err(e);
+        }
+    };
+    stream.shutdown().await;
+    result
+}
+
+/// The source's end of the reverse apply: a session whose writes of this tenant pass the
+/// source's fence, and the position through which the target's changes are at the source
+/// already (applied before a restart, or the move's own writes before the cutover).
+async fn source_writer(config: &Config, rev: &Reverse) -> Result<(TargetWriter, Lsn), Error> {
     let source = config.source.connect_sql().await?;
     // Only this tenant's writes pass the source's fence, and only on this session.
     source
@@ -266,22 +307,34 @@ pub(crate) async fn run(
         .get(&rev.tenant)
         .copied()
         .unwrap_or(Lsn::INVALID);
-    let skip_through = applied.max(rev.from);
+    Ok((writer, applied.max(rev.from)))
+}
+
+/// The target's changes from the move's reverse slot and publication (prepared at the
+/// cutover), confirmed as the source commits them.
+async fn reverse_stream(
+    config: &Config,
+    rev: &Reverse,
+    endpoint: crate::cluster::Endpoint,
+) -> Result<ReplicationStream, Error> {
     let name = slot_name(rev.move_id);
     let mut replication = config.replication.clone();
     replication.slot = name.clone();
     replication.publication = name;
     replication.tables = Vec::new();
     replication.streaming = false;
-    let mut stream = ReplicationStream::start(StreamSettings {
+    Ok(ReplicationStream::start(StreamSettings {
         endpoint,
         replication,
         ack: true,
         start: Lsn::INVALID,
         ceiling: None,
     })
-    .await?;
-    // Every table at the target is the tenant's: route by the target schema.
+    .await?)
+}
+
+/// Every table at the target is the tenant's: route by the target schema.
+fn schema_router(config: &Config, rev: &Reverse) -> Result<Router, Error> {
     let mut router = Router::new(crate::config::Tenancy {
         mode: TenancyMode::Schema,
         ..config.tenancy.clone()
@@ -299,85 +352,68 @@ pub(crate) async fn run(
             schema: rev.target_schema.clone(),
         },
     );
-    let mut relations = RelationCache::new();
-    let mut works: Vec<Work> = Vec::new();
-    let mut in_txn = false;
-    let mut pending: Vec<MarkerWait> = Vec::new();
-    tracing::info!(tenant = %rev.tenant, from = %skip_through, "reverse replication running");
-    let result = loop {
-        let ev = tokio::select! {
-            _ = &mut stop => break Ok(()),
-            Some(w) = waits.recv() => { pending.push(w); continue; }
-            ev = stream.recv() => ev,
-        };
-        let message = match ev {
-            Ok(Some(SourceEvent::Message(r))) => r.message,
-            Ok(Some(SourceEvent::Restarted { .. })) => {
-                works.clear();
-                in_txn = false;
-                continue;
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(Error::from(e)),
-        };
-        match &message {
+    Ok(router)
+}
+
+/// The reverse apply between two messages of the stream: the target transaction being
+/// gathered, and the rollbacks waiting for their marker.
+struct ReverseApply<'a> {
+    rev: &'a Reverse,
+    /// Transactions ending at or before it are at the source already.
+    skip_through: Lsn,
+    router: Router,
+    relations: RelationCache,
+    works: Vec<Work>,
+    in_txn: bool,
+    pending: Vec<MarkerWait>,
+}
+
+impl ReverseApply<'_> {
+    /// One decoded message: rows are gathered per transaction and written to the source
+    /// at its commit; a marker between transactions answers the rollback waiting for it.
+    async fn message(
+        &mut self,
+        message: &Message,
+        writer: &mut TargetWriter,
+        stream: &ReplicationStream,
+    ) -> Result<(), Error> {
+        match message {
             Message::Begin(_) => {
-                works.clear();
-                in_txn = true;
+                self.works.clear();
+                self.in_txn = true;
             }
             Message::Relation(rel) => {
-                relations.apply(rel.clone());
+                self.relations.apply(rel.clone());
             }
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
-                let routed = match router.message(&relations, &message) {
-                    Ok(r) => r,
-                    Err(e) => break Err(Error::Route(e)),
-                };
-                for (rel, ops) in routed {
-                    let from = QualifiedName {
-                        schema: rel.namespace.clone(),
-                        name: rel.name.clone(),
-                    };
-                    let Some(t) = rev.tables.iter().find(|t| t.target == from) else {
-                        continue;
-                    };
-                    let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
-                    for op in ops {
-                        works.push(Work::Row(RowChange::new(
-                            t.chunk.source.clone(),
-                            identity.clone(),
-                            t.chunk.tenant.as_ref().map(|c| c.0.clone()),
-                            OwnedRowOp::from_op(&op.op),
-                        )));
-                    }
-                }
+                self.rows(message)?;
             }
             Message::Commit(c) => {
-                in_txn = false;
+                self.in_txn = false;
                 let end = c.end();
-                if end.lsn() > skip_through && !works.is_empty() {
+                if end.lsn() > self.skip_through && !self.works.is_empty() {
                     let txn = SourceTxn {
                         end,
-                        parts: vec![(rev.tenant.clone(), std::mem::take(&mut works))],
+                        parts: vec![(self.rev.tenant.clone(), std::mem::take(&mut self.works))],
                         states: Vec::new(),
                     };
                     if let Err(e) = writer.commit(std::slice::from_ref(&txn)).await {
-                        break Err(Error::Apply(e));
+                        return Err(Error::Apply(e));
                     }
                 }
-                works.clear();
+                self.works.clear();
                 stream.mark_applied(end);
             }
-            Message::Message(m) if m.prefix == MARKER_PREFIX && !in_txn => {
+            Message::Message(m) if m.prefix == MARKER_PREFIX && !self.in_txn => {
                 // Everything before the marker is applied (commits are applied in order,
                 // before the next message is read).
                 let token: Option<u64> = std::str::from_utf8(&m.content)
                     .ok()
                     .and_then(|t| t.parse().ok());
                 let mut i = 0;
-                while i < pending.len() {
-                    if Some(pending[i].token) == token {
-                        let w = pending.swap_remove(i);
+                while i < self.pending.len() {
+                    if Some(self.pending[i].token) == token {
+                        let w = self.pending.swap_remove(i);
                         let _ = w.reply.send(());
                     } else {
                         i += 1;
@@ -386,9 +422,36 @@ pub(crate) async fn run(
             }
             _ => {}
         }
-    };
-    stream.shutdown().await;
-    result
+        Ok(())
+    }
+
+    /// A row change at the target becomes the same change of the source table it was
+    /// moved from (tables the move does not know are skipped).
+    fn rows(&mut self, message: &Message) -> Result<(), Error> {
+        let routed = match self.router.message(&self.relations, message) {
+            Ok(r) => r,
+            Err(e) => return Err(Error::Route(e)),
+        };
+        for (rel, ops) in routed {
+            let from = QualifiedName {
+                schema: rel.namespace.clone(),
+                name: rel.name.clone(),
+            };
+            let Some(t) = self.rev.tables.iter().find(|t| t.target == from) else {
+                continue;
+            };
+            let identity: Vec<bool> = rel.columns.iter().map(|c| c.is_key()).collect();
+            for op in ops {
+                self.works.push(Work::Row(RowChange::new(
+                    t.chunk.source.clone(),
+                    identity.clone(),
+                    t.chunk.tenant.as_ref().map(|c| c.0.clone()),
+                    OwnedRowOp::from_op(&op.op),
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Everything a rollback attempt needs.
@@ -425,19 +488,50 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         .transaction()
         .await
         .map_err(sql("starting the rollback"))?;
-    let t0 = Instant::now();
-    let aborted = |step, reason: String| Outcome::Aborted {
-        step,
-        reason,
-        pause: Some(t0.elapsed()),
-    };
+    let pause = Pause::start();
     if !fence::take(&tx, &key, clock.lock_wait()).await? {
-        return Ok(aborted(
+        return Ok(pause.aborted(
             Step::Fence,
             "the tenant's open transactions at the target did not end in time".into(),
         ));
     }
-    let lock_wait = t0.elapsed();
+    let lock_wait = pause.elapsed();
+    if let Some(aborted) = catch_up(job, &tx, &flusher, &clock, &pause).await? {
+        return Ok(aborted);
+    }
+    let catch_up = pause.elapsed() - lock_wait;
+    for (src, dst) in &seqs {
+        super::carry_sequence(&tx, dst, &source, src).await?;
+    }
+    close_target_fence(&tx, &source, &registry, job, &key, &home).await?;
+    if clock.left(pause.elapsed()).is_none() {
+        return Ok(pause.aborted(
+            Step::Flip,
+            "the pause budget ran out before the commit".into(),
+        ));
+    }
+    tx.commit()
+        .await
+        .map_err(sql("committing the target's fence"))?;
+    // From here the target refuses the tenant: the route must come back to the source.
+    let route_version = flip_back(&mut source, &registry, job, &home).await?;
+    Ok(Outcome::CutOver {
+        pause: pause.elapsed(),
+        lock_wait,
+        catch_up,
+        route_version,
+    })
+}
+
+/// Inside the pause: waits until the reverse stream applied, at the source, everything
+/// the tenant committed at the target before the marker. `Some` ends the attempt.
+async fn catch_up(
+    job: &RollbackJob,
+    tx: &tokio_postgres::Transaction<'_>,
+    flusher: &Client,
+    clock: &policy::Clock,
+    pause: &Pause,
+) -> Result<Option<Outcome>, Error> {
     let (reply, answered) = oneshot::channel();
     if job
         .reverse
@@ -447,38 +541,50 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         })
         .is_err()
     {
-        return Ok(aborted(
+        return Ok(Some(pause.aborted(
             Step::CatchUp,
             "reverse replication is not running".into(),
-        ));
+        )));
     }
     // Bounded: a source that stops answering must not hold the attempt (the server ends
     // the fence's session by itself, see `bound_by_server`).
-    match tokio::time::timeout(clock.budget, super::mark(&tx, &flusher, job.token)).await {
+    match tokio::time::timeout(clock.budget, super::mark(tx, flusher, job.token)).await {
         Ok(r) => r?,
         Err(_) => {
-            return Ok(aborted(
+            return Ok(Some(pause.aborted(
                 Step::CatchUp,
                 "the marker could not be written within the pause budget".into(),
-            ))
+            )))
         }
     }
-    let Some(wait) = clock.catch_up(t0.elapsed()) else {
-        return Ok(aborted(Step::CatchUp, "no time left to catch up".into()));
+    let Some(wait) = clock.catch_up(pause.elapsed()) else {
+        return Ok(Some(
+            pause.aborted(Step::CatchUp, "no time left to catch up".into()),
+        ));
     };
     match tokio::time::timeout(wait, answered).await {
         Ok(Ok(())) => {}
         _ => {
-            return Ok(aborted(
+            return Ok(Some(pause.aborted(
                 Step::CatchUp,
                 "the source did not catch up with the target within the pause budget".into(),
-            ))
+            )))
         }
     }
-    let catch_up = t0.elapsed() - lock_wait;
-    for (src, dst) in &seqs {
-        super::carry_sequence(&tx, dst, &source, src).await?;
-    }
+    Ok(None)
+}
+
+/// The target's fence (`key`) turns to `moved`, pointing home, in the fence's transaction:
+/// from its commit on the target refuses the tenant, before the route says "source".
+async fn close_target_fence(
+    tx: &tokio_postgres::Transaction<'_>,
+    source: &Client,
+    registry: &Registry,
+    job: &RollbackJob,
+    key: &TenantId,
+    home: &str,
+) -> Result<(), ClusterError> {
+    let sql = |ctx: &'static str| ClusterError::sql(ctx);
     // The version the route flip below will give the route, for the refusal's message.
     let next_version: i64 = source
         .query_one(
@@ -486,7 +592,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
                 "SELECT coalesce(max(version), 0) + 1 FROM {} WHERE tenant = $1",
                 registry.table("routes")
             ),
-            &[&tenant.as_str()],
+            &[&job.mv.tenant.as_str()],
         )
         .await
         .map_err(sql("reading the route's version"))?
@@ -495,22 +601,25 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         &format!(
             "UPDATE {}.fences SET state = 'moved', location = 'source', schema_name = $2, \
                     version = $3, moved_at = now() WHERE tenant = $1",
-            quote_ident(&cfg.registry_schema)
+            quote_ident(&job.config.registry_schema)
         ),
         &[&key.as_str(), &home, &next_version],
     )
     .await
     .map_err(sql("closing the fence at the target"))?;
-    if clock.left(t0.elapsed()).is_none() {
-        return Ok(aborted(
-            Step::Flip,
-            "the pause budget ran out before the commit".into(),
-        ));
-    }
-    tx.commit()
-        .await
-        .map_err(sql("committing the target's fence"))?;
-    // From here the target refuses the tenant: the route must come back to the source.
+    Ok(())
+}
+
+/// The source's half, in one transaction: the route back home, the source's fence lifted,
+/// the move `rolled_back`. Returns the route's new version.
+async fn flip_back(
+    source: &mut Client,
+    registry: &Registry,
+    job: &RollbackJob,
+    home: &str,
+) -> Result<i64, ClusterError> {
+    let sql = |ctx: &'static str| ClusterError::sql(ctx);
+    let tenant = &job.mv.tenant;
     let stx = source
         .transaction()
         .await
@@ -530,7 +639,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     stx.execute(
         &format!(
             "DELETE FROM {}.fences WHERE tenant = $1",
-            quote_ident(&cfg.registry_schema)
+            quote_ident(&job.config.registry_schema)
         ),
         &[&tenant.as_str()],
     )
@@ -549,12 +658,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     stx.commit()
         .await
         .map_err(sql("committing the route flip back"))?;
-    Ok(Outcome::CutOver {
-        pause: t0.elapsed(),
-        lock_wait,
-        catch_up,
-        route_version,
-    })
+    Ok(route_version)
 }
 
 #[cfg(test)]

@@ -15,18 +15,18 @@ use tokio_postgres::Client;
 
 use super::error::MoveError;
 use super::moving::{Tenant, TenantRecord};
+use crate::backfill::table::{CopyState, TableMove};
 use crate::apply::progress::{
     ensure_progress_table, forget_progress, read_resume_progress, Progress,
 };
 use crate::backfill::chunk::ChunkTable;
-use crate::backfill::table::{CopyState, TableMove};
 use crate::checkpoint::SlotGap;
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::daemon::Error;
 use crate::layout::{layouts, placement, tenant_tables, warn_unordered};
 use crate::lsn::Lsn;
-use crate::provision::{self, TableDef};
+use crate::provision::{self, Placement, TableDef};
 use crate::registry::Move;
 use crate::route::Destination;
 use crate::sql::{quote_ident, QualifiedName};
@@ -148,16 +148,7 @@ pub(crate) async fn prepare(
     );
     let ((source, defs, chunks), (mut target, progress)) = (source_half?, target_half?);
     let placement = placement(config, mv, &defs);
-    let plan = provision::plan(&defs, &placement)?;
-    for w in &plan.warnings {
-        tracing::warn!(tenant = %mv.tenant, warning = %w, "provisioning");
-    }
-    let ledger = provision::Ledger {
-        schema: &config.registry_schema,
-        tenant: mv.tenant.as_str(),
-    };
-    let created = provision::apply(&mut target, &plan, Some(&ledger)).await?;
-    tracing::info!(tenant = %mv.tenant, target = %mv.target, created, "target provisioned");
+    provision_target(config, mv, &defs, &placement, &mut target).await?;
     // Where a slow restart's time went (its tenants are set up before their changes apply).
     tracing::debug!(
         tenant = %mv.tenant,
@@ -168,16 +159,7 @@ pub(crate) async fn prepare(
     );
     crate::failpoint::hit("setup.after_provision");
 
-    let mut tables = BTreeMap::new();
-    let mut scoped = Vec::new();
-    for (def, chunk) in defs.iter().zip(chunks) {
-        let target_name = placement.tables[&def.name].clone();
-        scoped.push((
-            target_name.clone(),
-            chunk.tenant.as_ref().map(|t| t.0.clone()),
-        ));
-        tables.insert(def.name.clone(), TableMove::new(chunk, target_name));
-    }
+    let (tables, scoped) = table_moves(&defs, chunks, &placement);
 
     let ours = remembered
         .record
@@ -218,16 +200,7 @@ pub(crate) async fn prepare(
             }
             .into());
         }
-        (true, Some(p)) => {
-            let state = match &p.state {
-                Some(text) => Some(CopyState::parse(text).map_err(MoveError::BadState)?),
-                None => None,
-            };
-            tenant.skip_before = p.lsn;
-            tenant.applied = p.lsn;
-            tenant.restore(state, p.lsn);
-            tracing::info!(tenant = %mv.tenant, applied = %p.lsn, "resuming the move");
-        }
+        (true, Some(p)) => resume(&mut tenant, mv, p)?,
         (true, None) if remembered.applied.is_valid() => {
             return Err(MoveError::LostProgress {
                 target: mv.target.to_string(),
@@ -239,29 +212,7 @@ pub(crate) async fn prepare(
             tracing::info!(tenant = %mv.tenant, "an earlier attempt left rows on the target; starting over");
             reset(&mut target, &config.registry_schema, &mv.tenant, &scoped).await?;
         }
-        (_, None) => {
-            for (t, tenant_col) in &scoped {
-                let sql = match tenant_col {
-                    Some(col) => format!(
-                        "SELECT EXISTS (SELECT 1 FROM {} WHERE {}::text = $1)",
-                        t.quoted(),
-                        quote_ident(col)
-                    ),
-                    None => format!(
-                        "SELECT EXISTS (SELECT 1 FROM {} WHERE $1::text IS NOT NULL)",
-                        t.quoted()
-                    ),
-                };
-                let busy: bool = target
-                    .query_one(&sql, &[&mv.tenant.as_str()])
-                    .await
-                    .map_err(ClusterError::sql(format!("checking that {t} is empty")))?
-                    .get(0);
-                if busy {
-                    return Err(MoveError::TargetNotEmpty { table: t.quoted() }.into());
-                }
-            }
-        }
+        (_, None) => check_target_empty(&target, mv, &scoped).await?,
     }
 
     // A resumed tenant whose copy is done keeps the total it reported: counting a big
@@ -276,6 +227,102 @@ pub(crate) async fn prepare(
             warn_unordered(config, &source, &t.chunk, &mv.tenant).await;
         }
     }
+    tenant.rows_total = Some(count_rows(&source, &tenant, mv).await?);
+    Ok(tenant)
+}
+
+/// Creates at the target what it lacks of the tenant's tables, noting in the ledger what
+/// it created (cancel removes only that).
+async fn provision_target(
+    config: &Config,
+    mv: &Move,
+    defs: &[TableDef],
+    placement: &Placement,
+    target: &mut Client,
+) -> Result<(), Error> {
+    let plan = provision::plan(defs, placement)?;
+    for w in &plan.warnings {
+        tracing::warn!(tenant = %mv.tenant, warning = %w, "provisioning");
+    }
+    let ledger = provision::Ledger {
+        schema: &config.registry_schema,
+        tenant: mv.tenant.as_str(),
+    };
+    let created = provision::apply(target, &plan, Some(&ledger)).await?;
+    tracing::info!(tenant = %mv.tenant, target = %mv.target, created, "target provisioned");
+    Ok(())
+}
+
+/// Each target table with the tenant column that scopes the tenant's rows in it (`None`:
+/// the whole table is the tenant's).
+type Scoped = Vec<(QualifiedName, Option<String>)>;
+
+/// The tenant's tables as the move follows them (by source name), and where their rows go
+/// at the target, for the reset and the emptiness check.
+fn table_moves(
+    defs: &[TableDef],
+    chunks: Vec<ChunkTable>,
+    placement: &Placement,
+) -> (BTreeMap<QualifiedName, TableMove>, Scoped) {
+    let mut tables = BTreeMap::new();
+    let mut scoped = Vec::new();
+    for (def, chunk) in defs.iter().zip(chunks) {
+        let target_name = placement.tables[&def.name].clone();
+        scoped.push((
+            target_name.clone(),
+            chunk.tenant.as_ref().map(|t| t.0.clone()),
+        ));
+        tables.insert(def.name.clone(), TableMove::new(chunk, target_name));
+    }
+    (tables, scoped)
+}
+
+/// A resumed move takes up where the target's progress row `p` says it stands.
+fn resume(tenant: &mut Tenant, mv: &Move, p: Progress) -> Result<(), Error> {
+    let state = match &p.state {
+        Some(text) => Some(CopyState::parse(text).map_err(MoveError::BadState)?),
+        None => None,
+    };
+    tenant.skip_before = p.lsn;
+    tenant.applied = p.lsn;
+    tenant.restore(state, p.lsn);
+    tracing::info!(tenant = %mv.tenant, applied = %p.lsn, "resuming the move");
+    Ok(())
+}
+
+/// A fresh move never writes into target tables that already hold rows of the tenant.
+async fn check_target_empty(
+    target: &Client,
+    mv: &Move,
+    scoped: &[(QualifiedName, Option<String>)],
+) -> Result<(), Error> {
+    for (t, tenant_col) in scoped {
+        let sql = match tenant_col {
+            Some(col) => format!(
+                "SELECT EXISTS (SELECT 1 FROM {} WHERE {}::text = $1)",
+                t.quoted(),
+                quote_ident(col)
+            ),
+            None => format!(
+                "SELECT EXISTS (SELECT 1 FROM {} WHERE $1::text IS NOT NULL)",
+                t.quoted()
+            ),
+        };
+        let busy: bool = target
+            .query_one(&sql, &[&mv.tenant.as_str()])
+            .await
+            .map_err(ClusterError::sql(format!("checking that {t} is empty")))?
+            .get(0);
+        if busy {
+            return Err(MoveError::TargetNotEmpty { table: t.quoted() }.into());
+        }
+    }
+    Ok(())
+}
+
+/// The tenant's rows at the source, over all its tables: the total its progress is
+/// reported against.
+async fn count_rows(source: &Client, tenant: &Tenant, mv: &Move) -> Result<i64, Error> {
     let mut total = 0i64;
     for t in tenant.tables.values() {
         let (sql, params) = match &t.chunk.tenant {
@@ -304,6 +351,5 @@ pub(crate) async fn prepare(
             .get(0);
         total += n;
     }
-    tenant.rows_total = Some(total);
-    Ok(tenant)
+    Ok(total)
 }

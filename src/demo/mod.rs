@@ -233,6 +233,8 @@ struct Moving {
     in_sync: Option<Duration>,
 }
 
+/// The demo's story, step by step; what it starts is left in `daemon` and `writer` for
+/// `run` to stop, however the story ends.
 async fn show(
     options: &DemoOptions,
     stage: &Stage,
@@ -272,6 +274,46 @@ async fn show(
         dir.join("switchyard.toml").display()
     ));
 
+    let counters = start_workload(options, stage, &config, writer, stop).await?;
+
+    let registry = Registry::new(config.registry_schema.clone())?;
+    let mut control = config.source.connect_sql().await?;
+    registry.install(&mut control).await?;
+    let mut moving = request_moves(&config, &registry, &control).await?;
+
+    // Progress until every move is in sync.
+    follow_until_in_sync(options, daemon.as_ref(), &registry, &control, &mut moving).await?;
+    for m in &moving {
+        say(format!(
+            "tenant {} in sync at {}.{} after {:.1} s: copied underneath the live stream",
+            m.tenant,
+            m.target,
+            m.schema,
+            m.in_sync.unwrap_or_default().as_secs_f64()
+        ));
+    }
+
+    // Cut over, one tenant after the other, as an operator would.
+    cut_over(options, &config, &moving).await?;
+    say(format!(
+        "both tenants cut over; the workload goes on for {} s at their new locations",
+        options.after_secs
+    ));
+    tokio::time::sleep(Duration::from_secs(options.after_secs)).await;
+
+    // Summary, from the registry.
+    summary(&config, &registry, &control, &moving, &counters).await
+}
+
+/// The live writes every move happens under, left running in `writer` (it follows the
+/// routes, so it goes on writing at the new locations after the cutovers).
+async fn start_workload(
+    options: &DemoOptions,
+    stage: &Stage,
+    config: &Config,
+    writer: &mut Option<tokio::task::JoinHandle<Result<()>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Arc<workload::Counters>> {
     let counters = Arc::new(workload::Counters::default());
     let locations = workload::Locations {
         source: stage.source.connect("app").await?,
@@ -294,18 +336,24 @@ async fn show(
         "workload: ~{} transactions/s over all {} tenants (new orders with line items, updates, deletes)",
         options.tps, options.tenants
     ));
+    Ok(counters)
+}
 
+/// Asks for the two moves as an operator would (registry rows, checked first), one to
+/// each kind of place.
+async fn request_moves(
+    config: &Config,
+    registry: &Registry,
+    control: &tokio_postgres::Client,
+) -> Result<Vec<Moving>> {
     // Tenant 1 is the biggest: it gets a cluster of its own; tenant 2 its own schema.
-    let registry = Registry::new(config.registry_schema.clone())?;
-    let mut control = config.source.connect_sql().await?;
-    registry.install(&mut control).await?;
     let mut moving = Vec::new();
     for (tenant, target, schema) in [("1", "shard2", "tenant_1"), ("2", "local", "tenant_2")] {
         let tenant = TenantId::new(tenant)?;
         let target = TargetId::new(target)?;
-        switchyard::layout::check_move(&config, &tenant, &target).await?;
+        switchyard::layout::check_move(config, &tenant, &target).await?;
         let id = registry
-            .request_move(&control, &tenant, &target, schema, CutoverMode::Manual)
+            .request_move(control, &tenant, &target, schema, CutoverMode::Manual)
             .await?;
         say(format!(
             "move {id}: tenant {tenant} → {target}.{schema} requested"
@@ -318,18 +366,28 @@ async fn show(
             in_sync: None,
         });
     }
+    Ok(moving)
+}
 
-    // Progress until every move is in sync.
+/// Draws the registry's status until every move streams (in sync), noting when each got
+/// there; a move or daemon that stops, or too long a wait, ends the demo.
+async fn follow_until_in_sync(
+    options: &DemoOptions,
+    daemon: Option<&Daemon>,
+    registry: &Registry,
+    control: &tokio_postgres::Client,
+    moving: &mut [Moving],
+) -> Result<()> {
     let tty = std::io::stdout().is_terminal();
     let mut samples = status::Watch::default();
     let mut drawn_lines = 0usize;
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let deadline = Instant::now() + Duration::from_secs(if options.short { 180 } else { 900 });
     loop {
-        if daemon.as_ref().is_some_and(|d| d.task.is_finished()) {
+        if daemon.is_some_and(|d| d.task.is_finished()) {
             bail!("the daemon stopped on its own; see the messages above");
         }
-        let rows = samples.sample(&registry, &control).await?;
+        let rows = samples.sample(registry, control).await?;
         for m in moving.iter_mut() {
             let row = rows.iter().find(|r| r.tenant == m.tenant.as_str());
             if m.in_sync.is_none() && row.is_some_and(|r| r.state == "streaming") {
@@ -364,24 +422,19 @@ async fn show(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    for m in &moving {
-        say(format!(
-            "tenant {} in sync at {}.{} after {:.1} s: copied underneath the live stream",
-            m.tenant,
-            m.target,
-            m.schema,
-            m.in_sync.unwrap_or_default().as_secs_f64()
-        ));
-    }
+    Ok(())
+}
 
-    // Cut over, one tenant after the other, as an operator would.
-    for m in &moving {
+/// Cuts each tenant over through the operator's path (the request the daemon answers),
+/// showing its attempts; a tenant that does not cut over ends the demo.
+async fn cut_over(options: &DemoOptions, config: &Config, moving: &[Moving]) -> Result<()> {
+    for m in moving {
         say(format!(
             "cutting tenant {} over (verify, fence writes, catch up, flip the route)…",
             m.tenant
         ));
         let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
-            &config,
+            config,
             &m.tenant,
             Duration::from_secs(if options.short { 120 } else { 300 }),
         )
@@ -398,23 +451,28 @@ async fn show(
             );
         }
     }
-    say(format!(
-        "both tenants cut over; the workload goes on for {} s at their new locations",
-        options.after_secs
-    ));
-    tokio::time::sleep(Duration::from_secs(options.after_secs)).await;
+    Ok(())
+}
 
-    // Summary, from the registry.
-    let rows = registry.status(&control).await?;
+/// What each move achieved, as the registry recorded it (the demo computes none of it);
+/// success only when both are cut over and verified equal.
+async fn summary(
+    config: &Config,
+    registry: &Registry,
+    control: &tokio_postgres::Client,
+    moving: &[Moving],
+    counters: &workload::Counters,
+) -> Result<ExitCode> {
+    let rows = registry.status(control).await?;
     say("\nsummary");
     let mut ok = true;
-    for m in &moving {
+    for m in moving {
         let Some(r) = rows.iter().find(|r| r.tenant == m.tenant.as_str()) else {
             bail!("the move of tenant {} vanished from the registry", m.tenant);
         };
         let secs = m.in_sync.unwrap_or_default().as_secs_f64().max(0.001);
         let route = registry
-            .route(&control, &m.tenant)
+            .route(control, &m.tenant)
             .await?
             .map(|(l, s, v)| format!("{l}.{s} (route version {v})"))
             .unwrap_or_else(|| "none".into());

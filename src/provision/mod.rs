@@ -231,8 +231,37 @@ pub async fn read_tables(
     futures_util::future::try_join_all(tables.iter().map(|t| read_table(client, t))).await
 }
 
+/// One table's definition, read from the source catalog: the relation, then its columns,
+/// constraints and indexes.
 async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, ProvisionError> {
-    let sql_err = |what: &str| ClusterError::sql(format!("reading {what} of {table}"));
+    let oid = read_relation(client, table).await?;
+    let columns = read_columns(client, table, oid).await?;
+    let constraints = read_constraints(client, table, oid).await?;
+    let indexes = read_indexes(client, table, oid).await?;
+    let def = TableDef {
+        name: table.clone(),
+        columns,
+        constraints,
+        indexes,
+    };
+    if def.primary_key().is_none() {
+        return Err(ProvisionError::NoPrimaryKey {
+            table: table.clone(),
+        });
+    }
+    Ok(def)
+}
+
+/// The error of a catalog read of `table`, saying what was being read.
+fn reading(
+    what: &str,
+    table: &QualifiedName,
+) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {
+    ClusterError::sql(format!("reading {what} of {table}"))
+}
+
+/// The table's oid, once it is known to be a plain table (the only kind a move copies).
+async fn read_relation(client: &Client, table: &QualifiedName) -> Result<u32, ProvisionError> {
     let rel = client
         .query_opt(
             "SELECT c.oid, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -240,7 +269,7 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             &[&table.schema, &table.name],
         )
         .await
-        .map_err(sql_err("the relation"))?
+        .map_err(reading("the relation", table))?
         .ok_or_else(|| ProvisionError::MissingTable(table.clone()))?;
     let oid: u32 = rel.get(0);
     let kind: String = rel.get(1);
@@ -257,7 +286,16 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             kind: kind.into(),
         });
     }
+    Ok(oid)
+}
 
+/// The columns in order, with what the target must re-make for them: owned sequences,
+/// enum types, and which default or generation expression carries over.
+async fn read_columns(
+    client: &Client,
+    table: &QualifiedName,
+    oid: u32,
+) -> Result<Vec<ColumnDef>, ProvisionError> {
     let cols = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
@@ -276,7 +314,7 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             &[&oid],
         )
         .await
-        .map_err(sql_err("columns"))?;
+        .map_err(reading("columns", table))?;
     let mut columns = Vec::with_capacity(cols.len());
     for r in &cols {
         let identity: String = r.get(4);
@@ -297,7 +335,7 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
                     &[&r.get::<_, String>(7), &r.get::<_, String>(8)],
                 )
                 .await
-                .map_err(sql_err("enum labels"))?;
+                .map_err(reading("enum labels", table))?;
             Some(EnumDef {
                 name: QualifiedName {
                     schema: r.get(7),
@@ -329,7 +367,16 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             enum_type,
         });
     }
+    Ok(columns)
+}
 
+/// Keys, unique, check and exclusion constraints, and foreign keys (last) with what they
+/// reference, so the plan can point them at the moved copies.
+async fn read_constraints(
+    client: &Client,
+    table: &QualifiedName,
+    oid: u32,
+) -> Result<Vec<ConstraintDef>, ProvisionError> {
     let cons = client
         .query(
             "SELECT c.conname::text, c.contype::text, pg_get_constraintdef(c.oid), \
@@ -348,7 +395,7 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             &[&oid],
         )
         .await
-        .map_err(sql_err("constraints"))?;
+        .map_err(reading("constraints", table))?;
     let mut constraints = Vec::with_capacity(cons.len());
     for r in &cons {
         let contype: String = r.get(1);
@@ -380,7 +427,16 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             definition: r.get(2),
         });
     }
+    Ok(constraints)
+}
 
+/// Indexes that no constraint owns (those come with their constraint), each as its
+/// method tail to re-emit on the target table.
+async fn read_indexes(
+    client: &Client,
+    table: &QualifiedName,
+    oid: u32,
+) -> Result<Vec<IndexDef>, ProvisionError> {
     let idx = client
         .query(
             "SELECT ic.relname::text, i.indisunique, pg_get_indexdef(i.indexrelid) \
@@ -392,7 +448,7 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             &[&oid],
         )
         .await
-        .map_err(sql_err("indexes"))?;
+        .map_err(reading("indexes", table))?;
     let mut indexes = Vec::with_capacity(idx.len());
     for r in &idx {
         let def: String = r.get(2);
@@ -408,18 +464,7 @@ async fn read_table(client: &Client, table: &QualifiedName) -> Result<TableDef, 
             tail,
         });
     }
-    let def = TableDef {
-        name: table.clone(),
-        columns,
-        constraints,
-        indexes,
-    };
-    if def.primary_key().is_none() {
-        return Err(ProvisionError::NoPrimaryKey {
-            table: table.clone(),
-        });
-    }
-    Ok(def)
+    Ok(indexes)
 }
 
 async fn read_sequence(client: &Client, oid: u32) -> Result<SequenceDef, ProvisionError> {
@@ -491,9 +536,42 @@ fn mentions_schema(text: &str, schema: &str) -> bool {
 /// Builds the plan. Pure: unit-tested without a database.
 pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, ProvisionError> {
     placement.validate()?;
-    // A renamed schema's name must not leak into rendered text on another cluster (it will
-    // not exist there); on the same cluster it still exists, so such references still work.
-    let guard = |table: &QualifiedName, what: &str, text: &str| -> Result<(), ProvisionError> {
+    let mut planner = Planner {
+        placement,
+        p: Plan::default(),
+        enums: BTreeMap::new(),
+    };
+    for s in placement.target_schemas() {
+        planner.p.steps.push(Step::Schema(s.to_owned()));
+    }
+    // Types first: enums in a renamed schema follow it; others keep their name.
+    for t in tables {
+        planner.enum_types(t);
+    }
+    for t in tables {
+        planner.table(t)?;
+    }
+    // Constraints after all tables, foreign keys last, so references resolve.
+    for t in tables {
+        planner.constraints(t)?;
+        planner.indexes(t)?;
+    }
+    Ok(planner.finish())
+}
+
+/// A plan being built, table after table, for one placement.
+struct Planner<'a> {
+    placement: &'a Placement,
+    p: Plan,
+    /// Each source enum type and where the target has it.
+    enums: BTreeMap<QualifiedName, QualifiedName>,
+}
+
+impl Planner<'_> {
+    /// A renamed schema's name must not leak into rendered text on another cluster (it will
+    /// not exist there); on the same cluster it still exists, so such references still work.
+    fn guard(&self, table: &QualifiedName, what: &str, text: &str) -> Result<(), ProvisionError> {
+        let placement = self.placement;
         for (from, to) in &placement.schema_renames {
             if !placement.same_cluster && from != to && mentions_schema(text, from) {
                 return Err(ProvisionError::SchemaReference {
@@ -504,14 +582,12 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
             }
         }
         Ok(())
-    };
-    let mut p = Plan::default();
-    for s in placement.target_schemas() {
-        p.steps.push(Step::Schema(s.to_owned()));
     }
-    // Types first: enums in a renamed schema follow it; others keep their name.
-    let mut enums: BTreeMap<QualifiedName, QualifiedName> = BTreeMap::new();
-    for t in tables {
+
+    /// The enum types of `t`'s columns, created (with their schema) where the target lacks
+    /// them; each is created once however many columns use it.
+    fn enum_types(&mut self, t: &TableDef) {
+        let placement = self.placement;
         for c in &t.columns {
             if let Some(e) = &c.enum_type {
                 let dst = match placement.schema_renames.get(&e.name.schema) {
@@ -522,74 +598,31 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
                     None => e.name.clone(),
                 };
                 let needs_create = !placement.same_cluster || dst != e.name;
-                if needs_create && !enums.contains_key(&e.name) {
+                if needs_create && !self.enums.contains_key(&e.name) {
                     if !placement.target_schemas().contains(dst.schema.as_str()) {
-                        p.steps.push(Step::Schema(dst.schema.clone()));
+                        self.p.steps.push(Step::Schema(dst.schema.clone()));
                     }
-                    p.steps.push(Step::Enum(EnumDef {
+                    self.p.steps.push(Step::Enum(EnumDef {
                         name: dst.clone(),
                         labels: e.labels.clone(),
                     }));
                 }
-                enums.insert(e.name.clone(), dst);
+                self.enums.insert(e.name.clone(), dst);
             }
         }
     }
-    for t in tables {
-        let target = placement
+
+    /// `t` at its placement: its sequences, the table, then the sequences' owner steps.
+    fn table(&mut self, t: &TableDef) -> Result<(), ProvisionError> {
+        let target = self
+            .placement
             .tables
             .get(&t.name)
             .ok_or_else(|| ProvisionError::Placement(format!("no placement for {}", t.name)))?;
         let mut col_sql = Vec::new();
         let mut shape = Vec::new();
         for c in &t.columns {
-            let type_sql = match &c.enum_type {
-                Some(e) => enums[&e.name].quoted(),
-                None => {
-                    guard(
-                        &t.name,
-                        &format!("the type of column {}", c.name),
-                        &c.type_sql,
-                    )?;
-                    c.type_sql.clone()
-                }
-            };
-            let mut sql = format!("{} {}", quote_ident(&c.name), type_sql);
-            if let Some(seq) = &c.owned_sequence {
-                let dst = QualifiedName {
-                    schema: target.schema.clone(),
-                    name: seq.name.name.clone(),
-                };
-                p.steps.push(Step::Sequence(SequenceDef {
-                    name: dst.clone(),
-                    ..seq.clone()
-                }));
-                sql.push_str(&format!(
-                    " DEFAULT nextval({}::regclass)",
-                    quote_literal(&dst.quoted())
-                ));
-                p.steps.push(Step::SequenceOwner {
-                    sequence: dst,
-                    table: target.clone(),
-                    column: c.name.clone(),
-                });
-            }
-            if let Some(d) = &c.default {
-                guard(&t.name, &format!("the default of column {}", c.name), d)?;
-                sql.push_str(&format!(" DEFAULT {d}"));
-            }
-            match c.identity {
-                Some('a') => sql.push_str(" GENERATED ALWAYS AS IDENTITY"),
-                Some('d') => sql.push_str(" GENERATED BY DEFAULT AS IDENTITY"),
-                _ => {}
-            }
-            if let Some(g) = &c.generated {
-                guard(&t.name, &format!("generated column {}", c.name), g)?;
-                sql.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
-            }
-            if c.not_null {
-                sql.push_str(" NOT NULL");
-            }
+            let (sql, type_sql) = self.column(t, c, target)?;
             shape.push((c.name.clone(), type_sql));
             col_sql.push(sql);
         }
@@ -605,19 +638,84 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
             columns: shape,
         };
         // Keep sequence steps ahead of the table and owner steps after it.
-        let owners: Vec<Step> = p
+        let owners: Vec<Step> = self
+            .p
             .steps
             .iter()
             .filter(|s| matches!(s, Step::SequenceOwner { table, .. } if table == target))
             .cloned()
             .collect();
-        p.steps
+        self.p
+            .steps
             .retain(|s| !matches!(s, Step::SequenceOwner { table, .. } if table == target));
-        p.steps.push(step);
-        p.steps.extend(owners);
+        self.p.steps.push(step);
+        self.p.steps.extend(owners);
+        Ok(())
     }
-    // Constraints after all tables, foreign keys last, so references resolve.
-    for t in tables {
+
+    /// Column `c` of `t` as the target table's DDL writes it, and its type as the target
+    /// names it (for the existence check). Its owned sequence gets steps of its own.
+    fn column(
+        &mut self,
+        t: &TableDef,
+        c: &ColumnDef,
+        target: &QualifiedName,
+    ) -> Result<(String, String), ProvisionError> {
+        let type_sql = match &c.enum_type {
+            Some(e) => self.enums[&e.name].quoted(),
+            None => {
+                self.guard(
+                    &t.name,
+                    &format!("the type of column {}", c.name),
+                    &c.type_sql,
+                )?;
+                c.type_sql.clone()
+            }
+        };
+        let mut sql = format!("{} {}", quote_ident(&c.name), type_sql);
+        if let Some(seq) = &c.owned_sequence {
+            let dst = QualifiedName {
+                schema: target.schema.clone(),
+                name: seq.name.name.clone(),
+            };
+            self.p.steps.push(Step::Sequence(SequenceDef {
+                name: dst.clone(),
+                ..seq.clone()
+            }));
+            sql.push_str(&format!(
+                " DEFAULT nextval({}::regclass)",
+                quote_literal(&dst.quoted())
+            ));
+            self.p.steps.push(Step::SequenceOwner {
+                sequence: dst,
+                table: target.clone(),
+                column: c.name.clone(),
+            });
+        }
+        if let Some(d) = &c.default {
+            self.guard(&t.name, &format!("the default of column {}", c.name), d)?;
+            sql.push_str(&format!(" DEFAULT {d}"));
+        }
+        match c.identity {
+            Some('a') => sql.push_str(" GENERATED ALWAYS AS IDENTITY"),
+            Some('d') => sql.push_str(" GENERATED BY DEFAULT AS IDENTITY"),
+            _ => {}
+        }
+        if let Some(g) = &c.generated {
+            self.guard(&t.name, &format!("generated column {}", c.name), g)?;
+            sql.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
+        }
+        if c.not_null {
+            sql.push_str(" NOT NULL");
+        }
+        Ok((sql, type_sql))
+    }
+
+    /// `t`'s constraints on its moved copy. A foreign key points at the moved copy of what
+    /// it references; to a table that stays behind it is kept on the same cluster and left
+    /// out (with a warning) across clusters.
+    fn constraints(&mut self, t: &TableDef) -> Result<(), ProvisionError> {
+        let placement = self.placement;
         let target = &placement.tables[&t.name];
         for c in &t.constraints {
             let body = match &c.kind {
@@ -626,7 +724,7 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
                         Some(moved) => moved.clone(),
                         None if placement.same_cluster => fk.references.clone(),
                         None => {
-                            p.warnings.push(format!(
+                            self.p.warnings.push(format!(
                                 "{}: foreign key {} to {} is not created on the target: {} stays on the source cluster",
                                 t.name, c.name, fk.references, fk.references
                             ));
@@ -636,7 +734,7 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
                     fk_sql(fk, &referenced)
                 }
                 _ => {
-                    guard(&t.name, &format!("constraint {}", c.name), &c.definition)?;
+                    self.guard(&t.name, &format!("constraint {}", c.name), &c.definition)?;
                     c.definition.clone()
                 }
             };
@@ -651,11 +749,17 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
                 name: c.name.clone(),
                 sql,
             };
-            p.steps.push(step);
+            self.p.steps.push(step);
         }
+        Ok(())
+    }
+
+    /// `t`'s own indexes on its moved copy, under their own names in its target schema.
+    fn indexes(&mut self, t: &TableDef) -> Result<(), ProvisionError> {
+        let target = &self.placement.tables[&t.name];
         for i in &t.indexes {
-            guard(&t.name, &format!("index {}", i.name), &i.tail)?;
-            p.steps.push(Step::Index {
+            self.guard(&t.name, &format!("index {}", i.name), &i.tail)?;
+            self.p.steps.push(Step::Index {
                 index: QualifiedName {
                     schema: target.schema.clone(),
                     name: i.name.clone(),
@@ -669,16 +773,21 @@ pub fn plan(tables: &[TableDef], placement: &Placement) -> Result<Plan, Provisio
                 ),
             });
         }
+        Ok(())
     }
-    // Foreign keys after every other constraint.
-    let (fks, rest): (Vec<Step>, Vec<Step>) = p
-        .steps
-        .into_iter()
-        .partition(|s| matches!(s, Step::Constraint { sql, .. } if sql.contains(" FOREIGN KEY ")));
-    p.steps = rest;
-    p.steps.extend(fks);
-    dedup_schemas(&mut p.steps);
-    Ok(p)
+
+    /// The finished plan: foreign keys after every other constraint, each schema once.
+    fn finish(self) -> Plan {
+        let mut p = self.p;
+        // Foreign keys after every other constraint.
+        let (fks, rest): (Vec<Step>, Vec<Step>) = p.steps.into_iter().partition(
+            |s| matches!(s, Step::Constraint { sql, .. } if sql.contains(" FOREIGN KEY ")),
+        );
+        p.steps = rest;
+        p.steps.extend(fks);
+        dedup_schemas(&mut p.steps);
+        p
+    }
 }
 
 async fn relation_exists(
@@ -796,118 +905,7 @@ pub async fn apply(
     }
     let mut created = 0;
     for step in &plan.steps {
-        let (sql, exists) = match step {
-            Step::Schema(s) => {
-                let exists = tx
-                    .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[s])
-                    .await
-                    .map_err(ClusterError::sql("checking for a schema"))?
-                    .is_some();
-                (format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(s)), exists)
-            }
-            Step::Enum(e) => {
-                let exists = tx
-                    .query_opt(
-                        "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
-                          WHERE n.nspname = $1 AND t.typname = $2",
-                        &[&e.name.schema, &e.name.name],
-                    )
-                    .await
-                    .map_err(ClusterError::sql("checking for an enum type"))?
-                    .is_some();
-                let labels = e.labels.iter().map(|l| quote_literal(l)).collect::<Vec<_>>().join(", ");
-                (format!("CREATE TYPE {} AS ENUM ({labels})", e.name.quoted()), exists)
-            }
-            Step::Sequence(s) => (
-                format!(
-                    "CREATE SEQUENCE IF NOT EXISTS {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {}{}",
-                    s.name.quoted(),
-                    s.data_type,
-                    s.increment,
-                    s.min,
-                    s.max,
-                    s.start,
-                    s.cache,
-                    if s.cycle { " CYCLE" } else { " NO CYCLE" }
-                ),
-                relation_exists(&tx, &s.name).await?,
-            ),
-            Step::Table { name, sql, columns } => {
-                let existing = tx
-                    .query(
-                        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
-                           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-                           JOIN pg_namespace n ON n.oid = c.relnamespace \
-                          WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 \
-                            AND NOT a.attisdropped ORDER BY a.attnum",
-                        &[&name.schema, &name.name],
-                    )
-                    .await
-                    .map_err(ClusterError::sql("checking for an existing table"))?;
-                if !existing.is_empty() {
-                    let have: Vec<(String, String)> =
-                        existing.iter().map(|r| (r.get(0), r.get(1))).collect();
-                    let want: Vec<(String, String)> = columns
-                        .iter()
-                        .map(|(n, t)| (n.clone(), t.replace('"', "")))
-                        .collect();
-                    let have_cmp: Vec<(String, String)> = have
-                        .iter()
-                        .map(|(n, t)| (n.clone(), t.replace('"', "")))
-                        .collect();
-                    if have_cmp != want {
-                        return Err(ProvisionError::Mismatch {
-                            target: name.clone(),
-                            detail: format!("has {have:?}, source has {columns:?}"),
-                        });
-                    }
-                }
-                (sql.clone(), !existing.is_empty())
-            }
-            Step::SequenceOwner {
-                sequence,
-                table,
-                column,
-            } => {
-                let owned = tx
-                    .query_opt(
-                        "SELECT 1 FROM pg_depend d \
-                           JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace sn ON sn.oid = s.relnamespace \
-                           JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace \
-                           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid \
-                          WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'a' \
-                            AND sn.nspname = $1 AND s.relname = $2 \
-                            AND tn.nspname = $3 AND t.relname = $4 AND a.attname = $5",
-                        &[&sequence.schema, &sequence.name, &table.schema, &table.name, column],
-                    )
-                    .await
-                    .map_err(ClusterError::sql("checking a sequence owner"))?
-                    .is_some();
-                (
-                    format!(
-                        "ALTER SEQUENCE {} OWNED BY {}.{}",
-                        sequence.quoted(),
-                        table.quoted(),
-                        quote_ident(column)
-                    ),
-                    owned,
-                )
-            }
-            Step::Constraint { table, name, sql } => {
-                let exists = tx
-                    .query_opt(
-                        "SELECT 1 FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid \
-                           JOIN pg_namespace n ON n.oid = r.relnamespace \
-                          WHERE n.nspname = $1 AND r.relname = $2 AND c.conname = $3",
-                        &[&table.schema, &table.name, name],
-                    )
-                    .await
-                    .map_err(ClusterError::sql("checking for a constraint"))?
-                    .is_some();
-                (sql.clone(), exists)
-            }
-            Step::Index { index, sql } => (sql.clone(), relation_exists(&tx, index).await?),
-        };
+        let (sql, exists) = step_sql(&tx, step).await?;
         if exists {
             continue;
         }
@@ -931,6 +929,133 @@ pub async fn apply(
         .await
         .map_err(ClusterError::sql("committing the provisioning transaction"))?;
     Ok(created)
+}
+
+/// The SQL of `step`, and whether its object exists at the target already (then nothing
+/// is run for it).
+async fn step_sql(
+    tx: &tokio_postgres::Transaction<'_>,
+    step: &Step,
+) -> Result<(String, bool), ProvisionError> {
+    Ok(match step {
+        Step::Schema(s) => {
+            let exists = tx
+                .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[s])
+                .await
+                .map_err(ClusterError::sql("checking for a schema"))?
+                .is_some();
+            (format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(s)), exists)
+        }
+        Step::Enum(e) => {
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+                      WHERE n.nspname = $1 AND t.typname = $2",
+                    &[&e.name.schema, &e.name.name],
+                )
+                .await
+                .map_err(ClusterError::sql("checking for an enum type"))?
+                .is_some();
+            let labels = e.labels.iter().map(|l| quote_literal(l)).collect::<Vec<_>>().join(", ");
+            (format!("CREATE TYPE {} AS ENUM ({labels})", e.name.quoted()), exists)
+        }
+        Step::Sequence(s) => (
+            format!(
+                "CREATE SEQUENCE IF NOT EXISTS {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {}{}",
+                s.name.quoted(),
+                s.data_type,
+                s.increment,
+                s.min,
+                s.max,
+                s.start,
+                s.cache,
+                if s.cycle { " CYCLE" } else { " NO CYCLE" }
+            ),
+            relation_exists(tx, &s.name).await?,
+        ),
+        Step::Table { name, sql, columns } => (sql.clone(), table_exists(tx, name, columns).await?),
+        Step::SequenceOwner {
+            sequence,
+            table,
+            column,
+        } => {
+            let owned = tx
+                .query_opt(
+                    "SELECT 1 FROM pg_depend d \
+                       JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace sn ON sn.oid = s.relnamespace \
+                       JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace \
+                       JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid \
+                      WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'a' \
+                        AND sn.nspname = $1 AND s.relname = $2 \
+                        AND tn.nspname = $3 AND t.relname = $4 AND a.attname = $5",
+                    &[&sequence.schema, &sequence.name, &table.schema, &table.name, column],
+                )
+                .await
+                .map_err(ClusterError::sql("checking a sequence owner"))?
+                .is_some();
+            (
+                format!(
+                    "ALTER SEQUENCE {} OWNED BY {}.{}",
+                    sequence.quoted(),
+                    table.quoted(),
+                    quote_ident(column)
+                ),
+                owned,
+            )
+        }
+        Step::Constraint { table, name, sql } => {
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid \
+                       JOIN pg_namespace n ON n.oid = r.relnamespace \
+                      WHERE n.nspname = $1 AND r.relname = $2 AND c.conname = $3",
+                    &[&table.schema, &table.name, name],
+                )
+                .await
+                .map_err(ClusterError::sql("checking for a constraint"))?
+                .is_some();
+            (sql.clone(), exists)
+        }
+        Step::Index { index, sql } => (sql.clone(), relation_exists(tx, index).await?),
+    })
+}
+
+/// Whether target table `name` exists; one that exists must have the source's `columns`
+/// (names and types, in order), or provisioning stops rather than touch it.
+async fn table_exists(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &QualifiedName,
+    columns: &[(String, String)],
+) -> Result<bool, ProvisionError> {
+    let existing = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 \
+                AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .map_err(ClusterError::sql("checking for an existing table"))?;
+    if !existing.is_empty() {
+        let have: Vec<(String, String)> = existing.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let want: Vec<(String, String)> = columns
+            .iter()
+            .map(|(n, t)| (n.clone(), t.replace('"', "")))
+            .collect();
+        let have_cmp: Vec<(String, String)> = have
+            .iter()
+            .map(|(n, t)| (n.clone(), t.replace('"', "")))
+            .collect();
+        if have_cmp != want {
+            return Err(ProvisionError::Mismatch {
+                target: name.clone(),
+                detail: format!("has {have:?}, source has {columns:?}"),
+            });
+        }
+    }
+    Ok(!existing.is_empty())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 
 use super::connection::ReplicationConnection;
 use super::slot;
-use crate::config::Config;
+use crate::config::{Config, ReplicationConfig};
 use crate::sql::{quote_ident, quote_literal, QualifiedName};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -333,12 +333,41 @@ async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::
         .get(0))
 }
 
-async fn checks(
-    client: &Client,
-    config: &Config,
-    r: &mut Report,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// What ends the source's checks early: a query that failed, reported as the `query` item.
+type QueryError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The source's own prerequisites, in the order the report lists them.
+async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), QueryError> {
     let repl = &config.replication;
+    check_wal_level(client, r).await?;
+
+    let slot = slot::slot_info(client, &repl.slot).await?;
+    check_slot_room(client, slot.is_some(), r).await?;
+    check_walsenders(client, r).await?;
+
+    check_wal_retention(client, r).await?;
+    check_sender_timeout(client, repl, r).await?;
+
+    let role = check_role(client, r).await?;
+
+    report_slot(repl, slot.as_ref(), r);
+
+    check_publication(client, repl, &role, r).await?;
+
+    check_sessions(client, &role, r).await;
+    for table in &repl.tables {
+        let tenant_column = (config.tenancy.mode == crate::config::TenancyMode::Shared)
+            .then(|| config.tenancy.column_of(table));
+        check_table(client, table, tenant_column, r).await?;
+        if config.tenancy.mode == crate::config::TenancyMode::Shared {
+            check_tenant_column(client, table, config.tenancy.column_of(table), r).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Logical decoding needs `wal_level = logical`; nothing else works without it.
+async fn check_wal_level(client: &Client, r: &mut Report) -> Result<(), QueryError> {
     let wal_level = setting(client, "wal_level").await?;
     if wal_level == "logical" {
         r.push("wal_level", Status::Ok, "logical", None);
@@ -350,8 +379,16 @@ async fn checks(
             Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into()),
         );
     }
+    Ok(())
+}
 
-    let slot = slot::slot_info(client, &repl.slot).await?;
+/// The first start creates the slot: there must be room for it, unless it exists already
+/// (`have_slot`).
+async fn check_slot_room(
+    client: &Client,
+    have_slot: bool,
+    r: &mut Report,
+) -> Result<(), QueryError> {
     let max_slots: i64 = setting(client, "max_replication_slots")
         .await?
         .parse()
@@ -360,7 +397,7 @@ async fn checks(
         .query_one("SELECT count(*) FROM pg_replication_slots", &[])
         .await?
         .get(0);
-    if slot.is_some() || used_slots < max_slots {
+    if have_slot || used_slots < max_slots {
         r.push(
             "max_replication_slots",
             Status::Ok,
@@ -378,6 +415,11 @@ async fn checks(
             )),
         );
     }
+    Ok(())
+}
+
+/// The stream needs a walsender of its own.
+async fn check_walsenders(client: &Client, r: &mut Report) -> Result<(), QueryError> {
     let max_senders: i64 = setting(client, "max_wal_senders")
         .await?
         .parse()
@@ -404,7 +446,11 @@ async fn checks(
             )),
         );
     }
+    Ok(())
+}
 
+/// A slot that stalls keeps WAL: without a limit, until the source's disk is full.
+async fn check_wal_retention(client: &Client, r: &mut Report) -> Result<(), QueryError> {
     let keep: i64 = setting(client, "max_slot_wal_keep_size")
         .await?
         .parse()
@@ -424,6 +470,16 @@ async fn checks(
             None,
         );
     }
+    Ok(())
+}
+
+/// The source drops a stream that reports its position less often than its sender
+/// timeout allows.
+async fn check_sender_timeout(
+    client: &Client,
+    repl: &ReplicationConfig,
+    r: &mut Report,
+) -> Result<(), QueryError> {
     let sender_timeout_ms: i64 = setting(client, "wal_sender_timeout")
         .await?
         .parse()
@@ -444,7 +500,18 @@ async fn checks(
             None,
         );
     }
+    Ok(())
+}
 
+/// The connecting role, as the later checks' fixes name it.
+struct Role {
+    name: String,
+    /// May create a publication (CREATE on the database).
+    can_create: bool,
+}
+
+/// Streaming needs a role WITH REPLICATION; what else it may do decides later fixes.
+async fn check_role(client: &Client, r: &mut Report) -> Result<Role, QueryError> {
     let role = client
         .query_one(
             "SELECT rolname::text, rolreplication, rolsuper, \
@@ -473,8 +540,16 @@ async fn checks(
             )),
         );
     }
+    Ok(Role {
+        name: rolname,
+        can_create,
+    })
+}
 
-    match &slot {
+/// An existing slot must still hold its WAL and decode with pgoutput; a missing one is
+/// created on first start.
+fn report_slot(repl: &ReplicationConfig, slot: Option<&slot::SlotInfo>, r: &mut Report) {
+    match slot {
         None => r.push(
             "slot",
             Status::Ok,
@@ -508,7 +583,17 @@ async fn checks(
             None,
         ),
     }
+}
 
+/// The publication must contain every configured table, or be one the role may create on
+/// first start.
+async fn check_publication(
+    client: &Client,
+    repl: &ReplicationConfig,
+    role: &Role,
+    r: &mut Report,
+) -> Result<(), QueryError> {
+    let rolname = &role.name;
     let published = slot::publication_tables(client, &repl.publication).await?;
     match slot::publication_fix(&repl.publication, published.as_deref(), &repl.tables) {
         None => r.push(
@@ -517,7 +602,7 @@ async fn checks(
             format!("{:?} contains every configured table", repl.publication),
             None,
         ),
-        Some(fix) if can_create && published.is_none() => r.push(
+        Some(fix) if role.can_create && published.is_none() => r.push(
             "publication",
             Status::Ok,
             format!(
@@ -539,7 +624,11 @@ async fn checks(
             Some(format!("{fix}; (run as the tables' owner)")),
         ),
     }
+    Ok(())
+}
 
+/// A cutover waits out transactions older than its fence: the role must see them all.
+async fn check_sessions(client: &Client, role: &Role, r: &mut Report) {
     match crate::cluster::sees_all_sessions(client).await {
         Ok(true) => r.push(
             "sessions",
@@ -553,20 +642,11 @@ async fn checks(
             "the role cannot see other roles' transactions; cutovers refuse to start",
             Some(format!(
                 "GRANT pg_read_all_stats TO {};",
-                quote_ident(&rolname)
+                quote_ident(&role.name)
             )),
         ),
         Err(e) => r.push("sessions", Status::Warn, format!("cannot tell: {e}"), None),
     }
-    for table in &repl.tables {
-        let tenant_column = (config.tenancy.mode == crate::config::TenancyMode::Shared)
-            .then(|| config.tenancy.column_of(table));
-        check_table(client, table, tenant_column, r).await?;
-        if config.tenancy.mode == crate::config::TenancyMode::Shared {
-            check_tenant_column(client, table, config.tenancy.column_of(table), r).await?;
-        }
-    }
-    Ok(())
 }
 
 /// `tenant_column`: a shared table's tenant column, whose place in the replica identity
