@@ -1,5 +1,7 @@
-//! The pipeline's side of cutovers: starting attempts, answering their catch-up waits, and
-//! letting go of a tenant once it is cut over.
+//! The pipeline's side of cutovers: starting attempts, answering their catch-up waits,
+//! reverse streams, rollbacks and cleanups, and telling the pipeline when a tenant is cut
+//! over ([`Settled`]). It knows the pipeline only through what its callers pass in: it does
+//! not import the daemon's loop.
 //!
 //! Invariants:
 //! - At most one attempt per tenant runs; a move left `cutting_over` by a crash is put back
@@ -14,14 +16,16 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Engine;
+use tokio_postgres::Client;
+
+use crate::config::Config;
 use crate::cutover::{self, policy, reverse, CutoverError, CutoverMsg, FencedTable, Job, Outcome};
 use crate::lsn::Lsn;
-use crate::registry::{CutoverMode, Move, MoveState};
+use crate::registry::{CutoverMode, Move, MoveState, Registry};
 use crate::tenant::TenantId;
 
 /// A running attempt's catch-up wait.
-pub(super) struct CatchUpWait {
+struct CatchUpWait {
     token: u64,
     tenant: TenantId,
     /// The end of the last transaction read before the marker, once it was read.
@@ -37,9 +41,31 @@ struct Reversing {
     tables: Vec<FencedTable>,
 }
 
+/// What the pipeline does with a tenant after a cutover attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// Cut over: the tenant leaves the pipeline (nothing of it may arrive any more).
+    CutOver(TenantId),
+    /// Aborted or failed, to be retried: the tenant streams on.
+    Streaming(TenantId),
+    /// The verification found differences: the move failed.
+    Different(TenantId),
+}
+
+/// A moving tenant as a cutover attempt's start sees it.
+pub(super) struct Candidate<'a> {
+    pub tenant: &'a TenantId,
+    pub state: MoveState,
+    pub lag_bytes: u64,
+    /// Every key copied (none waiting for a re-read).
+    pub copied: bool,
+}
+
 /// Cutover bookkeeping of the pipeline.
-#[derive(Default)]
 pub(super) struct Cutovers {
+    config: Config,
+    run_id: u64,
+    tx: mpsc::UnboundedSender<CutoverMsg>,
     running: HashMap<TenantId, Instant>,
     waits: Vec<CatchUpWait>,
     /// Aborted attempts per tenant in this run, and when the next may start.
@@ -57,95 +83,85 @@ pub(super) struct Cutovers {
     released: HashMap<i64, MoveState>,
 }
 
-impl Engine {
-    /// Starts the attempts the registry asks for; resets attempts a crash interrupted.
-    pub(super) async fn start_cutovers(&mut self, moves: &[Move]) {
-        let by_id: HashMap<i64, &Move> = moves.iter().map(|m| (m.id, m)).collect();
-        let ids: Vec<TenantId> = self.tenants.keys().cloned().collect();
-        for id in ids {
-            let Some(t) = self.tenants.get(&id) else {
-                continue;
-            };
-            let Some(mv) = by_id.get(&t.move_id).copied() else {
-                continue;
-            };
-            let running = self.cutovers.running.contains_key(&id);
-            if mv.state == MoveState::CuttingOver && !running {
-                tracing::warn!(tenant = %id, "a cutover attempt was interrupted; back to streaming");
-                self.set_state(
-                    mv.id,
-                    &id,
-                    MoveState::CuttingOver,
-                    MoveState::Streaming,
-                    Some("a cutover attempt was interrupted (daemon restart); it is retried"),
-                )
-                .await;
-                if let Some(t) = self.tenants.get_mut(&id) {
-                    t.state = MoveState::Streaming;
-                }
-                continue;
-            }
-            let ready = policy::Readiness {
-                state: t.state,
-                auto: mv.cutover_mode == CutoverMode::Auto,
-                requested: mv.cutover_requested,
-                lag_bytes: self.lag_bytes(&id),
-                attempt_running: running,
-                backoff_over: self
-                    .cutovers
-                    .backoff
-                    .get(&id)
-                    .is_none_or(|(_, at)| Instant::now() >= *at),
-                rereads_pending: !t.is_copied(),
-            };
-            if policy::may_start(&ready, &self.config.cutover).is_err() {
-                continue;
-            }
-            self.cutovers.tokens += 1;
-            let job = Job {
-                config: self.config.clone(),
-                mv: mv.clone(),
-                tables: t
-                    .tables
-                    .values()
-                    .map(|tm| FencedTable {
-                        chunk: tm.chunk.clone(),
-                        target: tm.target.clone(),
-                    })
-                    .collect(),
-                attempt: mv.cutover_attempts + 1,
-                token: self.run_id.wrapping_add(self.cutovers.tokens),
-            };
-            tracing::info!(tenant = %id, attempt = job.attempt, "cutover attempt");
-            self.cutovers.running.insert(id.clone(), Instant::now());
-            if let Some(t) = self.tenants.get_mut(&id) {
-                t.state = MoveState::CuttingOver;
-            }
-            let span = tracing::info_span!("cutover", tenant = %id, target = %job.mv.target);
-            tokio::spawn(tracing::Instrument::instrument(
-                cutover::run(job, self.cutover_tx.clone()),
-                span,
-            ));
+impl Cutovers {
+    pub fn new(config: Config, run_id: u64, tx: mpsc::UnboundedSender<CutoverMsg>) -> Cutovers {
+        Cutovers {
+            config,
+            run_id,
+            tx,
+            running: HashMap::new(),
+            waits: Vec::new(),
+            backoff: HashMap::new(),
+            tokens: 0,
+            reversing: HashMap::new(),
+            reverse_retry: HashMap::new(),
+            rolling_back: HashMap::new(),
+            cleaning: HashMap::new(),
+            released: HashMap::new(),
         }
+    }
+
+    pub fn is_running(&self, tenant: &TenantId) -> bool {
+        self.running.contains_key(tenant)
+    }
+
+    /// Starts an attempt for `mv` if the policy allows it now; returns whether it started
+    /// (the tenant is then `cutting_over`).
+    pub fn try_start(
+        &mut self,
+        mv: &Move,
+        c: Candidate<'_>,
+        tables: impl FnOnce() -> Vec<FencedTable>,
+    ) -> bool {
+        let ready = policy::Readiness {
+            state: c.state,
+            auto: mv.cutover_mode == CutoverMode::Auto,
+            requested: mv.cutover_requested,
+            lag_bytes: c.lag_bytes,
+            attempt_running: self.is_running(c.tenant),
+            backoff_over: self
+                .backoff
+                .get(c.tenant)
+                .is_none_or(|(_, at)| Instant::now() >= *at),
+            rereads_pending: !c.copied,
+        };
+        if policy::may_start(&ready, &self.config.cutover).is_err() {
+            return false;
+        }
+        self.tokens += 1;
+        let job = Job {
+            config: self.config.clone(),
+            mv: mv.clone(),
+            tables: tables(),
+            attempt: mv.cutover_attempts + 1,
+            token: self.run_id.wrapping_add(self.tokens),
+        };
+        tracing::info!(tenant = %c.tenant, attempt = job.attempt, "cutover attempt");
+        self.running.insert(c.tenant.clone(), Instant::now());
+        let span = tracing::info_span!("cutover", tenant = %c.tenant, target = %job.mv.target);
+        tokio::spawn(tracing::Instrument::instrument(
+            cutover::run(job, self.tx.clone()),
+            span,
+        ));
+        true
     }
 
     /// Keeps a reverse stream running for every cut-over move that has one, stops those of
     /// moves that are finished, and starts the rollbacks operators asked for.
-    pub(super) async fn run_reverse(&mut self, moves: &[Move]) {
+    pub async fn run_reverse(&mut self, registry: &Registry, control: &Client, moves: &[Move]) {
         let wanted: HashMap<i64, &Move> = moves
             .iter()
             .filter(|m| m.state == MoveState::CutOver && m.reverse_slot.is_some())
             .map(|m| (m.id, m))
             .collect();
         let gone: Vec<i64> = self
-            .cutovers
             .reversing
             .keys()
             .filter(|id| !wanted.contains_key(id))
             .copied()
             .collect();
         for id in gone {
-            if let Some(mut r) = self.cutovers.reversing.remove(&id) {
+            if let Some(mut r) = self.reversing.remove(&id) {
                 if let Some(stop) = r.stop.take() {
                     let _ = stop.send(());
                 }
@@ -153,28 +169,23 @@ impl Engine {
             }
         }
         for (id, mv) in wanted {
-            if let Some(r) = self.cutovers.reversing.get(&id) {
+            if let Some(r) = self.reversing.get(&id) {
                 if !r.task.is_finished() {
-                    if mv.rollback_requested && !self.cutovers.rolling_back.contains_key(&id) {
+                    if mv.rollback_requested && !self.rolling_back.contains_key(&id) {
                         self.start_rollback(mv);
                     }
                     continue;
                 }
-                let r = self
-                    .cutovers
-                    .reversing
-                    .remove(&id)
-                    .expect("looked up above");
+                let r = self.reversing.remove(&id).expect("looked up above");
                 match r.task.await {
                     Ok(Err(e)) => {
                         tracing::warn!(move_id = id, error = %e, "reverse replication failed; restarting");
                         metrics::counter!(crate::telemetry::REVERSE_FAILURES).increment(1);
                         // The old location stops following the new one: operators must see
                         // it on the move, not only in the log.
-                        if let Err(e) = self
-                            .registry
+                        if let Err(e) = registry
                             .note_error(
-                                &self.control,
+                                control,
                                 id,
                                 &format!("reverse replication (keeps the old location current for a rollback) failed; retrying: {e}"),
                             )
@@ -188,12 +199,10 @@ impl Engine {
                     }
                     Ok(Ok(())) => {}
                 }
-                self.cutovers
-                    .reverse_retry
+                self.reverse_retry
                     .insert(id, Instant::now() + std::time::Duration::from_secs(2));
             }
             if self
-                .cutovers
                 .reverse_retry
                 .get(&id)
                 .is_some_and(|at| Instant::now() < *at)
@@ -203,8 +212,7 @@ impl Engine {
             let Some(from) = mv.reverse_from else {
                 continue;
             };
-            let tables = match crate::layout::tenant_layout(&self.config, &self.control, mv, moves)
-                .await
+            let tables = match crate::layout::tenant_layout(&self.config, control, mv, moves).await
             {
                 Ok(t) => t
                     .into_iter()
@@ -212,8 +220,7 @@ impl Engine {
                     .collect::<Vec<_>>(),
                 Err(e) => {
                     tracing::warn!(move_id = id, error = %e, "reverse replication: reading the tenant's tables");
-                    self.cutovers
-                        .reverse_retry
+                    self.reverse_retry
                         .insert(id, Instant::now() + std::time::Duration::from_secs(5));
                     continue;
                 }
@@ -237,7 +244,7 @@ impl Engine {
                 ),
                 span,
             ));
-            self.cutovers.reversing.insert(
+            self.reversing.insert(
                 id,
                 Reversing {
                     stop: Some(stop_tx),
@@ -252,7 +259,7 @@ impl Engine {
     /// Lifts what cutover attempts left for moves that ended without a cutover (failed,
     /// paused, cancelled): armed fences and reverse slots. Once per move and state in this
     /// run (so once after every start, for moves that ended while the daemon was down).
-    pub(super) fn release_ended(&mut self, moves: &[Move]) {
+    pub fn release_ended(&mut self, moves: &[Move]) {
         let mut ended = Vec::new();
         for mv in moves.iter().filter(|m| {
             matches!(
@@ -260,8 +267,8 @@ impl Engine {
                 MoveState::Failed | MoveState::Paused | MoveState::Cancelled
             )
         }) {
-            if self.cutovers.released.get(&mv.id) != Some(&mv.state) {
-                self.cutovers.released.insert(mv.id, mv.state);
+            if self.released.get(&mv.id) != Some(&mv.state) {
+                self.released.insert(mv.id, mv.state);
                 ended.push(mv.clone());
             }
         }
@@ -282,7 +289,7 @@ impl Engine {
 
     /// Cleans up verified cut-over moves whose retention window is over (unless an
     /// operator asked for a rollback).
-    pub(super) fn auto_cleanup(&mut self, moves: &[Move]) {
+    pub fn auto_cleanup(&mut self, moves: &[Move]) {
         if !self.config.cutover.auto_cleanup {
             return;
         }
@@ -290,7 +297,6 @@ impl Engine {
             m.state == MoveState::CutOver && m.cleanup_due && m.verified && !m.rollback_requested
         }) {
             if self
-                .cutovers
                 .cleaning
                 .get(&mv.id)
                 .is_some_and(|at| Instant::now() < *at)
@@ -298,8 +304,7 @@ impl Engine {
                 continue;
             }
             // One try per hour at most: a failed cleanup leaves its error in the registry.
-            self.cutovers
-                .cleaning
+            self.cleaning
                 .insert(mv.id, Instant::now() + std::time::Duration::from_secs(3600));
             let (config, tenant, id) = (self.config.clone(), mv.tenant.clone(), mv.id);
             tracing::info!(%tenant, move_id = id, "retention window over: cleaning up the old location");
@@ -323,28 +328,27 @@ impl Engine {
     }
 
     fn start_rollback(&mut self, mv: &Move) {
-        let Some(r) = self.cutovers.reversing.get(&mv.id) else {
+        let Some(r) = self.reversing.get(&mv.id) else {
             return;
         };
         if self
-            .cutovers
             .backoff
             .get(&mv.tenant)
             .is_some_and(|(_, at)| Instant::now() < *at)
         {
             return;
         }
-        self.cutovers.tokens += 1;
+        self.tokens += 1;
         let job = reverse::RollbackJob {
             config: self.config.clone(),
             mv: mv.clone(),
             tables: r.tables.clone(),
-            token: self.run_id.wrapping_add(self.cutovers.tokens),
+            token: self.run_id.wrapping_add(self.tokens),
             reverse: r.waits.clone(),
         };
-        self.cutovers.rolling_back.insert(mv.id, Instant::now());
+        self.rolling_back.insert(mv.id, Instant::now());
         tracing::info!(tenant = %mv.tenant, move_id = mv.id, "rollback attempt");
-        let tx = self.cutover_tx.clone();
+        let tx = self.tx.clone();
         let attempt = mv.cutover_attempts + 1;
         tokio::spawn(async move {
             let outcome = reverse::rollback(&job).await;
@@ -357,35 +361,40 @@ impl Engine {
         });
     }
 
-    pub(super) fn on_cutover(&mut self, msg: CutoverMsg) {
+    /// A message of a running attempt; a finished cutover attempt says what becomes of its
+    /// tenant.
+    pub fn on_message(&mut self, msg: CutoverMsg) -> Option<Settled> {
         match msg {
             CutoverMsg::Wait {
                 token,
                 tenant,
                 reply,
-            } => self.cutovers.waits.push(CatchUpWait {
-                token,
-                tenant,
-                through: None,
-                reply,
-            }),
+            } => {
+                self.waits.push(CatchUpWait {
+                    token,
+                    tenant,
+                    through: None,
+                    reply,
+                });
+                None
+            }
             CutoverMsg::Finished {
                 tenant,
                 move_id,
                 outcome,
-            } => self.on_cutover_finished(tenant, move_id, outcome),
+            } => Some(self.on_finished(tenant, move_id, outcome)),
             CutoverMsg::RolledBack {
                 tenant,
                 move_id,
                 outcome,
             } => {
-                self.cutovers.rolling_back.remove(&move_id);
+                self.rolling_back.remove(&move_id);
                 count_attempt(&outcome, "rollback_");
                 match outcome {
                     Ok(Outcome::CutOver { pause, .. }) => {
                         tracing::info!(%tenant, move_id, pause_ms = pause.as_secs_f64() * 1e3, "rolled back");
-                        self.cutovers.backoff.remove(&tenant);
-                        if let Some(mut r) = self.cutovers.reversing.remove(&move_id) {
+                        self.backoff.remove(&tenant);
+                        if let Some(mut r) = self.reversing.remove(&move_id) {
                             if let Some(stop) = r.stop.take() {
                                 let _ = stop.send(());
                             }
@@ -400,19 +409,20 @@ impl Engine {
                         tracing::warn!(%tenant, error = %e, attempt = n, "rollback attempt failed");
                     }
                 }
+                None
             }
         }
     }
 
-    fn on_cutover_finished(
+    fn on_finished(
         &mut self,
         tenant: TenantId,
         move_id: i64,
         outcome: Result<Outcome, CutoverError>,
-    ) {
-        let started = self.cutovers.running.remove(&tenant);
+    ) -> Settled {
+        let started = self.running.remove(&tenant);
         count_attempt(&outcome, "");
-        self.cutovers.waits.retain(|w| w.tenant != tenant);
+        self.waits.retain(|w| w.tenant != tenant);
         let took = started.map(|s| s.elapsed().as_millis()).unwrap_or_default();
         match outcome {
             Ok(Outcome::CutOver {
@@ -431,11 +441,8 @@ impl Engine {
                     took_ms = took,
                     "cut over"
                 );
-                self.cutovers.backoff.remove(&tenant);
-                if let Some(t) = self.release(&tenant) {
-                    // Not a failure: nothing of the tenant may arrive any more.
-                    self.quarantine.remove(&t.id);
-                }
+                self.backoff.remove(&tenant);
+                Settled::CutOver(tenant)
             }
             Ok(Outcome::Aborted {
                 step,
@@ -451,27 +458,22 @@ impl Engine {
                     retry_in_ms = policy::backoff(n, &self.config.cutover).as_millis() as u64,
                     "cutover attempt aborted"
                 );
-                if let Some(t) = self.tenants.get_mut(&tenant) {
-                    t.state = MoveState::Streaming;
-                }
+                Settled::Streaming(tenant)
             }
             Ok(Outcome::Different { summary }) => {
                 tracing::error!(%tenant, %summary, "verification failed; the move failed");
-                self.release(&tenant);
+                Settled::Different(tenant)
             }
             Err(e) => {
                 let n = self.back_off(&tenant);
                 tracing::warn!(%tenant, error = %e, retry_in_ms = policy::backoff(n, &self.config.cutover).as_millis() as u64, "cutover attempt failed");
-                if let Some(t) = self.tenants.get_mut(&tenant) {
-                    t.state = MoveState::Streaming;
-                }
+                Settled::Streaming(tenant)
             }
         }
     }
 
     fn back_off(&mut self, tenant: &TenantId) -> u32 {
         let entry = self
-            .cutovers
             .backoff
             .entry(tenant.clone())
             .or_insert((0, Instant::now()));
@@ -480,63 +482,30 @@ impl Engine {
         entry.0
     }
 
-    /// The cutover marker `token` was read: everything before it is what must be applied.
-    pub(super) fn on_cutover_marker(&mut self, token: u64) {
-        let through = self.last_end;
-        for w in self.cutovers.waits.iter_mut().filter(|w| w.token == token) {
+    /// The cutover marker `token` was read after the transaction ending at `through`:
+    /// everything up to there is what must be applied.
+    pub fn on_marker(&mut self, token: u64, through: Lsn) {
+        for w in self.waits.iter_mut().filter(|w| w.token == token) {
             w.through = Some(through);
         }
-        self.answer_cutover_waits();
     }
 
-    /// Answers the waits whose tenant's target holds everything before their marker.
-    pub(super) fn answer_cutover_waits(&mut self) {
-        if self.cutovers.waits.is_empty() {
-            return;
-        }
+    /// Answers the waits whose marker was read and whose tenant's target `holds` everything
+    /// up to it; drops the waits nobody listens to any more.
+    pub fn answer_waits(&mut self, holds: impl Fn(&TenantId, Lsn) -> bool) {
         let mut i = 0;
-        while i < self.cutovers.waits.len() {
-            let w = &self.cutovers.waits[i];
+        while i < self.waits.len() {
+            let w = &self.waits[i];
             if w.reply.is_closed() {
-                self.cutovers.waits.swap_remove(i);
+                self.waits.swap_remove(i);
                 continue;
             }
-            // Rows waiting to be read again are not at the target yet: no answer (the
-            // attempt aborts at its budget) until they are.
-            let done = w.through.is_some_and(|through| {
-                self.tenants.get(&w.tenant).is_some_and(|t| {
-                    t.is_copied()
-                        && self
-                            .unacked
-                            .get(&t.destination.target)
-                            .and_then(|q| q.front())
-                            .is_none_or(|(end, _)| *end > through)
-                })
-            });
-            if done {
-                let w = self.cutovers.waits.swap_remove(i);
+            if w.through.is_some_and(|through| holds(&w.tenant, through)) {
+                let w = self.waits.swap_remove(i);
                 let _ = w.reply.send(());
             } else {
                 i += 1;
             }
-        }
-    }
-
-    /// How many bytes of WAL the tenant's target trails the stream by.
-    pub(super) fn lag_bytes(&self, tenant: &TenantId) -> u64 {
-        let Some(t) = self.tenants.get(tenant) else {
-            return 0;
-        };
-        let caught = self
-            .caught_up
-            .get(&t.destination.target)
-            .copied()
-            .unwrap_or(Lsn::INVALID)
-            .max(t.applied);
-        if self.last_end.is_valid() {
-            self.last_end.bytes_since(caught)
-        } else {
-            0
         }
     }
 }
@@ -614,4 +583,104 @@ fn count_attempt(outcome: &Result<Outcome, CutoverError>, prefix: &str) {
         Err(_) => "failed",
     };
     metrics::counter!(m::CUTOVER_ATTEMPTS, "result" => format!("{prefix}{result}")).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProcessEnv;
+    use crate::cutover::policy::Step;
+    use std::time::Duration;
+
+    fn cutovers() -> Cutovers {
+        let text = "[source]\nuser = \"u\"\ndbname = \"app\"\n";
+        let config = Config::from_toml(text, std::path::Path::new("t.toml"), &ProcessEnv).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Cutovers::new(config, 1, tx)
+    }
+
+    fn tenant(s: &str) -> TenantId {
+        TenantId::new(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_wait_is_answered_only_after_its_marker_once_the_target_holds_it() {
+        let mut c = cutovers();
+        let (reply, mut answered) = oneshot::channel();
+        let wait = CutoverMsg::Wait {
+            token: 7,
+            tenant: tenant("a"),
+            reply,
+        };
+        assert_eq!(c.on_message(wait), None);
+        // No marker read yet: nothing to compare with.
+        c.answer_waits(|_, _| true);
+        assert!(answered.try_recv().is_err());
+        // Another attempt's marker does not count.
+        c.on_marker(8, Lsn(500));
+        c.answer_waits(|_, _| true);
+        assert!(answered.try_recv().is_err());
+        c.on_marker(7, Lsn(500));
+        c.answer_waits(|t, through| *t == tenant("a") && through < Lsn(500));
+        assert!(
+            answered.try_recv().is_err(),
+            "the target does not hold 0/1F4 yet"
+        );
+        c.answer_waits(|t, through| *t == tenant("a") && through == Lsn(500));
+        assert!(answered.try_recv().is_ok());
+        assert!(c.waits.is_empty());
+        // A wait whose attempt gave up is dropped unanswered.
+        let (reply, gone) = oneshot::channel();
+        c.on_message(CutoverMsg::Wait {
+            token: 9,
+            tenant: tenant("b"),
+            reply,
+        });
+        drop(gone);
+        c.answer_waits(|_, _| false);
+        assert!(c.waits.is_empty());
+    }
+
+    #[test]
+    fn a_finished_attempt_settles_its_tenant_and_an_aborted_one_backs_off() {
+        let mut c = cutovers();
+        let finished = |t: &str, outcome| CutoverMsg::Finished {
+            tenant: tenant(t),
+            move_id: 1,
+            outcome,
+        };
+        let aborted = Outcome::Aborted {
+            step: Step::CatchUp,
+            reason: "over budget".into(),
+            pause: Some(Duration::from_millis(100)),
+        };
+        assert_eq!(
+            c.on_message(finished("a", Ok(aborted))),
+            Some(Settled::Streaming(tenant("a")))
+        );
+        let (n, at) = c.backoff[&tenant("a")];
+        assert!(n == 1 && at > Instant::now(), "the next attempt waits");
+        let done = Outcome::CutOver {
+            pause: Duration::from_millis(5),
+            lock_wait: Duration::ZERO,
+            catch_up: Duration::from_millis(2),
+            route_version: 3,
+        };
+        assert_eq!(
+            c.on_message(finished("a", Ok(done))),
+            Some(Settled::CutOver(tenant("a")))
+        );
+        assert!(!c.backoff.contains_key(&tenant("a")));
+        let different = Outcome::Different {
+            summary: "1 chunk".into(),
+        };
+        assert_eq!(
+            c.on_message(finished("b", Ok(different))),
+            Some(Settled::Different(tenant("b")))
+        );
+        assert_eq!(
+            c.on_message(finished("c", Err(CutoverError::AlreadyMoved))),
+            Some(Settled::Streaming(tenant("c")))
+        );
+    }
 }

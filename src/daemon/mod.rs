@@ -52,7 +52,7 @@ use crate::backfill::ChunkSpec;
 use crate::checkpoint::{Batch, SlotGap, SlotGate, SlotRecord, Store, Writer, Written};
 use crate::cluster::ClusterError;
 use crate::config::Config;
-use crate::cutover::CutoverMsg;
+use crate::cutover::{CutoverMsg, FencedTable};
 use crate::decode::{Message, Relation, RelationCache, RelationChange, RelationId};
 use crate::lsn::{CommitLsn, Lsn};
 use crate::registry::{self, Move, MoveState, Registry, Report};
@@ -63,6 +63,7 @@ use crate::tenant::{TargetId, TenantId};
 
 use crate::backfill::reader::{self, ChunkEvent, ChunkJob};
 use crate::backfill::table::{ChunkRows, High};
+use cutting::{Candidate, Cutovers, Settled};
 use moving::{Tenant, TenantRecord};
 use setup::Remembered;
 
@@ -149,8 +150,7 @@ struct Engine {
     /// check), oldest first for eviction.
     recent: HashMap<u32, Lsn>,
     recent_order: VecDeque<u32>,
-    cutovers: cutting::Cutovers,
-    cutover_tx: mpsc::UnboundedSender<CutoverMsg>,
+    cutovers: Cutovers,
 }
 
 /// Committed transactions remembered for the snapshot check; a transaction racing a low
@@ -294,6 +294,7 @@ async fn run_daemon(
         .as_nanos() as u64;
     let setup_slots = Arc::new(tokio::sync::Semaphore::new(config.moves.setup_concurrency));
     let assembler = Assembler::new(config.moves.max_txn_bytes);
+    let cutovers = Cutovers::new(config.clone(), run_id, cutover_tx);
     let mut engine = Engine {
         router: Router::new(config.tenancy.clone()),
         pool: reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
@@ -327,8 +328,7 @@ async fn run_daemon(
         stopped: Vec::new(),
         recent: HashMap::new(),
         recent_order: VecDeque::new(),
-        cutovers: cutting::Cutovers::default(),
-        cutover_tx,
+        cutovers,
     };
     tracing::debug!(
         ms = began.elapsed().as_millis() as u64,
@@ -852,9 +852,11 @@ impl Engine {
         }
         self.notice_new_tables(&moves).await?;
         self.start_cutovers(&moves).await;
-        self.run_reverse(&moves).await;
-        self.auto_cleanup(&moves);
-        self.release_ended(&moves);
+        self.cutovers
+            .run_reverse(&self.registry, &self.control, &moves)
+            .await;
+        self.cutovers.auto_cleanup(&moves);
+        self.cutovers.release_ended(&moves);
         let mut seen = BTreeSet::new();
         for mv in moves {
             if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {
@@ -1642,6 +1644,117 @@ impl Engine {
             if &t.destination.target == target {
                 t.retrying = reason.clone();
             }
+        }
+    }
+
+    /// Starts the cutover attempts the registry asks for; resets attempts a crash
+    /// interrupted (their fence transaction died with its connection).
+    async fn start_cutovers(&mut self, moves: &[Move]) {
+        let by_id: HashMap<i64, &Move> = moves.iter().map(|m| (m.id, m)).collect();
+        let ids: Vec<TenantId> = self.tenants.keys().cloned().collect();
+        for id in ids {
+            let Some(t) = self.tenants.get(&id) else {
+                continue;
+            };
+            let Some(mv) = by_id.get(&t.move_id).copied() else {
+                continue;
+            };
+            if mv.state == MoveState::CuttingOver && !self.cutovers.is_running(&id) {
+                tracing::warn!(tenant = %id, "a cutover attempt was interrupted; back to streaming");
+                self.set_state(
+                    mv.id,
+                    &id,
+                    MoveState::CuttingOver,
+                    MoveState::Streaming,
+                    Some("a cutover attempt was interrupted (daemon restart); it is retried"),
+                )
+                .await;
+                if let Some(t) = self.tenants.get_mut(&id) {
+                    t.state = MoveState::Streaming;
+                }
+                continue;
+            }
+            let candidate = Candidate {
+                tenant: &id,
+                state: t.state,
+                lag_bytes: self.lag_bytes(&id),
+                copied: t.is_copied(),
+            };
+            let tables = || {
+                t.tables
+                    .values()
+                    .map(|tm| FencedTable {
+                        chunk: tm.chunk.clone(),
+                        target: tm.target.clone(),
+                    })
+                    .collect()
+            };
+            if self.cutovers.try_start(mv, candidate, tables) {
+                if let Some(t) = self.tenants.get_mut(&id) {
+                    t.state = MoveState::CuttingOver;
+                }
+            }
+        }
+    }
+
+    /// A message of a cutover, rollback or its catch-up wait.
+    fn on_cutover(&mut self, msg: CutoverMsg) {
+        match self.cutovers.on_message(msg) {
+            Some(Settled::CutOver(tenant)) => {
+                if let Some(t) = self.release(&tenant) {
+                    // Not a failure: nothing of the tenant may arrive any more.
+                    self.quarantine.remove(&t.id);
+                }
+            }
+            Some(Settled::Streaming(tenant)) => {
+                if let Some(t) = self.tenants.get_mut(&tenant) {
+                    t.state = MoveState::Streaming;
+                }
+            }
+            Some(Settled::Different(tenant)) => {
+                self.release(&tenant);
+            }
+            None => {}
+        }
+    }
+
+    /// The cutover marker `token` was read: everything before it is what must be applied.
+    fn on_cutover_marker(&mut self, token: u64) {
+        self.cutovers.on_marker(token, self.last_end);
+        self.answer_cutover_waits();
+    }
+
+    /// Answers the catch-up waits whose tenant's target holds everything before their marker.
+    fn answer_cutover_waits(&mut self) {
+        let (tenants, unacked) = (&self.tenants, &self.unacked);
+        self.cutovers.answer_waits(|tenant, through| {
+            // Rows waiting to be read again are not at the target yet: no answer (the
+            // attempt aborts at its budget) until they are.
+            tenants.get(tenant).is_some_and(|t| {
+                t.is_copied()
+                    && unacked
+                        .get(&t.destination.target)
+                        .and_then(|q| q.front())
+                        .is_none_or(|(end, _)| *end > through)
+            })
+        });
+    }
+
+    /// How many bytes of WAL the tenant's target trails the stream by.
+    fn lag_bytes(&self, tenant: &TenantId) -> u64 {
+        let Some(t) = self.tenants.get(tenant) else {
+            return 0;
+        };
+        let caught = self
+            .caught_up
+            .get(&t.destination.target)
+            .copied()
+            .unwrap_or(Lsn::INVALID)
+            .max(t.applied);
+        if self.last_end.is_valid() {
+            self.last_end.bytes_since(caught)
+        } else {
+            0
         }
     }
 

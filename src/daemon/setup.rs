@@ -15,11 +15,11 @@ use tokio_postgres::Client;
 
 use super::error::MoveError;
 use super::moving::{Tenant, TenantRecord};
-use crate::backfill::table::{CopyState, TableMove};
 use crate::apply::progress::{
     ensure_progress_table, forget_progress, read_resume_progress, Progress,
 };
 use crate::backfill::chunk::ChunkTable;
+use crate::backfill::table::{CopyState, TableMove};
 use crate::checkpoint::SlotGap;
 use crate::cluster::ClusterError;
 use crate::config::Config;
