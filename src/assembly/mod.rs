@@ -146,8 +146,13 @@ impl Transaction {
     ) -> Result<(), Overflow> {
         let added = work.weight() as u64;
         self.work_of(target, tenant).push(work);
-        let held = self.held.entry(tenant.clone()).or_insert(0);
-        *held += added;
+        // Looked up before inserting, as in `work_of`: no identifier cloned per change.
+        match self.held.get_mut(tenant) {
+            Some(held) => *held += added,
+            None => {
+                self.held.insert(tenant.clone(), added);
+            }
+        }
         self.held_total += added;
         if self.held_total > self.limit {
             // One transaction over N moving tenants holds the bound once, not N times: the
