@@ -22,6 +22,7 @@
 pub mod chunk;
 pub mod pace;
 pub mod reader;
+pub mod scheduler;
 pub mod table;
 
 use std::collections::BTreeSet;

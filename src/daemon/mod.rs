@@ -48,7 +48,6 @@ use crate::apply::Work;
 use crate::assembly::images::{Images, Planned};
 use crate::assembly::{Assembler, Transaction};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
-use crate::backfill::ChunkSpec;
 use crate::checkpoint::{Batch, SlotGap, SlotGate, SlotRecord, Store, Writer, Written};
 use crate::cluster::ClusterError;
 use crate::config::Config;
@@ -61,7 +60,8 @@ use crate::source::{self, ReplicationStream, SourceError, SourceEvent, StreamSet
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
-use crate::backfill::reader::{self, ChunkEvent, ChunkJob};
+use crate::backfill::reader::{self, ChunkEvent};
+use crate::backfill::scheduler::{Reading, Scheduler};
 use crate::backfill::table::{ChunkRows, High};
 use cutting::{Candidate, Cutovers, Settled};
 use moving::{Tenant, TenantRecord};
@@ -123,7 +123,6 @@ struct Engine {
     global_tables: BTreeSet<QualifiedName>,
     appliers: BTreeMap<TargetId, applier::Applier>,
     apply_events: mpsc::UnboundedSender<ApplyEvent>,
-    chunk_events: mpsc::UnboundedSender<ChunkEvent>,
     chunk_rx: mpsc::UnboundedReceiver<ChunkEvent>,
     setup_events: mpsc::UnboundedSender<(Move, Result<Tenant, Error>)>,
     setting_up: HashSet<TenantId>,
@@ -135,7 +134,7 @@ struct Engine {
     released: BTreeMap<TenantId, Lsn>,
     retry_setup_after: BTreeMap<TenantId, Instant>,
     quarantine: Quarantine,
-    pool: Arc<reader::Pool>,
+    chunks: Scheduler,
     tracker: DurableTracker,
     assembler: Assembler,
     last_end: Lsn,
@@ -143,7 +142,6 @@ struct Engine {
     unacked: BTreeMap<TargetId, VecDeque<(Lsn, i64)>>,
     /// Per target: every transaction up to here is durable there or did not concern it.
     caught_up: BTreeMap<TargetId, Lsn>,
-    rotation: usize,
     /// Tenants stopped and not yet recorded in the registry: (move, tenant, from, to, why).
     stopped: Vec<(i64, TenantId, MoveState, MoveState, String)>,
     /// Recently committed source transactions: xid → commit end (for the chunk snapshot
@@ -297,7 +295,13 @@ async fn run_daemon(
     let cutovers = Cutovers::new(config.clone(), run_id, cutover_tx);
     let mut engine = Engine {
         router: Router::new(config.tenancy.clone()),
-        pool: reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
+        chunks: Scheduler::new(
+            reader::Pool::new(config.source.clone(), config.moves.backfill_rows_per_sec),
+            chunk_tx,
+            run_id,
+            config.moves.backfill_workers,
+            config.moves.chunk_rows,
+        ),
         config,
         store,
         checkpoints,
@@ -311,7 +315,6 @@ async fn run_daemon(
         global_tables: BTreeSet::new(),
         appliers: BTreeMap::new(),
         apply_events: apply_tx,
-        chunk_events: chunk_tx,
         chunk_rx,
         setup_events: setup_tx,
         setting_up: HashSet::new(),
@@ -324,7 +327,6 @@ async fn run_daemon(
         last_end: Lsn::INVALID,
         unacked: BTreeMap::new(),
         caught_up: BTreeMap::new(),
-        rotation: 0,
         stopped: Vec::new(),
         recent: HashMap::new(),
         recent_order: VecDeque::new(),
@@ -1764,63 +1766,19 @@ impl Engine {
         if self.tracker.outstanding() >= self.config.moves.max_inflight_txns {
             return;
         }
-        let workers = self.config.moves.backfill_workers;
-        let mut open: usize = self
+        let tenants = self
             .tenants
-            .values()
-            .flat_map(|t| t.tables.values())
-            .filter(|tm| tm.copy.in_flight().is_some())
-            .count();
-        if open >= workers || self.tenants.is_empty() {
-            return;
-        }
-        let ids: Vec<TenantId> = self.tenants.keys().cloned().collect();
-        let n = ids.len();
-        self.rotation = (self.rotation + 1) % n;
-        for k in 0..n {
-            let id = &ids[(self.rotation + k) % n];
-            let t = self.tenants.get_mut(id).expect("listed above");
-            // After the copy, a tenant still reads rows again that arrived without their
-            // TOAST values (a row moved into it from another tenant), up to the flip.
-            if !matches!(
-                t.state,
-                MoveState::Copying | MoveState::Streaming | MoveState::CuttingOver
-            ) {
-                continue;
-            }
-            for (name, tm) in t.tables.iter_mut() {
-                if open >= workers {
-                    return;
-                }
-                if tm.copy.in_flight().is_some() {
-                    continue;
-                }
-                if let Some((chunk, spec)) = tm.copy.next_chunk(self.config.moves.chunk_rows) {
-                    open += 1;
-                    let follow = match spec {
-                        ChunkSpec::Range { .. } => {
-                            let (tx, rx) = tokio::sync::watch::channel(0);
-                            tm.follow = Some(tx);
-                            Some(rx)
-                        }
-                        ChunkSpec::Keys(_) => None,
-                    };
-                    reader::spawn(
-                        ChunkJob {
-                            run: self.run_id,
-                            tenant: id.clone(),
-                            table: name.clone(),
-                            chunk,
-                            spec,
-                            layout: tm.chunk.clone(),
-                            follow,
-                        },
-                        self.pool.clone(),
-                        self.chunk_events.clone(),
-                    );
-                }
-            }
-        }
+            .iter_mut()
+            .map(|(id, t)| Reading {
+                tenant: id,
+                may_read: matches!(
+                    t.state,
+                    MoveState::Copying | MoveState::Streaming | MoveState::CuttingOver
+                ),
+                tables: &mut t.tables,
+            })
+            .collect();
+        self.chunks.schedule(tenants);
     }
 
     /// Tenants whose copy the target now holds entirely become in sync (`streaming`).
