@@ -338,6 +338,42 @@ impl TableMove {
     }
 }
 
+/// Source transactions that committed recently: xid → where the commit ended, for the
+/// snapshot check at a high watermark ([`TableMove::on_high`]). A transaction racing a low
+/// watermark committed just before it, so a bounded memory (oldest forgotten first) is
+/// enough; xids wrap around, and a reused one simply overwrites the old entry.
+#[derive(Debug)]
+pub struct RecentCommits {
+    at: std::collections::HashMap<u32, Lsn>,
+    order: std::collections::VecDeque<u32>,
+    capacity: usize,
+}
+
+impl RecentCommits {
+    pub fn new(capacity: usize) -> RecentCommits {
+        RecentCommits {
+            at: std::collections::HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            capacity,
+        }
+    }
+
+    pub fn insert(&mut self, xid: u32, end: Lsn) {
+        self.at.insert(xid, end);
+        self.order.push_back(xid);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.at.remove(&old);
+            }
+        }
+    }
+
+    /// Where `xid` committed, if it is remembered.
+    pub fn get(&self, xid: u32) -> Option<Lsn> {
+        self.at.get(&xid).copied()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,5 +617,16 @@ mod tests {
         assert!(!tm.on_read_failed(chunk + 7));
         assert!(tm.on_read_failed(chunk));
         assert_eq!(tm.copy.in_flight(), None);
+    }
+
+    #[test]
+    fn recent_commits_forget_the_oldest_beyond_their_capacity() {
+        let mut r = RecentCommits::new(2);
+        r.insert(1, Lsn(10));
+        r.insert(2, Lsn(20));
+        assert_eq!((r.get(1), r.get(2)), (Some(Lsn(10)), Some(Lsn(20))));
+        r.insert(3, Lsn(30));
+        assert_eq!((r.get(1), r.get(3)), (None, Some(Lsn(30))));
+        assert_eq!(r.get(4), None);
     }
 }

@@ -62,7 +62,7 @@ use crate::tenant::{TargetId, TenantId};
 
 use crate::backfill::reader::{self, ChunkEvent};
 use crate::backfill::scheduler::{Reading, Scheduler};
-use crate::backfill::table::{ChunkRows, High};
+use crate::backfill::table::{ChunkRows, High, RecentCommits};
 use cutting::{Candidate, Cutovers, Settled};
 use moving::{Tenant, TenantRecord};
 use setup::Remembered;
@@ -144,10 +144,8 @@ struct Engine {
     caught_up: BTreeMap<TargetId, Lsn>,
     /// Tenants stopped and not yet recorded in the registry: (move, tenant, from, to, why).
     stopped: Vec<(i64, TenantId, MoveState, MoveState, String)>,
-    /// Recently committed source transactions: xid → commit end (for the chunk snapshot
-    /// check), oldest first for eviction.
-    recent: HashMap<u32, Lsn>,
-    recent_order: VecDeque<u32>,
+    /// Recently committed source transactions (for the chunk snapshot check).
+    recent: RecentCommits,
     cutovers: Cutovers,
 }
 
@@ -328,8 +326,7 @@ async fn run_daemon(
         unacked: BTreeMap::new(),
         caught_up: BTreeMap::new(),
         stopped: Vec::new(),
-        recent: HashMap::new(),
-        recent_order: VecDeque::new(),
+        recent: RecentCommits::new(RECENT_COMMITS),
         cutovers,
     };
     tracing::debug!(
@@ -1433,12 +1430,6 @@ impl Engine {
         }
         let mut failures = Vec::new();
         self.recent.insert(txn.xid(), end);
-        self.recent_order.push_back(txn.xid());
-        while self.recent_order.len() > RECENT_COMMITS {
-            if let Some(old) = self.recent_order.pop_front() {
-                self.recent.remove(&old);
-            }
-        }
         for w in marks {
             if let Err(failed) = self.on_watermark(w, end, &mut txn) {
                 failures.push(*failed);
@@ -1527,7 +1518,7 @@ impl Engine {
             Mark::High => {
                 let recent = &self.recent;
                 let high = tm
-                    .on_high(w.chunk, chunk_rows, |xid| recent.get(&xid).copied())
+                    .on_high(w.chunk, chunk_rows, |xid| recent.get(xid))
                     .map_err(|e| Box::new((tenant.clone(), Error::Move(e.into()))))?;
                 match high {
                     High::Raced => {
