@@ -658,21 +658,9 @@ async fn catch_up(
             pause.aborted(Step::CatchUp, "the pipeline is stopping".into()),
         ));
     }
-    // Bounded: a source that stops answering must not hold the attempt (the server ends
-    // the fence's session by itself, see `bound_by_server`).
-    match tokio::time::timeout(clock.budget, mark(tx, flusher, job.token)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Ok(Some(pause.aborted(
-                Step::CatchUp,
-                "the marker could not be written within the pause budget".into(),
-            )))
-        }
-    }
-    let Some(wait) = clock.catch_up(pause.elapsed()) else {
-        return Ok(Some(
-            pause.aborted(Step::CatchUp, "no time left to catch up".into()),
-        ));
+    let wait = match mark_in_budget(tx, flusher, job.token, clock, pause).await? {
+        Ok(wait) => wait,
+        Err(aborted) => return Ok(Some(aborted)),
     };
     match tokio::time::timeout(wait, reply_rx).await {
         Ok(Ok(())) => {}
@@ -692,6 +680,34 @@ async fn catch_up(
         }
     }
     Ok(None)
+}
+
+/// Writes the marker `token` in the fence's transaction, within the pause budget, and
+/// returns how long the catch-up may then wait for it to be answered (`Err`: the attempt's
+/// end, aborted). Bounded: a source that stops answering must not hold the attempt (the
+/// server ends the fence's session by itself, see `bound_by_server`).
+async fn mark_in_budget(
+    tx: &tokio_postgres::Transaction<'_>,
+    flusher: &Client,
+    token: u64,
+    clock: &policy::Clock,
+    pause: &Pause,
+) -> Result<Result<Duration, Outcome>, Error> {
+    match tokio::time::timeout(clock.budget, mark(tx, flusher, token)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Ok(Err(pause.aborted(
+                Step::CatchUp,
+                "the marker could not be written within the pause budget".into(),
+            )))
+        }
+    }
+    match clock.catch_up(pause.elapsed()) {
+        Some(wait) => Ok(Ok(wait)),
+        None => Ok(Err(
+            pause.aborted(Step::CatchUp, "no time left to catch up".into())
+        )),
+    }
 }
 
 /// The flip: the tenant's route names the target from the commit on. Returns the route's

@@ -546,21 +546,9 @@ async fn catch_up(
             "reverse replication is not running".into(),
         )));
     }
-    // Bounded: a source that stops answering must not hold the attempt (the server ends
-    // the fence's session by itself, see `bound_by_server`).
-    match tokio::time::timeout(clock.budget, super::mark(tx, flusher, job.token)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Ok(Some(pause.aborted(
-                Step::CatchUp,
-                "the marker could not be written within the pause budget".into(),
-            )))
-        }
-    }
-    let Some(wait) = clock.catch_up(pause.elapsed()) else {
-        return Ok(Some(
-            pause.aborted(Step::CatchUp, "no time left to catch up".into()),
-        ));
+    let wait = match super::mark_in_budget(tx, flusher, job.token, clock, pause).await? {
+        Ok(wait) => wait,
+        Err(aborted) => return Ok(Some(aborted)),
     };
     match tokio::time::timeout(wait, answered).await {
         Ok(Ok(())) => {}
