@@ -8,9 +8,9 @@
 //!   target still owes, however far other targets have got: the slot position is the minimum
 //!   over targets, never a maximum.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::lsn::CommitLsn;
+use crate::lsn::{CommitLsn, Lsn};
 use crate::tenant::TargetId;
 
 #[derive(Debug)]
@@ -77,6 +77,99 @@ impl DurableTracker {
     /// Transactions handed out and not yet durable everywhere.
     pub fn outstanding(&self) -> usize {
         self.queue.len()
+    }
+}
+
+/// Per target, the source transactions handed over and not applied there yet (commit end
+/// and commit time, oldest first), and how far the target is *caught up*: it holds every
+/// transaction up to there that concerned it, and the rest did not. Lag is measured from
+/// these; what may be confirmed is the tracker's business.
+#[derive(Debug, Default)]
+pub struct Handover {
+    targets: BTreeMap<TargetId, Handed>,
+}
+
+#[derive(Debug, Default)]
+struct Handed {
+    queue: VecDeque<(Lsn, i64)>,
+    caught_up: Lsn,
+}
+
+impl Handover {
+    /// Starts counting for `target` (if new): nothing before `at` was its to apply.
+    pub fn add_target(&mut self, target: &TargetId, at: Lsn) {
+        if !self.targets.contains_key(target) {
+            let handed = Handed {
+                queue: VecDeque::new(),
+                caught_up: at,
+            };
+            self.targets.insert(target.clone(), handed);
+        }
+    }
+
+    /// The transaction ending at `end`, committed at `time` (µs since 2000), was handed to
+    /// `target`.
+    pub fn handed(&mut self, target: TargetId, end: Lsn, time: i64) {
+        self.targets
+            .entry(target)
+            .or_default()
+            .queue
+            .push_back((end, time));
+    }
+
+    /// The transaction ending at `end` was handed out: every target that owes nothing
+    /// holds everything up to it.
+    pub fn committed(&mut self, end: Lsn) {
+        for h in self.targets.values_mut() {
+            if h.queue.is_empty() {
+                h.caught_up = end;
+            }
+        }
+    }
+
+    /// `target` applied everything it was handed up to `up_to`; returns how many handed
+    /// transactions that settled.
+    pub fn applied(&mut self, target: &TargetId, up_to: Lsn) -> usize {
+        let h = match self.targets.get_mut(target) {
+            Some(h) => h,
+            None => self.targets.entry(target.clone()).or_default(),
+        };
+        let before = h.queue.len();
+        while h.queue.front().is_some_and(|(end, _)| *end <= up_to) {
+            h.queue.pop_front();
+        }
+        h.caught_up = h.caught_up.max(up_to);
+        before - h.queue.len()
+    }
+
+    /// The oldest transaction `target` still owes: (commit end, commit time).
+    pub fn oldest(&self, target: &TargetId) -> Option<(Lsn, i64)> {
+        self.targets
+            .get(target)
+            .and_then(|h| h.queue.front().copied())
+    }
+
+    /// How many transactions `target` owes.
+    pub fn owed(&self, target: &TargetId) -> usize {
+        self.targets.get(target).map_or(0, |h| h.queue.len())
+    }
+
+    /// How far `target` is caught up (`Lsn::INVALID` for a target not counted).
+    pub fn caught_up(&self, target: &TargetId) -> Lsn {
+        self.targets
+            .get(target)
+            .map_or(Lsn::INVALID, |h| h.caught_up)
+    }
+
+    /// Per target: how many transactions it owes and the oldest one's end (for logs).
+    pub fn summary(&self) -> Vec<(String, usize, Option<String>)> {
+        self.targets
+            .iter()
+            .map(|(t, h)| {
+                let oldest = h.queue.front().map(|(end, _)| end.to_string());
+                (t.to_string(), h.queue.len(), oldest)
+            })
+            .collect()
     }
 }
 
@@ -161,5 +254,30 @@ mod tests {
             }
             prop_assert_eq!(d.confirmable(), model);
         }
+    }
+
+    #[test]
+    fn a_target_is_caught_up_when_it_owes_nothing_and_lag_counts_from_its_start() {
+        let (a, b) = (TargetId::new("a").unwrap(), TargetId::new("b").unwrap());
+        let mut h = Handover::default();
+        h.add_target(&a, Lsn(50));
+        h.add_target(&a, Lsn(70));
+        assert_eq!(h.caught_up(&a), Lsn(50), "counted from the first start");
+        h.handed(a.clone(), Lsn(100), 1);
+        h.committed(Lsn(100));
+        assert_eq!(h.caught_up(&a), Lsn(50), "a owes 100");
+        h.add_target(&b, Lsn(100));
+        h.committed(Lsn(120));
+        assert_eq!(h.caught_up(&b), Lsn(120), "b owes nothing");
+        h.handed(a.clone(), Lsn(130), 2);
+        assert_eq!(h.oldest(&a), Some((Lsn(100), 1)));
+        assert_eq!(h.applied(&a, Lsn(110)), 1);
+        assert_eq!(h.caught_up(&a), Lsn(110));
+        assert_eq!((h.owed(&a), h.oldest(&a)), (1, Some((Lsn(130), 2))));
+        assert_eq!(h.applied(&a, Lsn(130)), 1);
+        h.committed(Lsn(140));
+        assert_eq!(h.caught_up(&a), Lsn(140));
+        assert_eq!(h.caught_up(&TargetId::new("c").unwrap()), Lsn::INVALID);
+        assert_eq!(h.summary().len(), 2);
     }
 }

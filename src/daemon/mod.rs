@@ -34,7 +34,7 @@ mod setup;
 
 pub use error::{Error, ErrorClass, MoveError};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use crate::apply::applier::{self, ApplierConfig, ApplyEvent, Quarantine};
-use crate::apply::durable::DurableTracker;
+use crate::apply::durable::{DurableTracker, Handover};
 use crate::apply::writer::{RowChange, RowShape};
 use crate::apply::Work;
 use crate::assembly::images::{Images, Planned};
@@ -138,10 +138,8 @@ struct Engine {
     tracker: DurableTracker,
     assembler: Assembler,
     last_end: Lsn,
-    /// Per target: (end, commit time) of transactions handed over and not yet durable.
-    unacked: BTreeMap<TargetId, VecDeque<(Lsn, i64)>>,
-    /// Per target: every transaction up to here is durable there or did not concern it.
-    caught_up: BTreeMap<TargetId, Lsn>,
+    /// Per target: what was handed over and not applied yet, and how far it is caught up.
+    handover: Handover,
     /// Tenants stopped and not yet recorded in the registry: (move, tenant, from, to, why).
     stopped: Vec<(i64, TenantId, MoveState, MoveState, String)>,
     /// Recently committed source transactions (for the chunk snapshot check).
@@ -323,8 +321,7 @@ async fn run_daemon(
         tracker: DurableTracker::new(CommitLsn::NONE),
         assembler,
         last_end: Lsn::INVALID,
-        unacked: BTreeMap::new(),
-        caught_up: BTreeMap::new(),
+        handover: Handover::default(),
         stopped: Vec::new(),
         recent: RecentCommits::new(RECENT_COMMITS),
         cutovers,
@@ -1007,9 +1004,7 @@ impl Engine {
         self.retry_setup_after.remove(&mv.tenant);
         let target = tenant.destination.target.clone();
         // Lag is measured from here: nothing before this point was this target's to apply.
-        self.unacked.entry(target.clone()).or_default();
-        let last_end = self.last_end;
-        self.caught_up.entry(target.clone()).or_insert(last_end);
+        self.handover.add_target(&target, self.last_end);
         if !self.appliers.contains_key(&target) {
             let endpoint = self.config.targets[&target].clone();
             let a = applier::spawn(
@@ -1470,16 +1465,9 @@ impl Engine {
                 }
                 .into());
             }
-            self.unacked
-                .entry(target)
-                .or_default()
-                .push_back((end, commit_time));
+            self.handover.handed(target, end, commit_time);
         }
-        for (target, q) in self.unacked.iter() {
-            if q.is_empty() {
-                self.caught_up.insert(target.clone(), end);
-            }
-        }
+        self.handover.committed(end);
         self.tracker.on_commit(commit, targets);
         self.last_end = end;
         Ok(())
@@ -1588,17 +1576,10 @@ impl Engine {
             } => {
                 self.tracker.on_applied(&target, up_to);
                 let up_to = up_to.lsn();
-                if let Some(q) = self.unacked.get_mut(&target) {
-                    let before = q.len();
-                    while q.front().is_some_and(|(end, _)| *end <= up_to) {
-                        q.pop_front();
-                    }
-                    metrics::counter!(crate::telemetry::APPLIED_TRANSACTIONS, "target" => target.to_string())
-                        .increment((before - q.len()) as u64);
-                }
+                let settled = self.handover.applied(&target, up_to);
+                metrics::counter!(crate::telemetry::APPLIED_TRANSACTIONS, "target" => target.to_string())
+                    .increment(settled as u64);
                 self.set_retrying(&target, None);
-                let caught = self.caught_up.entry(target).or_insert(Lsn::INVALID);
-                *caught = (*caught).max(up_to);
                 let mut batch = Batch::new();
                 for (tenant, lsn) in tenants {
                     if let Some(t) = self.tenants.get_mut(&tenant) {
@@ -1719,16 +1700,15 @@ impl Engine {
 
     /// Answers the catch-up waits whose tenant's target holds everything before their marker.
     fn answer_cutover_waits(&mut self) {
-        let (tenants, unacked) = (&self.tenants, &self.unacked);
+        let (tenants, handover) = (&self.tenants, &self.handover);
         self.cutovers.answer_waits(|tenant, through| {
             // Rows waiting to be read again are not at the target yet: no answer (the
             // attempt aborts at its budget) until they are.
             tenants.get(tenant).is_some_and(|t| {
                 t.is_copied()
-                    && unacked
-                        .get(&t.destination.target)
-                        .and_then(|q| q.front())
-                        .is_none_or(|(end, _)| *end > through)
+                    && handover
+                        .oldest(&t.destination.target)
+                        .is_none_or(|(end, _)| end > through)
             })
         });
     }
@@ -1739,10 +1719,8 @@ impl Engine {
             return 0;
         };
         let caught = self
-            .caught_up
-            .get(&t.destination.target)
-            .copied()
-            .unwrap_or(Lsn::INVALID)
+            .handover
+            .caught_up(&t.destination.target)
             .max(t.applied);
         if self.last_end.is_valid() {
             self.last_end.bytes_since(caught)
@@ -1826,7 +1804,7 @@ impl Engine {
             last_end = %self.last_end,
             confirmable = %self.tracker.confirmable(),
             outstanding = self.tracker.outstanding(),
-            unacked = ?self.unacked.iter().map(|(t, q)| (t.to_string(), q.len(), q.front().map(|f| f.0.to_string()))).collect::<Vec<_>>(),
+            owed = ?self.handover.summary(),
             "pipeline"
         );
         let now = pg_now();
@@ -1849,12 +1827,7 @@ impl Engine {
         let mut reports = Vec::new();
         for t in self.tenants.values() {
             let target = &t.destination.target;
-            let caught = self
-                .caught_up
-                .get(target)
-                .copied()
-                .unwrap_or(Lsn::INVALID)
-                .max(t.applied);
+            let caught = self.handover.caught_up(target).max(t.applied);
             let lag_bytes = if self.last_end.is_valid() {
                 self.last_end.bytes_since(caught)
             } else {
@@ -1862,16 +1835,15 @@ impl Engine {
             };
             // What the tenant holds back: while its target owes transactions, everything
             // the source wrote since the target's position (the slot cannot move past it).
-            let owes = self.unacked.get(target).is_some_and(|q| !q.is_empty());
+            let owes = self.handover.owed(target) > 0;
             let held = if owes && source_at.is_valid() {
                 source_at.bytes_since(caught).max(lag_bytes)
             } else {
                 lag_bytes
             };
             let lag_seconds = self
-                .unacked
-                .get(target)
-                .and_then(|q| q.front())
+                .handover
+                .oldest(target)
                 .map(|(_, at)| ((now - at) as f64 / 1e6).max(0.0))
                 .unwrap_or(0.0);
             if held > budget {

@@ -195,21 +195,23 @@ mod tests {
         )
     }
 
+    /// The persisted state of a tenant whose one table (`public.orders`) stands at `cursor`.
+    fn orders_state(cursor: Cursor, requeued: Vec<Key>, rows_copied: i64) -> CopyState {
+        let table = TableState { cursor, requeued };
+        CopyState {
+            tables: [("public.orders".to_string(), table)].into(),
+            rows_copied,
+        }
+    }
+
     #[test]
     fn copy_state_round_trips_through_the_target_text() {
         let mut t = tenant();
-        let name = QualifiedName::parse("public.orders").unwrap();
-        let state = CopyState {
-            tables: [(
-                name.to_string(),
-                TableState {
-                    cursor: Cursor::After(vec![KeyValue::Int(7), KeyValue::Int(500)]),
-                    requeued: vec![vec![KeyValue::Int(7), KeyValue::Int(3)]],
-                },
-            )]
-            .into(),
-            rows_copied: 12,
-        };
+        let state = orders_state(
+            Cursor::After(vec![KeyValue::Int(7), KeyValue::Int(500)]),
+            vec![vec![KeyValue::Int(7), KeyValue::Int(3)]],
+            12,
+        );
         let text = state.to_json();
         t.restore(Some(CopyState::parse(&text).unwrap()), Lsn(100));
         assert_eq!(t.copy_state(), state);
@@ -251,18 +253,7 @@ mod tests {
     #[test]
     fn a_tenant_restored_with_its_copy_complete_is_synced_at_its_position() {
         let mut t = tenant();
-        let name = QualifiedName::parse("public.orders").unwrap();
-        let state = CopyState {
-            tables: [(
-                name.to_string(),
-                TableState {
-                    cursor: Cursor::End,
-                    requeued: Vec::new(),
-                },
-            )]
-            .into(),
-            rows_copied: 5,
-        };
+        let state = orders_state(Cursor::End, Vec::new(), 5);
         t.applied = Lsn(300);
         t.restore(Some(state), Lsn(300));
         assert!(t.is_copied() && t.is_synced());
