@@ -307,17 +307,7 @@ async fn copy_format(
     types: &[Type],
 ) -> Result<(CopyFormat, Vec<u32>), Error> {
     let nkeys = job.layout.key.len();
-    let sql = job
-        .layout
-        .query(job.tenant.as_str(), &job.spec, CopyFormat::Binary)
-        .0;
-    let st = tx
-        .prepare_typed(&sql, types)
-        .await
-        .map_err(ClusterError::sql(format!(
-            "preparing the chunk query on {}",
-            job.table
-        )))?;
+    let st = prepare_chunk(tx, job, types, CopyFormat::Binary).await?;
     let values = &st.columns()[nkeys.min(st.columns().len())..];
     let f = CopyFormat::for_type_oids(values.iter().map(|c| c.type_().oid()));
     let key_oids: Vec<u32> = job
@@ -327,6 +317,25 @@ async fn copy_format(
         .map(|(i, _)| values.get(*i).map_or(0, |c| c.type_().oid()))
         .collect();
     Ok((f, key_oids))
+}
+
+/// The chunk's SELECT, with its values rendered in `format`, prepared with the key
+/// parameters' `types`.
+async fn prepare_chunk(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: &ChunkJob,
+    types: &[Type],
+    format: CopyFormat,
+) -> Result<tokio_postgres::Statement, Error> {
+    let sql = job.layout.query(job.tenant.as_str(), &job.spec, format).0;
+    let statement = tx
+        .prepare_typed(&sql, types)
+        .await
+        .map_err(ClusterError::sql(format!(
+            "preparing the chunk query on {}",
+            job.table
+        )))?;
+    Ok(statement)
 }
 
 fn bad_key(job: &ChunkJob) -> Error {
@@ -401,17 +410,7 @@ async fn read_text(
     let width = job.layout.columns.len();
     let mut rows = RowBuffer::new(CopyFormat::Text);
     let mut keys = Vec::new();
-    let sql = job
-        .layout
-        .query(job.tenant.as_str(), &job.spec, CopyFormat::Text)
-        .0;
-    let statement = tx
-        .prepare_typed(&sql, types)
-        .await
-        .map_err(ClusterError::sql(format!(
-            "preparing the chunk query on {}",
-            job.table
-        )))?;
+    let statement = prepare_chunk(tx, job, types, CopyFormat::Text).await?;
     if statement.columns().len() != nkeys + width {
         return Err(bad_key(job));
     }

@@ -1715,13 +1715,21 @@ impl Engine {
 
     /// How many bytes of WAL the tenant's target trails the stream by.
     fn lag_bytes(&self, tenant: &TenantId) -> u64 {
-        let Some(t) = self.tenants.get(tenant) else {
-            return 0;
-        };
-        let caught = self
-            .handover
+        self.tenants
+            .get(tenant)
+            .map_or(0, |t| self.lag_behind(self.caught_up(t)))
+    }
+
+    /// How far `t` is known to hold the stream: its target's catch-up or its own applied
+    /// position, whichever is further.
+    fn caught_up(&self, t: &Tenant) -> Lsn {
+        self.handover
             .caught_up(&t.destination.target)
-            .max(t.applied);
+            .max(t.applied)
+    }
+
+    /// Bytes of WAL from `caught` to the end of the last transaction read (none before one).
+    fn lag_behind(&self, caught: Lsn) -> u64 {
         if self.last_end.is_valid() {
             self.last_end.bytes_since(caught)
         } else {
@@ -1827,12 +1835,8 @@ impl Engine {
         let mut reports = Vec::new();
         for t in self.tenants.values() {
             let target = &t.destination.target;
-            let caught = self.handover.caught_up(target).max(t.applied);
-            let lag_bytes = if self.last_end.is_valid() {
-                self.last_end.bytes_since(caught)
-            } else {
-                0
-            };
+            let caught = self.caught_up(t);
+            let lag_bytes = self.lag_behind(caught);
             // What the tenant holds back: while its target owes transactions, everything
             // the source wrote since the target's position (the slot cannot move past it).
             let owes = self.handover.owed(target) > 0;

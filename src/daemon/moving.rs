@@ -118,10 +118,10 @@ impl Tenant {
     /// holds none); tables the state does not know (added to the move since) start from the
     /// beginning.
     pub fn restore(&mut self, state: Option<CopyState>, at: Lsn) {
-        let known = state.clone().unwrap_or_default();
-        self.rows_copied = known.rows_copied;
+        self.rows_copied = state.as_ref().map_or(0, |s| s.rows_copied);
         for (name, t) in self.tables.iter_mut() {
-            if let Some(s) = known.tables.get(&name.to_string()) {
+            let table = state.as_ref().and_then(|s| s.tables.get(&name.to_string()));
+            if let Some(s) = table {
                 let requeued: BTreeSet<Key> = s.requeued.iter().cloned().collect();
                 t.copy = TableCopy::resume(s.cursor.clone(), requeued);
             }

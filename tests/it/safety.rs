@@ -510,18 +510,12 @@ async fn a_slot_created_again_while_the_daemon_was_down_fails_the_moving_tenant(
     // load: "replication slot is active"), so the drop waits for it.
     s.batch_execute("UPDATE public.orders SET note = 'missed' WHERE tenant_id = 1 AND id = 2")
         .await?;
-    wait_for(
+    support::wait_for_row(
+        &s,
         "the slot to be released",
-        Duration::from_secs(30),
-        || async {
-            let row = s
-                .query_one(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = 'sy'",
-                    &[],
-                )
-                .await?;
-            Ok((!row.get::<_, bool>(0)).then_some(()))
-        },
+        SYNC,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sy' AND NOT active",
+        &[],
     )
     .await?;
     s.batch_execute(
