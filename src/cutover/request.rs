@@ -94,7 +94,7 @@ pub async fn cutover_tenant(
         tokio::time::sleep(Duration::from_millis(100)).await;
         mv = registry.get(&client, mv.id).await?;
     }
-    let attempts = registry.attempts(&client, mv.id).await?;
+    let attempts = settled_attempts(&registry, &client, &mv).await?;
     Ok((mv, attempts))
 }
 
@@ -112,9 +112,37 @@ pub async fn rollback_tenant(
         tokio::time::sleep(Duration::from_millis(100)).await;
         mv = registry.get(&client, mv.id).await?;
     }
-    let attempts = registry.attempts(&client, mv.id).await?;
+    let attempts = settled_attempts(&registry, &client, &mv).await?;
     Ok((mv, attempts))
 }
+
+/// The move's attempts, including the one that settled its state: the attempt's task
+/// records it just after the commit that changed the state, so a reader that saw the state
+/// first waits a moment for it (at most `ATTEMPT_RECORD_GRACE`; a record that failed is
+/// only logged by the daemon).
+async fn settled_attempts(
+    registry: &Registry,
+    client: &tokio_postgres::Client,
+    mv: &Move,
+) -> Result<Vec<Attempt>, Error> {
+    let settled_by = match mv.state {
+        MoveState::CutOver => Some("cut_over"),
+        MoveState::RolledBack => Some("rolled_back"),
+        _ => None,
+    };
+    let deadline = Instant::now() + ATTEMPT_RECORD_GRACE;
+    loop {
+        let attempts = registry.attempts(client, mv.id).await?;
+        let recorded = settled_by.is_none_or(|r| attempts.iter().any(|a| a.result == r));
+        if recorded || Instant::now() >= deadline {
+            return Ok(attempts);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long a reader waits for the attempt record behind a state it already sees.
+const ATTEMPT_RECORD_GRACE: Duration = Duration::from_secs(5);
 
 /// What `cancel` removed at the target.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
