@@ -190,7 +190,7 @@ async fn main() -> Result<()> {
     let budget = env_or("SWITCHYARD_BENCH_BUDGET_MS", 100);
     let tenants = cutovers + 8;
     let phase = Duration::from_secs(if bench { 10 } else { 2 });
-    let src = PgCluster::start()?;
+    let src = PgCluster::start_for_bench()?;
     prepare_target(&src)?;
     src.psql(&format!(
         "CREATE TABLE public.orders (tenant_id int NOT NULL, id bigint NOT NULL, note text,
@@ -216,7 +216,11 @@ async fn main() -> Result<()> {
     let s = src.client().await?;
     // The real binary with its default threads, so the bench's own load and probes do not
     // share the daemon's runtime.
-    let mut daemon = Process::start(&path, &dir.path().join("daemon.log"), true)?;
+    let mut daemon = Process::start(
+        &path,
+        &support::report::daemon_log(dir.path(), "daemon.log"),
+        true,
+    )?;
     wait_for("the registry", Duration::from_secs(60), || async {
         Ok(s.query_opt(
             "SELECT 1 FROM pg_tables WHERE schemaname = 'switchyard' AND tablename = 'routes'",
@@ -279,7 +283,7 @@ async fn main() -> Result<()> {
             &[id],
         )
         .await?;
-        wait_for("the cutover", Duration::from_secs(120), || async {
+        let waited = wait_for("the cutover", Duration::from_secs(120), || async {
             let (state, error): (String, Option<String>) = s
                 .query_one(
                     "SELECT state, last_error FROM switchyard.moves WHERE id = $1",
@@ -292,7 +296,20 @@ async fn main() -> Result<()> {
             }
             Ok((state == "cut_over").then_some(()))
         })
-        .await?;
+        .await;
+        if let Err(e) = waited {
+            let row = s
+                .query_one(
+                    "SELECT state, last_error, cutover_attempts FROM switchyard.moves WHERE id = $1",
+                    &[id],
+                )
+                .await?;
+            let (state, error, attempts): (String, Option<String>, i32) =
+                (row.get(0), row.get(1), row.get(2));
+            return Err(e.context(format!(
+                "move {id}: {state} after {attempts} attempts, last error {error:?}"
+            )));
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         hammer_stop.store(true, Ordering::Relaxed);
         tenant_seen.push(hammer.await?? as f64 / 1e3);
@@ -360,7 +377,7 @@ async fn main() -> Result<()> {
     let lat = |v: &[Sample]| -> Vec<f64> { v.iter().map(|x| x.micros as f64 / 1e3).collect() };
     let (mut b, mut a) = (lat(&before), lat(&after));
 
-    println!("## Cutover pauses ({cutovers} tenants cut over under {tps} tps offered, {clients} clients, budget {budget} ms)\n");
+    println!("## Cutover pauses ({cutovers} tenants cut over under {tps} tps offered, {clients} clients, budget {budget} ms, synchronous_commit = {})\n", support::bench_sync_commit());
     println!("| measure | p50 ms | p99 ms | max ms | n |");
     println!("|---|---|---|---|---|");
     let row = |name: &str, v: &mut Vec<f64>| {
@@ -413,6 +430,7 @@ async fn main() -> Result<()> {
         serde_json::json!({
             "cutovers": cutovers,
             "offered_tps": tps,
+            "synchronous_commit": support::bench_sync_commit(),
             "clients": clients,
             "budget_ms": budget,
             "attempts": attempts,

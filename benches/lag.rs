@@ -8,7 +8,7 @@
 //! reads the row every 2 ms and notes when each value appeared. Lag = appeared − committed.
 //!
 //! Run: `cargo bench --bench lag` (SWITCHYARD_BENCH_TPS, default 500, the offered pgbench
-//! rate over SWITCHYARD_BENCH_CLIENTS, default 8, connections; SWITCHYARD_BENCH_SECS,
+//! rate over SWITCHYARD_BENCH_CLIENTS, default 8, connections, 0 for the host's full rate; SWITCHYARD_BENCH_SECS,
 //! default 30, per pipeline; 50 tenants of 2000 accounts; SWITCHYARD_BENCH_CONFIG, extra
 //! TOML appended to the daemon's configuration). Prints Markdown.
 
@@ -45,7 +45,27 @@ INSERT INTO public.history (tenant_id, account, delta) VALUES (:t, :a, :d);
 END;
 ";
 
-/// Runs pgbench against the cluster on `port` at `tps` for `secs`; returns the rate it reached.
+/// pgbench's rate limit for `tps` offered: none for 0 (as fast as the clients go, the
+/// host's full rate).
+fn rate(tps: u64) -> Vec<String> {
+    if tps == 0 {
+        Vec::new()
+    } else {
+        vec!["-R".into(), tps.to_string()]
+    }
+}
+
+/// The offered load, for the report.
+fn offered(tps: u64) -> String {
+    if tps == 0 {
+        "full rate".into()
+    } else {
+        format!("{tps} tps offered")
+    }
+}
+
+/// Runs pgbench against the cluster on `port` at `tps` for `secs` (0: full rate); returns
+/// the rate it reached.
 fn pgbench(port: u16, script: &std::path::Path, tps: u64, clients: u64, secs: u64) -> Result<f64> {
     let bindir = support::pg_bindir()?;
     let out = std::process::Command::new(bindir.join("pgbench"))
@@ -54,8 +74,7 @@ fn pgbench(port: u16, script: &std::path::Path, tps: u64, clients: u64, secs: u6
         .arg(port.to_string())
         .arg("-c")
         .arg(clients.to_string())
-        .arg("-R")
-        .arg(tps.to_string())
+        .args(rate(tps))
         .arg("-T")
         .arg(secs.to_string())
         .arg("-f")
@@ -162,8 +181,8 @@ async fn main() -> Result<()> {
     let tps = env_or("SWITCHYARD_BENCH_TPS", if bench { 500 } else { 50 });
     let clients = env_or("SWITCHYARD_BENCH_CLIENTS", 8);
     let secs = env_or("SWITCHYARD_BENCH_SECS", if bench { 30 } else { 3 });
-    let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
+    let src = PgCluster::start_for_bench()?;
+    let dst = PgCluster::start_for_bench()?;
     prepare_target(&dst)?;
     src.psql(&format!(
         "{SCHEMA}
@@ -187,7 +206,11 @@ async fn main() -> Result<()> {
     // 1. switchyard: tenant 1 in sync at the other cluster, then the load.
     // The real binary with its default threads, so the bench's own load and probes do not
     // share the daemon's runtime.
-    let mut daemon = Process::start(&path, &dir.path().join("daemon.log"), true)?;
+    let mut daemon = Process::start(
+        &path,
+        &support::report::daemon_log(dir.path(), "daemon.log"),
+        true,
+    )?;
     support::mover::registry_ready(&s).await?;
     let registry = Registry::new("switchyard")?;
     let id = request(&s, &registry, "1", "shard2", "t1").await?;
@@ -225,7 +248,9 @@ async fn main() -> Result<()> {
     dn.batch_execute("DROP SUBSCRIPTION native_sub").await?;
 
     println!(
-        "\n## Lag of one tenant under pgbench ({tps} tps offered over {clients} clients, {TENANTS} tenants, {secs} s each)\n"
+        "\n## Lag of one tenant under pgbench ({} over {clients} clients, {TENANTS} tenants, {secs} s each, synchronous_commit = {})\n",
+        offered(tps),
+        support::bench_sync_commit()
     );
     println!("| pipeline | reached tps | lag p50 ms | lag p99 ms | max ms | beats |");
     println!("|---|---|---|---|---|---|");
@@ -253,6 +278,7 @@ async fn main() -> Result<()> {
         "lag",
         serde_json::json!({
             "offered_tps": tps,
+            "synchronous_commit": support::bench_sync_commit(),
             "clients": clients,
             "secs": secs,
             "tenants": TENANTS,

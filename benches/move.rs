@@ -294,8 +294,8 @@ async fn bench(workers: u64) -> Result<()> {
         if bench { 1_000_000 } else { 20_000 },
     );
     let txns = env_or("SWITCHYARD_BENCH_TXNS", if bench { 20_000 } else { 300 });
-    let src = PgCluster::start()?;
-    let dst = PgCluster::start()?;
+    let src = PgCluster::start_for_bench()?;
+    let dst = PgCluster::start_for_bench()?;
     prepare_target(&dst)?;
     // The launcher restarts a subscription's worker at most once per
     // wal_retrieve_retry_interval (5 s by default): later rounds re-create and re-enable the
@@ -557,7 +557,8 @@ async fn bench(workers: u64) -> Result<()> {
     };
     let total_changes = txns * 3;
     println!(
-        "\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds; switchyard: {lanes} apply lanes, {workers} pipeline threads)\n"
+        "\n## Moving a {rows}-row tenant (same run, same machine, {rounds} rounds; switchyard: {lanes} apply lanes, {workers} pipeline threads; synchronous_commit = {})\n",
+        support::bench_sync_commit()
     );
     println!("| pipeline | median s | rows/s | rounds (s) |");
     println!("|---|---|---|---|");
@@ -635,6 +636,7 @@ async fn bench(workers: u64) -> Result<()> {
         "move",
         serde_json::json!({
             "rows": rows,
+            "synchronous_commit": support::bench_sync_commit(),
             "rounds": rounds,
             "chunk_rows": chunk_rows,
             "apply_lanes": lanes,

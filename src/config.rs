@@ -84,6 +84,7 @@ struct FileMetrics {
 struct FileCutover {
     pause_budget_ms: Option<u64>,
     max_lag_mb: Option<u64>,
+    max_apply_delay_ms: Option<u64>,
     retry_initial_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     verify: Option<bool>,
@@ -373,6 +374,10 @@ pub struct CutoverSettings {
     pub pause_budget: Duration,
     /// Attempts start only while the target trails the stream by less than this.
     pub max_lag_bytes: u64,
+    /// Attempts start only while the target's measured apply delay is at most this (the
+    /// catch-up inside the pause waits about that long); by default two fifths of the
+    /// pause budget (see `cutover::policy::fits_catch_up`).
+    pub max_apply_delay: Duration,
     /// Backoff between aborted attempts: doubles from the first up to the second.
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -395,6 +400,7 @@ impl Default for CutoverSettings {
         CutoverSettings {
             pause_budget: Duration::from_millis(100),
             max_lag_bytes: 16 << 20,
+            max_apply_delay: Duration::from_millis(40),
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             verify: true,
@@ -416,8 +422,15 @@ fn cutover(f: FileCutover) -> Result<CutoverSettings, ConfigError> {
         Some(v) => Ok(Duration::from_millis(v)),
         None => Ok(default),
     };
+    let pause_budget = ms("pause_budget_ms", f.pause_budget_ms, d.pause_budget, 10)?;
     let c = CutoverSettings {
-        pause_budget: ms("pause_budget_ms", f.pause_budget_ms, d.pause_budget, 10)?,
+        pause_budget,
+        max_apply_delay: ms(
+            "max_apply_delay_ms",
+            f.max_apply_delay_ms,
+            crate::cutover::policy::default_max_apply_delay(pause_budget),
+            0,
+        )?,
         max_lag_bytes: f
             .max_lag_mb
             .map(|mb| mb.saturating_mul(1 << 20))

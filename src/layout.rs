@@ -471,3 +471,68 @@ pub async fn check_move(
     }
     Ok(defs.into_iter().map(|d| d.name).collect())
 }
+
+/// Published tables that appeared after the moves started: which moving tenants they
+/// concern. A table found to be no moving tenant's (no tenant column, or another tenant's
+/// schema) is remembered and not looked at again; a table's columns are read once.
+#[derive(Debug, Default)]
+pub struct TableWatch {
+    global: BTreeSet<QualifiedName>,
+}
+
+impl TableWatch {
+    /// The published tables that may hold rows of the `moving` tenants, are not among the
+    /// `known` tables of their moves, and concern them: `(tenant, table)` pairs. One
+    /// catalog query, plus the columns of tables not seen before.
+    pub async fn appeared(
+        &mut self,
+        config: &Config,
+        source: &Client,
+        known: &BTreeSet<&QualifiedName>,
+        moving: &[&TenantId],
+        excluded: &BTreeSet<String>,
+    ) -> Result<Vec<(TenantId, QualifiedName)>, LayoutError> {
+        let Some(published) =
+            source::slot::publication_tables(source, &config.replication.publication).await?
+        else {
+            return Ok(Vec::new());
+        };
+        let unknown: Vec<QualifiedName> = published
+            .into_iter()
+            .filter(|t| {
+                may_hold_tenants(config, &t.schema, excluded)
+                    && !known.contains(t)
+                    && !self.global.contains(t)
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut concerned = Vec::new();
+        match config.tenancy.mode {
+            TenancyMode::Schema => {
+                for t in unknown {
+                    match TenantId::new(t.schema.clone()) {
+                        Ok(id) if moving.contains(&&id) => concerned.push((id, t)),
+                        _ => {
+                            self.global.insert(t);
+                        }
+                    }
+                }
+            }
+            TenancyMode::Shared => {
+                for d in provision::read_tables(source, &unknown).await? {
+                    let col = config.tenancy.column_of(&d.name);
+                    if d.columns.iter().any(|c| c.name == col) {
+                        for id in moving {
+                            concerned.push(((*id).clone(), d.name.clone()));
+                        }
+                    } else {
+                        self.global.insert(d.name);
+                    }
+                }
+            }
+        }
+        Ok(concerned)
+    }
+}

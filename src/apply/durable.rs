@@ -9,6 +9,7 @@
 //!   over targets, never a maximum.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::lsn::{CommitLsn, Lsn};
 use crate::tenant::TargetId;
@@ -84,6 +85,10 @@ impl DurableTracker {
 /// and commit time, oldest first), and how far the target is *caught up*: it holds every
 /// transaction up to there that concerned it, and the rest did not. Lag is measured from
 /// these; what may be confirmed is the tracker's business.
+///
+/// It also measures how long the target takes from hand-over to applied (the *apply
+/// delay*): a cutover's catch-up waits about that long for the changes before its marker,
+/// so an attempt that the delay says cannot fit its pause is not started.
 #[derive(Debug, Default)]
 pub struct Handover {
     targets: BTreeMap<TargetId, Handed>,
@@ -91,30 +96,37 @@ pub struct Handover {
 
 #[derive(Debug, Default)]
 struct Handed {
-    queue: VecDeque<(Lsn, i64)>,
+    /// Commit end, commit time, and when it was handed over.
+    queue: VecDeque<(Lsn, i64, Instant)>,
     caught_up: Lsn,
+    /// Recent apply delays: when measured, and the delay of the oldest transaction an
+    /// acknowledgement settled.
+    delays: VecDeque<(Instant, Duration)>,
 }
+
+/// How long a measured apply delay counts.
+pub const DELAY_WINDOW: Duration = Duration::from_secs(2);
 
 impl Handover {
     /// Starts counting for `target` (if new): nothing before `at` was its to apply.
     pub fn add_target(&mut self, target: &TargetId, at: Lsn) {
         if !self.targets.contains_key(target) {
             let handed = Handed {
-                queue: VecDeque::new(),
                 caught_up: at,
+                ..Handed::default()
             };
             self.targets.insert(target.clone(), handed);
         }
     }
 
     /// The transaction ending at `end`, committed at `time` (µs since 2000), was handed to
-    /// `target`.
-    pub fn handed(&mut self, target: TargetId, end: Lsn, time: i64) {
+    /// `target` at `now`.
+    pub fn handed(&mut self, target: TargetId, end: Lsn, time: i64, now: Instant) {
         self.targets
             .entry(target)
             .or_default()
             .queue
-            .push_back((end, time));
+            .push_back((end, time, now));
     }
 
     /// The transaction ending at `end` was handed out: every target that owes nothing
@@ -127,26 +139,64 @@ impl Handover {
         }
     }
 
-    /// `target` applied everything it was handed up to `up_to`; returns how many handed
-    /// transactions that settled.
-    pub fn applied(&mut self, target: &TargetId, up_to: Lsn) -> usize {
+    /// `target` applied everything it was handed up to `up_to`, acknowledged at `now`;
+    /// returns how many handed transactions that settled.
+    pub fn applied(&mut self, target: &TargetId, up_to: Lsn, now: Instant) -> usize {
         let h = match self.targets.get_mut(target) {
             Some(h) => h,
             None => self.targets.entry(target.clone()).or_default(),
         };
         let before = h.queue.len();
-        while h.queue.front().is_some_and(|(end, _)| *end <= up_to) {
-            h.queue.pop_front();
+        let mut oldest = None;
+        while h.queue.front().is_some_and(|(end, _, _)| *end <= up_to) {
+            if let Some((_, _, at)) = h.queue.pop_front() {
+                oldest.get_or_insert(at);
+            }
+        }
+        if let Some(at) = oldest {
+            h.delays.push_back((now, now.saturating_duration_since(at)));
+        }
+        while h
+            .delays
+            .front()
+            .is_some_and(|(when, _)| now.saturating_duration_since(*when) > DELAY_WINDOW)
+        {
+            h.delays.pop_front();
         }
         h.caught_up = h.caught_up.max(up_to);
         before - h.queue.len()
+    }
+
+    /// How long `target` takes from hand-over to applied, as of `now`: the median of the
+    /// delays measured within [`DELAY_WINDOW`] (what an attempt starting now most likely
+    /// meets: a spike does not block every attempt of a busy target), or the age of what it
+    /// owes if that is longer (a target that stopped acknowledging is as slow as its oldest
+    /// debt).
+    pub fn apply_delay(&self, target: &TargetId, now: Instant) -> Duration {
+        let Some(h) = self.targets.get(target) else {
+            return Duration::ZERO;
+        };
+        let mut recent: Vec<Duration> = h
+            .delays
+            .iter()
+            .filter(|(when, _)| now.saturating_duration_since(*when) <= DELAY_WINDOW)
+            .map(|(_, d)| *d)
+            .collect();
+        recent.sort_unstable();
+        let measured = recent.get(recent.len() / 2).copied().unwrap_or_default();
+        let owed = h
+            .queue
+            .front()
+            .map(|(_, _, at)| now.saturating_duration_since(*at))
+            .unwrap_or_default();
+        measured.max(owed)
     }
 
     /// The oldest transaction `target` still owes: (commit end, commit time).
     pub fn oldest(&self, target: &TargetId) -> Option<(Lsn, i64)> {
         self.targets
             .get(target)
-            .and_then(|h| h.queue.front().copied())
+            .and_then(|h| h.queue.front().map(|(end, time, _)| (*end, *time)))
     }
 
     /// How many transactions `target` owes.
@@ -166,7 +216,7 @@ impl Handover {
         self.targets
             .iter()
             .map(|(t, h)| {
-                let oldest = h.queue.front().map(|(end, _)| end.to_string());
+                let oldest = h.queue.front().map(|(end, _, _)| end.to_string());
                 (t.to_string(), h.queue.len(), oldest)
             })
             .collect()
@@ -260,24 +310,61 @@ mod tests {
     fn a_target_is_caught_up_when_it_owes_nothing_and_lag_counts_from_its_start() {
         let (a, b) = (TargetId::new("a").unwrap(), TargetId::new("b").unwrap());
         let mut h = Handover::default();
+        let now = Instant::now();
         h.add_target(&a, Lsn(50));
         h.add_target(&a, Lsn(70));
         assert_eq!(h.caught_up(&a), Lsn(50), "counted from the first start");
-        h.handed(a.clone(), Lsn(100), 1);
+        h.handed(a.clone(), Lsn(100), 1, now);
         h.committed(Lsn(100));
         assert_eq!(h.caught_up(&a), Lsn(50), "a owes 100");
         h.add_target(&b, Lsn(100));
         h.committed(Lsn(120));
         assert_eq!(h.caught_up(&b), Lsn(120), "b owes nothing");
-        h.handed(a.clone(), Lsn(130), 2);
+        h.handed(a.clone(), Lsn(130), 2, now);
         assert_eq!(h.oldest(&a), Some((Lsn(100), 1)));
-        assert_eq!(h.applied(&a, Lsn(110)), 1);
+        assert_eq!(h.applied(&a, Lsn(110), now), 1);
         assert_eq!(h.caught_up(&a), Lsn(110));
         assert_eq!((h.owed(&a), h.oldest(&a)), (1, Some((Lsn(130), 2))));
-        assert_eq!(h.applied(&a, Lsn(130)), 1);
+        assert_eq!(h.applied(&a, Lsn(130), now), 1);
         h.committed(Lsn(140));
         assert_eq!(h.caught_up(&a), Lsn(140));
         assert_eq!(h.caught_up(&TargetId::new("c").unwrap()), Lsn::INVALID);
         assert_eq!(h.summary().len(), 2);
+    }
+
+    #[test]
+    fn the_apply_delay_is_the_recent_median_or_the_age_of_the_debt() {
+        let a = TargetId::new("a").unwrap();
+        let ms = Duration::from_millis;
+        let mut h = Handover::default();
+        let t0 = Instant::now();
+        h.add_target(&a, Lsn(0));
+        assert_eq!(h.apply_delay(&a, t0), Duration::ZERO, "nothing measured");
+        h.handed(a.clone(), Lsn(10), 1, t0);
+        h.handed(a.clone(), Lsn(20), 2, t0 + ms(5));
+        assert_eq!(h.apply_delay(&a, t0 + ms(30)), ms(30), "owed for 30 ms");
+        // One acknowledgement settles both: the older one's delay counts.
+        assert_eq!(h.applied(&a, Lsn(20), t0 + ms(40)), 2);
+        assert_eq!(h.apply_delay(&a, t0 + ms(41)), ms(40));
+        h.handed(a.clone(), Lsn(30), 3, t0 + ms(50));
+        h.applied(&a, Lsn(30), t0 + ms(52));
+        h.handed(a.clone(), Lsn(35), 3, t0 + ms(53));
+        h.applied(&a, Lsn(35), t0 + ms(56));
+        // 40, 2 and 3 ms: the median, not the spike.
+        assert_eq!(
+            h.apply_delay(&a, t0 + ms(60)),
+            ms(3),
+            "the median in the window"
+        );
+        let later = t0 + ms(52) + DELAY_WINDOW + ms(1);
+        assert_eq!(h.apply_delay(&a, later), ms(3), "older measurements expire");
+        h.handed(a.clone(), Lsn(40), 4, later);
+        h.applied(&a, Lsn(40), later + ms(1));
+        let much_later = later + DELAY_WINDOW * 2;
+        assert_eq!(
+            h.apply_delay(&a, much_later),
+            Duration::ZERO,
+            "an idle target that owes nothing is not slow"
+        );
     }
 }

@@ -164,29 +164,14 @@ pub async fn drop_tables(client: &Client, tables: &[FencedTable]) -> Result<Clea
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::CutoverMode;
-    use crate::tenant::{TargetId, TenantId};
 
     fn mv(state: MoveState, verified: bool) -> Move {
         Move {
-            id: 3,
-            tenant: TenantId::new("acme").unwrap(),
-            target: TargetId::new("shard2").unwrap(),
-            target_schema: "acme".into(),
-            cutover_mode: CutoverMode::Manual,
-            state,
-            rows_copied: 0,
-            rows_total: None,
-            lag_bytes: None,
-            last_error: None,
             cutover_requested: true,
             cutover_attempts: 1,
             verified,
-            reverse_slot: None,
-            reverse_from: None,
-            rollback_requested: false,
             cleanup_due: true,
-            tables: None,
+            ..Move::sample(3, "acme", state)
         }
     }
 

@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::registry::{Move, MoveState, Registry};
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::TenantId;
-use crate::verify::{self, VerifyOptions};
+use crate::verify::{self, Unsettled, VerifyOptions};
 
 pub use policy::Step;
 
@@ -170,8 +170,10 @@ async fn attempt(
         .await?;
     crate::failpoint::hit("cutover.after_cutting_over");
     let outcome = match prepare(job, &mut source, &mut target, &registry).await {
-        Ok(None) => fenced(job, &mut source, &target, &registry, pipeline).await,
-        Ok(Some(o)) => Ok(o),
+        Ok(Prepared::Ready { unsettled }) => {
+            fenced(job, &mut source, &target, &registry, pipeline, unsettled).await
+        }
+        Ok(Prepared::Ended(o)) => Ok(o),
         Err(e) => Err(e),
     };
     let outcome = match outcome {
@@ -194,13 +196,46 @@ async fn attempt(
     Ok(outcome)
 }
 
-/// The steps before the fence. `Some` ends the attempt.
+/// Rows that kept changing under verification, at most, that an attempt compares again
+/// inside its pause; with more, the verification's difference is the verdict.
+const UNSETTLED_ROWS: usize = 1_000;
+
+/// What the steps before the fence leave to the fenced part.
+enum Prepared {
+    /// Fenced part next; with rows to compare there once the target caught up.
+    Ready { unsettled: Option<Unsettled> },
+    /// The attempt ended before the fence.
+    Ended(Outcome),
+}
+
+/// The steps before the fence.
 async fn prepare(
     job: &Job,
     source: &mut Client,
     target: &mut Client,
     registry: &Registry,
-) -> Result<Option<Outcome>, Error> {
+) -> Result<Prepared, Error> {
+    match arm(job, source, target, registry).await? {
+        Arming::Ended(o) => Ok(Prepared::Ended(o)),
+        Arming::Done(unsettled) => wait_old_transactions(job, source).await.map(|o| match o {
+            Some(o) => Prepared::Ended(o),
+            None => Prepared::Ready { unsettled },
+        }),
+    }
+}
+
+/// Verification and the fences' arming, before any pause.
+enum Arming {
+    Done(Option<Unsettled>),
+    Ended(Outcome),
+}
+
+async fn arm(
+    job: &Job,
+    source: &mut Client,
+    target: &mut Client,
+    registry: &Registry,
+) -> Result<Arming, Error> {
     let cfg = &job.config;
     let tenant = &job.mv.tenant;
     // Nothing is fenced yet, but a lock someone holds (a migration on a target table, say)
@@ -222,6 +257,7 @@ async fn prepare(
         reason: format!("waited on a lock held by another session: {e}"),
         pause: None,
     };
+    let mut unsettled = None;
     if cfg.cutover.verify && !job.mv.verified {
         let opts = VerifyOptions {
             slot: Some(cfg.replication.slot.clone()),
@@ -231,18 +267,27 @@ async fn prepare(
         {
             Ok(r) => r,
             Err(verify::VerifyError::Cluster(e)) if over_budget(&e) => {
-                return Ok(Some(locked(Step::Verify, &e)));
+                return Ok(Arming::Ended(locked(Step::Verify, &e)));
             }
             Err(e) => return Err(e.into()),
         };
-        registry
-            .record_verification(source, job.mv.id, report.ok, &report.summary())
-            .await?;
         tracing::info!(%tenant, ok = report.ok, millis = report.millis, summary = %report.summary(), "verified");
-        if !report.ok {
-            return Ok(Some(Outcome::Different {
-                summary: report.summary(),
-            }));
+        // Rows written all the time (a balance, a counter) differ at every re-check while
+        // the target trails by milliseconds: they are compared again inside the pause,
+        // where the tenant's writes wait and the target holds all of them.
+        unsettled = report.unsettled(UNSETTLED_ROWS);
+        if let Some(rows) = &unsettled {
+            let n: usize = rows.iter().map(|(_, keys)| keys.len()).sum();
+            tracing::info!(%tenant, rows = n, "rows kept changing under verification; compared again inside the pause");
+        } else {
+            registry
+                .record_verification(&*source, job.mv.id, report.ok, &report.summary())
+                .await?;
+            if !report.ok {
+                return Ok(Arming::Ended(Outcome::Different {
+                    summary: report.summary(),
+                }));
+            }
         }
     }
     // Every table of the tenant must be moved and fenced before a flip: one that appeared
@@ -253,7 +298,7 @@ async fn prepare(
         .iter()
         .find(|n| !job.tables.iter().any(|t| &t.chunk.source == *n))
     {
-        return Ok(Some(Outcome::Aborted {
+        return Ok(Arming::Ended(Outcome::Aborted {
             step: Step::Arm,
             reason: format!(
                 "table {} appeared after the move started: it is not copied, so nothing is flipped",
@@ -278,7 +323,7 @@ async fn prepare(
         .await
         {
             return if over_budget(&e) {
-                Ok(Some(locked(Step::Arm, &e)))
+                Ok(Arming::Ended(locked(Step::Arm, &e)))
             } else {
                 Err(e.into())
             };
@@ -297,7 +342,7 @@ async fn prepare(
         .await
         {
             return if over_budget(&e) {
-                Ok(Some(locked(Step::Arm, &e)))
+                Ok(Arming::Ended(locked(Step::Arm, &e)))
             } else {
                 Err(e.into())
             };
@@ -310,6 +355,14 @@ async fn prepare(
         return Err(CutoverError::CannotSeeSessions);
     }
     crate::failpoint::hit("cutover.after_arm");
+    Ok(Arming::Done(unsettled))
+}
+
+/// Waits out transactions older than the fence (they could write without seeing it);
+/// `Some` ends the attempt.
+async fn wait_old_transactions(job: &Job, source: &Client) -> Result<Option<Outcome>, Error> {
+    let cfg = &job.config;
+    let tenant = &job.mv.tenant;
     let deadline = Instant::now() + cfg.cutover.old_transaction_wait;
     loop {
         let old = fence::old_transactions(source, &cfg.registry_schema, tenant).await?;
@@ -510,11 +563,19 @@ async fn fenced(
     target: &Client,
     registry: &Registry,
     pipeline: &mpsc::UnboundedSender<CutoverMsg>,
+    unsettled: Option<Unsettled>,
 ) -> Result<Outcome, Error> {
     let cfg = &job.config;
     let tenant = &job.mv.tenant;
     let seqs = sequences(&job.tables, source, target).await?;
     let flusher = cfg.source.connect_sql().await?;
+    if unsettled.is_some() {
+        // It reads the source's side of the comparison inside the pause.
+        flusher
+            .batch_execute(verify::SESSION_SQL)
+            .await
+            .map_err(ClusterError::sql("preparing a verification session"))?;
+    }
     let clock = policy::Clock {
         budget: cfg.cutover.pause_budget,
     };
@@ -542,6 +603,22 @@ async fn fenced(
     }
     let catch_up = pause.elapsed() - lock_wait;
     crate::failpoint::hit("cutover.after_catch_up");
+    let mut verified = None;
+    if let Some(rows) = &unsettled {
+        match compare_paused(job, &flusher, target, rows, &clock, &pause).await? {
+            Compared::Equal(summary) => verified = Some(summary),
+            Compared::Ended(outcome) => {
+                if let Outcome::Different { summary } = &outcome {
+                    // The attempt's transaction ends here: the writers go on.
+                    drop(tx);
+                    registry
+                        .record_verification(&*source, job.mv.id, false, summary)
+                        .await?;
+                }
+                return Ok(outcome);
+            }
+        }
+    }
     // What is left runs under a statement_timeout of the remaining budget on both sides:
     // a lock held by someone else (on the routes, a fence row, a target sequence) aborts
     // the attempt at its step instead of stretching the pause.
@@ -609,6 +686,18 @@ async fn fenced(
         Ok(n) => n,
         Err(e) => return pause.over(Step::Flip, e),
     };
+    if let Some(summary) = &verified {
+        // Equal at the point the flip is made from: the verification's verdict commits
+        // with the flip.
+        match registry
+            .record_verification(&tx, job.mv.id, true, summary)
+            .await
+        {
+            Ok(()) => {}
+            Err(crate::registry::RegistryError::Cluster(e)) => return pause.over(Step::Flip, e),
+            Err(e) => return Err(e.into()),
+        }
+    }
     if n != 1 {
         return Err(CutoverError::Conflict(
             "the move is no longer cutting_over".into(),
@@ -631,6 +720,74 @@ async fn fenced(
         catch_up,
         route_version,
     })
+}
+
+/// What the comparison inside the pause found.
+enum Compared {
+    /// The rows are equal; the verification's summary.
+    Equal(String),
+    /// Different for good, or the budget ran out (an abort).
+    Ended(Outcome),
+}
+
+/// Inside the pause, once the target holds every change of the tenant before the marker:
+/// compares the rows that kept changing under verification. Writes of the tenant wait on
+/// the fence, so both sides hold the same rows now; a difference here is for good.
+async fn compare_paused(
+    job: &Job,
+    source: &Client,
+    target: &Client,
+    rows: &Unsettled,
+    clock: &policy::Clock,
+    pause: &Pause,
+) -> Result<Compared, Error> {
+    let n: usize = rows.iter().map(|(_, keys)| keys.len()).sum();
+    let Some(left) = clock.left(pause.elapsed()) else {
+        return Ok(Compared::Ended(pause.aborted(
+            Step::Verify,
+            format!("no pause budget left after the catch-up to compare the {n} rows that kept changing under verification"),
+        )));
+    };
+    let tenant = job.mv.tenant.as_str();
+    let compare = async {
+        let mut different = Vec::new();
+        for (i, keys) in rows {
+            let Some(t) = job.tables.get(*i) else {
+                continue;
+            };
+            let still = verify::key_diff(source, target, t, tenant, keys).await?;
+            if !still.is_empty() {
+                different.push(format!(
+                    "{} ({} rows differ with the tenant's writes paused, first key {})",
+                    t.chunk.source,
+                    still.len(),
+                    still[0]
+                        .iter()
+                        .map(crate::backfill::chunk::ChunkTable::key_text)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        Ok::<_, verify::VerifyError>(different)
+    };
+    match tokio::time::timeout(left, compare).await {
+        Ok(Ok(different)) if different.is_empty() => Ok(Compared::Equal(format!(
+            "ok: equal; {n} rows that kept changing under verification equal with the tenant's writes paused"
+        ))),
+        Ok(Ok(different)) => Ok(Compared::Ended(Outcome::Different {
+            summary: format!("different: {}", different.join("; ")),
+        })),
+        Ok(Err(verify::VerifyError::Cluster(e))) => Ok(Compared::Ended(pause.over(Step::Verify, e)?)),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(Compared::Ended(pause.aborted(
+            Step::Verify,
+            format!(
+                "comparing the {n} rows that kept changing under verification did not fit the pause budget ({} ms)",
+                clock.budget.as_millis()
+            ),
+        ))),
+    }
 }
 
 /// Inside the pause: waits until the pipeline read the marker written after the fence and

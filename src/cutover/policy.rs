@@ -3,8 +3,10 @@
 //!
 //! Invariants:
 //! - An attempt starts only from `streaming` (in sync), when asked for (auto mode or an
-//!   operator's request), with the target's lag under the threshold, outside the backoff
-//!   after an aborted attempt, and never twice at once for a tenant.
+//!   operator's request), with the target's lag under the threshold, when the target's
+//!   measured apply delay fits the catch-up's share of the pause (see
+//!   [`default_max_apply_delay`]),
+//!   outside the backoff after an aborted attempt, and never twice at once for a tenant.
 //! - The pause budget covers everything writers of the tenant can wait on, from the fence
 //!   lock request to the commit: the lock wait gets at most half of it, the catch-up runs
 //!   until nine tenths, the rest is the flip. A step that would end past its share aborts.
@@ -54,6 +56,8 @@ pub struct Readiness {
     /// Rows wait to be read again from the source (a row moved into the tenant arrived
     /// without its TOAST values): the target lacks them until then.
     pub rereads_pending: bool,
+    /// How long the target recently took from hand-over to applied.
+    pub apply_delay: Duration,
 }
 
 /// Why no attempt starts now.
@@ -65,6 +69,8 @@ pub enum NotNow {
     Running,
     BackingOff,
     Rereading,
+    /// The target applies too slowly now for the catch-up to fit the pause.
+    Slow,
 }
 
 pub fn may_start(r: &Readiness, s: &CutoverSettings) -> Result<(), NotNow> {
@@ -86,7 +92,20 @@ pub fn may_start(r: &Readiness, s: &CutoverSettings) -> Result<(), NotNow> {
     if r.rereads_pending {
         return Err(NotNow::Rereading);
     }
+    if r.apply_delay > s.max_apply_delay {
+        return Err(NotNow::Slow);
+    }
     Ok(())
+}
+
+/// The longest apply delay at which an attempt starts by default, for a pause of `budget`.
+/// Inside the pause the catch-up waits for the marker to be read and for the target to
+/// apply the tenant's last changes before it: about one apply delay. It may start only
+/// after the fence lock (up to half the budget) and must end by nine tenths, so an attempt
+/// whose delay alone takes more than two fifths would abort: it is not started, and the
+/// tenant's writers are not paused for nothing.
+pub fn default_max_apply_delay(budget: Duration) -> Duration {
+    budget * 2 / 5
 }
 
 /// The wait before attempt `n + 1` after `n` aborted ones (`n >= 1`).
@@ -133,6 +152,7 @@ mod tests {
             attempt_running: false,
             backoff_over: true,
             rereads_pending: false,
+            apply_delay: Duration::from_millis(3),
         }
     }
 
@@ -196,9 +216,34 @@ mod tests {
                 },
                 NotNow::Rereading,
             ),
+            (
+                Readiness {
+                    apply_delay: s.max_apply_delay + Duration::from_millis(1),
+                    ..ready()
+                },
+                NotNow::Slow,
+            ),
         ] {
             assert_eq!(may_start(&r, &s), Err(why), "{r:?}");
         }
+    }
+
+    #[test]
+    fn by_default_an_attempt_starts_only_when_the_catch_up_fits_the_pause() {
+        let ms = Duration::from_millis;
+        assert_eq!(default_max_apply_delay(ms(100)), ms(40));
+        assert_eq!(default_max_apply_delay(ms(1500)), ms(600));
+        assert_eq!(
+            CutoverSettings::default().max_apply_delay,
+            default_max_apply_delay(CutoverSettings::default().pause_budget)
+        );
+        let s = CutoverSettings::default();
+        let at = |d: u64| Readiness {
+            apply_delay: ms(d),
+            ..ready()
+        };
+        assert_eq!(may_start(&at(40), &s), Ok(()));
+        assert_eq!(may_start(&at(41), &s), Err(NotNow::Slow));
     }
 
     #[test]

@@ -12,13 +12,14 @@
 //!   location refuses its writes) and it no longer holds the slot.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::cutover::policy::NotNow;
 use crate::cutover::{self, policy, reverse, CutoverError, CutoverMsg, FencedTable, Job, Outcome};
 use crate::lsn::Lsn;
 use crate::registry::{CutoverMode, Move, MoveState, Registry};
@@ -59,6 +60,8 @@ pub(super) struct Candidate<'a> {
     pub lag_bytes: u64,
     /// Every key copied (none waiting for a re-read).
     pub copied: bool,
+    /// How long its target recently took from hand-over to applied.
+    pub apply_delay: Duration,
 }
 
 /// Cutover bookkeeping of the pipeline.
@@ -81,6 +84,8 @@ pub(super) struct Cutovers {
     /// Ended moves whose fences and reverse slot were released in this run, by the state
     /// they were released in.
     released: HashMap<i64, MoveState>,
+    /// When each requested cutover that cannot start was last logged as waiting.
+    waiting_logged: HashMap<TenantId, Instant>,
 }
 
 impl Cutovers {
@@ -98,6 +103,7 @@ impl Cutovers {
             rolling_back: HashMap::new(),
             cleaning: HashMap::new(),
             released: HashMap::new(),
+            waiting_logged: HashMap::new(),
         }
     }
 
@@ -124,10 +130,15 @@ impl Cutovers {
                 .get(c.tenant)
                 .is_none_or(|(_, at)| Instant::now() >= *at),
             rereads_pending: !c.copied,
+            apply_delay: c.apply_delay,
         };
-        if policy::may_start(&ready, &self.config.cutover).is_err() {
+        if let Err(why) = policy::may_start(&ready, &self.config.cutover) {
+            if matches!(why, NotNow::Lagging | NotNow::Slow) {
+                self.log_waiting(c.tenant, why, &ready);
+            }
             return false;
         }
+        self.waiting_logged.remove(c.tenant);
         self.tokens += 1;
         let job = Job {
             config: self.config.clone(),
@@ -144,6 +155,37 @@ impl Cutovers {
             span,
         ));
         true
+    }
+
+    /// Says why a cutover that was asked for does not start, every 10 s at most per tenant.
+    fn log_waiting(&mut self, tenant: &TenantId, why: NotNow, ready: &policy::Readiness) {
+        if !(ready.auto || ready.requested) {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .waiting_logged
+            .get(tenant)
+            .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.waiting_logged.insert(tenant.clone(), now);
+        let limit = self.config.cutover.max_apply_delay;
+        match why {
+            NotNow::Slow => tracing::info!(
+                %tenant,
+                apply_delay_ms = ready.apply_delay.as_millis() as u64,
+                max_apply_delay_ms = limit.as_millis() as u64,
+                "cutover waits: the target's apply delay would not fit the catch-up's share of the pause (max_apply_delay_ms)"
+            ),
+            _ => tracing::info!(
+                %tenant,
+                lag_bytes = ready.lag_bytes,
+                max_lag_bytes = self.config.cutover.max_lag_bytes,
+                "cutover waits: the target trails the stream by more than max_lag_mb"
+            ),
+        }
     }
 
     /// Keeps a reverse stream running for every cut-over move that has one, stops those of
@@ -482,11 +524,11 @@ impl Cutovers {
         entry.0
     }
 
-    /// The cutover marker `token` was read after the transaction ending at `through`:
-    /// everything up to there is what must be applied.
-    pub fn on_marker(&mut self, token: u64, through: Lsn) {
+    /// The cutover marker `token` was read: `through(tenant)` is the end of the waiting
+    /// tenant's last transaction before it, which its target must hold.
+    pub fn on_marker(&mut self, token: u64, through: impl Fn(&TenantId) -> Lsn) {
         for w in self.waits.iter_mut().filter(|w| w.token == token) {
-            w.through = Some(through);
+            w.through = Some(through(&w.tenant));
         }
     }
 
@@ -617,10 +659,16 @@ mod tests {
         c.answer_waits(|_, _| true);
         assert!(answered.try_recv().is_err());
         // Another attempt's marker does not count.
-        c.on_marker(8, Lsn(500));
+        c.on_marker(8, |_| Lsn(500));
         c.answer_waits(|_, _| true);
         assert!(answered.try_recv().is_err());
-        c.on_marker(7, Lsn(500));
+        c.on_marker(7, |t| {
+            if *t == tenant("a") {
+                Lsn(500)
+            } else {
+                Lsn(900)
+            }
+        });
         c.answer_waits(|t, through| *t == tenant("a") && through < Lsn(500));
         assert!(
             answered.try_recv().is_err(),

@@ -27,19 +27,22 @@
 //! - DDL that changes a moved table pauses the tenants moving it; nothing is applied with a
 //!   stale shape.
 
+mod admission;
+mod control;
 mod cutting;
 mod error;
 mod moving;
 mod setup;
+mod startup;
 
 pub use error::{Error, ErrorClass, MoveError};
+pub use startup::RunOptions;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
 
 use crate::apply::applier::{self, ApplierConfig, ApplyEvent, Quarantine};
 use crate::apply::durable::{DurableTracker, Handover};
@@ -48,60 +51,28 @@ use crate::apply::Work;
 use crate::assembly::images::{Images, Planned};
 use crate::assembly::{Assembler, Transaction};
 use crate::backfill::chunk::{Mark, Watermark, WATERMARK_PREFIX};
-use crate::checkpoint::{Batch, SlotGap, SlotGate, SlotRecord, Store, Writer, Written};
+use crate::checkpoint::{Batch, SlotGate, SlotRecord, Store, Writer, Written};
 use crate::cluster::ClusterError;
 use crate::config::Config;
 use crate::cutover::{CutoverMsg, FencedTable};
 use crate::decode::{Message, Relation, RelationCache, RelationChange, RelationId};
+use crate::layout::TableWatch;
 use crate::lsn::{CommitLsn, Lsn};
 use crate::registry::{self, Move, MoveState, Registry, Report};
 use crate::route::{RouteError, Router};
-use crate::source::{self, ReplicationStream, SourceError, SourceEvent, StreamSettings};
+use crate::source::{ReplicationStream, SourceEvent, StreamSettings};
 use crate::sql::{quote_ident, QualifiedName};
 use crate::tenant::{TargetId, TenantId};
 
 use crate::backfill::reader::{self, ChunkEvent};
 use crate::backfill::scheduler::{Reading, Scheduler};
 use crate::backfill::table::{ChunkRows, High, RecentCommits};
+use admission::{Admission, Follow};
+use control::Control;
 use cutting::{Candidate, Cutovers, Settled};
-use moving::{Tenant, TenantRecord};
+use moving::{Standing, Tenant, TenantRecord};
 use setup::Remembered;
-
-/// How `run` starts.
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    /// Create the publication and slot if they are missing (first start only: a state
-    /// directory that recorded a slot never gets a new one).
-    pub create_slot: bool,
-    /// If another daemon holds this slot's lease, wait and take over when it stops
-    /// (instead of refusing to start).
-    pub standby: bool,
-}
-
-/// Takes the daemon lease of `slot` on the registry connection (a session advisory lock:
-/// it ends with the connection, so a dead daemon's lease is free at once).
-async fn take_lease(control: &Client, slot: &str) -> Result<bool, Error> {
-    Ok(control
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('switchyard daemon'), hashtext($1::text))",
-            &[&slot],
-        )
-        .await
-        .map_err(ClusterError::sql("taking the daemon lease"))?
-        .get(0))
-}
-
-/// Stops the metrics endpoint with the daemon, whichever way `run` returns.
-struct Endpoint(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        crate::telemetry::set_ready(false);
-        if let Some(t) = self.0.take() {
-            t.abort();
-        }
-    }
-}
+use startup::{open_slot, wait_for_lease, Endpoint, OpenedSlot};
 
 struct Engine {
     config: Config,
@@ -110,29 +81,23 @@ struct Engine {
     checkpoints: Writer,
     /// Keeps the slot behind applied commits whose checkpoint is still being written.
     gate: SlotGate,
-    registry: Registry,
-    control: Client,
+    control: Control,
     run_id: u64,
     relations: RelationCache,
     router: Router,
     tenants: BTreeMap<TenantId, Tenant>,
     /// Source tables some moving tenant copies: changes of other tables are not looked at.
     moved_tables: BTreeSet<QualifiedName>,
-    /// Published tables known to be no moving tenant's (no tenant column, or another
-    /// tenant's schema): not looked at again by [`Engine::notice_new_tables`].
-    global_tables: BTreeSet<QualifiedName>,
+    /// Published tables that appeared after a move started.
+    table_watch: TableWatch,
     appliers: BTreeMap<TargetId, applier::Applier>,
     apply_events: mpsc::UnboundedSender<ApplyEvent>,
     chunk_rx: mpsc::UnboundedReceiver<ChunkEvent>,
     setup_events: mpsc::UnboundedSender<(Move, Result<Tenant, Error>)>,
-    setting_up: HashSet<TenantId>,
+    admission: Admission,
     /// Permits for setups running at once (`move.setup_concurrency`): a setup holds two
     /// connections, and fifty moves requested together must not open a hundred.
     setup_slots: Arc<tokio::sync::Semaphore>,
-    /// Failed tenants whose queued work may still be in an applier, with the stream
-    /// position at failure: they may start again once the tracker has passed it.
-    released: BTreeMap<TenantId, Lsn>,
-    retry_setup_after: BTreeMap<TenantId, Instant>,
     quarantine: Quarantine,
     chunks: Scheduler,
     tracker: DurableTracker,
@@ -151,8 +116,46 @@ struct Engine {
 /// watermark committed just before it, so a short memory is enough.
 const RECENT_COMMITS: usize = 100_000;
 
-/// How long a daemon that is not a standby waits for a lease held by another session.
-const LEASE_GRACE: Duration = Duration::from_secs(10);
+/// A loop step that kept everything else waiting this long is logged (every change of
+/// every tenant waits behind it).
+const SLOW_STEP: Duration = Duration::from_millis(50);
+
+/// How long the loop's steps held it, per kind of step: the slow ones are logged, at most
+/// one line a second.
+#[derive(Default)]
+struct Held {
+    slowest: Option<(&'static str, Duration)>,
+    slow: u32,
+    logged: Option<Instant>,
+}
+
+impl Held {
+    fn note(&mut self, arm: &'static str, took: Duration) {
+        if took < SLOW_STEP {
+            return;
+        }
+        self.slow += 1;
+        if self.slowest.is_none_or(|(_, d)| took > d) {
+            self.slowest = Some((arm, took));
+        }
+        if self
+            .logged
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        if let Some((arm, took)) = self.slowest.take() {
+            tracing::info!(
+                step = arm,
+                ms = took.as_millis() as u64,
+                slow_steps = self.slow,
+                "the pipeline loop was held (the slowest step since the last such line)"
+            );
+        }
+        self.slow = 0;
+        self.logged = Some(Instant::now());
+    }
+}
 
 /// Stream messages handled in one round of the main loop, at most (the other arms wait
 /// at most this long).
@@ -162,55 +165,6 @@ const DRAIN_BURST: usize = 256;
 /// confirmed there (transactions that touched no target, idle keepalives): WAL is released
 /// a little later, for one small synced write per interval at most.
 const CONFIRM_RECORD_EVERY: Duration = Duration::from_millis(25);
-
-/// Compares the slot's confirmed position with the furthest one this state directory
-/// recorded, and returns where the stream's confirmations may start.
-///
-/// This daemon confirms nothing it has not recorded first, so a slot confirmed past the
-/// record was moved by something else while the daemon was down: dropped and created
-/// again under its name, `pg_replication_slot_advance`, another consumer that
-/// acknowledged. The changes in between never reached the moving tenants: each one with a
-/// record here gets a [`SlotGap`], durably, before anything else runs, and fails at its
-/// resume ([`MoveError::SlotAdvanced`]). A directory of an earlier version (which confirmed
-/// past its record) is taken as it is, once.
-async fn check_slot_position(
-    store: &Store,
-    checkpoints: &Writer,
-    recorded: Option<&SlotRecord>,
-    slot: &source::slot::SlotInfo,
-) -> Result<Lsn, Error> {
-    let kept = store.confirmed()?;
-    let found = slot.confirmed_flush.unwrap_or(Lsn::INVALID);
-    let ceiling = kept.max(found);
-    if recorded.is_none() {
-        return Ok(ceiling);
-    }
-    let mut batch = Batch::new();
-    if !store.ceiling_kept()? {
-        tracing::info!(recorded = %kept, slot = %found, "state directory of an earlier version: from now on every confirmation is recorded first");
-        batch.ceiling_kept();
-    } else if found > kept {
-        let gap = SlotGap {
-            from: kept,
-            to: found,
-        };
-        let tenants = store.tenants::<serde_json::Value>()?;
-        tracing::error!(
-            recorded = %kept,
-            slot = %found,
-            tenants = tenants.len(),
-            "the slot was confirmed past what this daemon recorded (dropped and created again, advanced, or acknowledged by another consumer); the moving tenants missed the changes in between and must be copied again"
-        );
-        for (tenant, _) in &tenants {
-            batch.slot_gap(tenant, &gap);
-        }
-    } else {
-        return Ok(ceiling);
-    }
-    batch.confirmed(found);
-    checkpoints.commit(batch).await?;
-    Ok(ceiling)
-}
 
 fn pg_now() -> i64 {
     // PostgreSQL timestamps count microseconds from 2000-01-01.
@@ -289,6 +243,12 @@ async fn run_daemon(
     let setup_slots = Arc::new(tokio::sync::Semaphore::new(config.moves.setup_concurrency));
     let assembler = Assembler::new(config.moves.max_txn_bytes);
     let cutovers = Cutovers::new(config.clone(), run_id, cutover_tx);
+    let control = Control::new(
+        control,
+        registry,
+        config.source.clone(),
+        config.replication.slot.clone(),
+    );
     let mut engine = Engine {
         router: Router::new(config.tenancy.clone()),
         chunks: Scheduler::new(
@@ -302,21 +262,18 @@ async fn run_daemon(
         store,
         checkpoints,
         gate: SlotGate::new(opened.ceiling),
-        registry,
         control,
         run_id,
         relations: RelationCache::new(),
         tenants: BTreeMap::new(),
         moved_tables: BTreeSet::new(),
-        global_tables: BTreeSet::new(),
+        table_watch: TableWatch::default(),
         appliers: BTreeMap::new(),
         apply_events: apply_tx,
         chunk_rx,
         setup_events: setup_tx,
-        setting_up: HashSet::new(),
+        admission: Admission::default(),
         setup_slots,
-        released: BTreeMap::new(),
-        retry_setup_after: BTreeMap::new(),
         quarantine: Quarantine::default(),
         tracker: DurableTracker::new(CommitLsn::NONE),
         assembler,
@@ -354,86 +311,6 @@ struct Inbox {
     setup: mpsc::UnboundedReceiver<(Move, Result<Tenant, Error>)>,
     cutover: mpsc::UnboundedReceiver<CutoverMsg>,
     notifications: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
-}
-
-/// Takes the slot's lease on the registry connection, waiting for it with `standby` (or
-/// briefly, for a predecessor's session to go); false if a stop came first.
-async fn wait_for_lease(
-    control: &Client,
-    slot: &str,
-    standby: bool,
-    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-) -> Result<bool, Error> {
-    if take_lease(control, slot).await? {
-        return Ok(true);
-    }
-    // A daemon restarted right after a crash may find its predecessor's session not
-    // yet gone: a short wait tells that apart from a second daemon.
-    let give_up = (!standby).then(|| Instant::now() + LEASE_GRACE);
-    tracing::info!(%slot, standby, "another daemon holds this slot's lease; waiting");
-    loop {
-        if give_up.is_some_and(|t| Instant::now() >= t) {
-            return Err(MoveError::Leased {
-                slot: slot.to_owned(),
-            }
-            .into());
-        }
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(false),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        if take_lease(control, slot).await? {
-            tracing::info!(%slot, "took the slot's lease");
-            return Ok(true);
-        }
-    }
-}
-
-/// The slot as the daemon found it at start.
-struct OpenedSlot {
-    slot: source::slot::SlotInfo,
-    /// What the state directory recorded of it (`None` on a first start).
-    recorded: Option<SlotRecord>,
-    /// How far the stream may confirm (see [`check_slot_position`]).
-    ceiling: Lsn,
-}
-
-/// Checks the publication, finds (or on a first start with `create_slot`, creates) the
-/// slot, and compares its position with the state directory's.
-async fn open_slot(
-    control: &Client,
-    store: &Store,
-    checkpoints: &Writer,
-    config: &Config,
-    options: &RunOptions,
-) -> Result<OpenedSlot, Error> {
-    let repl = &config.replication;
-    if options.create_slot {
-        source::slot::ensure_publication(control, &repl.publication, &repl.tables).await?;
-    } else if source::slot::publication_tables(control, &repl.publication)
-        .await?
-        .is_none()
-    {
-        return Err(SourceError::Protocol(format!(
-            "publication {:?} does not exist; create it (switchyard check prints the SQL) or start with --create-slot",
-            repl.publication
-        ))
-        .into());
-    }
-    let recorded = store.slot()?;
-    let slot = source::slot::ensure_slot(
-        control,
-        &repl.slot,
-        recorded.is_none() && options.create_slot,
-    )
-    .await
-    .map_err(|e| e.for_slot(&repl.slot))?;
-    let ceiling = check_slot_position(store, checkpoints, recorded.as_ref(), &slot).await?;
-    Ok(OpenedSlot {
-        slot,
-        recorded,
-        ceiling,
-    })
 }
 
 impl Engine {
@@ -516,35 +393,56 @@ impl Engine {
         let mut confirm_tick = tokio::time::interval(CONFIRM_RECORD_EVERY);
         confirm_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut report_at = Instant::now();
+        let mut held = Held::default();
         loop {
             let throttled = self.tracker.outstanding() >= self.config.moves.max_inflight_txns;
-            let step: Result<(), Error> = tokio::select! {
+            // Each arm notes when its work began: the wait before it is not the loop's.
+            let (arm, began, step): (&'static str, Instant, Result<(), Error>) = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return Ok(()),
                 Some(ev) = inbox.apply.recv() => {
+                    let began = Instant::now();
                     let r = self.on_apply(ev);
                     self.mark_synced().await;
-                    r
+                    ("apply", began, r)
                 }
-                Some(w) = inbox.written.recv() => self.on_written(w),
-                Some(ev) = self.chunk_rx.recv() => { self.on_chunk(ev); Ok(()) }
-                Some(msg) = inbox.cutover.recv() => { self.on_cutover(msg); Ok(()) }
-                Some((mv, res)) = inbox.setup.recv() => self.on_setup(mv, res).await,
-                Some(_) = inbox.notifications.recv() => self.poll_registry().await,
+                Some(w) = inbox.written.recv() => ("checkpoint", Instant::now(), self.on_written(w)),
+                Some(ev) = self.chunk_rx.recv() => {
+                    let began = Instant::now();
+                    self.on_chunk(ev);
+                    ("chunk", began, Ok(()))
+                }
+                Some(msg) = inbox.cutover.recv() => {
+                    let began = Instant::now();
+                    self.on_cutover(msg);
+                    ("cutover", began, Ok(()))
+                }
+                Some((mv, res)) = inbox.setup.recv() => {
+                    let began = Instant::now();
+                    ("setup", began, self.on_setup(mv, res).await)
+                }
+                Some(_) = inbox.notifications.recv() => {
+                    let began = Instant::now();
+                    ("registry", began, self.poll_registry().await)
+                }
                 _ = tick.tick() => {
+                    let began = Instant::now();
                     let mut r = self.poll_registry().await;
                     if r.is_ok() && report_at.elapsed() >= Duration::from_secs(1) {
                         report_at = Instant::now();
                         r = self.report().await;
                     }
-                    r
+                    ("registry", began, r)
                 }
-                _ = confirm_tick.tick() => Ok(()),
+                _ = confirm_tick.tick() => ("confirm", Instant::now(), Ok(())),
                 ev = stream.recv(), if !throttled => match ev {
-                    Ok(Some(ev)) => match self.on_burst(stream, ev).await {
-                        Ok(step) => step,
-                        Err(failed) => return Err(failed),
-                    },
+                    Ok(Some(ev)) => {
+                        let began = Instant::now();
+                        match self.on_burst(stream, ev).await {
+                            Ok(step) => ("stream", began, step),
+                            Err(failed) => return Err(failed),
+                        }
+                    }
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(e.for_slot(&slot).into()),
                 },
@@ -568,6 +466,7 @@ impl Engine {
             // otherwise hold WAL until the next applied change).
             self.confirm(stream);
             self.schedule_chunks();
+            held.note(arm, began.elapsed());
         }
     }
 
@@ -659,63 +558,29 @@ impl Engine {
     }
 
     /// Tables of a moving tenant that appeared in the publication after its move started
-    /// (a new shared table with the tenant column, a new partition, a new table in a
-    /// tenant's schema) are neither copied nor fenced: each tenant concerned is paused with
-    /// the table named and the fix, so no cutover flips without them. Checked at every
-    /// registry poll (one catalog query; a table's columns are read once).
+    /// are neither copied nor fenced: each tenant concerned is paused with the table named
+    /// and the fix, so no cutover flips without them. Checked at every registry poll.
     async fn notice_new_tables(&mut self, moves: &[Move]) -> Result<(), Error> {
         if self.tenants.is_empty() {
             return Ok(());
         }
-        let Some(published) =
-            source::slot::publication_tables(&self.control, &self.config.replication.publication)
-                .await?
-        else {
-            return Ok(());
-        };
         let excluded = self.excluded_schemas(moves);
         let known: BTreeSet<&QualifiedName> = self
             .tenants
             .values()
             .flat_map(|t| t.tables.keys())
             .collect();
-        let unknown: Vec<QualifiedName> = published
-            .into_iter()
-            .filter(|t| {
-                crate::layout::may_hold_tenants(&self.config, &t.schema, &excluded)
-                    && !known.contains(t)
-                    && !self.global_tables.contains(t)
-            })
-            .collect();
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let mut concerned: Vec<(TenantId, QualifiedName)> = Vec::new();
-        match self.config.tenancy.mode {
-            crate::config::TenancyMode::Schema => {
-                for t in unknown {
-                    match TenantId::new(t.schema.clone()) {
-                        Ok(id) if self.tenants.contains_key(&id) => concerned.push((id, t)),
-                        _ => {
-                            self.global_tables.insert(t);
-                        }
-                    }
-                }
-            }
-            crate::config::TenancyMode::Shared => {
-                let defs = crate::provision::read_tables(&self.control, &unknown).await?;
-                for d in defs {
-                    let col = self.config.tenancy.column_of(&d.name);
-                    if d.columns.iter().any(|c| c.name == col) {
-                        for id in self.tenants.keys() {
-                            concerned.push((id.clone(), d.name.clone()));
-                        }
-                    } else {
-                        self.global_tables.insert(d.name);
-                    }
-                }
-            }
-        }
+        let moving: Vec<&TenantId> = self.tenants.keys().collect();
+        let concerned = self
+            .table_watch
+            .appeared(
+                &self.config,
+                self.control.client(),
+                &known,
+                &moving,
+                &excluded,
+            )
+            .await?;
         for (tenant, table) in concerned {
             if !self.tenants.contains_key(&tenant) {
                 continue;
@@ -737,43 +602,9 @@ impl Engine {
             .collect()
     }
 
-    /// Reconnects the registry connection if it dropped (NOTIFY is then lost until the
-    /// daemon restarts; polling still notices every change).
-    async fn ensure_control(&mut self) -> Result<(), Error> {
-        if self.control.is_closed() {
-            let mut c = self.config.source.connect_sql().await?;
-            self.registry.install(&mut c).await?;
-            // The lease went with the old connection: take it again, or another daemon
-            // has taken over and this one must stop.
-            let slot = self.config.replication.slot.clone();
-            if !take_lease(&c, &slot).await? {
-                return Err(MoveError::LeaseLost { slot }.into());
-            }
-            self.control = c;
-        }
-        Ok(())
-    }
-
-    /// The registry's moves; a row that does not parse is marked failed with the reason
-    /// and left out, and the others go on.
-    async fn list_moves(&mut self) -> Result<Vec<Move>, Error> {
-        let (moves, bad) = self.registry.list_checked(&self.control).await?;
-        for e in &bad {
-            match self.registry.fail_bad_row(&self.control, e).await {
-                Ok(true) => tracing::error!(error = %e, "a registry row is invalid; marked failed"),
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, bad = %e, "recording an invalid registry row")
-                }
-            }
-        }
-        Ok(moves)
-    }
-
     async fn restore_tenants(&mut self) -> Result<(), Error> {
-        use futures_util::StreamExt;
         let started = Instant::now();
-        let moves = self.list_moves().await?;
+        let moves = self.control.list_moves().await?;
         let excluded = self.excluded_schemas(&moves);
         let mut resuming = Vec::new();
         for mv in moves.into_iter().filter(|m| m.state.consumes_stream()) {
@@ -785,34 +616,7 @@ impl Engine {
             resuming.push((mv, remembered));
         }
         let count = resuming.len();
-        // Each tenant's setup is a few round trips on connections of its own (~70 ms on a
-        // local cluster): one after the other, fifty tenants kept the stream waiting for
-        // seconds after every restart. A few at once, bounded so that a restart does not
-        // open a burst of connections on the source and the targets; results come back in
-        // registry order, and `on_setup` takes them one at a time as before.
-        let config = &self.config;
-        let excluded = &excluded;
-        let prepared: Vec<(Move, Result<Tenant, Error>)> = futures_util::stream::iter(resuming)
-            .map(|(mv, remembered)| async move {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let result = loop {
-                    match setup::prepare(config, &mv, remembered.clone(), excluded).await {
-                        Err(e)
-                            if e.classify() == ErrorClass::Transient
-                                && Instant::now() < deadline =>
-                        {
-                            tracing::warn!(tenant = %mv.tenant, error = %e, "cannot resume yet; retrying");
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                        }
-                        other => break other,
-                    }
-                };
-                (mv, result)
-            })
-            .buffered(config.moves.setup_concurrency)
-            .collect()
-            .await;
-        for (mv, result) in prepared {
+        for (mv, result) in setup::resume_all(&self.config, resuming, &excluded).await {
             self.on_setup(mv, result).await?;
         }
         if count > 0 {
@@ -828,90 +632,94 @@ impl Engine {
     /// Reads the registry: starts requested moves, stops moves an operator paused or
     /// cancelled.
     async fn poll_registry(&mut self) -> Result<(), Error> {
-        self.ensure_control().await?;
-        let moves = self.list_moves().await?;
+        let moves = self.control.list_moves().await?;
         let excluded = self.excluded_schemas(&moves);
-        // A tenant being moved follows its own move row, whatever other rows say: paused,
-        // cancelled (a finished state) or deleted, it stops.
-        let by_id: HashMap<i64, &Move> = moves.iter().map(|m| (m.id, m)).collect();
-        let mut stopped = Vec::new();
-        for t in self.tenants.values_mut() {
-            match by_id.get(&t.move_id) {
-                Some(mv) if mv.state.consumes_stream() => t.state = mv.state,
-                Some(mv) => stopped.push((t.id.clone(), mv.state.to_string())),
-                None => stopped.push((t.id.clone(), "deleted".to_string())),
+        let moving = self.tenants.values().map(|t| (&t.id, t.move_id));
+        for (tenant, follow) in admission::follow(moving, &moves) {
+            match follow {
+                Follow::Moving(state) => {
+                    if let Some(t) = self.tenants.get_mut(&tenant) {
+                        t.state = state;
+                    }
+                }
+                Follow::Stop(state) => {
+                    tracing::info!(%tenant, %state, "move stopped in the registry");
+                    self.release(&tenant);
+                }
             }
-        }
-        for (tenant, state) in stopped {
-            tracing::info!(%tenant, %state, "move stopped in the registry");
-            self.release(&tenant);
         }
         self.notice_new_tables(&moves).await?;
         self.start_cutovers(&moves).await;
         self.cutovers
-            .run_reverse(&self.registry, &self.control, &moves)
+            .run_reverse(self.control.registry(), self.control.client(), &moves)
             .await;
         self.cutovers.auto_cleanup(&moves);
         self.cutovers.release_ended(&moves);
-        let mut seen = BTreeSet::new();
-        for mv in moves {
-            if mv.state.is_finished() || !seen.insert(mv.tenant.clone()) {
-                continue;
+        let tracker = &self.tracker;
+        // Everything handed over before a stop is applied or dropped.
+        let drained = |at: Lsn| tracker.confirmable().lsn() >= at || tracker.outstanding() == 0;
+        let tenants = &self.tenants;
+        let due = self
+            .admission
+            .due(&moves, |t| tenants.contains_key(t), drained, Instant::now());
+        for mv in due {
+            if let Some(mv) = self.claim(mv).await? {
+                // A move picked up here starts over (new, or resumed after a failure).
+                let _ = self.checkpoints.forget_tenant(&mv.tenant).await;
+                self.admission.begin(&mv.tenant);
+                setup::spawn(
+                    self.config.clone(),
+                    mv,
+                    excluded.clone(),
+                    self.setup_slots.clone(),
+                    self.setup_events.clone(),
+                );
             }
-            if self.tenants.contains_key(&mv.tenant) {
-                continue;
+        }
+        Ok(())
+    }
+
+    /// Takes a due move into `provisioning`, with its tenant id as the stream writes it;
+    /// `None` if another writer changed the row first, the id is refused (the move is
+    /// then failed), or the id written canonically names a tenant already moving.
+    async fn claim(&mut self, mut mv: Move) -> Result<Option<Move>, Error> {
+        if mv.state == MoveState::Requested {
+            let r = self
+                .control
+                .registry()
+                .transition(
+                    self.control.client(),
+                    mv.id,
+                    MoveState::Requested,
+                    MoveState::Provisioning,
+                    None,
+                )
+                .await;
+            match r {
+                Ok(()) => {}
+                Err(registry::RegistryError::Conflict { .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
             }
-            let wants = matches!(mv.state, MoveState::Requested | MoveState::Provisioning);
-            if !wants || self.setting_up.contains(&mv.tenant) {
-                continue;
-            }
-            if self
-                .retry_setup_after
-                .get(&mv.tenant)
-                .is_some_and(|t| Instant::now() < *t)
-            {
-                continue;
-            }
-            if let Some(at) = self.released.get(&mv.tenant) {
-                if self.tracker.confirmable().lsn() < *at && self.tracker.outstanding() > 0 {
-                    continue;
-                }
-                self.released.remove(&mv.tenant);
-            }
-            if mv.state == MoveState::Requested {
-                let r = self
-                    .registry
-                    .transition(
-                        &self.control,
-                        mv.id,
-                        MoveState::Requested,
-                        MoveState::Provisioning,
-                        None,
-                    )
-                    .await;
-                match r {
-                    Ok(()) => {}
-                    Err(registry::RegistryError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let mut mv = mv;
-            mv.state = MoveState::Provisioning;
-            // The id in the form the stream will carry it, stored once (a row written by
-            // hand may say `007` or an upper-case UUID).
-            match crate::layout::canonical_tenant(&self.config, &self.control, &mv.tenant)
+        }
+        mv.state = MoveState::Provisioning;
+        // The id in the form the stream will carry it, stored once (a row written by hand
+        // may say `007` or an upper-case UUID).
+        let canonical =
+            crate::layout::canonical_tenant(&self.config, self.control.client(), &mv.tenant)
                 .await
-                .map_err(Error::from)
-            {
-                Ok(canonical) if canonical != mv.tenant => {
-                    tracing::info!(given = %mv.tenant, %canonical, move_id = mv.id, "tenant id written as its column's type writes it");
-                    if let Err(e) = self
-                        .registry
-                        .rename_tenant(&self.control, mv.id, &canonical)
-                        .await
-                    {
-                        let why = format!("storing the tenant id as {canonical}: {e}");
-                        self.set_state(
+                .map_err(Error::from);
+        match canonical {
+            Ok(canonical) if canonical != mv.tenant => {
+                tracing::info!(given = %mv.tenant, %canonical, move_id = mv.id, "tenant id written as its column's type writes it");
+                let renamed = self
+                    .control
+                    .registry()
+                    .rename_tenant(self.control.client(), mv.id, &canonical)
+                    .await;
+                if let Err(e) = renamed {
+                    let why = format!("storing the tenant id as {canonical}: {e}");
+                    self.control
+                        .set_state(
                             mv.id,
                             &mv.tenant,
                             MoveState::Provisioning,
@@ -919,18 +727,19 @@ impl Engine {
                             Some(&why),
                         )
                         .await;
-                        continue;
-                    }
-                    mv.tenant = canonical;
-                    if self.tenants.contains_key(&mv.tenant) || self.setting_up.contains(&mv.tenant)
-                    {
-                        continue;
-                    }
+                    return Ok(None);
                 }
-                Ok(_) => {}
-                Err(e) if e.classify() == ErrorClass::TenantFatal => {
-                    tracing::error!(tenant = %mv.tenant, error = %e, "move refused");
-                    self.set_state(
+                mv.tenant = canonical;
+                if self.tenants.contains_key(&mv.tenant) || self.admission.setting_up(&mv.tenant) {
+                    return Ok(None);
+                }
+                Ok(Some(mv))
+            }
+            Ok(_) => Ok(Some(mv)),
+            Err(e) if e.classify() == ErrorClass::TenantFatal => {
+                tracing::error!(tenant = %mv.tenant, error = %e, "move refused");
+                self.control
+                    .set_state(
                         mv.id,
                         &mv.tenant,
                         MoveState::Provisioning,
@@ -938,47 +747,24 @@ impl Engine {
                         Some(&e.to_string()),
                     )
                     .await;
-                    continue;
-                }
-                Err(e) => return Err(e),
+                Ok(None)
             }
-            // A move picked up here starts over (new, or resumed after a failure).
-            let _ = self.checkpoints.forget_tenant(&mv.tenant).await;
-            self.setting_up.insert(mv.tenant.clone());
-            let config = self.config.clone();
-            let tx = self.setup_events.clone();
-            let excluded = excluded.clone();
-            let slots = self.setup_slots.clone();
-            tokio::spawn(async move {
-                // The move shows `provisioning` while it waits: the registry says what the
-                // operator asked for is under way, and the wait is bounded by the setups
-                // ahead of it (a few seconds each at most). The semaphore is never closed; if
-                // it were, the setup runs unbounded rather than leaving the move stuck.
-                let _permit = slots.acquire_owned().await.ok();
-                let remembered = Remembered {
-                    record: None,
-                    applied: Lsn::INVALID,
-                    gap: None,
-                };
-                let r = setup::prepare(&config, &mv, remembered, &excluded).await;
-                let _ = tx.send((mv, r));
-            });
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     async fn on_setup(&mut self, mv: Move, result: Result<Tenant, Error>) -> Result<(), Error> {
-        self.setting_up.remove(&mv.tenant);
+        let transient = matches!(&result, Err(e) if e.classify() == ErrorClass::Transient);
+        self.admission.ended(&mv.tenant, transient, Instant::now());
         let mut tenant = match result {
             Ok(t) => t,
-            Err(e) if e.classify() == ErrorClass::Transient => {
+            Err(e) if transient => {
                 tracing::warn!(tenant = %mv.tenant, error = %e, "provisioning failed; retrying");
-                self.retry_setup_after
-                    .insert(mv.tenant.clone(), Instant::now() + Duration::from_secs(5));
                 let _ = self
-                    .registry
+                    .control
+                    .registry()
                     .note_error(
-                        &self.control,
+                        self.control.client(),
                         mv.id,
                         &format!("{}provisioning: {e}", crate::registry::RETRYING),
                     )
@@ -990,18 +776,18 @@ impl Engine {
                 if e.classify() == ErrorClass::Fatal {
                     return Err(e);
                 }
-                self.set_state(
-                    mv.id,
-                    &mv.tenant,
-                    mv.state,
-                    MoveState::Failed,
-                    Some(&e.to_string()),
-                )
-                .await;
+                self.control
+                    .set_state(
+                        mv.id,
+                        &mv.tenant,
+                        mv.state,
+                        MoveState::Failed,
+                        Some(&e.to_string()),
+                    )
+                    .await;
                 return Ok(());
             }
         };
-        self.retry_setup_after.remove(&mv.tenant);
         let target = tenant.destination.target.clone();
         // Lag is measured from here: nothing before this point was this target's to apply.
         self.handover.add_target(&target, self.last_end);
@@ -1026,20 +812,22 @@ impl Engine {
             // cleanup may touch (a table that appears later is not part of it).
             let tables: Vec<String> = tenant.tables.keys().map(|t| t.quoted()).collect();
             if let Err(e) = self
-                .registry
-                .record_tables(&self.control, tenant.move_id, &tables)
+                .control
+                .registry()
+                .record_tables(self.control.client(), tenant.move_id, &tables)
                 .await
             {
                 tracing::warn!(tenant = %tenant.id, error = %e, "recording the move's tables");
             }
-            self.set_state(
-                tenant.move_id,
-                &tenant.id,
-                MoveState::Provisioning,
-                MoveState::Copying,
-                None,
-            )
-            .await;
+            self.control
+                .set_state(
+                    tenant.move_id,
+                    &tenant.id,
+                    MoveState::Provisioning,
+                    MoveState::Copying,
+                    None,
+                )
+                .await;
             tenant.state = MoveState::Copying;
         }
         self.quarantine.remove(&tenant.id);
@@ -1074,36 +862,13 @@ impl Engine {
             .collect();
     }
 
-    /// Changes a move's state in the registry and RocksDB; failures are logged (the
-    /// registry is re-read on the next poll).
-    async fn set_state(
-        &mut self,
-        id: i64,
-        tenant: &TenantId,
-        from: MoveState,
-        to: MoveState,
-        error: Option<&str>,
-    ) {
-        if let Err(e) = self.ensure_control().await {
-            tracing::warn!(%tenant, error = %e, "cannot reach the registry");
-            return;
-        }
-        if let Err(e) = self
-            .registry
-            .transition(&self.control, id, from, to, error)
-            .await
-        {
-            tracing::warn!(%tenant, error = %e, %from, %to, "registry state change failed");
-        }
-    }
-
     /// Stops moving `tenant` here: it leaves the router, its queued work is dropped and
     /// it no longer holds the slot back.
     fn release(&mut self, tenant: &TenantId) -> Option<Tenant> {
         self.router.stop(tenant);
         self.quarantine.insert(tenant.clone());
         self.assembler.forget(tenant);
-        self.released.insert(tenant.clone(), self.last_end);
+        self.admission.released(tenant, self.last_end);
         // Queued behind the tenant's earlier checkpoints; a crash before it lands leaves
         // a record the registry's state (not consuming the stream) makes restore skip.
         let _ = self.checkpoints.forget_tenant_later(tenant);
@@ -1127,7 +892,9 @@ impl Engine {
     /// Writes the stops of [`Engine::stop`] into the registry.
     async fn record_stops(&mut self) {
         for (id, tenant, from, to, error) in std::mem::take(&mut self.stopped) {
-            self.set_state(id, &tenant, from, to, Some(&error)).await;
+            self.control
+                .set_state(id, &tenant, from, to, Some(&error))
+                .await;
         }
     }
 
@@ -1458,6 +1225,12 @@ impl Engine {
             let Some(a) = self.appliers.get(&target) else {
                 continue;
             };
+            let tenants = source_txn.parts.iter().map(|p| &p.0);
+            for id in tenants.chain(source_txn.states.iter().map(|s| &s.0)) {
+                if let Some(t) = self.tenants.get_mut(id) {
+                    t.last_handed = end;
+                }
+            }
             if a.tx.send(source_txn).is_err() {
                 return Err(MoveError::Target {
                     target: target.to_string(),
@@ -1465,7 +1238,8 @@ impl Engine {
                 }
                 .into());
             }
-            self.handover.handed(target, end, commit_time);
+            self.handover
+                .handed(target, end, commit_time, Instant::now());
         }
         self.handover.committed(end);
         self.tracker.on_commit(commit, targets);
@@ -1576,7 +1350,7 @@ impl Engine {
             } => {
                 self.tracker.on_applied(&target, up_to);
                 let up_to = up_to.lsn();
-                let settled = self.handover.applied(&target, up_to);
+                let settled = self.handover.applied(&target, up_to, Instant::now());
                 metrics::counter!(crate::telemetry::APPLIED_TRANSACTIONS, "target" => target.to_string())
                     .increment(settled as u64);
                 self.set_retrying(&target, None);
@@ -1635,14 +1409,15 @@ impl Engine {
             };
             if mv.state == MoveState::CuttingOver && !self.cutovers.is_running(&id) {
                 tracing::warn!(tenant = %id, "a cutover attempt was interrupted; back to streaming");
-                self.set_state(
-                    mv.id,
-                    &id,
-                    MoveState::CuttingOver,
-                    MoveState::Streaming,
-                    Some("a cutover attempt was interrupted (daemon restart); it is retried"),
-                )
-                .await;
+                self.control
+                    .set_state(
+                        mv.id,
+                        &id,
+                        MoveState::CuttingOver,
+                        MoveState::Streaming,
+                        Some("a cutover attempt was interrupted (daemon restart); it is retried"),
+                    )
+                    .await;
                 if let Some(t) = self.tenants.get_mut(&id) {
                     t.state = MoveState::Streaming;
                 }
@@ -1653,6 +1428,9 @@ impl Engine {
                 state: t.state,
                 lag_bytes: self.lag_bytes(&id),
                 copied: t.is_copied(),
+                apply_delay: self
+                    .handover
+                    .apply_delay(&t.destination.target, Instant::now()),
             };
             let tables = || {
                 t.tables
@@ -1692,13 +1470,20 @@ impl Engine {
         }
     }
 
-    /// The cutover marker `token` was read: everything before it is what must be applied.
+    /// The cutover marker `token` was read: the waiting tenant's transactions handed over
+    /// before it are what must be applied. Its writes wait on the fence, so every one of
+    /// them committed before the marker and was read before it; the transactions of other
+    /// tenants queued behind the last of them are not waited for.
     fn on_cutover_marker(&mut self, token: u64) {
-        self.cutovers.on_marker(token, self.last_end);
+        let tenants = &self.tenants;
+        self.cutovers.on_marker(token, |tenant| {
+            tenants.get(tenant).map_or(Lsn::INVALID, |t| t.last_handed)
+        });
         self.answer_cutover_waits();
     }
 
-    /// Answers the catch-up waits whose tenant's target holds everything before their marker.
+    /// Answers the catch-up waits whose tenant's target holds everything of the tenant
+    /// before their marker.
     fn answer_cutover_waits(&mut self) {
         let (tenants, handover) = (&self.tenants, &self.handover);
         self.cutovers.answer_waits(|tenant, through| {
@@ -1706,9 +1491,10 @@ impl Engine {
             // attempt aborts at its budget) until they are.
             tenants.get(tenant).is_some_and(|t| {
                 t.is_copied()
-                    && handover
-                        .oldest(&t.destination.target)
-                        .is_none_or(|(end, _)| end > through)
+                    && (t.applied >= through
+                        || handover
+                            .oldest(&t.destination.target)
+                            .is_none_or(|(end, _)| end > through))
             })
         });
     }
@@ -1730,11 +1516,7 @@ impl Engine {
 
     /// Bytes of WAL from `caught` to the end of the last transaction read (none before one).
     fn lag_behind(&self, caught: Lsn) -> u64 {
-        if self.last_end.is_valid() {
-            self.last_end.bytes_since(caught)
-        } else {
-            0
-        }
+        moving::lag_behind(self.last_end, caught)
     }
 
     /// Starts chunk reads while the number of open windows is under the worker cap,
@@ -1797,9 +1579,10 @@ impl Engine {
                 lag_seconds: None,
                 retrying,
             };
-            self.set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
+            self.control
+                .set_state(id, &tenant, MoveState::Copying, MoveState::Streaming, None)
                 .await;
-            if let Err(e) = self.registry.report(&self.control, id, &progress).await {
+            if let Err(e) = self.control.report(id, &progress).await {
                 tracing::warn!(%tenant, error = %e, "reporting progress");
             }
         }
@@ -1819,9 +1602,10 @@ impl Engine {
         let budget = self.config.moves.wal_budget_bytes;
         // The source's own position: the daemon's read position stops where reading pauses
         // (max_inflight_txns), so a target that is down would never look further behind.
-        self.ensure_control().await?;
+        self.control.ensure().await?;
         let source_at: Lsn = match self
             .control
+            .client()
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
         {
@@ -1834,22 +1618,15 @@ impl Engine {
         let mut over = Vec::new();
         let mut reports = Vec::new();
         for t in self.tenants.values() {
-            let target = &t.destination.target;
-            let caught = self.caught_up(t);
-            let lag_bytes = self.lag_behind(caught);
-            // What the tenant holds back: while its target owes transactions, everything
-            // the source wrote since the target's position (the slot cannot move past it).
-            let owes = self.handover.owed(target) > 0;
-            let held = if owes && source_at.is_valid() {
-                source_at.bytes_since(caught).max(lag_bytes)
-            } else {
-                lag_bytes
-            };
-            let lag_seconds = self
+            let oldest = self
                 .handover
-                .oldest(target)
-                .map(|(_, at)| ((now - at) as f64 / 1e6).max(0.0))
-                .unwrap_or(0.0);
+                .oldest(&t.destination.target)
+                .map(|(_, at)| at);
+            let Standing {
+                lag_bytes,
+                held,
+                lag_seconds,
+            } = Standing::of(self.caught_up(t), self.last_end, source_at, oldest, now);
             if held > budget {
                 over.push((t.id.clone(), held));
             }
@@ -1890,14 +1667,14 @@ impl Engine {
             let e = Error::Move(MoveError::WalBudget { held, budget });
             self.fail(&tenant, &e, MoveState::Failed).await;
         }
-        self.ensure_control().await?;
         for (id, r) in reports {
-            self.registry.report(&self.control, id, &r).await?;
+            self.control.report(id, &r).await?;
         }
         metrics::gauge!(crate::telemetry::SLOT_CONFIRMED_LSN)
             .set(self.tracker.confirmable().lsn().0 as f64);
         if let Ok(row) = self
             .control
+            .client()
             .query_one(
                 "SELECT coalesce((pg_current_wal_lsn() - restart_lsn)::float8, 0) \
                    FROM pg_replication_slots WHERE slot_name = $1",

@@ -61,8 +61,12 @@ pub(crate) struct Tenant {
     pub tables: BTreeMap<QualifiedName, TableMove>,
     /// Transactions ending at or before this are on the target already.
     pub skip_before: Lsn,
-    /// Durable on the target (acknowledged by its applier).
+    /// Durable on the target (acknowledged by its applier): the end of the last source
+    /// transaction of this tenant the target holds.
     pub applied: Lsn,
+    /// The end of the last source transaction with work of this tenant handed to its
+    /// target (rows or copy state).
+    pub last_handed: Lsn,
     backfill: Backfill,
     pub rows_copied: i64,
     pub rows_total: Option<i64>,
@@ -88,6 +92,7 @@ impl Tenant {
             tables,
             skip_before: Lsn::INVALID,
             applied: Lsn::INVALID,
+            last_handed: Lsn::INVALID,
             backfill: Backfill::Copying { sent: None },
             rows_copied: 0,
             rows_total: None,
@@ -158,6 +163,49 @@ impl Tenant {
 
     pub fn is_copied(&self) -> bool {
         self.tables.values().all(|t| t.copy.is_done())
+    }
+}
+
+/// Bytes of WAL from `caught` to `last_end`, the end of the last transaction read (none
+/// before one was read).
+pub(crate) fn lag_behind(last_end: Lsn, caught: Lsn) -> u64 {
+    if last_end.is_valid() {
+        last_end.bytes_since(caught)
+    } else {
+        0
+    }
+}
+
+/// Where a moving tenant stands, for its reports and the WAL budget.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Standing {
+    /// WAL its target trails the stream by.
+    pub lag_bytes: u64,
+    /// WAL it holds back at the source: while its target owes transactions, everything the
+    /// source wrote since the target's position (the slot cannot move past it), so a target
+    /// that is down counts although reading paused; else its lag.
+    pub held: u64,
+    /// Age of the oldest transaction its target owes.
+    pub lag_seconds: f64,
+}
+
+impl Standing {
+    /// `caught`: how far its target holds the stream; `last_end`: the end of the last
+    /// transaction read; `source_at`: the source's insert position (`INVALID`: unknown);
+    /// `oldest`: the commit time of the oldest transaction its target owes, and `now`, both
+    /// in microseconds since 2000-01-01.
+    pub fn of(caught: Lsn, last_end: Lsn, source_at: Lsn, oldest: Option<i64>, now: i64) -> Self {
+        let lag_bytes = lag_behind(last_end, caught);
+        let held = match oldest {
+            Some(_) if source_at.is_valid() => source_at.bytes_since(caught).max(lag_bytes),
+            _ => lag_bytes,
+        };
+        let lag_seconds = oldest.map_or(0.0, |at| ((now - at) as f64 / 1e6).max(0.0));
+        Standing {
+            lag_bytes,
+            held,
+            lag_seconds,
+        }
     }
 }
 
@@ -264,5 +312,30 @@ mod tests {
             fresh.after_commit(Lsn(310)).0.is_some(),
             "nothing held: sent"
         );
+    }
+
+    #[test]
+    fn a_target_that_owes_holds_everything_the_source_wrote_since_its_position() {
+        let (caught, last_end, source_at) = (Lsn(1_000), Lsn(3_000), Lsn(50_000));
+        let idle = Standing::of(caught, last_end, source_at, None, 9_000_000);
+        assert_eq!(
+            (idle.lag_bytes, idle.held, idle.lag_seconds),
+            (2_000, 2_000, 0.0)
+        );
+        // Reading paused behind a target that stopped: the source's own position counts.
+        let owing = Standing::of(caught, last_end, source_at, Some(6_000_000), 9_000_000);
+        assert_eq!(
+            (owing.lag_bytes, owing.held, owing.lag_seconds),
+            (2_000, 49_000, 3.0)
+        );
+        let unknown = Standing::of(caught, last_end, Lsn::INVALID, Some(6_000_000), 9_000_000);
+        assert_eq!(
+            unknown.held, 2_000,
+            "without the source's position, the lag"
+        );
+        let nothing_read = Standing::of(caught, Lsn::INVALID, Lsn::INVALID, None, 0);
+        assert_eq!(nothing_read.lag_bytes, 0);
+        let clock_skew = Standing::of(caught, last_end, source_at, Some(9_500_000), 9_000_000);
+        assert_eq!(clock_skew.lag_seconds, 0.0, "never negative");
     }
 }

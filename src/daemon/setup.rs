@@ -10,10 +10,14 @@
 //! - Only tables of the publication are moved, never the registry's or a target schema's.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, Semaphore};
 use tokio_postgres::Client;
 
 use super::error::MoveError;
+use super::error::{Error, ErrorClass};
 use super::moving::{Tenant, TenantRecord};
 use crate::apply::progress::{
     ensure_progress_table, forget_progress, read_resume_progress, Progress,
@@ -23,7 +27,6 @@ use crate::backfill::table::{CopyState, TableMove};
 use crate::checkpoint::SlotGap;
 use crate::cluster::ClusterError;
 use crate::config::Config;
-use crate::daemon::Error;
 use crate::layout::{layouts, placement, tenant_tables, warn_unordered};
 use crate::lsn::Lsn;
 use crate::provision::{self, Placement, TableDef};
@@ -40,6 +43,68 @@ pub(crate) struct Remembered {
     /// Changes the move missed because the slot was moved under it (see
     /// `check_slot_position`).
     pub gap: Option<SlotGap>,
+}
+
+/// A setup's result, for the daemon's loop.
+pub(crate) type SetupResult = (Move, Result<Tenant, Error>);
+
+/// Sets up a move picked up from the registry (new, or resumed after a failure: it starts
+/// over), in its own task; the result arrives on `results`. At most as many run at once as
+/// `slots` has permits.
+pub(crate) fn spawn(
+    config: Config,
+    mv: Move,
+    excluded: BTreeSet<String>,
+    slots: Arc<Semaphore>,
+    results: mpsc::UnboundedSender<SetupResult>,
+) {
+    tokio::spawn(async move {
+        // The move shows `provisioning` while it waits: the registry says what the operator
+        // asked for is under way, and the wait is bounded by the setups ahead of it (a few
+        // seconds each at most). The semaphore is never closed; if it were, the setup runs
+        // unbounded rather than leaving the move stuck.
+        let _permit = slots.acquire_owned().await.ok();
+        let remembered = Remembered {
+            record: None,
+            applied: Lsn::INVALID,
+            gap: None,
+        };
+        let r = prepare(&config, &mv, remembered, &excluded).await;
+        let _ = results.send((mv, r));
+    });
+}
+
+/// Prepares every tenant that was moving before a restart, a few at once; results come in
+/// the order given. A transient failure is retried for up to a minute.
+pub(crate) async fn resume_all(
+    config: &Config,
+    resuming: Vec<(Move, Remembered)>,
+    excluded: &BTreeSet<String>,
+) -> Vec<SetupResult> {
+    use futures_util::StreamExt;
+    // Each tenant's setup is a few round trips on connections of its own (~70 ms on a local
+    // cluster): one after the other, fifty tenants kept the stream waiting for seconds
+    // after every restart. Bounded, so that a restart does not open a burst of connections
+    // on the source and the targets.
+    futures_util::stream::iter(resuming)
+        .map(|(mv, remembered)| async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let result = loop {
+                match prepare(config, &mv, remembered.clone(), excluded).await {
+                    Err(e)
+                        if e.classify() == ErrorClass::Transient && Instant::now() < deadline =>
+                    {
+                        tracing::warn!(tenant = %mv.tenant, error = %e, "cannot resume yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    other => break other,
+                }
+            };
+            (mv, result)
+        })
+        .buffered(config.moves.setup_concurrency)
+        .collect()
+        .await
 }
 
 /// Removes what an earlier attempt of this tenant's move wrote, with its progress row, in

@@ -235,6 +235,34 @@ pub struct Move {
     pub tables: Option<Vec<String>>,
 }
 
+#[cfg(test)]
+impl Move {
+    /// A move of `tenant` to target `shard2`, schema named after the tenant, in `state`,
+    /// with nothing else set (for unit tests).
+    pub(crate) fn sample(id: i64, tenant: &str, state: MoveState) -> Move {
+        Move {
+            id,
+            tenant: TenantId::new(tenant).expect("a valid tenant id"),
+            target: TargetId::new("shard2").expect("a valid target id"),
+            target_schema: tenant.into(),
+            cutover_mode: CutoverMode::Manual,
+            state,
+            rows_copied: 0,
+            rows_total: None,
+            lag_bytes: None,
+            last_error: None,
+            cutover_requested: false,
+            cutover_attempts: 0,
+            verified: false,
+            reverse_slot: None,
+            reverse_from: None,
+            rollback_requested: false,
+            cleanup_due: false,
+            tables: None,
+        }
+    }
+}
+
 /// One recorded cutover attempt.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Attempt {
@@ -821,7 +849,7 @@ CREATE TRIGGER moves_notify AFTER INSERT OR UPDATE OF state, cutover_requested, 
     /// Records a verification result.
     pub async fn record_verification(
         &self,
-        client: &Client,
+        client: &impl tokio_postgres::GenericClient,
         id: i64,
         ok: bool,
         summary: &str,

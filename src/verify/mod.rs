@@ -103,13 +103,28 @@ pub struct TableReport {
     pub different: Vec<ChunkDiff>,
     /// Rows in the target table that belong to another tenant (shared layouts only).
     pub foreign_rows: i64,
+    /// Every key of the different chunks' rows that stayed different (all of them, where
+    /// `different` shows ten per chunk): what a comparison at a consistent point settles.
+    #[serde(skip)]
+    pub unsettled: Vec<Key>,
 }
 
 impl TableReport {
     pub fn ok(&self) -> bool {
         self.different.is_empty() && self.foreign_rows == 0
     }
+
+    /// Whether the difference is only rows that kept changing under the re-checks (a
+    /// different count alone, or foreign rows, are differences for good).
+    fn only_unsettled_rows(&self) -> bool {
+        self.foreign_rows == 0 && self.different.iter().all(|c| !c.keys.is_empty())
+    }
 }
+
+/// Rows that stayed different under live writes, per table (by index into the verified
+/// tables): to be compared again where the tenant's writes are paused and the target holds
+/// all of them.
+pub type Unsettled = Vec<(usize, Vec<Key>)>;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct VerifyReport {
@@ -145,6 +160,27 @@ impl VerifyReport {
             })
             .collect();
         format!("different: {}", bad.join("; "))
+    }
+
+    /// The rows to compare again at a consistent point, if every difference is of rows
+    /// that kept changing and there are at most `cap` of them; `None` if the report is a
+    /// verdict as it stands (equal, or different for good).
+    pub fn unsettled(&self, cap: usize) -> Option<Unsettled> {
+        if self.ok || !self.tables.iter().all(TableReport::only_unsettled_rows) {
+            return None;
+        }
+        let rows: usize = self.tables.iter().map(|t| t.unsettled.len()).sum();
+        if rows == 0 || rows > cap {
+            return None;
+        }
+        Some(
+            self.tables
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !t.unsettled.is_empty())
+                .map(|(i, t)| (i, t.unsettled.clone()))
+                .collect(),
+        )
     }
 }
 
@@ -441,7 +477,9 @@ async fn row_diff(
     Ok(differing(&a, &b))
 }
 
-async fn key_diff(
+/// The keys among `keys` whose rows differ between `source` and `target` (sessions
+/// prepared with [`SESSION_SQL`]).
+pub async fn key_diff(
     source: &Client,
     target: &Client,
     t: &VerifyTable,
@@ -514,6 +552,7 @@ async fn verify_table(
         rechecked: 0,
         different: Vec::new(),
         foreign_rows: 0,
+        unsettled: Vec::new(),
     };
     let mut after: Option<Key> = None;
     loop {
@@ -579,6 +618,7 @@ async fn verify_table(
                     .map(|k| k.iter().map(ChunkTable::key_text).collect())
                     .collect(),
             });
+            report.unsettled.extend(keys);
         }
         match upto {
             Some(k) => after = Some(k),
@@ -717,6 +757,7 @@ mod tests {
                 keys: vec![vec!["7".into(), "3".into()]],
             }],
             foreign_rows: 0,
+            unsettled: vec![vec![KeyValue::Int(7), KeyValue::Int(3)]],
         };
         let r = VerifyReport {
             tenant: "acme".into(),
@@ -731,5 +772,58 @@ mod tests {
         assert!(t.ok());
         t.foreign_rows = 1;
         assert!(!t.ok(), "a row of another tenant fails the isolation check");
+    }
+
+    #[test]
+    fn only_rows_that_kept_changing_are_left_for_a_consistent_point() {
+        let diff = |keys: Vec<Vec<String>>| ChunkDiff {
+            after: None,
+            upto: None,
+            source_rows: 1,
+            target_rows: 1,
+            keys,
+        };
+        let table = |different: Vec<ChunkDiff>, unsettled: Vec<Key>, foreign_rows| TableReport {
+            table: "public.pgbench_branches".into(),
+            target: "b7.pgbench_branches".into(),
+            source_rows: 1,
+            target_rows: 1,
+            chunks: 1,
+            rechecked: 5,
+            different,
+            foreign_rows,
+            unsettled,
+        };
+        let report = |tables: Vec<TableReport>| VerifyReport {
+            tenant: "7".into(),
+            ok: tables.iter().all(TableReport::ok),
+            tables,
+            millis: 1,
+        };
+        let hot = vec![KeyValue::Int(7)];
+        let equal = table(vec![], vec![], 0);
+        let changing = table(vec![diff(vec![vec!["7".into()]])], vec![hot.clone()], 0);
+        assert_eq!(
+            report(vec![equal.clone()]).unsettled(10),
+            None,
+            "equal: a verdict"
+        );
+        assert_eq!(
+            report(vec![equal.clone(), changing.clone()]).unsettled(10),
+            Some(vec![(1, vec![hot.clone()])])
+        );
+        assert_eq!(
+            report(vec![changing.clone()]).unsettled(0),
+            None,
+            "more rows than the cap: a verdict as it stands"
+        );
+        let counted = table(vec![diff(vec![])], vec![], 0);
+        assert_eq!(
+            report(vec![changing.clone(), counted]).unsettled(10),
+            None,
+            "a chunk different without differing rows is different for good"
+        );
+        let foreign = table(vec![diff(vec![vec!["7".into()]])], vec![hot], 1);
+        assert_eq!(report(vec![foreign]).unsettled(10), None);
     }
 }

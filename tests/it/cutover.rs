@@ -352,8 +352,10 @@ async fn cutovers_blocked_by_locks_abort_at_their_step_within_the_budget() -> Re
     } = start(
         &src,
         Some(&dst),
+        // Attempts start however slowly the locked target applies, so that one meets the
+        // lock inside its pause.
         "[cutover]\npause_budget_ms = 400\nretry_initial_ms = 300\nretry_max_ms = 600\n\
-         old_transaction_wait_ms = 500\nrollback = false\n",
+         old_transaction_wait_ms = 500\nrollback = false\nmax_apply_delay_ms = 600000\n",
     )
     .await?;
     let d = dst.client().await?;

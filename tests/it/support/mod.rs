@@ -106,10 +106,31 @@ pub struct PgCluster {
     watchdog: Option<Child>,
 }
 
+/// The `synchronous_commit` a benchmark's clusters run with (`SWITCHYARD_BENCH_SYNC_COMMIT`,
+/// `on` unless it says `off`), for its report.
+pub fn bench_sync_commit() -> &'static str {
+    match std::env::var("SWITCHYARD_BENCH_SYNC_COMMIT").as_deref() {
+        Ok("off") => "off",
+        _ => "on",
+    }
+}
+
 impl PgCluster {
     /// Starts a cluster with [`ClusterOptions::default`].
     pub fn start() -> Result<Self> {
         Self::start_with(ClusterOptions::default())
+    }
+
+    /// A cluster for a benchmark: with `SWITCHYARD_BENCH_SYNC_COMMIT=off` in the environment,
+    /// `synchronous_commit = off` in its postgresql.conf (as many production clusters run).
+    pub fn start_for_bench() -> Result<Self> {
+        let mut options = ClusterOptions::default();
+        if bench_sync_commit() == "off" {
+            options
+                .extra_conf
+                .push(("synchronous_commit".into(), "off".into()));
+        }
+        Self::start_with(options)
     }
 
     /// Runs `initdb` in a fresh temporary directory, configures and starts the

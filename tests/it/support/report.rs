@@ -85,3 +85,16 @@ pub fn summary(v: &mut [f64]) -> serde_json::Value {
         "n": v.len(),
     })
 }
+
+/// Where a bench's daemon writes its log: `name` in `SWITCHYARD_BENCH_LOG_DIR` if set (kept
+/// after the run, for a look at what the daemon did), else in the bench's temporary `dir`.
+pub fn daemon_log(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    match std::env::var_os("SWITCHYARD_BENCH_LOG_DIR") {
+        Some(d) => {
+            let d = std::path::PathBuf::from(d);
+            let _ = std::fs::create_dir_all(&d);
+            d.join(name)
+        }
+        None => dir.join(name),
+    }
+}

@@ -67,7 +67,8 @@ pub fn init(pg: &PgCluster, scale: u32) -> Result<()> {
 }
 
 /// A running `pgbench` (the built-in TPC-B-like script) against database `postgres` at
-/// `port`: `clients` connections at `tps` in all, for at most `secs`.
+/// `port`: `clients` connections at `tps` in all (0: as fast as they go), for at most
+/// `secs`.
 pub struct Load {
     child: Child,
 }
@@ -91,10 +92,11 @@ impl Load {
             .arg(port.to_string())
             .arg("-c")
             .arg(clients.to_string())
-            .arg("-R")
-            .arg(tps.to_string())
             .arg("-T")
             .arg(secs.to_string());
+        if tps > 0 {
+            cmd.arg("-R").arg(tps.to_string());
+        }
         if let Some(s) = script {
             cmd.arg("-f").arg(s);
         }
