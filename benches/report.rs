@@ -68,9 +68,29 @@ fn machine() -> Value {
     })
 }
 
+/// The load a lag or cutover run was measured under: the offered rate (or the host's full
+/// rate) and the clusters' `synchronous_commit`.
+fn load(r: &Value) -> String {
+    let rate = match r["offered_tps"].as_u64() {
+        Some(0) | None => "the host's full rate".to_string(),
+        Some(t) if t >= 100_000 => "the host's full rate".to_string(),
+        Some(t) => format!("{t} tps offered"),
+    };
+    let sync = r["synchronous_commit"].as_str().unwrap_or("on");
+    format!("{rate}, synchronous_commit = {sync}")
+}
+
 fn render(results: &[Value], machine: &Value) -> Result<String> {
     let mut md = String::new();
     let by = |name: &str| results.iter().rev().find(|r| r["bench"] == name);
+    // The lag and cutover benches run at several loads and commit settings: each run is
+    // shown, named by both.
+    let every = |name: &str| {
+        results
+            .iter()
+            .filter(|r| r["bench"] == name)
+            .collect::<Vec<_>>()
+    };
     writeln!(md, "# Benchmark report\n")?;
     writeln!(
         md,
@@ -104,21 +124,22 @@ fn render(results: &[Value], machine: &Value) -> Result<String> {
             f(m, &["backlog_ratio_native_over_switchyard"]),
         )?;
     }
-    if let Some(l) = by("lag") {
+    for l in every("lag") {
         writeln!(
             md,
-            "| tenant lag under pgbench at {} tps offered, p50 / p99: switchyard vs native LR | {:.1} / {:.1} ms vs {:.1} / {:.1} ms |",
-            l["offered_tps"],
+            "| tenant lag under pgbench at {}, p50 / p99: switchyard vs native LR | {:.1} / {:.1} ms vs {:.1} / {:.1} ms |",
+            load(l),
             f(l, &["switchyard", "lag_ms", "p50"]),
             f(l, &["switchyard", "lag_ms", "p99"]),
             f(l, &["native", "lag_ms", "p50"]),
             f(l, &["native", "lag_ms", "p99"]),
         )?;
     }
-    if let Some(c) = by("cutover") {
+    for c in every("cutover") {
         writeln!(
             md,
-            "| cutover write pause of the tenant, p50 / p99 (budget {} ms, {} cutovers) | {:.1} / {:.1} ms |",
+            "| cutover write pause of the tenant at {}, p50 / p99 (budget {} ms, {} cutovers) | {:.1} / {:.1} ms |",
+            load(c),
             c["budget_ms"],
             c["cutovers"],
             f(c, &["pause_ms", "p50"]),
@@ -202,8 +223,12 @@ fn render(results: &[Value], machine: &Value) -> Result<String> {
             }
         }
     }
-    if let Some(l) = by("lag") {
-        writeln!(md, "\n## Lag under load (`cargo bench --bench lag`)\n")?;
+    for l in every("lag") {
+        writeln!(
+            md,
+            "\n## Lag under load at {} (`cargo bench --bench lag`)\n",
+            load(l)
+        )?;
         writeln!(
             md,
             "| pipeline | reached tps | p50 ms | p99 ms | max ms | beats |"
@@ -226,8 +251,12 @@ fn render(results: &[Value], machine: &Value) -> Result<String> {
             l["clients"], l["tenants"], l["secs"]
         )?;
     }
-    if let Some(c) = by("cutover") {
-        writeln!(md, "\n## Cutover pauses (`cargo bench --bench cutover`)\n")?;
+    for c in every("cutover") {
+        writeln!(
+            md,
+            "\n## Cutover pauses at {} (`cargo bench --bench cutover`)\n",
+            load(c)
+        )?;
         writeln!(md, "| measure | p50 ms | p99 ms | max ms | n |")?;
         writeln!(md, "|---|---|---|---|---|")?;
         for (name, key) in [
@@ -337,6 +366,10 @@ fn main() -> Result<()> {
         serde_json::json!({"bench": "lag", "offered_tps": 50, "clients": 2, "secs": 1, "tenants": 50,
             "native": {"tps": 50.0, "lag_ms": {"p50": 3.0, "p99": 9.0, "max": 10.0, "n": 40}},
             "switchyard": {"tps": 50.0, "lag_ms": {"p50": 4.0, "p99": 12.0, "max": 15.0, "n": 40}}}),
+        serde_json::json!({"bench": "lag", "offered_tps": 0, "synchronous_commit": "off",
+            "clients": 2, "secs": 1, "tenants": 50,
+            "native": {"tps": 900.0, "lag_ms": {"p50": 3.0, "p99": 9.0, "max": 10.0, "n": 40}},
+            "switchyard": {"tps": 800.0, "lag_ms": {"p50": 5.0, "p99": 77.0, "max": 90.0, "n": 40}}}),
         serde_json::json!({"bench": "cutover", "cutovers": 2, "offered_tps": 100, "clients": 2, "budget_ms": 100,
             "attempts": 2, "aborted": [], "pause_ms": {"p50": 10.0, "p99": 20.0, "max": 20.0, "n": 2},
             "moving_tenant_slowest_write_ms": {"p50": 30.0, "p99": 40.0, "max": 40.0, "n": 2},
@@ -354,7 +387,9 @@ fn main() -> Result<()> {
     for needle in [
         "**1.33×**",
         "**1.50×**",
-        "4.0 / 12.0 ms vs 3.0 / 9.0 ms",
+        "at 50 tps offered, synchronous_commit = on, p50 / p99: switchyard vs native LR | 4.0 / 12.0 ms vs 3.0 / 9.0 ms",
+        "at the host's full rate, synchronous_commit = off, p50 / p99: switchyard vs native LR | 5.0 / 77.0 ms",
+        "## Lag under load at the host's full rate, synchronous_commit = off",
         "10.0 / 20.0 ms",
         "60 / 50 / 40 MB",
         "| backlog: switchyard | 0.12 | 0.50 | 0.25 | 0.88 |",
@@ -365,7 +400,7 @@ fn main() -> Result<()> {
     let json: Value = serde_json::from_str(&std::fs::read_to_string(
         dir.path().join("bench-report.json"),
     )?)?;
-    anyhow::ensure!(json["results"].as_array().map(Vec::len) == Some(4));
+    anyhow::ensure!(json["results"].as_array().map(Vec::len) == Some(5));
     println!("report renderer: sample ok");
     Ok(())
 }

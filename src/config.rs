@@ -395,12 +395,22 @@ pub struct CutoverSettings {
     pub auto_cleanup: bool,
 }
 
+/// The longest apply delay at which an attempt starts by default, for a pause of `budget`.
+/// Inside the pause the catch-up waits for the marker to be read and for the target to
+/// apply the tenant's last changes before it: about one apply delay. It may start only
+/// after the fence lock (up to half the budget) and must end by nine tenths, so an attempt
+/// whose delay alone takes more than two fifths would abort: it is not started, and the
+/// tenant's writers are not paused for nothing.
+pub fn default_max_apply_delay(budget: Duration) -> Duration {
+    budget * 2 / 5
+}
+
 impl Default for CutoverSettings {
     fn default() -> Self {
         CutoverSettings {
             pause_budget: Duration::from_millis(100),
             max_lag_bytes: 16 << 20,
-            max_apply_delay: Duration::from_millis(40),
+            max_apply_delay: default_max_apply_delay(Duration::from_millis(100)),
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             verify: true,
@@ -428,7 +438,7 @@ fn cutover(f: FileCutover) -> Result<CutoverSettings, ConfigError> {
         max_apply_delay: ms(
             "max_apply_delay_ms",
             f.max_apply_delay_ms,
-            crate::cutover::policy::default_max_apply_delay(pause_budget),
+            default_max_apply_delay(pause_budget),
             0,
         )?,
         max_lag_bytes: f

@@ -619,25 +619,9 @@ async fn fenced(
             }
         }
     }
-    // What is left runs under a statement_timeout of the remaining budget on both sides:
-    // a lock held by someone else (on the routes, a fence row, a target sequence) aborts
-    // the attempt at its step instead of stretching the pause.
-    let Some(left) = clock.left(pause.elapsed()) else {
-        return Ok(pause.aborted(
-            Step::Sequences,
-            "the pause budget ran out after the catch-up".into(),
-        ));
-    };
-    let bound = format!("statement_timeout = '{}ms'", left.as_millis().max(1));
-    tx.batch_execute(&format!("SET LOCAL {bound}"))
-        .await
-        .map_err(sql("bounding the cutover's statements"))?;
-    if cfg.cutover.rollback || !seqs.is_empty() {
-        // The attempt's own session: the setting ends with it.
-        target
-            .batch_execute(&format!("SET {bound}"))
-            .await
-            .map_err(sql("bounding the cutover's statements at the target"))?;
+    let at_target = cfg.cutover.rollback || !seqs.is_empty();
+    if let Some(aborted) = bound_the_rest(&tx, at_target.then_some(target), &clock, &pause).await? {
+        return Ok(aborted);
     }
     // From here on every change of the tenant's tables at the target is an application's
     // (the move applied all of its own): the reverse stream starts after this position.
@@ -720,6 +704,38 @@ async fn fenced(
         catch_up,
         route_version,
     })
+}
+
+/// What is left of an attempt runs under a statement_timeout of the remaining budget on
+/// both sides (`target` if the rest writes there): a lock held by someone else (on the
+/// routes, a fence row, a target sequence) aborts the attempt at its step instead of
+/// stretching the pause. `Some` ends the attempt.
+async fn bound_the_rest(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: Option<&Client>,
+    clock: &policy::Clock,
+    pause: &Pause,
+) -> Result<Option<Outcome>, Error> {
+    let Some(left) = clock.left(pause.elapsed()) else {
+        return Ok(Some(pause.aborted(
+            Step::Sequences,
+            "the pause budget ran out after the catch-up".into(),
+        )));
+    };
+    let bound = format!("statement_timeout = '{}ms'", left.as_millis().max(1));
+    tx.batch_execute(&format!("SET LOCAL {bound}"))
+        .await
+        .map_err(ClusterError::sql("bounding the cutover's statements"))?;
+    if let Some(target) = target {
+        // The attempt's own session: the setting ends with it.
+        target
+            .batch_execute(&format!("SET {bound}"))
+            .await
+            .map_err(ClusterError::sql(
+                "bounding the cutover's statements at the target",
+            ))?;
+    }
+    Ok(None)
 }
 
 /// What the comparison inside the pause found.

@@ -5,7 +5,7 @@
 //! - An attempt starts only from `streaming` (in sync), when asked for (auto mode or an
 //!   operator's request), with the target's lag under the threshold, when the target's
 //!   measured apply delay fits the catch-up's share of the pause (see
-//!   [`default_max_apply_delay`]),
+//!   [`crate::config::default_max_apply_delay`]),
 //!   outside the backoff after an aborted attempt, and never twice at once for a tenant.
 //! - The pause budget covers everything writers of the tenant can wait on, from the fence
 //!   lock request to the commit: the lock wait gets at most half of it, the catch-up runs
@@ -96,16 +96,6 @@ pub fn may_start(r: &Readiness, s: &CutoverSettings) -> Result<(), NotNow> {
         return Err(NotNow::Slow);
     }
     Ok(())
-}
-
-/// The longest apply delay at which an attempt starts by default, for a pause of `budget`.
-/// Inside the pause the catch-up waits for the marker to be read and for the target to
-/// apply the tenant's last changes before it: about one apply delay. It may start only
-/// after the fence lock (up to half the budget) and must end by nine tenths, so an attempt
-/// whose delay alone takes more than two fifths would abort: it is not started, and the
-/// tenant's writers are not paused for nothing.
-pub fn default_max_apply_delay(budget: Duration) -> Duration {
-    budget * 2 / 5
 }
 
 /// The wait before attempt `n + 1` after `n` aborted ones (`n >= 1`).
@@ -231,6 +221,7 @@ mod tests {
     #[test]
     fn by_default_an_attempt_starts_only_when_the_catch_up_fits_the_pause() {
         let ms = Duration::from_millis;
+        use crate::config::default_max_apply_delay;
         assert_eq!(default_max_apply_delay(ms(100)), ms(40));
         assert_eq!(default_max_apply_delay(ms(1500)), ms(600));
         assert_eq!(

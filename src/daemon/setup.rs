@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_postgres::Client;
 
-use super::error::MoveError;
-use super::error::{Error, ErrorClass};
+use super::error::{Error, ErrorClass, MoveError};
 use super::moving::{Tenant, TenantRecord};
 use crate::apply::progress::{
     ensure_progress_table, forget_progress, read_resume_progress, Progress,
