@@ -45,16 +45,6 @@ INSERT INTO public.history (tenant_id, account, delta) VALUES (:t, :a, :d);
 END;
 ";
 
-/// pgbench's rate limit for `tps` offered: none for 0 (as fast as the clients go, the
-/// host's full rate).
-fn rate(tps: u64) -> Vec<String> {
-    if tps == 0 {
-        Vec::new()
-    } else {
-        vec!["-R".into(), tps.to_string()]
-    }
-}
-
 /// The offered load, for the report.
 fn offered(tps: u64) -> String {
     if tps == 0 {
@@ -74,7 +64,7 @@ fn pgbench(port: u16, script: &std::path::Path, tps: u64, clients: u64, secs: u6
         .arg(port.to_string())
         .arg("-c")
         .arg(clients.to_string())
-        .args(rate(tps))
+        .args(support::pgbench_rate(tps))
         .arg("-T")
         .arg(secs.to_string())
         .arg("-f")

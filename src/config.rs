@@ -376,7 +376,7 @@ pub struct CutoverSettings {
     pub max_lag_bytes: u64,
     /// Attempts start only while the target's measured apply delay is at most this (the
     /// catch-up inside the pause waits about that long); by default two fifths of the
-    /// pause budget (see `cutover::policy::fits_catch_up`).
+    /// pause budget (see [`default_max_apply_delay`]).
     pub max_apply_delay: Duration,
     /// Backoff between aborted attempts: doubles from the first up to the second.
     pub retry_initial: Duration,

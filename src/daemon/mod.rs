@@ -71,7 +71,7 @@ use admission::{Admission, Follow};
 use control::Control;
 use cutting::{Candidate, Cutovers, Settled};
 use moving::{Standing, Tenant, TenantRecord};
-use setup::Remembered;
+use setup::{Remembered, SetupResult};
 use startup::{open_slot, wait_for_lease, Endpoint, OpenedSlot};
 
 struct Engine {
@@ -93,7 +93,7 @@ struct Engine {
     appliers: BTreeMap<TargetId, applier::Applier>,
     apply_events: mpsc::UnboundedSender<ApplyEvent>,
     chunk_rx: mpsc::UnboundedReceiver<ChunkEvent>,
-    setup_events: mpsc::UnboundedSender<(Move, Result<Tenant, Error>)>,
+    setup_events: mpsc::UnboundedSender<SetupResult>,
     admission: Admission,
     /// Permits for setups running at once (`move.setup_concurrency`): a setup holds two
     /// connections, and fifty moves requested together must not open a hundred.
@@ -308,7 +308,7 @@ async fn run_daemon(
 struct Inbox {
     apply: mpsc::UnboundedReceiver<ApplyEvent>,
     written: mpsc::UnboundedReceiver<Written>,
-    setup: mpsc::UnboundedReceiver<(Move, Result<Tenant, Error>)>,
+    setup: mpsc::UnboundedReceiver<SetupResult>,
     cutover: mpsc::UnboundedReceiver<CutoverMsg>,
     notifications: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
 }
@@ -717,15 +717,7 @@ impl Engine {
                     .rename_tenant(self.control.client(), mv.id, &canonical)
                     .await;
                 if let Err(e) = renamed {
-                    let why = format!("storing the tenant id as {canonical}: {e}");
-                    self.control
-                        .set_state(
-                            mv.id,
-                            &mv.tenant,
-                            MoveState::Provisioning,
-                            MoveState::Failed,
-                            Some(&why),
-                        )
+                    self.refuse(&mv, &format!("storing the tenant id as {canonical}: {e}"))
                         .await;
                     return Ok(None);
                 }
@@ -738,19 +730,24 @@ impl Engine {
             Ok(_) => Ok(Some(mv)),
             Err(e) if e.classify() == ErrorClass::TenantFatal => {
                 tracing::error!(tenant = %mv.tenant, error = %e, "move refused");
-                self.control
-                    .set_state(
-                        mv.id,
-                        &mv.tenant,
-                        MoveState::Provisioning,
-                        MoveState::Failed,
-                        Some(&e.to_string()),
-                    )
-                    .await;
+                self.refuse(&mv, &e.to_string()).await;
                 Ok(None)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A claimed move that cannot start: `provisioning` → `failed`, with why.
+    async fn refuse(&mut self, mv: &Move, why: &str) {
+        self.control
+            .set_state(
+                mv.id,
+                &mv.tenant,
+                MoveState::Provisioning,
+                MoveState::Failed,
+                Some(why),
+            )
+            .await;
     }
 
     async fn on_setup(&mut self, mv: Move, result: Result<Tenant, Error>) -> Result<(), Error> {
@@ -1220,6 +1217,7 @@ impl Engine {
             }
         }
         let handed = txn.into_targets(commit, states);
+        let now = Instant::now();
         let targets: BTreeSet<TargetId> = handed.iter().map(|(t, _)| t.clone()).collect();
         for (target, source_txn) in handed {
             let Some(a) = self.appliers.get(&target) else {
@@ -1238,8 +1236,7 @@ impl Engine {
                 }
                 .into());
             }
-            self.handover
-                .handed(target, end, commit_time, Instant::now());
+            self.handover.handed(target, end, commit_time, now);
         }
         self.handover.committed(end);
         self.tracker.on_commit(commit, targets);

@@ -106,6 +106,16 @@ pub struct PgCluster {
     watchdog: Option<Child>,
 }
 
+/// pgbench's rate limit for `tps` offered in all: none for 0 (as fast as its clients go, the
+/// host's full rate).
+pub fn pgbench_rate(tps: u64) -> Vec<String> {
+    if tps == 0 {
+        Vec::new()
+    } else {
+        vec!["-R".into(), tps.to_string()]
+    }
+}
+
 /// The `synchronous_commit` a benchmark's clusters run with (`SWITCHYARD_BENCH_SYNC_COMMIT`,
 /// `on` unless it says `off`), for its report.
 pub fn bench_sync_commit() -> &'static str {

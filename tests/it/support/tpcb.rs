@@ -94,9 +94,7 @@ impl Load {
             .arg(clients.to_string())
             .arg("-T")
             .arg(secs.to_string());
-        if tps > 0 {
-            cmd.arg("-R").arg(tps.to_string());
-        }
+        cmd.args(super::pgbench_rate(tps.into()));
         if let Some(s) = script {
             cmd.arg("-f").arg(s);
         }
