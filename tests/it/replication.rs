@@ -1087,17 +1087,21 @@ async fn scram_without_tls_streams_as_a_non_superuser() -> Result<()> {
     let path = write_config(dir.path(), &pg, "password_env = \"SY_TEST_PW\"", "");
     let mut tail = Tail::spawn(&path, &["--create-slot", "--ack"], &[("SY_TEST_PW", &pw)]);
     let c = pg.client().await?;
-    let pid = walsender_pid(&c).await?;
-    let (user, superuser): (String, bool) = {
-        let r = c
-            .query_one(
-                "SELECT a.usename::text, r.rolsuper FROM pg_stat_activity a \
-                   JOIN pg_roles r ON r.rolname = a.usename WHERE a.pid = $1",
-                &[&pid],
+    // The slot's walsender, read in one statement: with --create-slot the session that
+    // created the slot may hold it for a moment and be gone by a second query.
+    let (user, superuser): (String, bool) =
+        wait_for("the slot's walsender in pg_stat_activity", WAIT, || async {
+            Ok(c.query_opt(
+                "SELECT a.usename::text, r.rolsuper FROM pg_replication_slots s \
+                   JOIN pg_stat_activity a ON a.pid = s.active_pid \
+                   JOIN pg_roles r ON r.rolname = a.usename \
+                  WHERE s.slot_name = 'sy' AND s.active",
+                &[],
             )
-            .await?;
-        (r.get(0), r.get(1))
-    };
+            .await?
+            .map(|r| (r.get(0), r.get(1))))
+        })
+        .await?;
     assert_eq!(user, "switchyard");
     assert!(!superuser);
     pg.psql(
