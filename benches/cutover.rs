@@ -13,7 +13,8 @@
 //!
 //! Run: `cargo bench --bench cutover` (SWITCHYARD_BENCH_CUTOVERS, default 24, tenants cut
 //! over; SWITCHYARD_BENCH_TPS, default 1000, the offered load, over SWITCHYARD_BENCH_CLIENTS,
-//! default 8, connections; SWITCHYARD_BENCH_BUDGET_MS, default 100, the pause budget).
+//! default 8, connections; SWITCHYARD_BENCH_BUDGET_MS, default 100, the pause budget;
+//! SWITCHYARD_BENCH_ROLLBACK, default 1, 0 for `rollback = false`: no reverse replication).
 //! Prints Markdown; docs/benchmarks.md has the figures.
 
 #[path = "../tests/it/support/mod.rs"]
@@ -188,6 +189,9 @@ async fn main() -> Result<()> {
     let tps = env_or("SWITCHYARD_BENCH_TPS", if bench { 1000 } else { 100 });
     let clients = env_or("SWITCHYARD_BENCH_CLIENTS", 8) as usize;
     let budget = env_or("SWITCHYARD_BENCH_BUDGET_MS", 100);
+    // Reverse replication (the product's default): every cut-over tenant's writes at its
+    // new schema also go back to the old table, through the target's one reverse slot.
+    let rollback = env_or("SWITCHYARD_BENCH_ROLLBACK", 1) != 0;
     let tenants = cutovers + 8;
     let phase = Duration::from_secs(if bench { 10 } else { 2 });
     let src = PgCluster::start_for_bench()?;
@@ -208,9 +212,7 @@ async fn main() -> Result<()> {
         &src,
         None,
         &format!(
-            // Without reverse replication: 24 reverse slots would exceed the cluster's
-            // max_replication_slots; the reverse stream adds no work inside the pause.
-            "[cutover]\npause_budget_ms = {budget}\nretry_initial_ms = 200\nretry_max_ms = 2000\nrollback = false\n"
+            "[cutover]\npause_budget_ms = {budget}\nretry_initial_ms = 200\nretry_max_ms = 2000\nrollback = {rollback}\n"
         ),
     )?;
     let s = src.client().await?;
@@ -241,6 +243,7 @@ async fn main() -> Result<()> {
 
     // 2. Move and cut over `cutovers` tenants (auto mode) under the same load.
     let stop = Arc::new(AtomicBool::new(false));
+    let during_from = Instant::now();
     let tasks = load(&src, tenants, tps, clients, routes.clone(), stop.clone(), 2).await?;
     let registry = Registry::new("switchyard")?;
     let target = TargetId::new("local")?;
@@ -319,6 +322,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let during = collect(tasks).await?;
+    let during_took = during_from.elapsed();
 
     // 3. After: the same load with the fence triggers installed (moved tenants write at
     // their new schemas; the rest still pass the trigger at the old table).
@@ -377,7 +381,7 @@ async fn main() -> Result<()> {
     let lat = |v: &[Sample]| -> Vec<f64> { v.iter().map(|x| x.micros as f64 / 1e3).collect() };
     let (mut b, mut a) = (lat(&before), lat(&after));
 
-    println!("## Cutover pauses ({cutovers} tenants cut over under {tps} tps offered, {clients} clients, budget {budget} ms, synchronous_commit = {})\n", support::bench_sync_commit());
+    println!("## Cutover pauses ({cutovers} tenants cut over under {tps} tps offered, {clients} clients, budget {budget} ms, synchronous_commit = {}, rollback = {rollback})\n", support::bench_sync_commit());
     println!("| measure | p50 ms | p99 ms | max ms | n |");
     println!("|---|---|---|---|---|");
     let row = |name: &str, v: &mut Vec<f64>| {
@@ -416,8 +420,9 @@ async fn main() -> Result<()> {
         rows.len(),
         moving_took.as_secs_f64()
     );
+    let tps_during = during.len() as f64 / during_took.as_secs_f64();
     println!(
-        "throughput before {:.0} tps, after {:.0} tps (offered {tps})",
+        "throughput before {:.0} tps, during the moves and cutovers {tps_during:.0} tps, after {:.0} tps (offered {tps})",
         before.len() as f64 / phase.as_secs_f64(),
         after.len() as f64 / phase.as_secs_f64()
     );
@@ -442,7 +447,9 @@ async fn main() -> Result<()> {
             "before_triggers_ms": summary(&mut b),
             "after_triggers_ms": summary(&mut a),
             "tps_before": before.len() as f64 / phase.as_secs_f64(),
+            "tps_during": tps_during,
             "tps_after": after.len() as f64 / phase.as_secs_f64(),
+            "rollback": rollback,
         }),
     )?;
     Ok(())

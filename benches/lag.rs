@@ -7,10 +7,15 @@
 //! every 20 ms at the source and notes when each commit returned; a poller on the target
 //! reads the row every 2 ms and notes when each value appeared. Lag = appeared − committed.
 //!
+//! Two workloads (SWITCHYARD_BENCH_WORKLOAD): `accounts` (default), the project's own
+//! TPC-B-like script over 50 tenants of 2000 accounts, one tenant per transaction; `tpcb`,
+//! pgbench's own TPC-B at scale 10 with the branch (`bid`) as the tenant, so one
+//! transaction touches up to three tenants and the branch rows are hot.
+//!
 //! Run: `cargo bench --bench lag` (SWITCHYARD_BENCH_TPS, default 500, the offered pgbench
-//! rate over SWITCHYARD_BENCH_CLIENTS, default 8, connections, 0 for the host's full rate; SWITCHYARD_BENCH_SECS,
-//! default 30, per pipeline; 50 tenants of 2000 accounts; SWITCHYARD_BENCH_CONFIG, extra
-//! TOML appended to the daemon's configuration). Prints Markdown.
+//! rate over SWITCHYARD_BENCH_CLIENTS, default 8, connections, 0 for the host's full rate;
+//! SWITCHYARD_BENCH_SECS, default 30, per pipeline; SWITCHYARD_BENCH_CONFIG, extra TOML
+//! appended to the daemon's configuration). Prints Markdown.
 
 #[path = "../tests/it/support/mod.rs"]
 mod support;
@@ -45,6 +50,50 @@ INSERT INTO public.history (tenant_id, account, delta) VALUES (:t, :a, :d);
 END;
 ";
 
+/// pgbench's TPC-B at this scale: one branch (tenant) per unit.
+const TPCB_SCALE: u32 = 10;
+
+/// What the load runs on and how it names the tenant.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// The bench's own schema and script (`tenant_id`).
+    Accounts,
+    /// pgbench's TPC-B (`bid`).
+    Tpcb,
+}
+
+impl Workload {
+    fn from_env() -> Result<Workload> {
+        match std::env::var("SWITCHYARD_BENCH_WORKLOAD").as_deref() {
+            Err(_) | Ok("") | Ok("accounts") => Ok(Workload::Accounts),
+            Ok("tpcb") => Ok(Workload::Tpcb),
+            Ok(other) => anyhow::bail!("SWITCHYARD_BENCH_WORKLOAD={other}: accounts or tpcb"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Accounts => "accounts",
+            Workload::Tpcb => "tpcb",
+        }
+    }
+
+    fn tenants(self) -> u32 {
+        match self {
+            Workload::Accounts => TENANTS,
+            Workload::Tpcb => TPCB_SCALE,
+        }
+    }
+
+    /// The tenant column, as the heartbeat table names it too.
+    fn column(self) -> &'static str {
+        match self {
+            Workload::Accounts => "tenant_id",
+            Workload::Tpcb => "bid",
+        }
+    }
+}
+
 /// The offered load, for the report.
 fn offered(tps: u64) -> String {
     if tps == 0 {
@@ -56,22 +105,28 @@ fn offered(tps: u64) -> String {
 
 /// Runs pgbench against the cluster on `port` at `tps` for `secs` (0: full rate); returns
 /// the rate it reached.
-fn pgbench(port: u16, script: &std::path::Path, tps: u64, clients: u64, secs: u64) -> Result<f64> {
+fn pgbench(
+    port: u16,
+    script: Option<&std::path::Path>,
+    tps: u64,
+    clients: u64,
+    secs: u64,
+) -> Result<f64> {
     let bindir = support::pg_bindir()?;
-    let out = std::process::Command::new(bindir.join("pgbench"))
-        .args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-j", "2"])
+    let mut cmd = std::process::Command::new(bindir.join("pgbench"));
+    cmd.args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-j", "2"])
         .arg("-p")
         .arg(port.to_string())
         .arg("-c")
         .arg(clients.to_string())
         .args(support::pgbench_rate(tps))
         .arg("-T")
-        .arg(secs.to_string())
-        .arg("-f")
-        .arg(script)
-        .arg("postgres")
-        .output()
-        .context("running pgbench")?;
+        .arg(secs.to_string());
+    // Without a script: pgbench's built-in TPC-B.
+    if let Some(script) = script {
+        cmd.arg("-f").arg(script);
+    }
+    let out = cmd.arg("postgres").output().context("running pgbench")?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
         out.status.success(),
@@ -91,15 +146,21 @@ fn pgbench(port: u16, script: &std::path::Path, tps: u64, clients: u64, secs: u6
 /// as long as the load runs; returns the lags in ms.
 async fn measure(
     src: &PgCluster,
+    workload: Workload,
     target: tokio_postgres::Client,
-    target_sql: &'static str,
+    target_sql: String,
     load: impl FnOnce() -> Result<f64> + Send + 'static,
 ) -> Result<(Vec<f64>, f64)> {
     let beat = src.client().await?;
+    let column = workload.column();
     let first: i64 = beat
-        .query_one("SELECT seq FROM public.beat WHERE tenant_id = 1", &[])
+        .query_one(
+            &format!("SELECT seq FROM public.beat WHERE {column} = 1"),
+            &[],
+        )
         .await?
         .get(0);
+    let bump = format!("UPDATE public.beat SET seq = $1 WHERE {column} = 1");
     let committed: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let (c, st) = (committed.clone(), stop.clone());
@@ -107,22 +168,19 @@ async fn measure(
         let mut seq = first;
         while !st.load(Ordering::Relaxed) {
             seq += 1;
-            beat.execute(
-                "UPDATE public.beat SET seq = $1 WHERE tenant_id = 1",
-                &[&seq],
-            )
-            .await?;
+            beat.execute(&bump, &[&seq]).await?;
             c.lock().expect("not poisoned").push((seq, Instant::now()));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         anyhow::Ok(seq)
     });
     let st = stop.clone();
+    let sql = target_sql.clone();
     let poller = tokio::spawn(async move {
         let mut seen: Vec<(i64, Instant)> = Vec::new();
         let mut last = first;
         while !st.load(Ordering::Relaxed) {
-            let seq: i64 = target.query_one(target_sql, &[]).await?.get(0);
+            let seq: i64 = target.query_one(&sql, &[]).await?.get(0);
             if seq > last {
                 seen.push((seq, Instant::now()));
                 last = seq;
@@ -138,7 +196,7 @@ async fn measure(
     // The last beats: wait until the target shows the final one.
     let t0 = Instant::now();
     loop {
-        let seq: i64 = target.query_one(target_sql, &[]).await?.get(0);
+        let seq: i64 = target.query_one(&target_sql, &[]).await?.get(0);
         if seq >= last {
             seen.push((seq, Instant::now()));
             break;
@@ -171,26 +229,57 @@ async fn main() -> Result<()> {
     let tps = env_or("SWITCHYARD_BENCH_TPS", if bench { 500 } else { 50 });
     let clients = env_or("SWITCHYARD_BENCH_CLIENTS", 8);
     let secs = env_or("SWITCHYARD_BENCH_SECS", if bench { 30 } else { 3 });
+    let workload = Workload::from_env()?;
     let src = PgCluster::start_for_bench()?;
     let dst = PgCluster::start_for_bench()?;
     prepare_target(&dst)?;
-    src.psql(&format!(
-        "{SCHEMA}
-         INSERT INTO public.accounts SELECT t, g, 0, 'account ' || g
-           FROM generate_series(1, {TENANTS}) t, generate_series(1, {ACCOUNTS}) g;
-         INSERT INTO public.beat SELECT t, 0 FROM generate_series(1, {TENANTS}) t;
-         VACUUM ANALYZE;
-         CREATE PUBLICATION sy_pub FOR TABLE public.accounts, public.history, public.beat;
-         CREATE PUBLICATION native_pub FOR TABLE public.accounts WHERE (tenant_id = 1),
-           public.history WHERE (tenant_id = 1), public.beat WHERE (tenant_id = 1);
-         GRANT SELECT ON ALL TABLES IN SCHEMA public TO switchyard;"
-    ))?;
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("tpcb.sql");
-    std::fs::write(&script, SCRIPT)?;
+    let (native_schema, extra_config) = match workload {
+        Workload::Accounts => {
+            src.psql(&format!(
+                "{SCHEMA}
+                 INSERT INTO public.accounts SELECT t, g, 0, 'account ' || g
+                   FROM generate_series(1, {TENANTS}) t, generate_series(1, {ACCOUNTS}) g;
+                 INSERT INTO public.beat SELECT t, 0 FROM generate_series(1, {TENANTS}) t;
+                 VACUUM ANALYZE;
+                 CREATE PUBLICATION sy_pub FOR TABLE public.accounts, public.history, public.beat;
+                 CREATE PUBLICATION native_pub FOR TABLE public.accounts WHERE (tenant_id = 1),
+                   public.history WHERE (tenant_id = 1), public.beat WHERE (tenant_id = 1);
+                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO switchyard;"
+            ))?;
+            std::fs::write(&script, SCRIPT)?;
+            (SCHEMA.to_string(), String::new())
+        }
+        Workload::Tpcb => {
+            support::tpcb::init(&src, TPCB_SCALE)?;
+            // Full replica identity (set by the init where the key lacks `bid`) lets native
+            // filter every table by branch too.
+            src.psql(&format!(
+                "CREATE TABLE public.beat (bid int PRIMARY KEY, seq bigint NOT NULL);
+                 INSERT INTO public.beat SELECT b, 0 FROM generate_series(1, {TPCB_SCALE}) b;
+                 GRANT SELECT ON public.beat TO switchyard;
+                 ALTER PUBLICATION sy_pub ADD TABLE public.beat;
+                 CREATE PUBLICATION native_pub FOR TABLE public.pgbench_accounts WHERE (bid = 1),
+                   public.pgbench_tellers WHERE (bid = 1), public.pgbench_branches WHERE (bid = 1),
+                   public.pgbench_history WHERE (bid = 1), public.beat WHERE (bid = 1);"
+            ))?;
+            let schema = format!(
+                "{}\nCREATE TABLE public.beat (bid int PRIMARY KEY, seq bigint NOT NULL);",
+                support::tpcb::SUBSCRIBER_DDL
+            );
+            (schema, "[tenancy]\ntenant_column = \"bid\"\n".to_string())
+        }
+    };
+    let script = (workload == Workload::Accounts).then_some(script);
     // Extra TOML for the daemon's configuration, to measure a setting's effect on the lag.
     let extra = std::env::var("SWITCHYARD_BENCH_CONFIG").unwrap_or_default();
-    let path = write_config(dir.path(), &src, Some(&dst), &extra)?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        &format!("{extra_config}{extra}"),
+    )?;
     let s = src.client().await?;
 
     // 1. switchyard: tenant 1 in sync at the other cluster, then the load.
@@ -208,9 +297,10 @@ async fn main() -> Result<()> {
     let (port, script2) = (src.port(), script.clone());
     let (mut sy, sy_tps) = measure(
         &src,
+        workload,
         dst.client().await?,
-        "SELECT seq FROM t1.beat",
-        move || pgbench(port, &script2, tps, clients, secs),
+        "SELECT seq FROM t1.beat".into(),
+        move || pgbench(port, script2.as_deref(), tps, clients, secs),
     )
     .await?;
     daemon.terminate()?;
@@ -223,23 +313,29 @@ async fn main() -> Result<()> {
             dst.socket_dir().display(),
             dst.port()
         ),
-        SCHEMA,
+        &native_schema,
     )?;
     let dn = dst.client_db("native").await?;
     native_subscription(&dn, src.port(), "native_pub").await?;
     let (port, script2) = (src.port(), script.clone());
     let (mut native, native_tps) = measure(
         &src,
+        workload,
         dst.client_db("native").await?,
-        "SELECT seq FROM public.beat WHERE tenant_id = 1",
-        move || pgbench(port, &script2, tps, clients, secs),
+        format!(
+            "SELECT seq FROM public.beat WHERE {} = 1",
+            workload.column()
+        ),
+        move || pgbench(port, script2.as_deref(), tps, clients, secs),
     )
     .await?;
     dn.batch_execute("DROP SUBSCRIPTION native_sub").await?;
 
     println!(
-        "\n## Lag of one tenant under pgbench ({} over {clients} clients, {TENANTS} tenants, {secs} s each, synchronous_commit = {})\n",
+        "\n## Lag of one tenant under pgbench ({} workload, {} over {clients} clients, {} tenants, {secs} s each, synchronous_commit = {})\n",
+        workload.name(),
         offered(tps),
+        workload.tenants(),
         support::bench_sync_commit()
     );
     println!("| pipeline | reached tps | lag p50 ms | lag p99 ms | max ms | beats |");
@@ -271,7 +367,8 @@ async fn main() -> Result<()> {
             "synchronous_commit": support::bench_sync_commit(),
             "clients": clients,
             "secs": secs,
-            "tenants": TENANTS,
+            "tenants": workload.tenants(),
+            "workload": workload.name(),
             "native": { "tps": native_tps, "lag_ms": summary(&mut native) },
             "switchyard": { "tps": sy_tps, "lag_ms": summary(&mut sy) },
         }),

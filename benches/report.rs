@@ -289,6 +289,19 @@ fn render(results: &[Value], machine: &Value) -> Result<String> {
             "\n{} attempts for {} cutovers (aborted by step: {}); {} tps offered over {} clients.",
             c["attempts"], c["cutovers"], c["aborted"], c["offered_tps"], c["clients"]
         )?;
+        if c["tps_before"].is_number() {
+            writeln!(
+                md,
+                "Throughput before {:.0} tps, during the moves and cutovers {:.0} tps, after {:.0} tps ({}).",
+                f(c, &["tps_before"]),
+                f(c, &["tps_during"]),
+                f(c, &["tps_after"]),
+                match c["rollback"].as_bool() {
+                    Some(false) => "rollback = false",
+                    _ => "rollback on: cut-over tenants' writes also go back to the old table",
+                }
+            )?;
+        }
     }
     if let Some(m) = by("memory") {
         writeln!(md, "\n## Memory (`cargo bench --bench memory`)\n")?;

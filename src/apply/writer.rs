@@ -908,6 +908,16 @@ impl TargetWriter {
         Ok(self.compact)
     }
 
+    /// Sets a setting for the rest of the session (outside any transaction of the writer).
+    pub async fn set_session(&mut self, setting: &str, value: &str) -> Result<(), ApplyError> {
+        self.end_open().await?;
+        self.client
+            .execute("SELECT set_config($1, $2, false)", &[&setting, &value])
+            .await
+            .map_err(ClusterError::sql("changing a session setting"))?;
+        Ok(())
+    }
+
     /// Whether the connection is gone (a new writer must be connected).
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()

@@ -335,7 +335,7 @@ async fn arm(
             &cfg.registry_schema,
             tenant,
             &job.mv.target_schema,
-            job.mv.id,
+            &reverse::slot_name(cfg, &job.mv.target),
             &job.tables,
             cfg.cutover.old_transaction_wait,
         )
@@ -640,7 +640,10 @@ async fn fenced(
     } else {
         None
     };
-    let reverse_slot = cfg.cutover.rollback.then(|| reverse::slot_name(job.mv.id));
+    let reverse_slot = cfg
+        .cutover
+        .rollback
+        .then(|| reverse::slot_name(cfg, &job.mv.target));
 
     for (src, dst) in &seqs {
         if let Err(e) = carry_sequence(&tx, src, target, dst).await {

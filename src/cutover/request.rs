@@ -172,7 +172,12 @@ pub async fn cancel_tenant(config: &Config, tenant: &TenantId) -> Result<Cancell
     let mut target = endpoint.connect_sql().await?;
     // An aborted cutover attempt may have prepared reverse replication: its slot would
     // keep WAL at the target for nothing.
-    super::reverse::drop_slot(&target, mv.id).await?;
+    super::reverse::release(
+        &target,
+        &super::reverse::slot_name(config, &mv.target),
+        &mv.target_schema,
+    )
+    .await?;
     // The daemon stops applying the tenant within a registry poll; an apply batch still
     // running holds its tables, so the removal waits for it (bounded, retried).
     let deadline = Instant::now() + Duration::from_secs(30) + config.moves.registry_poll * 4;
@@ -411,11 +416,12 @@ pub async fn cleanup_tenant(config: &Config, tenant: &TenantId) -> Result<Cleane
     registry
         .transition(&client, mv.id, MoveState::CutOver, MoveState::Cleaned, None)
         .await?;
-    if mv.reverse_slot.is_some() {
-        // The daemon stops the reverse stream once it sees `cleaned`; the slot goes then.
+    if let Some(slot) = &mv.reverse_slot {
+        // The tenant's changes at the target no longer go back; the slot goes with the
+        // target's last cut-over move (its stream stops once the daemon sees `cleaned`).
         if let Some(endpoint) = config.targets.get(&mv.target) {
             let target = endpoint.connect_sql().await?;
-            super::reverse::drop_slot(&target, mv.id).await?;
+            super::reverse::release(&target, slot, &mv.target_schema).await?;
         }
     }
     Ok(cleaned)

@@ -23,7 +23,7 @@ use crate::cutover::policy::NotNow;
 use crate::cutover::{self, policy, reverse, CutoverError, CutoverMsg, FencedTable, Job, Outcome};
 use crate::lsn::Lsn;
 use crate::registry::{CutoverMode, Move, MoveState, Registry};
-use crate::tenant::TenantId;
+use crate::tenant::{TargetId, TenantId};
 
 /// A running attempt's catch-up wait.
 struct CatchUpWait {
@@ -34,12 +34,19 @@ struct CatchUpWait {
     reply: oneshot::Sender<()>,
 }
 
-/// A running reverse stream (after a cutover, until rollback or cleanup).
+/// A running reverse stream: one per target slot, while a move cut over onto it has not
+/// been rolled back or cleaned up.
 struct Reversing {
     stop: Option<oneshot::Sender<()>>,
     waits: mpsc::UnboundedSender<reverse::MarkerWait>,
     task: tokio::task::JoinHandle<Result<(), CutoverError>>,
-    tables: Vec<FencedTable>,
+}
+
+/// A running cutover attempt.
+struct Attempt {
+    since: Instant,
+    target: TargetId,
+    schema: String,
 }
 
 /// What the pipeline does with a tenant after a cutover attempt ended.
@@ -69,14 +76,18 @@ pub(super) struct Cutovers {
     config: Config,
     run_id: u64,
     tx: mpsc::UnboundedSender<CutoverMsg>,
-    running: HashMap<TenantId, Instant>,
+    running: HashMap<TenantId, Attempt>,
+    /// The same attempts, as the reverse streams must know them.
+    attempts: reverse::SharedAttempts,
     waits: Vec<CatchUpWait>,
     /// Aborted attempts per tenant in this run, and when the next may start.
     backoff: HashMap<TenantId, (u32, Instant)>,
     tokens: u64,
-    /// Reverse streams by move id; when a failed one may start again.
-    reversing: HashMap<i64, Reversing>,
-    reverse_retry: HashMap<i64, Instant>,
+    /// Reverse streams by slot; when a failed one may start again.
+    reversing: HashMap<String, Reversing>,
+    reverse_retry: HashMap<String, Instant>,
+    /// The tables of each cut-over move with a reverse stream (what its rollback fences).
+    reverse_tables: HashMap<i64, Vec<FencedTable>>,
     /// Rollback attempts running, by move id.
     rolling_back: HashMap<i64, Instant>,
     /// Automatic cleanups running or failed (not retried before the time given), by move id.
@@ -95,11 +106,13 @@ impl Cutovers {
             run_id,
             tx,
             running: HashMap::new(),
+            attempts: Default::default(),
             waits: Vec::new(),
             backoff: HashMap::new(),
             tokens: 0,
             reversing: HashMap::new(),
             reverse_retry: HashMap::new(),
+            reverse_tables: HashMap::new(),
             rolling_back: HashMap::new(),
             cleaning: HashMap::new(),
             released: HashMap::new(),
@@ -148,7 +161,20 @@ impl Cutovers {
             token: self.run_id.wrapping_add(self.tokens),
         };
         tracing::info!(tenant = %c.tenant, attempt = job.attempt, "cutover attempt");
-        self.running.insert(c.tenant.clone(), Instant::now());
+        // Before anything of the attempt runs: a reverse stream must not take the target
+        // schema for no member's while its flip may come.
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .started(&mv.target, &mv.target_schema);
+        self.running.insert(
+            c.tenant.clone(),
+            Attempt {
+                since: Instant::now(),
+                target: mv.target.clone(),
+                schema: mv.target_schema.clone(),
+            },
+        );
         let span = tracing::info_span!("cutover", tenant = %c.tenant, target = %job.mv.target);
         tokio::spawn(tracing::Instrument::instrument(
             cutover::run(job, self.tx.clone()),
@@ -188,114 +214,143 @@ impl Cutovers {
         }
     }
 
-    /// Keeps a reverse stream running for every cut-over move that has one, stops those of
-    /// moves that are finished, and starts the rollbacks operators asked for.
+    /// Keeps one reverse stream running for every slot that cut-over moves share (their
+    /// target's), stops those no such move is left on, and starts the rollbacks operators
+    /// asked for.
     pub async fn run_reverse(&mut self, registry: &Registry, control: &Client, moves: &[Move]) {
-        let wanted: HashMap<i64, &Move> = moves
+        let wanted: Vec<&Move> = moves
             .iter()
             .filter(|m| m.state == MoveState::CutOver && m.reverse_slot.is_some())
-            .map(|m| (m.id, m))
             .collect();
-        let gone: Vec<i64> = self
+        let mut slots: HashMap<&str, &Move> = HashMap::new();
+        for mv in &wanted {
+            if let Some(slot) = mv.reverse_slot.as_deref() {
+                slots.entry(slot).or_insert(mv);
+            }
+        }
+        let gone: Vec<String> = self
             .reversing
             .keys()
-            .filter(|id| !wanted.contains_key(id))
-            .copied()
+            .filter(|slot| !slots.contains_key(slot.as_str()))
+            .cloned()
             .collect();
-        for id in gone {
-            if let Some(mut r) = self.reversing.remove(&id) {
+        for slot in gone {
+            if let Some(mut r) = self.reversing.remove(&slot) {
                 if let Some(stop) = r.stop.take() {
                     let _ = stop.send(());
                 }
-                tracing::info!(move_id = id, "reverse replication stopped");
+                tracing::info!(%slot, "reverse replication stopped");
             }
         }
-        for (id, mv) in wanted {
-            if let Some(r) = self.reversing.get(&id) {
-                if !r.task.is_finished() {
-                    if mv.rollback_requested && !self.rolling_back.contains_key(&id) {
-                        self.start_rollback(mv);
-                    }
-                    continue;
+        self.reverse_tables
+            .retain(|id, _| wanted.iter().any(|m| m.id == *id));
+        for mv in &wanted {
+            if self.reverse_tables.contains_key(&mv.id) {
+                continue;
+            }
+            match crate::layout::tenant_layout(&self.config, control, mv, moves).await {
+                Ok(t) => {
+                    let tables = t
+                        .into_iter()
+                        .map(|(chunk, target)| FencedTable { chunk, target })
+                        .collect();
+                    self.reverse_tables.insert(mv.id, tables);
                 }
-                let r = self.reversing.remove(&id).expect("looked up above");
-                match r.task.await {
-                    Ok(Err(e)) => {
-                        tracing::warn!(move_id = id, error = %e, "reverse replication failed; restarting");
-                        metrics::counter!(crate::telemetry::REVERSE_FAILURES).increment(1);
-                        // The old location stops following the new one: operators must see
-                        // it on the move, not only in the log.
+                Err(e) => {
+                    tracing::warn!(move_id = mv.id, error = %e, "reverse replication: reading the tenant's tables")
+                }
+            }
+        }
+        for (slot, first) in slots {
+            self.keep_reverse(registry, control, slot, first, &wanted)
+                .await;
+        }
+        for mv in wanted {
+            let running = mv
+                .reverse_slot
+                .as_ref()
+                .and_then(|slot| self.reversing.get(slot))
+                .is_some_and(|r| !r.task.is_finished());
+            if running && mv.rollback_requested && !self.rolling_back.contains_key(&mv.id) {
+                self.start_rollback(mv);
+            }
+        }
+    }
+
+    /// Keeps the reverse stream of `slot` running: a failed one is recorded on its
+    /// members' moves and started again after a while.
+    async fn keep_reverse(
+        &mut self,
+        registry: &Registry,
+        control: &Client,
+        slot: &str,
+        first: &Move,
+        wanted: &[&Move],
+    ) {
+        if let Some(r) = self.reversing.get(slot) {
+            if !r.task.is_finished() {
+                return;
+            }
+            let r = self.reversing.remove(slot).expect("looked up above");
+            match r.task.await {
+                Ok(Err(e)) => {
+                    tracing::warn!(%slot, error = %e, "reverse replication failed; restarting");
+                    metrics::counter!(crate::telemetry::REVERSE_FAILURES).increment(1);
+                    // The old location stops following the new one: operators must see it
+                    // on the moves, not only in the log.
+                    for mv in wanted
+                        .iter()
+                        .filter(|m| m.reverse_slot.as_deref() == Some(slot))
+                    {
                         if let Err(e) = registry
                             .note_error(
                                 control,
-                                id,
+                                mv.id,
                                 &format!("reverse replication (keeps the old location current for a rollback) failed; retrying: {e}"),
                             )
                             .await
                         {
-                            tracing::warn!(move_id = id, error = %e, "recording the reverse stream's error");
+                            tracing::warn!(move_id = mv.id, error = %e, "recording the reverse stream's error");
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(move_id = id, error = %e, "reverse replication task ended")
-                    }
-                    Ok(Ok(())) => {}
                 }
-                self.reverse_retry
-                    .insert(id, Instant::now() + std::time::Duration::from_secs(2));
+                Err(e) => tracing::warn!(%slot, error = %e, "reverse replication task ended"),
+                Ok(Ok(())) => {}
             }
-            if self
-                .reverse_retry
-                .get(&id)
-                .is_some_and(|at| Instant::now() < *at)
-            {
-                continue;
-            }
-            let Some(from) = mv.reverse_from else {
-                continue;
-            };
-            let tables = match crate::layout::tenant_layout(&self.config, control, mv, moves).await
-            {
-                Ok(t) => t
-                    .into_iter()
-                    .map(|(chunk, target)| FencedTable { chunk, target })
-                    .collect::<Vec<_>>(),
-                Err(e) => {
-                    tracing::warn!(move_id = id, error = %e, "reverse replication: reading the tenant's tables");
-                    self.reverse_retry
-                        .insert(id, Instant::now() + std::time::Duration::from_secs(5));
-                    continue;
-                }
-            };
-            let (stop_tx, stop_rx) = oneshot::channel();
-            let (waits_tx, waits_rx) = mpsc::unbounded_channel();
-            let span = tracing::info_span!("reverse", tenant = %mv.tenant, target = %mv.target);
-            let task = tokio::spawn(tracing::Instrument::instrument(
-                reverse::run(
-                    self.config.clone(),
-                    reverse::Reverse {
-                        move_id: id,
-                        tenant: mv.tenant.clone(),
-                        target: mv.target.clone(),
-                        target_schema: mv.target_schema.clone(),
-                        from,
-                        tables: tables.clone(),
-                    },
-                    waits_rx,
-                    stop_rx,
-                ),
-                span,
-            ));
-            self.reversing.insert(
-                id,
-                Reversing {
-                    stop: Some(stop_tx),
-                    waits: waits_tx,
-                    task,
-                    tables,
-                },
-            );
+            self.reverse_retry
+                .insert(slot.to_owned(), Instant::now() + Duration::from_secs(2));
         }
+        if self
+            .reverse_retry
+            .get(slot)
+            .is_some_and(|at| Instant::now() < *at)
+        {
+            return;
+        }
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (waits_tx, waits_rx) = mpsc::unbounded_channel();
+        let span = tracing::info_span!("reverse", %slot, target = %first.target);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            reverse::run(
+                self.config.clone(),
+                reverse::Reverse {
+                    slot: slot.to_owned(),
+                    target: first.target.clone(),
+                },
+                self.attempts.clone(),
+                waits_rx,
+                stop_rx,
+            ),
+            span,
+        ));
+        self.reversing.insert(
+            slot.to_owned(),
+            Reversing {
+                stop: Some(stop_tx),
+                waits: waits_tx,
+                task,
+            },
+        );
     }
 
     /// Lifts what cutover attempts left for moves that ended without a cutover (failed,
@@ -370,7 +425,14 @@ impl Cutovers {
     }
 
     fn start_rollback(&mut self, mv: &Move) {
-        let Some(r) = self.reversing.get(&mv.id) else {
+        let Some(r) = mv
+            .reverse_slot
+            .as_ref()
+            .and_then(|slot| self.reversing.get(slot))
+        else {
+            return;
+        };
+        let Some(tables) = self.reverse_tables.get(&mv.id) else {
             return;
         };
         if self
@@ -384,7 +446,7 @@ impl Cutovers {
         let job = reverse::RollbackJob {
             config: self.config.clone(),
             mv: mv.clone(),
-            tables: r.tables.clone(),
+            tables: tables.clone(),
             token: self.run_id.wrapping_add(self.tokens),
             reverse: r.waits.clone(),
         };
@@ -435,12 +497,9 @@ impl Cutovers {
                 match outcome {
                     Ok(Outcome::CutOver { pause, .. }) => {
                         tracing::info!(%tenant, move_id, pause_ms = pause.as_secs_f64() * 1e3, "rolled back");
+                        // Its stream goes on for the target's other cut-over moves, and stops
+                        // once the registry shows none is left.
                         self.backoff.remove(&tenant);
-                        if let Some(mut r) = self.reversing.remove(&move_id) {
-                            if let Some(stop) = r.stop.take() {
-                                let _ = stop.send(());
-                            }
-                        }
                     }
                     Ok(other) => {
                         let n = self.back_off(&tenant);
@@ -463,9 +522,17 @@ impl Cutovers {
         outcome: Result<Outcome, CutoverError>,
     ) -> Settled {
         let started = self.running.remove(&tenant);
+        if let Some(a) = &started {
+            self.attempts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ended(&a.target, &a.schema);
+        }
         count_attempt(&outcome, "");
         self.waits.retain(|w| w.tenant != tenant);
-        let took = started.map(|s| s.elapsed().as_millis()).unwrap_or_default();
+        let took = started
+            .map(|s| s.since.elapsed().as_millis())
+            .unwrap_or_default();
         match outcome {
             Ok(Outcome::CutOver {
                 pause,
@@ -552,7 +619,8 @@ impl Cutovers {
     }
 }
 
-/// Records a rollback attempt in the registry; a successful one also drops the reverse slot.
+/// Records a rollback attempt in the registry; a successful one also takes the tenant out
+/// of its target's reverse slot (dropped with the last tenant).
 async fn record_rollback(
     job: &reverse::RollbackJob,
     attempt: i32,
@@ -601,11 +669,11 @@ async fn record_rollback(
             )
             .await;
     }
-    if matches!(outcome, Ok(Outcome::CutOver { .. })) {
+    if let (Ok(Outcome::CutOver { .. }), Some(slot)) = (outcome, &job.mv.reverse_slot) {
         if let Some(endpoint) = job.config.targets.get(&job.mv.target) {
             if let Ok(target) = endpoint.connect_sql().await {
-                if let Err(e) = reverse::drop_slot(&target, job.mv.id).await {
-                    tracing::warn!(move_id = job.mv.id, error = %e, "dropping the reverse slot");
+                if let Err(e) = reverse::release(&target, slot, &job.mv.target_schema).await {
+                    tracing::warn!(move_id = job.mv.id, error = %e, "taking the tenant out of the reverse slot");
                 }
             }
         }

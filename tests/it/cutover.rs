@@ -641,8 +641,10 @@ async fn a_rollback_from_a_schema_of_the_same_cluster() -> Result<()> {
     rollback_case(true).await
 }
 
-/// Cut over tenant 1 (to another cluster, or to a schema of the source cluster), write it at
-/// its new place, roll back, and check that the old place has every write.
+/// Cut over tenants 1 and 2 (to another cluster, or to schemas of the source cluster), write
+/// them at their new place, roll tenant 1 back, and check that the old place has every
+/// write; the two share one reverse slot, which serves tenant 2 on after tenant 1's
+/// rollback and goes with tenant 2's.
 async fn rollback_case(same_cluster: bool) -> Result<()> {
     let src = PgCluster::start()?;
     let other = PgCluster::start()?;
@@ -670,23 +672,45 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
     .await?;
     let d = dst.client().await?;
     let target = if same_cluster { "local" } else { "shard2" };
-    let id = request(&s, &registry, "1", target, "t1").await?;
-    wait_state(&s, id, "streaming", SYNC).await?;
-    let tenant = TenantId::new("1")?;
-    let (mv, attempts) =
-        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
-            .await?;
-    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
-    ensure!(mv.reverse_slot.is_some(), "{mv:?}");
+    let reverse_slots = || async {
+        let n: i64 = d
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'switchyard\\_rev\\_%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    let mut slots = Vec::new();
+    for (tenant, schema) in [("1", "t1"), ("2", "t2")] {
+        let id = request(&s, &registry, tenant, target, schema).await?;
+        wait_state(&s, id, "streaming", SYNC).await?;
+        let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
+            &config,
+            &TenantId::new(tenant)?,
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+        slots.push(mv.reverse_slot.clone());
+    }
+    ensure!(slots[0].is_some() && slots[0] == slots[1], "{slots:?}");
+    assert_eq!(reverse_slots().await?, 1, "one reverse slot for the target");
 
-    // The application now writes the tenant at its new place.
+    // The application now writes both tenants at their new place.
     d.batch_execute(
         "INSERT INTO t1.orders (tenant_id, id, note) VALUES (1, 900001, 'after cutover');
          UPDATE t1.orders SET note = 'changed at the target' WHERE tenant_id = 1 AND id = 7;
          DELETE FROM t1.orders WHERE tenant_id = 1 AND id = 8;
-         UPDATE t1.events SET payload = '{\"moved\": true}' WHERE tenant_id = 1 AND id = 'e3';",
+         UPDATE t1.events SET payload = '{\"moved\": true}' WHERE tenant_id = 1 AND id = 'e3';
+         BEGIN;
+         UPDATE t2.orders SET note = 'two at the target' WHERE tenant_id = 2 AND id = 5;
+         UPDATE t1.orders SET note = 'one in the same transaction' WHERE tenant_id = 1 AND id = 9;
+         COMMIT;",
     )
     .await?;
+    let tenant = TenantId::new("1")?;
     let (mv, attempts) =
         switchyard::cutover::request::rollback_tenant(&config, &tenant, Duration::from_secs(120))
             .await?;
@@ -728,20 +752,48 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
             .is_some_and(|m| m.contains("route version 2)")),
         "{message:?}"
     );
-    // The reverse slot is gone, so the target keeps no WAL for it.
+
+    // Tenant 2 is still at the target: its writes keep reaching the old location through
+    // the same slot, which stays.
+    d.batch_execute(
+        "INSERT INTO t2.orders (tenant_id, id, note) VALUES (2, 900002, 'after the other rollback')",
+    )
+    .await?;
+    wait_for(
+        "tenant 2's write at the old location",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = s
+                .query_one(
+                    "SELECT count(*) FROM public.orders WHERE tenant_id = 2 AND id = 900002",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((n == 1).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(reverse_slots().await?, 1, "the slot serves tenant 2 on");
+    let (mv, attempts) = switchyard::cutover::request::rollback_tenant(
+        &config,
+        &TenantId::new("2")?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(mv.state.as_str() == "rolled_back", "{mv:?} {attempts:?}");
+    for table in ["orders", "items", "events"] {
+        assert_eq!(
+            digest(&s, &format!("public.{table}"), "WHERE tenant_id = 2").await?,
+            digest(&d, &format!("t2.{table}"), "").await?,
+            "{table}"
+        );
+    }
+    // The last tenant took the slot with it, so the target keeps no WAL for it.
     wait_for(
         "the reverse slot to go",
         Duration::from_secs(30),
-        || async {
-            let n: i64 = d
-                .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'switchyard\\_rev\\_%'",
-                &[],
-            )
-                .await?
-                .get(0);
-            Ok((n == 0).then_some(()))
-        },
+        || async { Ok((reverse_slots().await? == 0).then_some(())) },
     )
     .await?;
     daemon.stop().await?;

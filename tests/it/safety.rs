@@ -844,7 +844,19 @@ async fn moves_that_end_without_a_cutover_leave_no_armed_fence_and_no_reverse_sl
         )
         .await?
         .get(0);
-    assert_eq!((armed, slots), (3, 3), "what the aborted attempts left");
+    // One reverse slot for the target, shared: each attempt added its tables to it.
+    let published: i64 = d
+        .query_one(
+            "SELECT count(DISTINCT schemaname) FROM pg_publication_tables WHERE pubname LIKE 'switchyard\\_rev\\_%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        (armed, slots, published),
+        (3, 1, 3),
+        "what the aborted attempts left"
+    );
     old.batch_execute("COMMIT").await?;
     for ((_, id), state) in ids.iter().zip(["paused", "failed", "cancelled"]) {
         s.execute(
@@ -865,7 +877,14 @@ async fn moves_that_end_without_a_cutover_leave_no_armed_fence_and_no_reverse_sl
             )
             .await?
             .get(0);
-        Ok((armed == 0 && slots == 0).then_some(()))
+        let publications: i64 = d
+            .query_one(
+                "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'switchyard\\_rev\\_%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((armed == 0 && slots == 0 && publications == 0).then_some(()))
     })
     .await?;
     // Tenant 4 writes as before; tenant 1's writers take no lock any more.
