@@ -255,6 +255,269 @@ async fn try_install(
     Ok(true)
 }
 
+/// The gated row triggers of a shared table, one per event: a WHEN condition may not name
+/// OLD in an INSERT trigger nor NEW in a DELETE one.
+pub const GATED_TRIGGERS: [(&str, &str); 3] = [
+    ("switchyard_fence_insert", "INSERT"),
+    ("switchyard_fence_update", "UPDATE"),
+    ("switchyard_fence_delete", "DELETE"),
+];
+
+/// The three gated triggers of a shared table whose tenant column is `column`, calling
+/// `function` only for a row of a tenant in `gate` (an SQL array expression of the
+/// column's type, or of text with `as_text`), or an update that changes the tenant column.
+/// AFTER triggers: a BEFORE UPDATE or DELETE row trigger locks the old row before its WHEN
+/// is even evaluated, which every other tenant's write would pay.
+pub fn gated_triggers_sql(
+    registry_schema: &str,
+    table: &QualifiedName,
+    function: &str,
+    column: &str,
+    gate: &str,
+    as_text: bool,
+) -> String {
+    let col = |row: &str| {
+        let c = format!("{row}.{}", quote_ident(column));
+        if as_text {
+            format!("{c}::text")
+        } else {
+            c
+        }
+    };
+    let mut sql = String::new();
+    for (name, event) in GATED_TRIGGERS {
+        let when = match event {
+            "INSERT" => format!("{} = ANY ({gate})", col("NEW")),
+            "UPDATE" => format!(
+                "{} = ANY ({gate}) OR NEW.{c} IS DISTINCT FROM OLD.{c}",
+                col("OLD"),
+                c = quote_ident(column)
+            ),
+            _ => format!("{} = ANY ({gate})", col("OLD")),
+        };
+        sql.push_str(&format!(
+            "DROP TRIGGER IF EXISTS {name} ON {table};\n\
+             CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW WHEN ({when}) \
+             EXECUTE FUNCTION {}.{}();\n\
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name};\n",
+            quote_ident(registry_schema),
+            quote_ident(function),
+            name = quote_ident(name),
+            table = table.quoted(),
+        ));
+    }
+    sql
+}
+
+/// Makes sure the fence of the shared `table` (tenant column `column`) covers `tenant`
+/// before it is armed. Where switchyard may own the table's triggers, the row triggers are
+/// gated: they list the fenced tenants (and `tenant`), so the writes of every other tenant
+/// cost an in-memory comparison, not a function call; a tenant not yet listed has them
+/// recreated (a short lock of the table, bounded and retried like [`install`]). Elsewhere
+/// the ungated trigger of [`install`] is used, with the owner's fix.
+pub async fn install_gated(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    column: &str,
+    tenant: &TenantId,
+    lock_wait: Duration,
+    give_up_after: Duration,
+) -> Result<bool, ClusterError> {
+    let started = Instant::now();
+    loop {
+        match try_gate(client, registry_schema, table, column, tenant, lock_wait).await {
+            Err(e)
+                if e.sqlstate() == Some("55P03")
+                    && started.elapsed() + lock_wait < give_up_after =>
+            {
+                tracing::debug!(%table, "fence gate: table busy; trying again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(None) => {
+                let of = TenantOf::Column(column.to_owned());
+                return install(
+                    client,
+                    registry_schema,
+                    table,
+                    &of,
+                    lock_wait,
+                    give_up_after,
+                )
+                .await;
+            }
+            Ok(Some(changed)) => return Ok(changed),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// [`install_gated`] where switchyard may own the table's triggers, nothing elsewhere
+/// (an ungated trigger would tax every tenant from now on, not only from the cutover).
+/// Returns whether the triggers were recreated.
+pub async fn gate_if_owner(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    column: &str,
+    tenant: &TenantId,
+    lock_wait: Duration,
+    give_up_after: Duration,
+) -> Result<bool, ClusterError> {
+    let started = Instant::now();
+    loop {
+        match try_gate(client, registry_schema, table, column, tenant, lock_wait).await {
+            Err(e)
+                if e.sqlstate() == Some("55P03")
+                    && started.elapsed() + lock_wait < give_up_after =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(changed) => return Ok(changed.unwrap_or(false)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One try of [`install_gated`]: `None` if switchyard cannot own the table's triggers.
+async fn try_gate(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    column: &str,
+    tenant: &TenantId,
+    lock_wait: Duration,
+) -> Result<Option<bool>, ClusterError> {
+    let ctx = |what: &str| format!("{what} the fence gate on {table}");
+    let schema = quote_ident(registry_schema);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ClusterError::sql(ctx("installing")))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        lock_wait.as_millis().max(1)
+    ))
+    .await
+    .map_err(ClusterError::sql(ctx("installing")))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('switchyard.fence_install'), hashtext($1))",
+        &[&table.quoted()],
+    )
+    .await
+    .map_err(ClusterError::sql(ctx("waiting to install")))?;
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT c.oid, pg_has_role(c.relowner, 'MEMBER'), a.atttypid, \
+                        format_type(a.atttypid, a.atttypmod), \
+                        EXISTS (SELECT 1 FROM pg_operator o WHERE o.oprname = '=' \
+                                 AND o.oprleft = a.atttypid AND o.oprright = a.atttypid), \
+                        (SELECT g.tenants FROM {schema}.fence_gates g WHERE g.tbl = c.oid), \
+                        (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid \
+                           AND t.tgname = ANY ($4) AND t.tgenabled = 'A') \
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3 \
+                    AND NOT a.attisdropped \
+                  WHERE n.nspname = $1 AND c.relname = $2"
+            ),
+            &[
+                &table.schema,
+                &table.name,
+                &column,
+                &GATED_TRIGGERS.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+        .map_err(ClusterError::sql(ctx("looking for")))?;
+    let (oid, owner, typ, type_name, has_eq): (u32, bool, u32, String, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (listed, enabled): (Option<Vec<String>>, i64) = (row.get(5), row.get(6));
+    if !owner {
+        return Ok(None);
+    }
+    if enabled == GATED_TRIGGERS.len() as i64
+        && listed
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|t| t == tenant.as_str()))
+    {
+        return Ok(Some(false));
+    }
+    // Every fenced tenant (armed or moved), every tenant listed before (one whose attempt
+    // is between its gate and its arming, as this one is, has no fence row yet), and the
+    // one about to be armed, as far as the column's type takes them: a tenant missing here
+    // would pass the fence unchecked.
+    let values: Vec<String> = tx
+        .query_one(
+            &format!(
+                "SELECT {schema}.fence_gate_values(ARRAY(SELECT tenant FROM {schema}.fences \
+                   UNION SELECT unnest($3::text[]) UNION SELECT $1::text), $2::oid::regtype)"
+            ),
+            &[&tenant.as_str(), &typ, &listed.clone().unwrap_or_default()],
+        )
+        .await
+        .map_err(ClusterError::sql(ctx("listing the tenants of")))?
+        .get(0);
+    let items: Vec<String> = values.iter().map(|v| quote_literal(v)).collect();
+    let element = if has_eq { type_name.as_str() } else { "text" };
+    let gate = format!("ARRAY[{}]::{element}[]", items.join(", "));
+    let function = format!("fence_{oid}");
+    // The table's function, unless there (the ungated trigger used it too; its owner may
+    // be another role of switchyard's, as the registry's own functions may).
+    let has_function: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+              WHERE n.nspname = $1 AND p.proname = $2)",
+            &[&registry_schema, &function],
+        )
+        .await
+        .map_err(ClusterError::sql(ctx("looking for")))?
+        .get(0);
+    if !has_function {
+        tx.batch_execute(&column_function(registry_schema, &function, column))
+            .await
+            .map_err(ClusterError::sql(ctx("creating the function of")))?;
+    }
+    tx.batch_execute(&format!(
+        "{}DROP TRIGGER IF EXISTS {} ON {};",
+        gated_triggers_sql(registry_schema, table, &function, column, &gate, !has_eq),
+        quote_ident(TRIGGER),
+        table.quoted(),
+    ))
+    .await
+    .map_err(ClusterError::sql(ctx("creating")))?;
+    let truncate: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+            &[&oid, &TRUNCATE_TRIGGER],
+        )
+        .await
+        .map_err(ClusterError::sql(ctx("looking for")))?
+        .get(0);
+    if !truncate {
+        tx.batch_execute(&format!(
+            "{};\nALTER TABLE {} ENABLE ALWAYS TRIGGER {};",
+            truncate_trigger_sql(registry_schema, table, &TenantOf::Column(column.to_owned())),
+            table.quoted(),
+            quote_ident(TRUNCATE_TRIGGER)
+        ))
+        .await
+        .map_err(ClusterError::sql(ctx("creating the TRUNCATE part of")))?;
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO {schema}.fence_gates (tbl, tenants) VALUES ($1, $2)              ON CONFLICT (tbl) DO UPDATE SET tenants = EXCLUDED.tenants"
+        ),
+        &[&oid, &values],
+    )
+    .await
+    .map_err(ClusterError::sql(ctx("recording")))?;
+    tx.commit()
+        .await
+        .map_err(ClusterError::sql(ctx("committing")))?;
+    Ok(Some(true))
+}
+
 /// Takes `key`'s fence exclusively inside `tx`, waiting at most `wait` for the tenant's open
 /// writers (new ones queue behind it). `Ok(false)`: the wait ran out and nothing is held.
 pub async fn take(

@@ -308,20 +308,33 @@ async fn arm(
         }));
     }
     for t in &job.tables {
-        let of = match &t.chunk.tenant {
-            Some((col, _)) => fence::TenantOf::Column(col.clone()),
-            None => fence::TenantOf::Whole(tenant.clone()),
+        let (wait, give_up) = (Duration::from_millis(500), Duration::from_secs(30));
+        let installed = match &t.chunk.tenant {
+            Some((col, _)) => {
+                fence::install_gated(
+                    source,
+                    &cfg.registry_schema,
+                    &t.chunk.source,
+                    col,
+                    tenant,
+                    wait,
+                    give_up,
+                )
+                .await
+            }
+            None => {
+                fence::install(
+                    source,
+                    &cfg.registry_schema,
+                    &t.chunk.source,
+                    &fence::TenantOf::Whole(tenant.clone()),
+                    wait,
+                    give_up,
+                )
+                .await
+            }
         };
-        if let Err(e) = fence::install(
-            source,
-            &cfg.registry_schema,
-            &t.chunk.source,
-            &of,
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-        )
-        .await
-        {
+        if let Err(e) = installed {
             return if over_budget(&e) {
                 Ok(Arming::Ended(locked(Step::Arm, &e)))
             } else {

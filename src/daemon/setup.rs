@@ -224,6 +224,21 @@ pub(crate) async fn prepare(
     crate::failpoint::hit("setup.after_provision");
 
     let (tables, scoped) = table_moves(&defs, chunks, &placement);
+    // The fence of the tenant's shared tables, gated for it now rather than in its first
+    // cutover attempt: gating recreates a table's triggers, which waits for every open
+    // writer of the table, and here that wait costs the cutover nothing.
+    let shared: Vec<(QualifiedName, String)> = tables
+        .values()
+        .filter_map(|t| {
+            t.chunk
+                .tenant
+                .as_ref()
+                .map(|(col, _)| (t.chunk.source.clone(), col.clone()))
+        })
+        .collect();
+    if !shared.is_empty() {
+        tokio::spawn(gate_early(config.clone(), mv.tenant.clone(), shared));
+    }
 
     let ours = remembered
         .record
@@ -293,6 +308,33 @@ pub(crate) async fn prepare(
     }
     tenant.rows_total = Some(count_rows(&source, &tenant, mv).await?);
     Ok(tenant)
+}
+
+/// Gates the fence of `tables` for `tenant` (see [`crate::cutover::fence::install_gated`])
+/// in the background, best effort: the cutover gates what is left.
+async fn gate_early(config: Config, tenant: TenantId, tables: Vec<(QualifiedName, String)>) {
+    let mut source = match config.source.connect_sql().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%tenant, error = %e, "early fence gate: no connection");
+            return;
+        }
+    };
+    for (table, column) in tables {
+        let gated = crate::cutover::fence::gate_if_owner(
+            &mut source,
+            &config.registry_schema,
+            &table,
+            &column,
+            &tenant,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await;
+        if let Err(e) = gated {
+            tracing::debug!(%tenant, %table, error = %e, "early fence gate; the cutover gates it");
+        }
+    }
 }
 
 /// Creates at the target what it lacks of the tenant's tables, noting in the ledger what

@@ -67,6 +67,11 @@ END",
   version bigint,
   armed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
   moved_at timestamptz);
+CREATE TABLE IF NOT EXISTS {schema}.fence_gates (
+  tbl oid PRIMARY KEY,
+  tenants text[] NOT NULL);
+CREATE OR REPLACE FUNCTION {schema}.fence_gate_values(vals text[], typ regtype) RETURNS text[] \
+  LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS {gate_values};
 CREATE OR REPLACE FUNCTION {schema}.fence_check(t text) RETURNS void LANGUAGE plpgsql AS {};
 CREATE OR REPLACE FUNCTION {schema}.fence_whole() RETURNS trigger LANGUAGE plpgsql \
   SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {};
@@ -81,8 +86,23 @@ CREATE OR REPLACE FUNCTION {schema}.fence_truncate() RETURNS trigger LANGUAGE pl
 END"
         )),
         quote_literal(&truncate_body(&schema)),
+        gate_values = quote_literal(GATE_VALUES_BODY),
     )
 }
+
+/// The values of `vals` that the type `typ` accepts: what a shared table's gate may list
+/// (a fenced tenant of another table may not even parse as this table's tenant column).
+const GATE_VALUES_BODY: &str = "DECLARE v text; ok text[] := '{}';
+BEGIN
+  FOREACH v IN ARRAY vals LOOP
+    BEGIN
+      EXECUTE format('SELECT %L::%s', v, typ);
+      ok := ok || v;
+    EXCEPTION WHEN others THEN NULL;
+    END;
+  END LOOP;
+  RETURN ok;
+END";
 
 /// TRUNCATE removes every row at once, so it is checked against every fenced tenant whose
 /// rows the table holds: `TG_ARGV[0]` is `whole` (every row is the tenant `TG_ARGV[1]`'s) or

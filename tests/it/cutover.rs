@@ -992,3 +992,107 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output> 
     drop(input);
     Ok(child.wait_with_output()?)
 }
+
+/// The fence of a shared table is gated: only the tenants it lists reach its check, and
+/// gating one tenant keeps every tenant gated before, fenced or not yet (an attempt sits
+/// between its gate and its arming), so a listed tenant's writers wait for a cutover's
+/// lock and an unlisted one's do not. A fenced tenant the column's type cannot hold is
+/// left out instead of breaking the gate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_gate_keeps_every_tenant_gated_before() -> Result<()> {
+    use switchyard::cutover::fence;
+    let src = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2, 3], 10))?;
+    let mut c = src.client().await?;
+    switchyard::registry::Registry::new("switchyard")?
+        .install(&mut c)
+        .await?;
+    // Fenced elsewhere: an id that is no integer.
+    c.batch_execute("INSERT INTO switchyard.fences (tenant, state) VALUES ('acme', 'moved')")
+        .await?;
+    let orders = switchyard::sql::QualifiedName::new("public", "orders")?;
+    for t in ["1", "2"] {
+        let changed = fence::install_gated(
+            &mut c,
+            "switchyard",
+            &orders,
+            "tenant_id",
+            &TenantId::new(t)?,
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await?;
+        ensure!(changed, "gating tenant {t} recreates the triggers");
+    }
+    let listed: Vec<String> = c
+        .query_one(
+            "SELECT tenants FROM switchyard.fence_gates WHERE tbl = 'public.orders'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    assert_eq!(listed_sorted, ["1", "2"], "tenant 1 kept, 'acme' left out");
+    // Gating a listed tenant again changes nothing.
+    ensure!(
+        !fence::install_gated(
+            &mut c,
+            "switchyard",
+            &orders,
+            "tenant_id",
+            &TenantId::new("1")?,
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await?
+    );
+    for t in ["1", "2", "3"] {
+        fence::arm(&c, "switchyard", &TenantId::new(t)?).await?;
+    }
+    // A cutover's lock on every tenant: listed tenants' writers wait for it.
+    let cutover = src.client().await?;
+    cutover
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({a}) FROM (VALUES ('1'), ('2'), ('3')) v(t)",
+            a = fence::LOCK_ARGS.replace("$1", "v.t")
+        ))
+        .await?;
+    let w = src.client().await?;
+    w.batch_execute("SET statement_timeout = '500ms'").await?;
+    for t in [1, 2] {
+        let err = w
+            .batch_execute(&format!(
+                "UPDATE public.orders SET note = 'x' WHERE tenant_id = {t} AND id = 1"
+            ))
+            .await
+            .expect_err("a listed tenant's writer waits for the cutover's lock");
+        assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    }
+    // Tenant 3 was armed without a gate: the gate does not see it (which is why every
+    // attempt gates its tenant before arming it).
+    w.batch_execute("UPDATE public.orders SET note = 'x' WHERE tenant_id = 3 AND id = 1")
+        .await?;
+    // A moved tenant is refused; changing a row's tenant to it too.
+    cutover.batch_execute("ROLLBACK").await?;
+    c.batch_execute(
+        "UPDATE switchyard.fences SET state = 'moved' WHERE tenant = '2';
+         INSERT INTO public.orders (tenant_id, id) VALUES (3, 999997);",
+    )
+    .await?;
+    for sql in [
+        "UPDATE public.orders SET note = 'y' WHERE tenant_id = 2 AND id = 2",
+        "DELETE FROM public.items WHERE false",
+        "INSERT INTO public.orders (tenant_id, id) VALUES (2, 999999)",
+        "UPDATE public.orders SET tenant_id = 2 WHERE tenant_id = 3 AND id = 999997",
+    ] {
+        let r = w.batch_execute(sql).await;
+        if sql.contains("items") {
+            r?;
+            continue;
+        }
+        let err = r.expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some("SY001"), "{sql}: {err}");
+    }
+    Ok(())
+}
