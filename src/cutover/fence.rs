@@ -1,9 +1,11 @@
-//! The write fence at the old location: per-tenant, enforced by a row trigger on each of the
+//! The write fence at the old location: per-tenant, enforced by row triggers on each of the
 //! tenant's source tables, decided by one row of `<registry>.fences`.
 //!
 //! ```text
-//!   writer (any tenant)        trigger ─► fences row for that tenant?
-//!                                            none   → go on (one index probe; other tenants)
+//!   writer (any tenant)        gated table: tenant listed in the triggers' WHEN? no → go on
+//!                              (an in-memory comparison); yes, or an ungated table:
+//!                              trigger ─► fences row for that tenant?
+//!                                            none   → go on
 //!                                            armed  → advisory lock SHARED (tenant), re-read:
 //!                                                     moved → refuse (SQLSTATE SY001)
 //!   cutover                    advisory lock EXCLUSIVE (tenant), bounded by lock_timeout:
@@ -12,16 +14,22 @@
 //! ```
 //!
 //! Invariants:
-//! - A writer of a fenced tenant holds the tenant's shared advisory lock from its write to
-//!   its transaction's end, so the cutover's exclusive lock means: no transaction that
-//!   wrote the tenant is open, and none can write it until the cutover ends.
+//! - A writer of a fenced tenant holds the tenant's shared advisory lock from its write (on
+//!   a gated table: from the end of the writing statement) to its transaction's end, so the
+//!   cutover's exclusive lock means: no transaction that wrote the tenant can commit before
+//!   the cutover ends, and after a flip none can commit at all.
 //! - After the cutover commits, every later write of the tenant reads the `moved` row and
 //!   fails: read committed re-reads it after the lock (a new snapshot per statement);
 //!   repeatable read and serializable lock the row `FOR SHARE`, which fails with a
 //!   serialization error if the cutover changed it after their snapshot (the retry then
 //!   sees `moved`). Transactions older than the fence row that hold a snapshot or wrote
 //!   anything are waited out before an attempt ([`old_transactions`]): they took no lock.
-//! - Other tenants are never locked: they pay one lookup in a small table per written row.
+//! - Other tenants are never locked. On a gated table (shared, triggers switchyard may own)
+//!   their writes pay one comparison against the listed tenants; a tenant is listed before
+//!   its fence is armed, and the list only grows, so an armed or moved tenant is never
+//!   missing from it. Gated triggers run AFTER the row (a BEFORE trigger would lock every
+//!   tenant's old row first): a writer takes the shared lock at its statement's end, still
+//!   before its commit, so a cutover either waits for it or refuses it.
 //! - Every name in generated SQL is quoted; function bodies are string literals, never
 //!   dollar-quoted text that a hostile name could close.
 //! - Trigger functions run as their owner (SECURITY DEFINER, fixed search_path), so
