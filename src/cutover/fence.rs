@@ -168,14 +168,15 @@ pub async fn install(
     }
 }
 
-async fn try_install(
-    client: &mut Client,
-    registry_schema: &str,
+/// A transaction that may change `table`'s fence triggers: its DDL waits at most
+/// `lock_wait` for the table's writers (55P03 then), and one installer per table runs at
+/// a time (two tenants of one shared table may be cut over at once).
+async fn fence_ddl<'c>(
+    client: &'c mut Client,
     table: &QualifiedName,
-    tenant: &TenantOf,
     lock_wait: Duration,
-) -> Result<bool, ClusterError> {
-    let ctx = |what: &str| format!("{what} the fence trigger on {table}");
+    ctx: &(dyn Fn(&str) -> String + Sync),
+) -> Result<tokio_postgres::Transaction<'c>, ClusterError> {
     let tx = client
         .transaction()
         .await
@@ -186,13 +187,24 @@ async fn try_install(
     ))
     .await
     .map_err(ClusterError::sql(ctx("installing")))?;
-    // Two tenants of one shared table may be cut over at once: one installer per table.
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('switchyard.fence_install'), hashtext($1))",
         &[&table.quoted()],
     )
     .await
     .map_err(ClusterError::sql(ctx("waiting to install")))?;
+    Ok(tx)
+}
+
+async fn try_install(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    tenant: &TenantOf,
+    lock_wait: Duration,
+) -> Result<bool, ClusterError> {
+    let ctx = |what: &str| format!("{what} the fence trigger on {table}");
+    let tx = fence_ddl(client, table, lock_wait, &ctx).await?;
     // Each trigger: whether it exists, and whether it fires ALWAYS ('A').
     let row = tx
         .query_one(
@@ -332,6 +344,42 @@ pub async fn install_gated(
     lock_wait: Duration,
     give_up_after: Duration,
 ) -> Result<bool, ClusterError> {
+    let gated = gate(
+        client,
+        registry_schema,
+        (table, column, tenant),
+        lock_wait,
+        give_up_after,
+    )
+    .await?;
+    match gated {
+        Some(changed) => Ok(changed),
+        None => {
+            let of = TenantOf::Column(column.to_owned());
+            install(
+                client,
+                registry_schema,
+                table,
+                &of,
+                lock_wait,
+                give_up_after,
+            )
+            .await
+        }
+    }
+}
+
+/// Gates the fence of `table` for `tenant` (see [`install_gated`]) where switchyard may
+/// own the table's triggers, tried again while the table is busy: whether the triggers
+/// were recreated, or `None` (nothing done) elsewhere, where an ungated trigger would tax
+/// every tenant from then on rather than from the cutover.
+pub async fn gate(
+    client: &mut Client,
+    registry_schema: &str,
+    (table, column, tenant): (&QualifiedName, &str, &TenantId),
+    lock_wait: Duration,
+    give_up_after: Duration,
+) -> Result<Option<bool>, ClusterError> {
     let started = Instant::now();
     loop {
         match try_gate(client, registry_schema, table, column, tenant, lock_wait).await {
@@ -342,47 +390,7 @@ pub async fn install_gated(
                 tracing::debug!(%table, "fence gate: table busy; trying again");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Ok(None) => {
-                let of = TenantOf::Column(column.to_owned());
-                return install(
-                    client,
-                    registry_schema,
-                    table,
-                    &of,
-                    lock_wait,
-                    give_up_after,
-                )
-                .await;
-            }
-            Ok(Some(changed)) => return Ok(changed),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// [`install_gated`] where switchyard may own the table's triggers, nothing elsewhere
-/// (an ungated trigger would tax every tenant from now on, not only from the cutover).
-/// Returns whether the triggers were recreated.
-pub async fn gate_if_owner(
-    client: &mut Client,
-    registry_schema: &str,
-    table: &QualifiedName,
-    column: &str,
-    tenant: &TenantId,
-    lock_wait: Duration,
-    give_up_after: Duration,
-) -> Result<bool, ClusterError> {
-    let started = Instant::now();
-    loop {
-        match try_gate(client, registry_schema, table, column, tenant, lock_wait).await {
-            Err(e)
-                if e.sqlstate() == Some("55P03")
-                    && started.elapsed() + lock_wait < give_up_after =>
-            {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Ok(changed) => return Ok(changed.unwrap_or(false)),
-            Err(e) => return Err(e),
+            other => return other,
         }
     }
 }
@@ -398,22 +406,7 @@ async fn try_gate(
 ) -> Result<Option<bool>, ClusterError> {
     let ctx = |what: &str| format!("{what} the fence gate on {table}");
     let schema = quote_ident(registry_schema);
-    let tx = client
-        .transaction()
-        .await
-        .map_err(ClusterError::sql(ctx("installing")))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        lock_wait.as_millis().max(1)
-    ))
-    .await
-    .map_err(ClusterError::sql(ctx("installing")))?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('switchyard.fence_install'), hashtext($1))",
-        &[&table.quoted()],
-    )
-    .await
-    .map_err(ClusterError::sql(ctx("waiting to install")))?;
+    let tx = fence_ddl(client, table, lock_wait, &ctx).await?;
     let row = tx
         .query_one(
             &format!(
@@ -675,6 +668,39 @@ mod tests {
         let ddl = ddl("ops\"reg");
         assert!(ddl.contains("CREATE TABLE IF NOT EXISTS \"ops\"\"reg\".fences"));
         assert!(ddl.contains(MOVED_SQLSTATE));
+    }
+
+    #[test]
+    fn gated_triggers_quote_every_name_and_fire_on_a_change_of_tenant() {
+        let table = QualifiedName::new("app\"s", "or ders").unwrap();
+        let sql = gated_triggers_sql(
+            "reg",
+            &table,
+            "fence_7",
+            "te\"nant",
+            "ARRAY['1', '2''x']::integer[]",
+            false,
+        );
+        assert!(sql.contains(
+            "CREATE TRIGGER \"switchyard_fence_insert\" AFTER INSERT ON \"app\"\"s\".\"or ders\" \
+             FOR EACH ROW WHEN (NEW.\"te\"\"nant\" = ANY (ARRAY['1', '2''x']::integer[])) \
+             EXECUTE FUNCTION \"reg\".\"fence_7\"();"
+        ), "{sql}");
+        assert!(
+            sql.contains(
+                "WHEN (OLD.\"te\"\"nant\" = ANY (ARRAY['1', '2''x']::integer[]) \
+             OR NEW.\"te\"\"nant\" IS DISTINCT FROM OLD.\"te\"\"nant\")"
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("AFTER DELETE ON \"app\"\"s\".\"or ders\" FOR EACH ROW WHEN (OLD."));
+        assert_eq!(sql.matches("ENABLE ALWAYS TRIGGER").count(), 3);
+        // Without an equality operator of its own, the column is compared as text.
+        let text = gated_triggers_sql("reg", &table, "fence_7", "c", "ARRAY['1']::text[]", true);
+        assert!(
+            text.contains("WHEN (NEW.\"c\"::text = ANY (ARRAY['1']::text[]))"),
+            "{text}"
+        );
     }
 
     #[test]

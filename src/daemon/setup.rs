@@ -321,12 +321,10 @@ async fn gate_early(config: Config, tenant: TenantId, tables: Vec<(QualifiedName
         }
     };
     for (table, column) in tables {
-        let gated = crate::cutover::fence::gate_if_owner(
+        let gated = crate::cutover::fence::gate(
             &mut source,
             &config.registry_schema,
-            &table,
-            &column,
-            &tenant,
+            (&table, &column, &tenant),
             Duration::from_millis(200),
             Duration::from_secs(30),
         )
