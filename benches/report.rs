@@ -69,14 +69,22 @@ fn machine() -> Value {
 }
 
 /// The load a lag or cutover run was measured under: the offered rate (0: the host's full
-/// rate) and the clusters' `synchronous_commit`.
+/// rate), the clusters' `synchronous_commit`, and the workload or rollback setting where
+/// they are not the default.
 fn load(r: &Value) -> String {
     let rate = match r["offered_tps"].as_u64() {
         Some(0) | None => "the host's full rate".to_string(),
         Some(t) => format!("{t} tps offered"),
     };
     let sync = r["synchronous_commit"].as_str().unwrap_or("on");
-    format!("{rate}, synchronous_commit = {sync}")
+    let mut label = format!("{rate}, synchronous_commit = {sync}");
+    if let Some(w) = r["workload"].as_str().filter(|w| *w != "accounts") {
+        label.push_str(&format!(", {w} workload"));
+    }
+    if r["rollback"].as_bool() == Some(false) {
+        label.push_str(", rollback = false");
+    }
+    label
 }
 
 fn render(results: &[Value], machine: &Value) -> Result<String> {
