@@ -153,14 +153,58 @@ pub async fn install(
     lock_wait: Duration,
     give_up_after: Duration,
 ) -> Result<bool, ClusterError> {
+    let done = while_busy(
+        client,
+        registry_schema,
+        table,
+        Install::Ungated(tenant),
+        lock_wait,
+        give_up_after,
+    )
+    .await?;
+    Ok(done.unwrap_or(false))
+}
+
+/// What one try of a fence install does.
+#[derive(Clone, Copy)]
+enum Install<'a> {
+    /// [`try_install`].
+    Ungated(&'a TenantOf),
+    /// [`try_gate`].
+    Gated {
+        column: &'a str,
+        tenant: &'a TenantId,
+    },
+}
+
+/// Tries `install` again while the table is busy (55P03: its DDL lock waited `lock_wait`
+/// in vain), until `give_up_after`.
+async fn while_busy(
+    client: &mut Client,
+    registry_schema: &str,
+    table: &QualifiedName,
+    install: Install<'_>,
+    lock_wait: Duration,
+    give_up_after: Duration,
+) -> Result<Option<bool>, ClusterError> {
     let started = Instant::now();
     loop {
-        match try_install(client, registry_schema, table, tenant, lock_wait).await {
+        let tried = match install {
+            Install::Ungated(tenant) => {
+                try_install(client, registry_schema, table, tenant, lock_wait)
+                    .await
+                    .map(Some)
+            }
+            Install::Gated { column, tenant } => {
+                try_gate(client, registry_schema, table, column, tenant, lock_wait).await
+            }
+        };
+        match tried {
             Err(e)
                 if e.sqlstate() == Some("55P03")
                     && started.elapsed() + lock_wait < give_up_after =>
             {
-                tracing::debug!(%table, "fence trigger: table busy; trying again");
+                tracing::debug!(%table, "fence: table busy; trying again");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => return other,
@@ -380,19 +424,16 @@ pub async fn gate(
     lock_wait: Duration,
     give_up_after: Duration,
 ) -> Result<Option<bool>, ClusterError> {
-    let started = Instant::now();
-    loop {
-        match try_gate(client, registry_schema, table, column, tenant, lock_wait).await {
-            Err(e)
-                if e.sqlstate() == Some("55P03")
-                    && started.elapsed() + lock_wait < give_up_after =>
-            {
-                tracing::debug!(%table, "fence gate: table busy; trying again");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => return other,
-        }
-    }
+    let install = Install::Gated { column, tenant };
+    while_busy(
+        client,
+        registry_schema,
+        table,
+        install,
+        lock_wait,
+        give_up_after,
+    )
+    .await
 }
 
 /// One try of [`install_gated`]: `None` if switchyard cannot own the table's triggers.

@@ -142,9 +142,9 @@ pub async fn prepare(
         .await?;
     }
     fence::arm(target, registry_schema, &key).await?;
-    let names: Vec<&QualifiedName> = tables.iter().map(|t| &t.target).collect();
+    let names: Vec<QualifiedName> = tables.iter().map(|t| t.target.clone()).collect();
     with_slot_lock(target, slot, slot_wait, |c| {
-        publish(c, slot, names.clone(), slot_wait)
+        publish(c, slot, &names, slot_wait)
     })
     .await
 }
@@ -201,55 +201,13 @@ where
 async fn publish(
     target: &Client,
     slot: &str,
-    tables: Vec<&QualifiedName>,
+    tables: &[QualifiedName],
     slot_wait: Duration,
 ) -> Result<(), ClusterError> {
     let sql = ClusterError::sql;
-    let has_publication: bool = target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&slot],
-        )
-        .await
-        .map_err(sql("looking for the reverse publication"))?
-        .get(0);
-    let published: Vec<(String, String)> = target
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(sql("reading the reverse publication"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let missing: Vec<String> = tables
-        .iter()
-        .filter(|t| {
-            !published
-                .iter()
-                .any(|(s, n)| *s == t.schema && *n == t.name)
-        })
-        .map(|t| t.quoted())
-        .collect();
-    if !has_publication {
-        target
-            .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(slot),
-                missing.join(", ")
-            ))
-            .await
-            .map_err(sql("creating the reverse publication"))?;
-    } else if !missing.is_empty() {
-        target
-            .batch_execute(&format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                quote_ident(slot),
-                missing.join(", ")
-            ))
-            .await
-            .map_err(sql("adding the tenant's tables to the reverse publication"))?;
+    // Never empty: an empty list would make the publication one of every table.
+    if !tables.is_empty() {
+        crate::source::slot::ensure_publication(target, slot, tables).await?;
     }
     let has_slot: bool = target
         .query_one(
@@ -339,18 +297,12 @@ async fn unpublish(target: &Client, slot: &str, schema: &str) -> Result<(), Clus
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = target
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await;
-        match r {
+        match crate::source::slot::drop_slot(target, slot).await {
             Ok(_) => break,
-            Err(e) if e.code().map(|c| c.code()) == Some("55006") && Instant::now() < deadline => {
+            Err(e) if e.sqlstate() == Some("55006") && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(sql("dropping the reverse slot")(e)),
+            Err(e) => return Err(e),
         }
     }
     target

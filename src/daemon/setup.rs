@@ -224,9 +224,15 @@ pub(crate) async fn prepare(
     crate::failpoint::hit("setup.after_provision");
 
     let (tables, scoped) = table_moves(&defs, chunks, &placement);
+    let ours = remembered
+        .record
+        .as_ref()
+        .is_some_and(|r| r.move_id == mv.id);
     // The fence of the tenant's shared tables, gated for it now rather than in its first
     // cutover attempt: gating recreates a table's triggers, which waits for every open
-    // writer of the table, and here that wait costs the cutover nothing.
+    // writer of the table, and here that wait costs the cutover nothing. Only for a move
+    // set up afresh: a resumed one was gated at its first setup (or its attempt gates it),
+    // and a restart resuming many tenants would open a connection for each.
     let shared: Vec<(QualifiedName, String)> = tables
         .values()
         .filter_map(|t| {
@@ -236,14 +242,9 @@ pub(crate) async fn prepare(
                 .map(|(col, _)| (t.chunk.source.clone(), col.clone()))
         })
         .collect();
-    if !shared.is_empty() {
+    if !ours && !shared.is_empty() {
         tokio::spawn(gate_early(config.clone(), mv.tenant.clone(), shared));
     }
-
-    let ours = remembered
-        .record
-        .as_ref()
-        .is_some_and(|r| r.move_id == mv.id);
     let mut tenant = Tenant::new(
         mv.tenant.clone(),
         mv.id,

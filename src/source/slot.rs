@@ -122,7 +122,8 @@ async fn validate(client: &Client, info: &SlotInfo) -> Result<(), SourceError> {
     Ok(())
 }
 
-pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SourceError> {
+/// Drops `slot` if it exists; whether it did. A slot in use fails with 55006.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, ClusterError> {
     let dropped = client
         .execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
@@ -137,7 +138,7 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SourceError>
 pub async fn publication_tables(
     client: &Client,
     publication: &str,
-) -> Result<Option<Vec<QualifiedName>>, SourceError> {
+) -> Result<Option<Vec<QualifiedName>>, ClusterError> {
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -203,14 +204,14 @@ pub async fn ensure_publication(
     client: &Client,
     publication: &str,
     tables: &[QualifiedName],
-) -> Result<(), SourceError> {
+) -> Result<(), ClusterError> {
     let existing = publication_tables(client, publication).await?;
     if let Some(sql) = publication_fix(publication, existing.as_deref(), tables) {
         match client.batch_execute(&sql).await {
             Ok(()) => tracing::info!(%publication, "publication updated"),
             // Lost a race with a concurrent creator: re-check below.
             Err(e) if e.code().map(|c| c.code()) == Some("42710") => {}
-            Err(e) => return Err(ClusterError::sql(format!("running {sql}"))(e).into()),
+            Err(e) => return Err(ClusterError::sql(format!("running {sql}"))(e)),
         }
     }
     Ok(())
