@@ -248,6 +248,9 @@ async fn main() -> Result<()> {
                    public.history WHERE (tenant_id = 1), public.beat WHERE (tenant_id = 1);
                  GRANT SELECT ON ALL TABLES IN SCHEMA public TO switchyard;"
             ))?;
+            // As the TPC-B setup does: the role acts as the tables' and publication's owner,
+            // so it can keep the publication's row filter to the moving tenant.
+            src.psql(&support::app_owned(&["public"]))?;
             std::fs::write(&script, SCRIPT)?;
             (SCHEMA.to_string(), String::new())
         }
@@ -259,6 +262,7 @@ async fn main() -> Result<()> {
                 "CREATE TABLE public.beat (bid int PRIMARY KEY, seq bigint NOT NULL);
                  INSERT INTO public.beat SELECT b, 0 FROM generate_series(1, {TPCB_SCALE}) b;
                  GRANT SELECT ON public.beat TO switchyard;
+                 ALTER TABLE public.beat OWNER TO app_owner;
                  ALTER PUBLICATION sy_pub ADD TABLE public.beat;
                  CREATE PUBLICATION native_pub FOR TABLE public.pgbench_accounts WHERE (bid = 1),
                    public.pgbench_tellers WHERE (bid = 1), public.pgbench_branches WHERE (bid = 1),

@@ -161,6 +161,7 @@ struct FileReplication {
     tables: Vec<String>,
     proto_version: Option<u32>,
     streaming: Option<bool>,
+    row_filter: Option<bool>,
     status_interval_ms: Option<u64>,
     max_message_bytes: Option<usize>,
     max_buffered_bytes: Option<usize>,
@@ -184,6 +185,8 @@ pub struct ReplicationConfig {
     /// `None`: the highest version the server supports.
     pub proto_version: Option<u32>,
     pub streaming: bool,
+    /// Keep the publication's row filters to the moving tenants (`source::filter`).
+    pub row_filter: bool,
     pub status_interval: Duration,
     pub max_message_bytes: usize,
     pub max_buffered_bytes: usize,
@@ -199,6 +202,7 @@ impl Default for ReplicationConfig {
             tables: Vec::new(),
             proto_version: None,
             streaming: true,
+            row_filter: true,
             status_interval: Duration::from_secs(1),
             max_message_bytes: 256 << 20,
             max_buffered_bytes: 64 << 20,
@@ -780,6 +784,7 @@ fn replication(f: FileReplication) -> Result<ReplicationConfig, ConfigError> {
         tables,
         proto_version: f.proto_version,
         streaming: f.streaming.unwrap_or(d.streaming),
+        row_filter: f.row_filter.unwrap_or(d.row_filter),
         status_interval: ms(f.status_interval_ms, d.status_interval),
         max_message_bytes: f.max_message_bytes.unwrap_or(d.max_message_bytes),
         max_buffered_bytes: f.max_buffered_bytes.unwrap_or(d.max_buffered_bytes),

@@ -31,6 +31,7 @@ mod admission;
 mod control;
 mod cutting;
 mod error;
+mod filter;
 mod moving;
 mod setup;
 mod startup;
@@ -110,6 +111,8 @@ struct Engine {
     /// Recently committed source transactions (for the chunk snapshot check).
     recent: RecentCommits,
     cutovers: Cutovers,
+    /// The tenants the row filter was last brought to (`None` until the first poll).
+    filter_listed: Option<BTreeSet<TenantId>>,
 }
 
 /// Committed transactions remembered for the snapshot check; a transaction racing a low
@@ -175,6 +178,15 @@ fn pg_now() -> i64 {
     unix - 946_684_800_000_000
 }
 
+/// The tenants the row filter lists for these registry rows.
+fn listed_tenants(moves: &[Move]) -> BTreeSet<TenantId> {
+    moves
+        .iter()
+        .filter(|m| filter::listed(m.state))
+        .map(|m| m.tenant.clone())
+        .collect()
+}
+
 /// Runs the daemon until `shutdown` resolves (then stops cleanly: appliers drain, the last
 /// durable position is checkpointed and confirmed).
 pub async fn run(
@@ -224,6 +236,11 @@ async fn run_daemon(
         .await
         .map_err(ClusterError::sql("listening for registry changes"))?;
     let opened = open_slot(&control, &store, &checkpoints, &config, &options).await?;
+    // The filter as the registry stands (a stale one still lists every move resumed now:
+    // each joined it at its first setup, and leaves only when it stops consuming).
+    if let Err(e) = filter::sync(&config, &mut control, None).await {
+        tracing::warn!(error = %e, "cannot bring the publication's row filter up to date at start; going on with it as it is");
+    }
 
     let (apply_tx, apply) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
@@ -282,6 +299,7 @@ async fn run_daemon(
         stopped: Vec::new(),
         recent: RecentCommits::new(RECENT_COMMITS),
         cutovers,
+        filter_listed: None,
     };
     tracing::debug!(
         ms = began.elapsed().as_millis() as u64,
@@ -606,6 +624,8 @@ impl Engine {
         let started = Instant::now();
         let moves = self.control.list_moves().await?;
         let excluded = self.excluded_schemas(&moves);
+        // The filter was brought to these at start.
+        self.filter_listed = Some(listed_tenants(&moves));
         let mut resuming = Vec::new();
         for mv in moves.into_iter().filter(|m| m.state.consumes_stream()) {
             let remembered = Remembered {
@@ -634,6 +654,15 @@ impl Engine {
     async fn poll_registry(&mut self) -> Result<(), Error> {
         let moves = self.control.list_moves().await?;
         let excluded = self.excluded_schemas(&moves);
+        // Tenants leave the row filter in the background once their moves stop consuming
+        // the stream (setups add theirs before copying).
+        let listed = listed_tenants(&moves);
+        if self.config.replication.row_filter
+            && self.filter_listed.as_ref().is_some_and(|l| *l != listed)
+        {
+            tokio::spawn(filter::sync_detached(self.config.clone()));
+        }
+        self.filter_listed = Some(listed);
         let moving = self.tenants.values().map(|t| (&t.id, t.move_id));
         for (tenant, follow) in admission::follow(moving, &moves) {
             match follow {

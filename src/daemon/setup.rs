@@ -210,7 +210,7 @@ pub(crate) async fn prepare(
         timed(source_side(config, mv, excluded_schemas)),
         timed(target_side(config, mv))
     );
-    let ((source, defs, chunks), (mut target, progress)) = (source_half?, target_half?);
+    let ((mut source, defs, chunks), (mut target, progress)) = (source_half?, target_half?);
     let placement = placement(config, mv, &defs);
     provision_target(config, mv, &defs, &placement, &mut target).await?;
     // Where a slow restart's time went (its tenants are set up before their changes apply).
@@ -293,6 +293,10 @@ pub(crate) async fn prepare(
             reset(&mut target, &config.registry_schema, &mv.tenant, &scoped).await?;
         }
         (_, None) => check_target_empty(&target, mv, &scoped).await?,
+    }
+    // A fresh copy reads nothing before the stream carries the tenant's changes.
+    if !ours {
+        super::filter::sync(config, &mut source, Some(&mv.tenant)).await?;
     }
 
     // A resumed tenant whose copy is done keeps the total it reported: counting a big

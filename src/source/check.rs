@@ -353,6 +353,7 @@ async fn checks(client: &Client, config: &Config, r: &mut Report) -> Result<(), 
     report_slot(repl, slot.as_ref(), r);
 
     check_publication(client, repl, &role, r).await?;
+    check_row_filter(client, config, r).await;
 
     check_sessions(client, &role, r).await;
     for table in &repl.tables {
@@ -625,6 +626,82 @@ async fn check_publication(
         ),
     }
     Ok(())
+}
+
+/// Whether the daemon can keep the publication's row filter to the moving tenants
+/// (docs/source.md): a warning, since an unfiltered stream is slower, never wrong.
+async fn check_row_filter(client: &Client, config: &Config, r: &mut Report) {
+    const CHECK: &str = "row filter";
+    if !config.replication.row_filter || config.tenancy.mode != crate::config::TenancyMode::Shared {
+        return;
+    }
+    let publication = &config.replication.publication;
+    let tables = match super::filter::published_tables(client, publication, |t| {
+        config.tenancy.column_of(t).to_string()
+    })
+    .await
+    {
+        Ok(Ok(tables)) => tables,
+        Ok(Err(reason)) => {
+            return r.push(
+                CHECK,
+                Status::Warn,
+                format!("not kept ({reason}): the walsender sends every tenant's rows"),
+                None,
+            )
+        }
+        Err(e) => return r.push(CHECK, Status::Warn, format!("cannot tell: {e}"), None),
+    };
+    let filterable: Vec<String> = tables
+        .iter()
+        .filter(|t| t.filterable.is_some())
+        .map(|t| t.name.quoted())
+        .collect();
+    if filterable.is_empty() {
+        return r.push(
+            CHECK,
+            Status::Warn,
+            "no published table has its tenant column in its replica identity",
+            None,
+        );
+    }
+    let owners = client
+        .query(
+            "SELECT DISTINCT pg_get_userbyid(o.owner), current_user::text FROM ( \
+               SELECT pubowner AS owner FROM pg_publication WHERE pubname = $1 \
+               UNION ALL SELECT c.relowner FROM pg_class c WHERE c.oid = ANY ($2::text[]::regclass[])) o \
+             WHERE NOT pg_has_role(current_user, o.owner, 'MEMBER')",
+            &[publication, &filterable],
+        )
+        .await;
+    match owners {
+        Ok(rows) if rows.is_empty() => r.push(
+            CHECK,
+            Status::Ok,
+            format!(
+                "kept on {} tables: the walsender sends the moving tenants' rows only",
+                filterable.len()
+            ),
+            None,
+        ),
+        Ok(rows) => {
+            let roles: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+            let me: String = rows[0].get(1);
+            r.push(
+                CHECK,
+                Status::Warn,
+                "switchyard's role does not own the publication and its tables: the walsender sends every tenant's rows",
+                Some(
+                    roles
+                        .iter()
+                        .map(|o| format!("GRANT {} TO {}", quote_ident(o), quote_ident(&me)))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            )
+        }
+        Err(e) => r.push(CHECK, Status::Warn, format!("cannot tell: {e}"), None),
+    }
 }
 
 /// A cutover waits out transactions older than its fence: the role must see them all.

@@ -25,6 +25,7 @@
 pub mod check;
 pub mod connection;
 pub mod feedback;
+pub mod filter;
 pub mod slot;
 mod stream;
 pub mod wire;

@@ -1096,3 +1096,129 @@ async fn the_fence_gate_keeps_every_tenant_gated_before() -> Result<()> {
     }
     Ok(())
 }
+
+/// The publication's row filter for `table`, as the catalog deparses it (`None`: unfiltered).
+async fn row_filter(s: &Client, table: &str) -> Result<Option<String>> {
+    Ok(s.query_one(
+        "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'sy_pub' AND tablename = $1",
+        &[&table],
+    )
+    .await?
+    .get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_carries_only_moving_tenants_and_a_copy_waits_for_older_transactions(
+) -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2, 3], 300))?;
+    // The role owns the publication and (as a member) the tables: it may set the filters.
+    fence_grants(&src)?;
+    prepare_target(&dst)?;
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+        ..
+    } = start(
+        &src,
+        Some(&dst),
+        "[move]\nchunk_rows = 100\n[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n\
+         auto_cleanup = false\n",
+    )
+    .await?;
+    let d = dst.client().await?;
+
+    // Nothing moves: the tenant tables send nothing, the global table everything.
+    wait_for("the filter of no tenant", SYNC, || async {
+        Ok((row_filter(&s, "orders").await?.as_deref() == Some("false")).then_some(()))
+    })
+    .await?;
+    assert_eq!(row_filter(&s, "events").await?.as_deref(), Some("false"));
+    assert_eq!(row_filter(&s, "countries").await?, None);
+
+    // A transaction of tenant 2 older than its move: the copy must not start before it
+    // ends (decoded with the catalog it began with, its rows would not pass the filter).
+    let older = src.client().await?;
+    older
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO public.orders (tenant_id, id, note) VALUES (2, 900001, 'older');",
+        )
+        .await?;
+    let id = request(&s, &registry, "2", "shard2", "t2").await?;
+    wait_for("tenant 2 in the filter", SYNC, || async {
+        Ok(row_filter(&s, "orders")
+            .await?
+            .is_some_and(|f| f.contains("ARRAY[2]"))
+            .then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (state, _, copied) = state_of(&s, id).await?;
+    ensure!(
+        state == "provisioning" && copied == 0,
+        "the copy started under an older open transaction: {state}, {copied} rows"
+    );
+    older
+        .batch_execute(
+            "UPDATE public.orders SET note = 'older too' WHERE tenant_id = 2 AND id = 900001;
+             COMMIT;",
+        )
+        .await?;
+    let writers = [
+        TenantWriter::start(src.client().await?, 2, true),
+        TenantWriter::start(src.client().await?, 3, false),
+    ];
+    wait_state(&s, id, "streaming", SYNC).await?;
+    assert_eq!(row_filter(&s, "countries").await?, None);
+    let tenant = TenantId::new("2")?;
+    let (mv, attempts) =
+        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(
+        mv.state.as_str() == "cut_over",
+        "state {} ({:?}); attempts {attempts:?}",
+        mv.state,
+        mv.last_error
+    );
+    for w in writers {
+        let (n, _, _) = w.stop().await?;
+        ensure!(n > 0, "a writer wrote nothing");
+    }
+    wait_drained(&s, Duration::from_secs(60)).await?;
+    assert_parity(&s, &d, 2, "t2").await?;
+    let note: String = d
+        .query_one("SELECT note FROM t2.orders WHERE id = 900001", &[])
+        .await?
+        .get(0);
+    assert_eq!(note, "older too");
+
+    // Cut over, the tenant leaves the filter again.
+    wait_for("tenant 2 to leave the filter", SYNC, || async {
+        Ok((row_filter(&s, "orders").await?.as_deref() == Some("false")).then_some(()))
+    })
+    .await?;
+    daemon.stop().await?;
+
+    // Switched off, a start removes switchyard's filters and keeps the rest.
+    s.batch_execute("ALTER PUBLICATION sy_pub SET TABLE public.orders WHERE (false), public.items WHERE (false), public.events WHERE (false), public.countries WHERE (code <> 'XX')")
+        .await?;
+    let mut off = config.clone();
+    off.replication.row_filter = false;
+    let daemon = InProcess::start(off, false);
+    wait_for("the filters to go", SYNC, || async {
+        Ok(row_filter(&s, "orders").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_eq!(row_filter(&s, "items").await?, None);
+    assert_eq!(
+        row_filter(&s, "countries").await?.as_deref(),
+        Some("(code <> 'XX'::text)")
+    );
+    daemon.stop().await?;
+    Ok(())
+}

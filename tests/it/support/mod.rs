@@ -777,9 +777,10 @@ impl From<anyhow::Error> for StartError {
     }
 }
 
-/// SQL that hands every table of `schemas` to a role `app_owner` and makes `switchyard` a
-/// member of it: the application owns its tables, and switchyard acts as the owner where a
-/// cutover needs it (fence triggers that fire ALWAYS). Run after the tables exist.
+/// SQL that hands every table of `schemas`, and every publication of tables, to a role
+/// `app_owner` and makes `switchyard` a member of it: the application owns its tables, and
+/// switchyard acts as the owner where a cutover needs it (fence triggers that fire ALWAYS)
+/// and to keep the publication's row filters. Run after the tables exist.
 pub fn app_owned(schemas: &[&str]) -> String {
     let list = schemas
         .iter()
@@ -799,7 +800,13 @@ pub fn app_owned(schemas: &[&str]) -> String {
              EXECUTE format('ALTER TABLE %s OWNER TO app_owner', r.t);
            END LOOP;
          END $do$;
-         GRANT app_owner TO switchyard;"
+         GRANT app_owner TO switchyard;
+         DO $do$ DECLARE p record; BEGIN
+           EXECUTE format('GRANT CREATE ON DATABASE %I TO app_owner', current_database());
+           FOR p IN SELECT pubname FROM pg_publication WHERE NOT puballtables LOOP
+             EXECUTE format('ALTER PUBLICATION %I OWNER TO app_owner', p.pubname);
+           END LOOP;
+         END $do$;"
     )
 }
 
