@@ -33,6 +33,7 @@ mod cutting;
 mod error;
 mod filter;
 mod moving;
+mod reports;
 mod setup;
 mod startup;
 
@@ -113,6 +114,7 @@ struct Engine {
     cutovers: Cutovers,
     /// The tenants the row filter was last brought to (`None` until the first poll).
     filter_listed: Option<BTreeSet<TenantId>>,
+    reports: reports::Reports,
 }
 
 /// Committed transactions remembered for the snapshot check; a transaction racing a low
@@ -260,6 +262,11 @@ async fn run_daemon(
     let setup_slots = Arc::new(tokio::sync::Semaphore::new(config.moves.setup_concurrency));
     let assembler = Assembler::new(config.moves.max_txn_bytes);
     let cutovers = Cutovers::new(config.clone(), run_id, cutover_tx);
+    let reports = reports::Reports::spawn(
+        config.source.clone(),
+        Registry::new(config.registry_schema.clone())?,
+        config.replication.slot.clone(),
+    );
     let control = Control::new(
         control,
         registry,
@@ -300,6 +307,7 @@ async fn run_daemon(
         recent: RecentCommits::new(RECENT_COMMITS),
         cutovers,
         filter_listed: None,
+        reports,
     };
     tracing::debug!(
         ms = began.elapsed().as_millis() as u64,
@@ -1628,19 +1636,8 @@ impl Engine {
         let budget = self.config.moves.wal_budget_bytes;
         // The source's own position: the daemon's read position stops where reading pauses
         // (max_inflight_txns), so a target that is down would never look further behind.
-        self.control.ensure().await?;
-        let source_at: Lsn = match self
-            .control
-            .client()
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-        {
-            Ok(row) => row.get::<_, String>(0).parse().unwrap_or(Lsn::INVALID),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the source's WAL position");
-                Lsn::INVALID
-            }
-        };
+        // Read by the report writer, at most a round old.
+        let source_at = self.reports.source_at();
         let mut over = Vec::new();
         let mut reports = Vec::new();
         for t in self.tenants.values() {
@@ -1693,23 +1690,9 @@ impl Engine {
             let e = Error::Move(MoveError::WalBudget { held, budget });
             self.fail(&tenant, &e, MoveState::Failed).await;
         }
-        for (id, r) in reports {
-            self.control.report(id, &r).await?;
-        }
+        self.reports.send(reports);
         metrics::gauge!(crate::telemetry::SLOT_CONFIRMED_LSN)
             .set(self.tracker.confirmable().lsn().0 as f64);
-        if let Ok(row) = self
-            .control
-            .client()
-            .query_one(
-                "SELECT coalesce((pg_current_wal_lsn() - restart_lsn)::float8, 0) \
-                   FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.config.replication.slot],
-            )
-            .await
-        {
-            metrics::gauge!(crate::telemetry::SLOT_RETAINED_BYTES).set(row.get::<_, f64>(0));
-        }
         Ok(())
     }
 }
