@@ -84,14 +84,7 @@ async fn write_round(
     round: &Round,
     source_at: &ProgressLsn,
 ) -> Result<(), Error> {
-    let at: String = c
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(ClusterError::sql("reading the source's WAL position"))?
-        .get(0);
-    if let Ok(at) = at.parse() {
-        source_at.advance(at);
-    }
+    source_at.advance(crate::verify::current_lsn(c).await?);
     if !round.is_empty() {
         c.batch_execute("BEGIN")
             .await

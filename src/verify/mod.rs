@@ -339,7 +339,7 @@ async fn hash(client: &Client, query: &Query, what: &str) -> Result<(i64, String
 
 /// The insert position: it covers every commit the statements before saw, also under
 /// `synchronous_commit = off`, where the write position may still trail them.
-async fn current_lsn(client: &Client) -> Result<Lsn, ClusterError> {
+pub(crate) async fn current_lsn(client: &Client) -> Result<Lsn, ClusterError> {
     let text: String = client
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
