@@ -143,8 +143,10 @@ fn pgbench(
 }
 
 /// Heartbeat at the source and poller at `target_sql` (a query for tenant 1's seq) for
-/// as long as the load runs; returns the lags in ms.
+/// as long as the load runs; returns the lags in ms (and writes them, with when each beat
+/// was committed, to `<name>-lags.csv` in `SWITCHYARD_BENCH_LOG_DIR` if set).
 async fn measure(
+    name: &str,
     src: &PgCluster,
     workload: Workload,
     target: tokio_postgres::Client,
@@ -210,14 +212,26 @@ async fn measure(
     // A value seen covers every beat at or before it that had not appeared yet.
     let committed = committed.lock().expect("not poisoned").clone();
     let mut lags = Vec::with_capacity(committed.len());
+    let mut series = String::from("beat_at_ms,lag_ms\n");
+    let start = committed.first().map(|(_, w)| *w);
     let mut at = seen.iter().peekable();
     for (seq, when) in committed {
         while at.peek().is_some_and(|(s, _)| *s < seq) {
             at.next();
         }
         if let Some((_, appeared)) = at.peek() {
-            lags.push(appeared.saturating_duration_since(when).as_secs_f64() * 1e3);
+            let lag = appeared.saturating_duration_since(when).as_secs_f64() * 1e3;
+            lags.push(lag);
+            let since = start.map_or(0.0, |s| when.duration_since(s).as_secs_f64() * 1e3);
+            series.push_str(&format!("{since:.1},{lag:.2}\n"));
         }
+    }
+    // Where in the run the tail is: each beat's lag over time, beside the daemon's log.
+    if let Some(dir) = std::env::var_os("SWITCHYARD_BENCH_LOG_DIR") {
+        std::fs::write(
+            std::path::Path::new(&dir).join(format!("{name}-lags.csv")),
+            series,
+        )?;
     }
     Ok((lags, tps))
 }
@@ -300,6 +314,7 @@ async fn main() -> Result<()> {
     wait_state(&s, id, "streaming", Duration::from_secs(600)).await?;
     let (port, script2) = (src.port(), script.clone());
     let (mut sy, sy_tps) = measure(
+        "switchyard",
         &src,
         workload,
         dst.client().await?,
@@ -323,6 +338,7 @@ async fn main() -> Result<()> {
     native_subscription(&dn, src.port(), "native_pub").await?;
     let (port, script2) = (src.port(), script.clone());
     let (mut native, native_tps) = measure(
+        "native",
         &src,
         workload,
         dst.client_db("native").await?,

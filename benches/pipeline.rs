@@ -201,7 +201,7 @@ fn run(input: &[Bytes], layout: &std::sync::Arc<TargetTable>) -> (u64, usize) {
     let mut encoded = 0;
     let mut out = BytesMut::new();
     for segment in lanes::segments(batch) {
-        for share in lanes::split(segment, 4, &HashSet::new()) {
+        for share in lanes::split(segment, 4, &HashSet::new(), lanes::SPREAD_MIN) {
             let mut fold = TableChanges::new(std::sync::Arc::clone(layout)).expect("foldable");
             for txn in &share {
                 for (_, works) in &txn.parts {

@@ -12,7 +12,7 @@
 //!   on a new connection; the writer re-reads the target's applied positions, so a batch
 //!   that did commit before the connection dropped is not applied twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,7 +209,7 @@ impl Lanes {
             return Err(e);
         }
         if fresh && self.writers.len() > 1 {
-            let windows = replay_windows(
+            let windows = lanes::replay_windows(
                 self.writers
                     .iter()
                     .flatten()
@@ -253,26 +253,13 @@ impl Lanes {
             }
         }
         let seg = segment.take().expect("checked above");
-        Ok(lanes::split(seg, self.count(), &self.whole))
+        Ok(lanes::split(
+            seg,
+            self.count(),
+            &self.whole,
+            lanes::SPREAD_MIN,
+        ))
     }
-}
-
-/// Per tenant, (lowest, highest) position over the lanes where they differ; a lane without
-/// a row for the tenant holds nothing of it.
-fn replay_windows<'a>(
-    lanes: impl Iterator<Item = &'a HashMap<TenantId, Lsn>>,
-) -> HashMap<TenantId, (Lsn, Lsn)> {
-    let lanes: Vec<&HashMap<TenantId, Lsn>> = lanes.collect();
-    let tenants: HashSet<&TenantId> = lanes.iter().flat_map(|l| l.keys()).collect();
-    tenants
-        .into_iter()
-        .filter_map(|t| {
-            let at = |l: &&HashMap<TenantId, Lsn>| l.get(t).copied().unwrap_or(Lsn::INVALID);
-            let lo = lanes.iter().map(at).min()?;
-            let hi = lanes.iter().map(at).max()?;
-            (lo < hi).then(|| (t.clone(), (lo, hi)))
-        })
-        .collect()
 }
 
 async fn run(
@@ -387,6 +374,8 @@ async fn apply_segment(
             .iter()
             .map(|s| batch_tenants(s).into_keys().collect())
             .collect();
+        // One share: lane 0 holds the whole segment and records every lane's position.
+        let covers = if shares.len() == 1 { lanes.count() } else { 1 };
         let mut tasks = Vec::with_capacity(shares.len());
         for (lane, share) in std::mem::take(&mut shares).into_iter().enumerate() {
             let mut w = lanes.writers[lane].take().expect("connected above");
@@ -394,7 +383,7 @@ async fn apply_segment(
             tasks.push(tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     let t0 = std::time::Instant::now();
-                    let r = match w.commit(&share).await {
+                    let r = match w.commit_covering(&share, covers).await {
                         Ok(_) => Ok(()),
                         Err(e) => Err((e, w.failed_tenant().cloned())),
                     };
@@ -472,6 +461,12 @@ async fn apply_segment(
         }
         if !failed {
             *backoff = Duration::from_millis(100);
+            if covers > 1 {
+                let held = batch_tenants(&shares[0]);
+                for w in lanes.writers.iter_mut().skip(1).flatten() {
+                    w.hold_through(&held);
+                }
+            }
             // Freeing a segment's changes is ~8 % of the daemon's CPU (perf); the lanes
             // need not wait for it before the next segment, so it runs beside them.
             tokio::spawn(async move { drop(shares) });
@@ -502,33 +497,5 @@ fn fail_tenants(
                 detail: detail.to_owned(),
             },
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(s: &str) -> TenantId {
-        TenantId::new(s).unwrap()
-    }
-
-    #[test]
-    fn windows_cover_only_tenants_whose_lanes_stopped_apart() {
-        let lane = |pairs: &[(&str, u64)]| -> HashMap<TenantId, Lsn> {
-            pairs.iter().map(|(k, v)| (t(k), Lsn(*v))).collect()
-        };
-        let lanes = [
-            lane(&[("a", 200), ("b", 90), ("c", 50)]),
-            lane(&[("a", 100), ("b", 90), ("c", 50)]),
-            lane(&[("a", 200), ("b", 90)]),
-        ];
-        let w = replay_windows(lanes.iter());
-        assert_eq!(w.get(&t("a")), Some(&(Lsn(100), Lsn(200))));
-        assert_eq!(w.get(&t("b")), None, "agreeing lanes need no replay");
-        // A lane without a row holds nothing of the tenant.
-        assert_eq!(w.get(&t("c")), Some(&(Lsn::INVALID, Lsn(50))));
-        assert_eq!(w.len(), 2);
-        assert!(replay_windows(std::iter::empty()).is_empty());
     }
 }

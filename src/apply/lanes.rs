@@ -2,8 +2,10 @@
 //!
 //! ```text
 //!   batch ─► segments:  [rows rows rows] [copy+state] [rows rows] …   (in source order)
-//!   a row segment ─► lane = hash(table, key) % lanes   (every lane commits its share at once)
-//!   a barrier segment ─► lane 0 alone; the other lanes only record the position
+//!   a row segment of SPREAD_MIN changes or more
+//!                ─► lane = hash(table, key) % lanes   (every lane commits its share at once)
+//!   a barrier, or a smaller row segment
+//!                ─► lane 0 alone, recording every lane's position in its one commit
 //! ```
 //!
 //! Invariants:
@@ -18,10 +20,17 @@
 //! - Anything not a plain row change of a stable key (COPY chunks, backfill states,
 //!   TRUNCATE, key changes, prepared statements) is a barrier: it runs on lane 0 after every
 //!   lane committed what came before it, and before any lane goes on.
-//! - Every lane's share names every tenant of its segment at the tenant's last position in
-//!   it, even with no work for it, so all lanes record the same positions after a segment
-//!   commits everywhere. Only a crash in the middle of a segment leaves them apart, and the
-//!   lowest one is where a tenant resumes.
+//! - A segment on lane 0 alone records its tenants' positions for every lane in lane 0's
+//!   commit. That is true of every lane: segments run one after another, so every lane
+//!   committed all before it, and lane 0 commits all of it. A small row segment is not
+//!   worth a commit per lane: a trickle of one-transaction segments (a saturated source's
+//!   steady stream) would cost each source transaction one durable commit per lane.
+//! - A spread segment gives every lane's share every tenant of the segment at the tenant's
+//!   last position in it, even with no work for it, so all lanes record the same positions
+//!   after it commits everywhere. Only a crash in the middle of a spread segment leaves them
+//!   apart, and the lowest one is where a tenant resumes. Which segments spread may differ
+//!   in a replay (it depends on how the stream was batched): the replay window of
+//!   [`super::TargetWriter::set_replay_windows`] covers that.
 //!
 //! Order across lanes is not kept, which is why lanes are used only under
 //! `session_replication_role = replica`, where no trigger or foreign key observes it.
@@ -30,7 +39,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::writer::{OwnedRowOp, RowChange, SourceTxn, Work};
 use crate::decode::Datum;
-use crate::lsn::CommitLsn;
+use crate::lsn::{CommitLsn, Lsn};
 use crate::sql::QualifiedName;
 use crate::tenant::TenantId;
 
@@ -129,20 +138,39 @@ pub fn row_lane(change: &RowChange, lanes: usize) -> Option<usize> {
     Some((h.0 % lanes.max(1) as u64) as usize)
 }
 
-/// Splits a segment over `lanes` lanes. A barrier segment goes whole to lane 0. In a row
-/// segment each change goes to its key's lane, or to its table's lane when `whole_table`
-/// names the table, inside a copy of its transaction that holds only that lane's changes
-/// (a transaction with none for a lane is left out of that lane's share). Every lane's
-/// share then ends with one empty transaction per tenant of the segment, at that tenant's
-/// last position in it, so every lane records every tenant's position.
+/// The fewest row changes a segment spreads over the lanes with. Below it lane 0 commits
+/// the segment alone: one durable commit instead of one per lane, where the lanes would
+/// each hold a handful of statements. A backlog's or a busy stream's batches are far above
+/// it and spread.
+pub const SPREAD_MIN: usize = 64;
+
+/// Row changes in `segment`.
+fn changes(segment: &Segment) -> usize {
+    segment
+        .txns
+        .iter()
+        .flat_map(|t| &t.parts)
+        .map(|(_, w)| w.len())
+        .sum()
+}
+
+/// Splits a segment over `lanes` lanes. A barrier segment, or one of fewer than
+/// `spread_min` changes, goes whole to lane 0: the result is then that one share, and
+/// lane 0's commit records every lane's position. In a row segment each change goes to its
+/// key's lane, or to its table's lane when `whole_table` names the table, inside a copy of
+/// its transaction that holds only that lane's changes (a transaction with none for a lane
+/// is left out of that lane's share). Every lane's share then ends with one empty
+/// transaction per tenant of the segment, at that tenant's last position in it, so every
+/// lane records every tenant's position.
 pub fn split(
     segment: Segment,
     lanes: usize,
     whole_table: &HashSet<QualifiedName>,
+    spread_min: usize,
 ) -> Vec<Vec<SourceTxn>> {
     let lanes = lanes.max(1);
-    if segment.barrier || lanes == 1 {
-        return split_barrier(segment, lanes);
+    if segment.barrier || lanes == 1 || changes(&segment) < spread_min {
+        return vec![segment.txns];
     }
     let mut out: Vec<Vec<SourceTxn>> = (0..lanes)
         .map(|_| Vec::with_capacity(segment.txns.len() / lanes + 1))
@@ -199,29 +227,22 @@ pub fn split(
     out
 }
 
-/// A barrier segment (or a single lane): everything on lane 0; the other lanes get every
-/// transaction with its tenants and no work, so they record the same positions.
-fn split_barrier(segment: Segment, lanes: usize) -> Vec<Vec<SourceTxn>> {
-    let mut out: Vec<Vec<SourceTxn>> = (0..lanes)
-        .map(|_| Vec::with_capacity(segment.txns.len()))
-        .collect();
-    for txn in segment.txns {
-        for share in out.iter_mut().skip(1) {
-            share.push(SourceTxn {
-                end: txn.end,
-                parts: txn
-                    .parts
-                    .iter()
-                    .map(|(t, _)| t)
-                    .chain(txn.states.iter().map(|(t, _)| t))
-                    .map(|t| (t.clone(), Vec::new()))
-                    .collect(),
-                states: Vec::new(),
-            });
-        }
-        out[0].push(txn);
-    }
-    out
+/// Per tenant, (lowest, highest) position over the lanes where they differ; a lane without
+/// a row for the tenant holds nothing of it.
+pub fn replay_windows<'a>(
+    lanes: impl Iterator<Item = &'a HashMap<TenantId, Lsn>>,
+) -> HashMap<TenantId, (Lsn, Lsn)> {
+    let lanes: Vec<&HashMap<TenantId, Lsn>> = lanes.collect();
+    let tenants: HashSet<&TenantId> = lanes.iter().flat_map(|l| l.keys()).collect();
+    tenants
+        .into_iter()
+        .filter_map(|t| {
+            let at = |l: &&HashMap<TenantId, Lsn>| l.get(t).copied().unwrap_or(Lsn::INVALID);
+            let lo = lanes.iter().map(at).min()?;
+            let hi = lanes.iter().map(at).max()?;
+            (lo < hi).then(|| (t.clone(), (lo, hi)))
+        })
+        .collect()
 }
 
 /// One row change per table of a segment (to learn which tables must go whole to one
@@ -382,6 +403,7 @@ mod tests {
             },
             4,
             &HashSet::new(),
+            SPREAD_MIN,
         );
         assert_eq!(lanes.len(), 4);
         let mut seen_lane = std::collections::HashMap::new();
@@ -471,6 +493,7 @@ mod tests {
             },
             3,
             &HashSet::new(),
+            0,
         );
         let mut works = 0;
         for share in &lanes {
@@ -510,6 +533,7 @@ mod tests {
             },
             3,
             &whole,
+            0,
         );
         let busy: Vec<usize> = lanes
             .iter()
@@ -522,7 +546,7 @@ mod tests {
     }
 
     #[test]
-    fn a_barrier_runs_on_lane_zero_and_the_others_record_its_tenants() {
+    fn barriers_and_small_segments_run_whole_on_lane_zero() {
         let mut b = txn(
             10,
             vec![("acme", vec![copy()]), ("globex", vec![delete("1")])],
@@ -535,14 +559,47 @@ mod tests {
             },
             3,
             &HashSet::new(),
+            0,
         );
+        assert_eq!(lanes.len(), 1, "lane 0 alone records every lane's position");
         assert_eq!(lanes[0][0].parts.len(), 2);
         assert_eq!(lanes[0][0].states.len(), 1);
-        for other in &lanes[1..] {
-            let tenants: Vec<&str> = other[0].parts.iter().map(|(t, _)| t.as_str()).collect();
-            assert_eq!(tenants, vec!["acme", "globex", "initech"]);
-            assert!(other[0].parts.iter().all(|(_, w)| w.is_empty()));
-            assert!(other[0].states.is_empty());
-        }
+
+        // A row segment spreads from `spread_min` changes on, and not below.
+        let rows = |n: u64| Segment {
+            barrier: false,
+            txns: (0..n)
+                .map(|i| {
+                    txn(
+                        i + 1,
+                        vec![("acme", vec![upsert(orders(), &i.to_string(), "x")])],
+                    )
+                })
+                .collect(),
+        };
+        let small = split(rows(9), 3, &HashSet::new(), 10);
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].len(), 9, "the transactions as they came");
+        let spread = split(rows(10), 3, &HashSet::new(), 10);
+        assert_eq!(spread.len(), 3);
+    }
+
+    #[test]
+    fn windows_cover_only_tenants_whose_lanes_stopped_apart() {
+        let lane = |pairs: &[(&str, u64)]| -> HashMap<TenantId, Lsn> {
+            pairs.iter().map(|(k, v)| (t(k), Lsn(*v))).collect()
+        };
+        let lanes = [
+            lane(&[("a", 200), ("b", 90), ("c", 50)]),
+            lane(&[("a", 100), ("b", 90), ("c", 50)]),
+            lane(&[("a", 200), ("b", 90)]),
+        ];
+        let w = replay_windows(lanes.iter());
+        assert_eq!(w.get(&t("a")), Some(&(Lsn(100), Lsn(200))));
+        assert_eq!(w.get(&t("b")), None, "agreeing lanes need no replay");
+        // A lane without a row holds nothing of the tenant.
+        assert_eq!(w.get(&t("c")), Some(&(Lsn::INVALID, Lsn(50))));
+        assert_eq!(w.len(), 2);
+        assert!(replay_windows(std::iter::empty()).is_empty());
     }
 }

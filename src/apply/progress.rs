@@ -1,7 +1,8 @@
 //! The target's progress store: what each target durably holds of each tenant, written in
 //! the same transaction as the rows it accounts for. Lane 0 records the position and the
 //! backfill state in `<schema>.applied`; lanes 1.. record their positions in
-//! `<schema>.applied_lanes`.
+//! `<schema>.applied_lanes`, and so does lane 0 for them when it committed a segment alone
+//! (see [`super::lanes`]).
 //!
 //! Invariants:
 //! - A recorded position never moves back (`GREATEST` in the record statement).
@@ -195,8 +196,10 @@ pub async fn ensure_progress_table(client: &Client, schema: &str) -> Result<Stri
 }
 
 /// The statement that records every tenant's position of a batch for `lane`, and its
-/// parameter types: lane 0 upserts (tenant, lsn, state) into `progress_table`, lane k > 0
-/// upserts (tenant, k, lsn) into `lanes_table`; a position never moves back.
+/// parameter types: lane 0 upserts (tenant, lsn, state) into `progress_table`, and (tenant,
+/// k, lsn) into `lanes_table` for each lane k in 1..$4 (none when $4 is 1: a commit that
+/// covers only its own lane); lane k > 0 upserts (tenant, k, lsn) into `lanes_table`. A
+/// position never moves back.
 pub(super) fn record_sql(
     lane: usize,
     progress_table: &str,
@@ -205,13 +208,23 @@ pub(super) fn record_sql(
     if lane == 0 {
         (
             format!(
-                "INSERT INTO {progress_table} AS p (tenant, lsn, state) \
+                "WITH others AS (INSERT INTO {lanes_table} AS l (tenant, lane, lsn) \
+                   SELECT u.tenant, g.lane, u.lsn::pg_lsn \
+                     FROM unnest($1::text[], $2::text[]) AS u(tenant, lsn) \
+                    CROSS JOIN generate_series(1, $4::int - 1) AS g(lane) \
+                   ON CONFLICT (tenant, lane) DO UPDATE SET lsn = GREATEST(l.lsn, EXCLUDED.lsn)) \
+                 INSERT INTO {progress_table} AS p (tenant, lsn, state) \
                  SELECT u.tenant, u.lsn::pg_lsn, u.state \
                    FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, lsn, state) \
                  ON CONFLICT (tenant) DO UPDATE SET lsn = GREATEST(p.lsn, EXCLUDED.lsn), \
                    state = COALESCE(EXCLUDED.state, p.state), updated_at = now()"
             ),
-            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
+            &[
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::INT4,
+            ],
         )
     } else {
         (

@@ -856,6 +856,15 @@ impl TargetWriter {
         &self.applied
     }
 
+    /// Raises this lane's positions to `positions`, which lane 0 recorded for it (see
+    /// [`Self::commit_covering`]), so that what it holds in memory is what the target says.
+    pub fn hold_through(&mut self, positions: &BTreeMap<TenantId, Lsn>) {
+        for (tenant, lsn) in positions {
+            let held = self.applied.entry(tenant.clone()).or_insert(*lsn);
+            *held = (*held).max(*lsn);
+        }
+    }
+
     /// Tells the writer where the lanes stopped apart. A crash between the lanes' commits of
     /// one segment leaves, for each tenant of it, some lanes at the segment's end (`hi`) and
     /// the rest before it (`lo`). Replayed, the segment's transactions can be cut into lanes
@@ -947,8 +956,25 @@ impl TargetWriter {
     /// any reason but a lost connection, the batch is replayed change by change, which is
     /// the reference behaviour and names the exact change and tenant that fail.
     pub async fn commit(&mut self, batch: &[SourceTxn]) -> Result<CommitLsn, ApplyError> {
+        self.commit_covering(batch, 1).await
+    }
+
+    /// [`Self::commit`] on lane 0 for all of `lanes` lanes: the commit also records the
+    /// batch's positions as lanes 1..`lanes`' (see [`super::lanes`]: only true when every
+    /// lane committed everything before `batch` and `batch` holds all of its changes).
+    pub async fn commit_covering(
+        &mut self,
+        batch: &[SourceTxn],
+        lanes: usize,
+    ) -> Result<CommitLsn, ApplyError> {
+        if lanes > 1 && self.lane != 0 {
+            return Err(ApplyError::Corrupt(format!(
+                "apply lane {} was asked to record other lanes' positions",
+                self.lane
+            )));
+        }
         if self.compact {
-            match self.apply(batch, true).await {
+            match self.apply(batch, true, lanes).await {
                 Ok(lsn) => {
                     self.stats.compacted += 1;
                     return Ok(lsn);
@@ -960,13 +986,19 @@ impl TargetWriter {
                 }
             }
         }
-        self.apply(batch, false).await
+        self.apply(batch, false, lanes).await
     }
 
-    /// Applies `batch` in one target transaction; a failure leaves no transaction open.
-    async fn apply(&mut self, batch: &[SourceTxn], compact: bool) -> Result<CommitLsn, ApplyError> {
+    /// Applies `batch` in one target transaction, recording its positions for `lanes`
+    /// lanes; a failure leaves no transaction open.
+    async fn apply(
+        &mut self,
+        batch: &[SourceTxn],
+        compact: bool,
+        lanes: usize,
+    ) -> Result<CommitLsn, ApplyError> {
         self.end_open().await?;
-        let applied = self.apply_in_transaction(batch, compact).await;
+        let applied = self.apply_in_transaction(batch, compact, lanes).await;
         if applied.is_err() {
             // The error is what the caller needs; a failed ROLLBACK means a lost
             // connection, which the caller learns from `is_closed`.
@@ -992,6 +1024,7 @@ impl TargetWriter {
         &mut self,
         batch: &[SourceTxn],
         compact: bool,
+        lanes: usize,
     ) -> Result<CommitLsn, ApplyError> {
         let Some(last) = batch.last() else {
             return Ok(CommitLsn::NONE);
@@ -1044,10 +1077,11 @@ impl TargetWriter {
         let lsns: Vec<String> = advanced.values().map(|(l, _)| l.to_string()).collect();
         let states: Vec<Option<&str>> = advanced.values().map(|(_, s)| *s).collect();
         let lane = self.lane as i32;
-        let params: [&(dyn ToSql + Sync); 3] = if self.lane == 0 {
-            [&tenants, &lsns, &states]
+        let covered = lanes.max(1) as i32;
+        let params: &[&(dyn ToSql + Sync)] = if self.lane == 0 {
+            &[&tenants, &lsns, &states, &covered]
         } else {
-            [&tenants, &lsns, &lane]
+            &[&tenants, &lsns, &lane]
         };
         let begun = match begun {
             Some(r) => r,
@@ -1060,7 +1094,7 @@ impl TargetWriter {
         } else {
             // `join` polls in order, and a first poll sends: the record goes out first,
             // then the COMMIT, on the one connection, and the server runs them in order.
-            futures_util::future::join(tx.execute(&record, &params), tx.batch_execute("COMMIT"))
+            futures_util::future::join(tx.execute(&record, params), tx.batch_execute("COMMIT"))
                 .await
         };
         // Answered or not, a COMMIT ends the transaction (a failed record or a failed

@@ -610,6 +610,32 @@ async fn consecutive_chunk_copies_share_one_copy_and_keep_their_place() -> Resul
     Ok(())
 }
 
+/// Three lane writers on a fresh target (nothing recorded yet, so three lanes may be
+/// taken), with keys 1..=40 inserted at 100.. and spread over the lanes by key.
+async fn three_lanes_with_forty_keys(two: &TwoClusters) -> Result<Vec<TargetWriter>> {
+    let mut lanes = Vec::new();
+    for lane in 0..3 {
+        lanes.push(lane_writer(two, lane).await?);
+    }
+    assert_eq!(lanes[0].settle_lanes(3).await?, 3);
+    let inserts: Vec<Work> = (1..=40).map(|i| ins(order(i, "a", Some("big")))).collect();
+    commit_lanes(&mut lanes, txns(100, inserts), &[0, 1, 2]).await?;
+    Ok(lanes)
+}
+
+/// Keys 1..=40 (inserted before): every fourth deleted, the others updated twice.
+fn lane_updates() -> Vec<Work> {
+    (1..=40)
+        .flat_map(|i| {
+            if i % 4 == 0 {
+                vec![del(i)]
+            } else {
+                vec![upd(order(i, "b", None)), upd(order(i, "c", None))]
+            }
+        })
+        .collect()
+}
+
 /// A writer for `lane` of shard2, under the replica role.
 async fn lane_writer(two: &TwoClusters, lane: usize) -> Result<TargetWriter> {
     let mut w = TargetWriter::with_client_lane(
@@ -638,6 +664,7 @@ async fn commit_lanes(
         },
         lanes.len(),
         &Default::default(),
+        0,
     );
     for (lane, (w, share)) in lanes.iter_mut().zip(shares).enumerate() {
         if only.contains(&lane) {
@@ -652,16 +679,7 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
     let d = two.dst.client().await?;
     let seven = TenantId::new("7")?;
-    let mut lanes = Vec::new();
-    for lane in 0..3 {
-        lanes.push(lane_writer(&two, lane).await?);
-    }
-    // Nothing recorded yet: three lanes may be taken.
-    assert_eq!(lanes[0].settle_lanes(3).await?, 3);
-
-    // 40 keys inserted, spread over the lanes by key.
-    let inserts: Vec<Work> = (1..=40).map(|i| ins(order(i, "a", Some("big")))).collect();
-    commit_lanes(&mut lanes, txns(100, inserts), &[0, 1, 2]).await?;
+    let mut lanes = three_lanes_with_forty_keys(&two).await?;
     let per_lane = d
         .query_one("SELECT count(*) FROM switchyard.applied_lanes", &[])
         .await?
@@ -669,18 +687,7 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     assert_eq!(per_lane, 2, "lanes 1 and 2 recorded the tenant");
 
     // The next segment commits on lanes 0 and 1 only, as if the daemon died in between.
-    let updates = || -> Vec<Work> {
-        (1..=40)
-            .flat_map(|i| {
-                if i % 4 == 0 {
-                    vec![del(i)]
-                } else {
-                    vec![upd(order(i, "b", None)), upd(order(i, "c", None))]
-                }
-            })
-            .collect()
-    };
-    commit_lanes(&mut lanes, txns(1000, updates()), &[0, 1]).await?;
+    commit_lanes(&mut lanes, txns(1000, lane_updates()), &[0, 1]).await?;
     let progress = switchyard::apply::progress::read_resume_progress(&d, "switchyard").await?;
     let resume = progress[&seven].lsn;
     assert!(
@@ -697,7 +704,7 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     for lane in 0..3 {
         again.push(lane_writer(&two, lane).await?);
     }
-    commit_lanes(&mut again, txns(1000, updates()), &[0, 1, 2]).await?;
+    commit_lanes(&mut again, txns(1000, lane_updates()), &[0, 1, 2]).await?;
     let notes = rows(
         &d,
         "SELECT note || ':' || count(*) FROM acme.orders GROUP BY note ORDER BY note",
@@ -705,7 +712,10 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     .await?;
     assert_eq!(notes, ["c:30"]);
     let progress = switchyard::apply::progress::read_resume_progress(&d, "switchyard").await?;
-    assert_eq!(progress[&seven].lsn, Lsn(1000 + updates().len() as u64 - 1));
+    assert_eq!(
+        progress[&seven].lsn,
+        Lsn(1000 + lane_updates().len() as u64 - 1)
+    );
 
     // The lanes agree again: a new count takes effect, starting from lane 0's positions.
     assert_eq!(again[0].settle_lanes(2).await?, 2);
@@ -730,6 +740,93 @@ async fn lanes_apply_each_change_once_across_a_crash_between_lanes() -> Result<(
     )
     .await?;
     assert_eq!(notes, ["d:30"]);
+    Ok(())
+}
+
+/// A small segment runs on lane 0 alone, which records it for every lane in its one
+/// commit. A replay after a crash in a spread segment may cut the same transactions
+/// differently (here: all on lane 0), and the replay window still applies what the lane
+/// that died held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_on_lane_zero_records_every_lane_and_a_replay_may_cut_it_differently(
+) -> Result<()> {
+    use switchyard::apply::lanes::{replay_windows, split, Segment, SPREAD_MIN};
+    let two = TwoClusters::start(SCHEMA, &["public.orders"], "acme").await?;
+    let d = two.dst.client().await?;
+    let seven = TenantId::new("7")?;
+    let mut lanes = three_lanes_with_forty_keys(&two).await?;
+
+    // Five one-row transactions: below SPREAD_MIN, so one share, committed by lane 0 for
+    // all three lanes.
+    let small: Vec<Work> = (1..=5).map(|i| upd(order(i, "s", None))).collect();
+    let shares = split(
+        Segment {
+            barrier: false,
+            txns: txns(500, small),
+        },
+        3,
+        &Default::default(),
+        SPREAD_MIN,
+    );
+    assert_eq!(shares.len(), 1);
+    lanes[0].commit_covering(&shares[0], 3).await?;
+    let recorded = rows(
+        &d,
+        "SELECT lane || ':' || lsn FROM switchyard.applied_lanes ORDER BY lane",
+    )
+    .await?;
+    assert_eq!(
+        recorded,
+        ["1:0/1F8", "2:0/1F8"],
+        "lane 0 recorded 504 for lanes 1 and 2"
+    );
+    let progress = switchyard::apply::progress::read_resume_progress(&d, "switchyard").await?;
+    assert_eq!(progress[&seven].lsn, Lsn(504));
+    // Only lane 0 may record other lanes' positions.
+    let refused = lanes[1]
+        .commit_covering(&txns(600, vec![upd(order(1, "x", None))]), 3)
+        .await;
+    assert!(refused.is_err(), "lane 1 recorded for others");
+
+    // A spread segment commits on lanes 0 and 1 only: the daemon died in between.
+    commit_lanes(&mut lanes, txns(1000, lane_updates()), &[0, 1]).await?;
+
+    // The replay batches the same transactions into one segment that does not spread:
+    // lane 0 alone, which holds its own share already. The window makes it apply lane 2's.
+    let mut again = Vec::new();
+    for lane in 0..3 {
+        again.push(lane_writer(&two, lane).await?);
+    }
+    assert_eq!(again[0].settle_lanes(3).await?, 3, "the lanes are apart");
+    let windows = replay_windows(again.iter().map(TargetWriter::applied_positions));
+    assert_eq!(windows.len(), 1, "{windows:?}");
+    for w in again.iter_mut() {
+        w.set_replay_windows(windows.clone());
+    }
+    let replayed = split(
+        Segment {
+            barrier: false,
+            txns: txns(1000, lane_updates()),
+        },
+        3,
+        &Default::default(),
+        usize::MAX,
+    );
+    assert_eq!(replayed.len(), 1);
+    again[0].commit_covering(&replayed[0], 3).await?;
+    let notes = rows(
+        &d,
+        "SELECT note || ':' || count(*) FROM acme.orders GROUP BY note ORDER BY note",
+    )
+    .await?;
+    assert_eq!(notes, ["c:30"]);
+    let end = Lsn(1000 + lane_updates().len() as u64 - 1);
+    let progress = switchyard::apply::progress::read_resume_progress(&d, "switchyard").await?;
+    assert_eq!(
+        progress[&seven].lsn, end,
+        "every lane holds the replayed segment"
+    );
+    assert_eq!(again[0].settle_lanes(2).await?, 2, "the lanes agree again");
     Ok(())
 }
 
