@@ -34,6 +34,7 @@ pub mod reverse;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use crate::cluster::ClusterError;
@@ -514,9 +515,13 @@ async fn mark(
     flusher: &Client,
     token: u64,
 ) -> Result<(), ClusterError> {
-    tx.execute(
+    // Typed: one round trip, where a statement given as text is prepared first (two).
+    tx.execute_typed(
         "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
-        &[&MARKER_PREFIX, &token.to_string()],
+        &[
+            (&MARKER_PREFIX, Type::TEXT),
+            (&token.to_string(), Type::TEXT),
+        ],
     )
     .await
     .map_err(ClusterError::sql("writing the cutover marker"))?;
@@ -567,6 +572,39 @@ impl Pause {
             Err(e.into())
         }
     }
+}
+
+/// The flip as one statement: the route names the target with its version raised, the
+/// fence turns to `moved` with that version (from the commit on, writers at the source are
+/// refused and told where the tenant went), and the move becomes `cut_over` only if it is
+/// still cutting over, with the verification's verdict when one is given ($10). Returns the
+/// route's version and the moves updated (1, or 0 when the move changed meanwhile).
+fn flip_sql(registry: &Registry, registry_schema: &str) -> String {
+    format!(
+        "WITH r AS ( \
+           INSERT INTO {routes} AS r (tenant, location, schema_name) VALUES ($1, $2, $3) \
+           ON CONFLICT (tenant) DO UPDATE SET location = EXCLUDED.location, \
+              schema_name = EXCLUDED.schema_name, version = r.version + 1, updated_at = now() \
+           RETURNING version), \
+         f AS ( \
+           UPDATE {fences} SET state = 'moved', location = $2, schema_name = $3, \
+                  version = (SELECT version FROM r), moved_at = now() \
+            WHERE tenant = $1), \
+         m AS ( \
+           UPDATE {moves} SET state = 'cut_over', last_error = NULL, pause_ms = $5, \
+                  cutover_attempts = $6, cut_over_at = now(), \
+                  cleanup_after = now() + make_interval(secs => $7), updated_at = now(), \
+                  reverse_slot = $8, reverse_from = $9, \
+                  verify_ok = CASE WHEN $10::text IS NULL THEN verify_ok ELSE true END, \
+                  verify_result = COALESCE($10::text, verify_result), \
+                  verified_at = CASE WHEN $10::text IS NULL THEN verified_at ELSE now() END \
+            WHERE id = $4 AND state = 'cutting_over' \
+           RETURNING 1) \
+         SELECT (SELECT version FROM r), (SELECT count(*) FROM m)",
+        routes = registry.table("routes"),
+        fences = format_args!("{}.fences", quote_ident(registry_schema)),
+        moves = registry.table("moves"),
+    )
 }
 
 /// The fenced part: everything from the lock request to the commit.
@@ -632,77 +670,37 @@ async fn fenced(
             }
         }
     }
-    let at_target = cfg.cutover.rollback || !seqs.is_empty();
-    if let Some(aborted) = bound_the_rest(&tx, at_target.then_some(target), &clock, &pause).await? {
-        return Ok(aborted);
-    }
-    // From here on every change of the tenant's tables at the target is an application's
-    // (the move applied all of its own): the reverse stream starts after this position.
-    // The insert position, not `pg_current_wal_lsn()` (the write position): every commit of
-    // the move returned, so its record is inserted, but under `synchronous_commit = off` it
-    // may not be written yet, and a write position before it would hand the move's own last
-    // transactions to the reverse stream as the application's.
-    let reverse_from: Option<String> = if cfg.cutover.rollback {
-        match target
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-        {
-            Ok(row) => Some(row.get(0)),
-            Err(e) => return pause.over(Step::Sequences, sql("reading the target's position")(e)),
-        }
-    } else {
-        None
-    };
-    let reverse_slot = cfg
-        .cutover
-        .rollback
-        .then(|| reverse::slot_name(cfg, &job.mv.target));
-
-    for (src, dst) in &seqs {
-        if let Err(e) = carry_sequence(&tx, src, target, dst).await {
-            return pause.over(Step::Sequences, e);
-        }
-    }
-    if clock.left(pause.elapsed()).is_none() {
+    let Some(left) = clock.left(pause.elapsed()) else {
         return Ok(pause.aborted(
             Step::Sequences,
-            "the pause budget ran out while setting sequences".into(),
+            "the pause budget ran out after the catch-up".into(),
         ));
-    }
-    let route_version = match flip_route(&tx, registry, job).await {
+    };
+    // What is left runs under a statement_timeout of the remaining budget on both sides: a
+    // lock held by someone else (on the routes, a fence row, a target sequence) aborts the
+    // attempt at its step instead of stretching the pause. The setting goes out first; the
+    // statements queue behind it on the session without waiting for its answer.
+    let bound = format!("statement_timeout = '{}ms'", left.as_millis().max(1));
+    let at_target = cfg.cutover.rollback || !seqs.is_empty();
+    let source_bound = format!("SET LOCAL {bound}");
+    let rest = Rest {
+        job,
+        tx: &tx,
+        target,
+        target_bound: at_target.then_some(bound.as_str()),
+        seqs: &seqs,
+        registry,
+        clock: &clock,
+        pause: &pause,
+        verified: verified.as_deref(),
+    };
+    let (bounded, flipped) =
+        futures_util::future::join(tx.batch_execute(&source_bound), rest.flip()).await;
+    bounded.map_err(sql("bounding the cutover's statements"))?;
+    let route_version = match flipped? {
         Ok(version) => version,
-        Err(e) => return pause.over(Step::Flip, e),
+        Err(aborted) => return Ok(aborted),
     };
-    if let Err(e) = close_fence(&tx, job, route_version).await {
-        return pause.over(Step::Flip, e);
-    }
-    let pause_ms = pause.elapsed().as_secs_f64() * 1e3;
-    let cut_over = CutOverRow {
-        pause_ms,
-        reverse_slot,
-        reverse_from,
-    };
-    let n = match record_cut_over(&tx, registry, job, &cut_over).await {
-        Ok(n) => n,
-        Err(e) => return pause.over(Step::Flip, e),
-    };
-    if let Some(summary) = &verified {
-        // Equal at the point the flip is made from: the verification's verdict commits
-        // with the flip.
-        match registry
-            .record_verification(&tx, job.mv.id, true, summary)
-            .await
-        {
-            Ok(()) => {}
-            Err(crate::registry::RegistryError::Cluster(e)) => return pause.over(Step::Flip, e),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if n != 1 {
-        return Err(CutoverError::Conflict(
-            "the move is no longer cutting_over".into(),
-        ));
-    }
     if clock.left(pause.elapsed()).is_none() {
         return Ok(pause.aborted(
             Step::Flip,
@@ -722,36 +720,115 @@ async fn fenced(
     })
 }
 
-/// What is left of an attempt runs under a statement_timeout of the remaining budget on
-/// both sides (`target` if the rest writes there): a lock held by someone else (on the
-/// routes, a fence row, a target sequence) aborts the attempt at its step instead of
-/// stretching the pause. `Some` ends the attempt.
-async fn bound_the_rest(
-    tx: &tokio_postgres::Transaction<'_>,
-    target: Option<&Client>,
-    clock: &policy::Clock,
-    pause: &Pause,
-) -> Result<Option<Outcome>, Error> {
-    let Some(left) = clock.left(pause.elapsed()) else {
-        return Ok(Some(pause.aborted(
-            Step::Sequences,
-            "the pause budget ran out after the catch-up".into(),
-        )));
-    };
-    let bound = format!("statement_timeout = '{}ms'", left.as_millis().max(1));
-    tx.batch_execute(&format!("SET LOCAL {bound}"))
-        .await
-        .map_err(ClusterError::sql("bounding the cutover's statements"))?;
-    if let Some(target) = target {
-        // The attempt's own session: the setting ends with it.
-        target
-            .batch_execute(&format!("SET {bound}"))
-            .await
-            .map_err(ClusterError::sql(
-                "bounding the cutover's statements at the target",
-            ))?;
+/// What an attempt does after its catch-up, inside the pause.
+struct Rest<'a> {
+    job: &'a Job,
+    tx: &'a tokio_postgres::Transaction<'a>,
+    target: &'a Client,
+    /// The statement_timeout the target's statements run under, if any run there.
+    target_bound: Option<&'a str>,
+    seqs: &'a [(QualifiedName, QualifiedName)],
+    registry: &'a Registry,
+    clock: &'a policy::Clock,
+    pause: &'a Pause,
+    /// The verification's summary, when it was settled inside this pause.
+    verified: Option<&'a str>,
+}
+
+impl Rest<'_> {
+    /// The target's position for the reverse stream, the sequences, then the flip. `Ok(Err)`
+    /// ends the attempt (aborted); `Ok(Ok)` is the route's new version.
+    async fn flip(self) -> Result<Result<i64, Outcome>, Error> {
+        let cfg = &self.job.config;
+        let sql = |ctx: &'static str| ClusterError::sql(ctx);
+        let mut reverse_from: Option<String> = None;
+        if let Some(bound) = self.target_bound {
+            // From here on every change of the tenant's tables at the target is an
+            // application's (the move applied all of its own): the reverse stream starts
+            // after this position. The insert position, not `pg_current_wal_lsn()` (the
+            // write position): every commit of the move returned, so its record is
+            // inserted, but under `synchronous_commit = off` it may not be written yet, and
+            // a write position before it would hand the move's own last transactions to the
+            // reverse stream as the application's.
+            let set = format!("SET {bound}");
+            let position = async {
+                if cfg.cutover.rollback {
+                    let sql = "SELECT pg_current_wal_insert_lsn()::text";
+                    Some(self.target.query_typed_one(sql, &[]).await)
+                } else {
+                    None
+                }
+            };
+            let (set, position) =
+                futures_util::future::join(self.target.batch_execute(&set), position).await;
+            set.map_err(sql("bounding the cutover's statements at the target"))?;
+            match position {
+                None => {}
+                Some(Ok(row)) => reverse_from = Some(row.get(0)),
+                Some(Err(e)) => {
+                    return self
+                        .pause
+                        .over(Step::Sequences, sql("reading the target's position")(e))
+                        .map(Err)
+                }
+            }
+        }
+        for (src, dst) in self.seqs {
+            if let Err(e) = carry_sequence(self.tx, src, self.target, dst).await {
+                return self.pause.over(Step::Sequences, e).map(Err);
+            }
+        }
+        if self.clock.left(self.pause.elapsed()).is_none() {
+            return Ok(Err(self.pause.aborted(
+                Step::Sequences,
+                "the pause budget ran out while setting sequences".into(),
+            )));
+        }
+        let mv = &self.job.mv;
+        let pause_ms = self.pause.elapsed().as_secs_f64() * 1e3;
+        let reverse_slot = cfg
+            .cutover
+            .rollback
+            .then(|| reverse::slot_name(cfg, &mv.target));
+        let retention = cfg.cutover.retention.as_secs_f64();
+        // Typed: the statement goes out whole in one round trip; a prepared one would
+        // lock the registry's tables outside the pause, where a lock someone holds is no
+        // abort at the flip's step.
+        let flipped = self
+            .tx
+            .query_typed_one(
+                &flip_sql(self.registry, &cfg.registry_schema),
+                &[
+                    (&mv.tenant.as_str(), Type::TEXT),
+                    (&mv.target.as_str(), Type::TEXT),
+                    (&mv.target_schema, Type::TEXT),
+                    (&mv.id, Type::INT8),
+                    (&pause_ms, Type::FLOAT8),
+                    (&self.job.attempt, Type::INT4),
+                    (&retention, Type::FLOAT8),
+                    (&reverse_slot, Type::TEXT),
+                    (&reverse_from, Type::TEXT),
+                    (&self.verified, Type::TEXT),
+                ],
+            )
+            .await;
+        let row = match flipped {
+            Ok(row) => row,
+            Err(e) => {
+                return self
+                    .pause
+                    .over(Step::Flip, sql("flipping the route")(e))
+                    .map(Err)
+            }
+        };
+        let (version, moved): (i64, i64) = (row.get(0), row.get(1));
+        if moved != 1 {
+            return Err(CutoverError::Conflict(
+                "the move is no longer cutting_over".into(),
+            ));
+        }
+        Ok(Ok(version))
     }
-    Ok(None)
 }
 
 /// What the comparison inside the pause found.
@@ -897,96 +974,6 @@ async fn mark_in_budget(
             pause.aborted(Step::CatchUp, "no time left to catch up".into())
         )),
     }
-}
-
-/// The flip: the tenant's route names the target from the commit on. Returns the route's
-/// new version (the fence and the writers' refusals name it).
-async fn flip_route(
-    tx: &tokio_postgres::Transaction<'_>,
-    registry: &Registry,
-    job: &Job,
-) -> Result<i64, ClusterError> {
-    let row = tx
-        .query_one(
-            &format!(
-                "INSERT INTO {routes} AS r (tenant, location, schema_name) VALUES ($1, $2, $3) \
-                 ON CONFLICT (tenant) DO UPDATE SET location = EXCLUDED.location, \
-                    schema_name = EXCLUDED.schema_name, version = r.version + 1, updated_at = now() \
-                 RETURNING version",
-                routes = registry.table("routes")
-            ),
-            &[
-                &job.mv.tenant.as_str(),
-                &job.mv.target.as_str(),
-                &job.mv.target_schema,
-            ],
-        )
-        .await
-        .map_err(ClusterError::sql("flipping the route"))?;
-    Ok(row.get(0))
-}
-
-/// The fence turns to `moved` in the flip's transaction: from the commit on, writers at the
-/// source are refused and told where the tenant went.
-async fn close_fence(
-    tx: &tokio_postgres::Transaction<'_>,
-    job: &Job,
-    route_version: i64,
-) -> Result<u64, ClusterError> {
-    tx.execute(
-        &format!(
-            "UPDATE {}.fences SET state = 'moved', location = $2, schema_name = $3, version = $4, \
-                    moved_at = now() WHERE tenant = $1",
-            quote_ident(&job.config.registry_schema)
-        ),
-        &[
-            &job.mv.tenant.as_str(),
-            &job.mv.target.as_str(),
-            &job.mv.target_schema,
-            &route_version,
-        ],
-    )
-    .await
-    .map_err(ClusterError::sql("closing the write fence"))
-}
-
-/// What the move's row records of a cutover besides its state.
-struct CutOverRow {
-    pause_ms: f64,
-    /// The reverse stream's slot and the target position it starts after (when rollback
-    /// is on).
-    reverse_slot: Option<String>,
-    reverse_from: Option<String>,
-}
-
-/// The move becomes `cut_over` in the flip's transaction, only if it is still cutting over.
-/// Returns the rows updated (1, or 0 when the move changed meanwhile).
-async fn record_cut_over(
-    tx: &tokio_postgres::Transaction<'_>,
-    registry: &Registry,
-    job: &Job,
-    row: &CutOverRow,
-) -> Result<u64, ClusterError> {
-    tx.execute(
-        &format!(
-            "UPDATE {} SET state = 'cut_over', last_error = NULL, pause_ms = $2, \
-                    cutover_attempts = $3, cut_over_at = now(), \
-                    cleanup_after = now() + make_interval(secs => $4), updated_at = now(), \
-                    reverse_slot = $5, reverse_from = $6 \
-              WHERE id = $1 AND state = 'cutting_over'",
-            registry.table("moves")
-        ),
-        &[
-            &job.mv.id,
-            &row.pause_ms,
-            &job.attempt,
-            &job.config.cutover.retention.as_secs_f64(),
-            &row.reverse_slot,
-            &row.reverse_from,
-        ],
-    )
-    .await
-    .map_err(ClusterError::sql("recording the cutover"))
 }
 
 /// Writes the attempt into the registry; an aborted attempt returns the move to streaming.
