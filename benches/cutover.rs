@@ -14,7 +14,11 @@
 //! Run: `cargo bench --bench cutover` (SWITCHYARD_BENCH_CUTOVERS, default 24, tenants cut
 //! over; SWITCHYARD_BENCH_TPS, default 1000, the offered load, over SWITCHYARD_BENCH_CLIENTS,
 //! default 8, connections; SWITCHYARD_BENCH_BUDGET_MS, default 100, the pause budget;
-//! SWITCHYARD_BENCH_ROLLBACK, default 1, 0 for `rollback = false`: no reverse replication).
+//! SWITCHYARD_BENCH_ROLLBACK, default 1, 0 for `rollback = false`: no reverse replication;
+//! SWITCHYARD_BENCH_WORKLOAD, `orders` by default, or `tpcb`: pgbench's TPC-B tables with the
+//! branch `bid` as the tenant, one branch per tenant, and TPC-B's transaction kept inside one
+//! branch (its account and teller are the branch's), since an application that routes a
+//! tenant writes one tenant per transaction; the branch row is hot).
 //! Prints Markdown; docs/benchmarks.md has the figures.
 
 #[path = "../tests/it/support/mod.rs"]
@@ -75,16 +79,108 @@ async fn reroute(client: &tokio_postgres::Client, routes: &Routes, tenant: i32) 
     Ok(())
 }
 
-/// Client connections writing random tenants at `tps` in total until `stop`.
-async fn load(
-    src: &PgCluster,
+/// What the clients write.
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    /// The bench's own `orders` table (`tenant_id`): an UPDATE and an INSERT.
+    Orders,
+    /// pgbench's tables (`bid`): TPC-B's transaction inside one branch.
+    Tpcb,
+}
+
+impl Workload {
+    fn from_env() -> Result<Workload> {
+        match std::env::var("SWITCHYARD_BENCH_WORKLOAD").as_deref() {
+            Err(_) | Ok("") | Ok("orders") => Ok(Workload::Orders),
+            Ok("tpcb") => Ok(Workload::Tpcb),
+            Ok(other) => anyhow::bail!("SWITCHYARD_BENCH_WORKLOAD={other}: orders or tpcb"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Orders => "orders",
+            Workload::Tpcb => "tpcb",
+        }
+    }
+
+    /// One write transaction of `tenant` at `schema`, from the random draw `x` (`i` is an id
+    /// no other transaction of the run inserts).
+    fn txn(self, schema: &str, tenant: i32, x: u64, i: i64) -> String {
+        match self {
+            Workload::Orders => format!(
+                "BEGIN;
+                 UPDATE \"{schema}\".orders SET amount = amount + 1 WHERE tenant_id = {tenant} AND id = {k};
+                 INSERT INTO \"{schema}\".orders VALUES ({tenant}, {i}, 'w', 1);
+                 COMMIT;",
+                k = x % 2000 + 1,
+            ),
+            Workload::Tpcb => {
+                // pgbench's numbering: 100,000 accounts and 10 tellers per branch.
+                let aid = (tenant as u64 - 1) * 100_000 + x % 100_000 + 1;
+                let tid = (tenant as u64 - 1) * 10 + (x >> 20) % 10 + 1;
+                let delta = (x >> 24) % 10_001;
+                let delta = delta as i64 - 5_000;
+                format!(
+                    "BEGIN;
+                     UPDATE \"{schema}\".pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};
+                     SELECT abalance FROM \"{schema}\".pgbench_accounts WHERE aid = {aid};
+                     UPDATE \"{schema}\".pgbench_tellers SET tbalance = tbalance + {delta} WHERE tid = {tid};
+                     UPDATE \"{schema}\".pgbench_branches SET bbalance = bbalance + {delta} WHERE bid = {tenant};
+                     INSERT INTO \"{schema}\".pgbench_history (tid, bid, aid, delta, mtime)
+                       VALUES ({tid}, {tenant}, {aid}, {delta}, CURRENT_TIMESTAMP);
+                     COMMIT;"
+                )
+            }
+        }
+    }
+
+    /// The moving tenant's own writer's transaction (written back to back).
+    fn hammer_txn(self, schema: &str, tenant: i32, x: u64, i: i64) -> String {
+        match self {
+            Workload::Orders => {
+                format!("INSERT INTO \"{schema}\".orders VALUES ({tenant}, {i}, 'h', 1)")
+            }
+            Workload::Tpcb => self.txn(schema, tenant, x, i),
+        }
+    }
+}
+
+/// The next draw of a xorshift generator: a different tenant or row each time, no extra
+/// dependency.
+fn next_draw(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// The clients' load: what they write, to how many tenants, how fast in total, over how
+/// many connections, following which routes.
+struct Load<'a> {
+    src: &'a PgCluster,
+    workload: Workload,
     tenants: i32,
     tps: u64,
     clients: usize,
     routes: Routes,
+}
+
+/// Client connections writing random tenants at `tps` in total until `stop`.
+async fn load(
+    l: &Load<'_>,
     stop: Arc<AtomicBool>,
     phase: i64,
 ) -> Result<Vec<tokio::task::JoinHandle<Result<Vec<Sample>>>>> {
+    let Load {
+        src,
+        workload,
+        tenants,
+        tps,
+        clients,
+        ..
+    } = *l;
+    let routes = l.routes.clone();
     let mut tasks = Vec::new();
     let per_client = Duration::from_secs_f64(clients as f64 / tps as f64);
     for c in 0..clients {
@@ -101,23 +197,14 @@ async fn load(
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     tokio::time::sleep(wait).await;
                 }
-                // xorshift: a different tenant each time, no extra dependency.
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let tenant = (x % tenants as u64) as i32 + 1;
+                let tenant = (next_draw(&mut x) % tenants as u64) as i32 + 1;
+                let row = next_draw(&mut x);
                 i += 1;
                 let start = now_micros();
                 let t0 = Instant::now();
                 loop {
                     let schema = route_of(&routes, tenant);
-                    let sql = format!(
-                        "BEGIN;
-                         UPDATE \"{schema}\".orders SET amount = amount + 1 WHERE tenant_id = {tenant} AND id = {k};
-                         INSERT INTO \"{schema}\".orders VALUES ({tenant}, {i}, 'w', 1);
-                         COMMIT;",
-                        k = x % 2000 + 1,
-                    );
+                    let sql = workload.txn(&schema, tenant, row, i);
                     match client.batch_execute(&sql).await {
                         Ok(()) => break,
                         Err(e) if e.code().map(|c| c.code()) == Some("SY001") => {
@@ -146,6 +233,7 @@ async fn load(
 /// returns the slowest write in µs (a refused write counts until its retry succeeded).
 async fn hammer(
     src: &PgCluster,
+    workload: Workload,
     tenant: i32,
     routes: Routes,
     stop: Arc<AtomicBool>,
@@ -154,15 +242,19 @@ async fn hammer(
     Ok(tokio::spawn(async move {
         let mut worst = 0i64;
         let mut i: i64 = 9_000_000_000 + tenant as i64 * 1_000_000;
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ tenant as u64;
         while !stop.load(Ordering::Relaxed) {
             i += 1;
+            let row = next_draw(&mut x);
             let t0 = Instant::now();
             loop {
                 let schema = route_of(&routes, tenant);
-                let sql = format!("INSERT INTO \"{schema}\".orders VALUES ({tenant}, {i}, 'h', 1)");
+                let sql = workload.hammer_txn(&schema, tenant, row, i);
                 match client.batch_execute(&sql).await {
                     Ok(()) => break,
                     Err(e) if e.code().map(|c| c.code()) == Some("SY001") => {
+                        // A refused transaction (not a single statement) is still open.
+                        let _ = client.batch_execute("ROLLBACK").await;
                         reroute(&client, &routes, tenant).await?;
                     }
                     Err(e) => return Err(e).context(format!("a write of tenant {tenant}")),
@@ -192,27 +284,38 @@ async fn main() -> Result<()> {
     // Reverse replication (the product's default): every cut-over tenant's writes at its
     // new schema also go back to the old table, through the target's one reverse slot.
     let rollback = env_or("SWITCHYARD_BENCH_ROLLBACK", 1) != 0;
+    let workload = Workload::from_env()?;
     let tenants = cutovers + 8;
     let phase = Duration::from_secs(if bench { 10 } else { 2 });
     let src = PgCluster::start_for_bench()?;
     prepare_target(&src)?;
-    src.psql(&format!(
-        "CREATE TABLE public.orders (tenant_id int NOT NULL, id bigint NOT NULL, note text,
-           amount numeric(12,2), PRIMARY KEY (tenant_id, id));
-         INSERT INTO public.orders SELECT t, g, 'n', 1 FROM generate_series(1, {tenants}) t, generate_series(1, 2000) g;
-         VACUUM ANALYZE public.orders;
-         CREATE PUBLICATION sy_pub FOR TABLE public.orders;
-         GRANT SELECT, TRIGGER ON public.orders TO switchyard;
-         GRANT pg_read_all_stats TO switchyard;"
-    ))?;
-    src.psql(&support::app_owned(&["public"]))?;
+    let tenancy = match workload {
+        Workload::Orders => {
+            src.psql(&format!(
+                "CREATE TABLE public.orders (tenant_id int NOT NULL, id bigint NOT NULL, note text,
+                   amount numeric(12,2), PRIMARY KEY (tenant_id, id));
+                 INSERT INTO public.orders SELECT t, g, 'n', 1 FROM generate_series(1, {tenants}) t, generate_series(1, 2000) g;
+                 VACUUM ANALYZE public.orders;
+                 CREATE PUBLICATION sy_pub FOR TABLE public.orders;
+                 GRANT SELECT, TRIGGER ON public.orders TO switchyard;
+                 GRANT pg_read_all_stats TO switchyard;"
+            ))?;
+            src.psql(&support::app_owned(&["public"]))?;
+            ""
+        }
+        Workload::Tpcb => {
+            // One branch per tenant: pgbench's scale is the tenant count.
+            support::tpcb::init(&src, tenants as u32)?;
+            "[tenancy]\ntenant_column = \"bid\"\n"
+        }
+    };
     let dir = tempfile::tempdir()?;
     let path = write_config(
         dir.path(),
         &src,
         None,
         &format!(
-            "[cutover]\npause_budget_ms = {budget}\nretry_initial_ms = 200\nretry_max_ms = 2000\nrollback = {rollback}\n"
+            "{tenancy}[cutover]\npause_budget_ms = {budget}\nretry_initial_ms = 200\nretry_max_ms = 2000\nrollback = {rollback}\n"
         ),
     )?;
     let s = src.client().await?;
@@ -233,10 +336,18 @@ async fn main() -> Result<()> {
     })
     .await?;
     let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
+    let clients_load = Load {
+        src: &src,
+        workload,
+        tenants,
+        tps,
+        clients,
+        routes: routes.clone(),
+    };
 
     // 1. Baseline: the load alone, no fence trigger on the table yet.
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(&src, tenants, tps, clients, routes.clone(), stop.clone(), 1).await?;
+    let tasks = load(&clients_load, stop.clone(), 1).await?;
     tokio::time::sleep(phase).await;
     stop.store(true, Ordering::Relaxed);
     let before = collect(tasks).await?;
@@ -244,7 +355,7 @@ async fn main() -> Result<()> {
     // 2. Move and cut over `cutovers` tenants (auto mode) under the same load.
     let stop = Arc::new(AtomicBool::new(false));
     let during_from = Instant::now();
-    let tasks = load(&src, tenants, tps, clients, routes.clone(), stop.clone(), 2).await?;
+    let tasks = load(&clients_load, stop.clone(), 2).await?;
     let registry = Registry::new("switchyard")?;
     let target = TargetId::new("local")?;
     let mut ids = Vec::new();
@@ -279,7 +390,14 @@ async fn main() -> Result<()> {
         // The moving tenant's own writer, writing back to back through the cutover: its
         // slowest write (refusal and re-route included) is the pause the tenant saw.
         let hammer_stop = Arc::new(AtomicBool::new(false));
-        let hammer = hammer(&src, n as i32 + 1, routes.clone(), hammer_stop.clone()).await?;
+        let hammer = hammer(
+            &src,
+            workload,
+            n as i32 + 1,
+            routes.clone(),
+            hammer_stop.clone(),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
         s.execute(
             "UPDATE switchyard.moves SET cutover_requested = true WHERE id = $1",
@@ -327,7 +445,7 @@ async fn main() -> Result<()> {
     // 3. After: the same load with the fence triggers installed (moved tenants write at
     // their new schemas; the rest still pass the trigger at the old table).
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(&src, tenants, tps, clients, routes.clone(), stop.clone(), 3).await?;
+    let tasks = load(&clients_load, stop.clone(), 3).await?;
     tokio::time::sleep(phase).await;
     stop.store(true, Ordering::Relaxed);
     let after = collect(tasks).await?;
@@ -381,7 +499,7 @@ async fn main() -> Result<()> {
     let lat = |v: &[Sample]| -> Vec<f64> { v.iter().map(|x| x.micros as f64 / 1e3).collect() };
     let (mut b, mut a) = (lat(&before), lat(&after));
 
-    println!("## Cutover pauses ({cutovers} tenants cut over under {tps} tps offered, {clients} clients, budget {budget} ms, synchronous_commit = {}, rollback = {rollback})\n", support::bench_sync_commit());
+    println!("## Cutover pauses ({} workload, {cutovers} tenants cut over under {tps} tps offered, {clients} clients, budget {budget} ms, synchronous_commit = {}, rollback = {rollback})\n", workload.name(), support::bench_sync_commit());
     println!("| measure | p50 ms | p99 ms | max ms | n |");
     println!("|---|---|---|---|---|");
     let row = |name: &str, v: &mut Vec<f64>| {
@@ -433,6 +551,7 @@ async fn main() -> Result<()> {
     support::report::record(
         "cutover",
         serde_json::json!({
+            "workload": workload.name(),
             "cutovers": cutovers,
             "offered_tps": tps,
             "synchronous_commit": support::bench_sync_commit(),

@@ -78,7 +78,11 @@ fn load(r: &Value) -> String {
     };
     let sync = r["synchronous_commit"].as_str().unwrap_or("on");
     let mut label = format!("{rate}, synchronous_commit = {sync}");
-    if let Some(w) = r["workload"].as_str().filter(|w| *w != "accounts") {
+    // Each bench's own schema is its default workload: only another one is named.
+    if let Some(w) = r["workload"]
+        .as_str()
+        .filter(|w| !matches!(*w, "accounts" | "orders"))
+    {
         label.push_str(&format!(", {w} workload"));
     }
     if r["rollback"].as_bool() == Some(false) {
