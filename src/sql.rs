@@ -97,6 +97,14 @@ pub fn quote_literal(text: &str) -> String {
     out
 }
 
+/// A typed array of literals for contexts that take no bind parameters (a trigger's WHEN,
+/// a publication's row filter): `ARRAY['a', 'b']::element[]`. `element` is a type name as
+/// the server formats it (`format_type`), never user text.
+pub fn typed_array(values: &[String], element: &str) -> String {
+    let items: Vec<String> = values.iter().map(|v| quote_literal(v)).collect();
+    format!("ARRAY[{}]::{element}[]", items.join(", "))
+}
+
 /// A schema-qualified relation name as configured (`schema.table`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QualifiedName {
@@ -177,6 +185,15 @@ fn split_dotted(text: &str) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_arrays_quote_every_value() {
+        let values = ["1".to_string(), "2'x".to_string()];
+        assert_eq!(
+            typed_array(&values, "integer"),
+            "ARRAY['1', '2''x']::integer[]"
+        );
+    }
 
     #[test]
     fn identifiers_are_always_quoted() {

@@ -464,7 +464,7 @@ async fn apply_segment(
             if covers > 1 {
                 let held = batch_tenants(&shares[0]);
                 for w in lanes.writers.iter_mut().skip(1).flatten() {
-                    w.hold_through(&held);
+                    w.hold_through(held.iter().map(|(t, l)| (t.clone(), *l)));
                 }
             }
             // Freeing a segment's changes is ~8 % of the daemon's CPU (perf); the lanes

@@ -481,6 +481,17 @@ fn flush_folds<'a>(
     Ok(())
 }
 
+/// Raises `applied` to `positions` where they are further; a position never moves back.
+fn raise(
+    applied: &mut HashMap<TenantId, Lsn>,
+    positions: impl IntoIterator<Item = (TenantId, Lsn)>,
+) {
+    for (tenant, lsn) in positions {
+        let held = applied.entry(tenant).or_insert(lsn);
+        *held = (*held).max(lsn);
+    }
+}
+
 /// What a batch advances: per tenant, the end of its last transaction in the batch and
 /// the backfill state to record with it.
 type Advanced<'a> = BTreeMap<TenantId, (Lsn, Option<&'a str>)>;
@@ -856,13 +867,11 @@ impl TargetWriter {
         &self.applied
     }
 
-    /// Raises this lane's positions to `positions`, which lane 0 recorded for it (see
-    /// [`Self::commit_covering`]), so that what it holds in memory is what the target says.
-    pub fn hold_through(&mut self, positions: &BTreeMap<TenantId, Lsn>) {
-        for (tenant, lsn) in positions {
-            let held = self.applied.entry(tenant.clone()).or_insert(*lsn);
-            *held = (*held).max(*lsn);
-        }
+    /// Raises this lane's positions to `positions` where they are further: what this lane
+    /// committed, or what lane 0 recorded for it (see [`Self::commit_covering`]), so that
+    /// what it holds in memory is what the target says. A position never moves back.
+    pub fn hold_through(&mut self, positions: impl IntoIterator<Item = (TenantId, Lsn)>) {
+        raise(&mut self.applied, positions);
     }
 
     /// Tells the writer where the lanes stopped apart. A crash between the lanes' commits of
@@ -1103,11 +1112,11 @@ impl TargetWriter {
         committed.map_err(ClusterError::sql("committing a target transaction"))?;
         recorded.map_err(ClusterError::sql("recording the applied position"))?;
         crate::failpoint::hit("apply.after_commit");
-        for (tenant, (lsn, _)) in advanced {
-            // A replayed window can end below what this lane held already.
-            let held = self.applied.entry(tenant).or_insert(lsn);
-            *held = (*held).max(lsn);
-        }
+        // A replayed window can end below what this lane held already.
+        raise(
+            &mut self.applied,
+            advanced.into_iter().map(|(tenant, (lsn, _))| (tenant, lsn)),
+        );
         Ok(last.end)
     }
 

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::cluster::ClusterError;
-use crate::sql::{quote_ident, quote_literal, QualifiedName};
+use crate::sql::{quote_ident, quote_literal, typed_array, QualifiedName};
 use crate::tenant::TenantId;
 
 pub use crate::registry::fences::{ddl, BYPASS_SETTING, LOCK_ARGS, MOVED_SQLSTATE};
@@ -500,9 +500,8 @@ async fn try_gate(
         .await
         .map_err(ClusterError::sql(ctx("listing the tenants of")))?
         .get(0);
-    let items: Vec<String> = values.iter().map(|v| quote_literal(v)).collect();
     let element = if has_eq { type_name.as_str() } else { "text" };
-    let gate = format!("ARRAY[{}]::{element}[]", items.join(", "));
+    let gate = typed_array(&values, element);
     let function = format!("fence_{oid}");
     // The table's function, unless there (the ungated trigger used it too; its owner may
     // be another role of switchyard's, as the registry's own functions may).

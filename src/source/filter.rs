@@ -28,7 +28,7 @@ use tokio_postgres::GenericClient;
 
 use super::SourceError;
 use crate::cluster::ClusterError;
-use crate::sql::{quote_ident, quote_literal, QualifiedName};
+use crate::sql::{quote_ident, typed_array, QualifiedName};
 
 /// Row filters exist from PostgreSQL 15 on.
 const MIN_SERVER_VERSION: i32 = 150_000;
@@ -75,11 +75,10 @@ pub fn set_table_sql(
                     if vals.is_empty() {
                         " WHERE (false)".to_string()
                     } else {
-                        let list: Vec<String> = vals.iter().map(|v| quote_literal(v)).collect();
                         format!(
-                            " WHERE ({} = ANY (ARRAY[{}]::{typ}[]))",
+                            " WHERE ({} = ANY ({}))",
                             quote_ident(&column_of(&t.name)),
-                            list.join(", ")
+                            typed_array(&vals, typ)
                         )
                     }
                 }

@@ -138,15 +138,7 @@ async fn a_tenant_cuts_over_to_another_cluster_under_writes_and_its_old_rows_are
     ensure!(report.ok, "verify before the cutover: {}", report.summary());
     ensure!(report.tables.len() == 3, "{:?}", report.tables);
 
-    let (mv, attempts) =
-        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
-            .await?;
-    ensure!(
-        mv.state.as_str() == "cut_over",
-        "state {} ({:?}); attempts {attempts:?}",
-        mv.state,
-        mv.last_error
-    );
+    let attempts = cut_over(&config, &tenant).await?;
     let last = attempts.last().context("no attempt recorded")?;
     assert_eq!(last.result, "cut_over");
     let pause = last.pause_ms.context("no pause recorded")?;
@@ -1107,6 +1099,24 @@ async fn row_filter(s: &Client, table: &str) -> Result<Option<String>> {
     .get(0))
 }
 
+/// Asks for `tenant`'s cutover and waits for it (2 min at most); fails unless the move ends
+/// `cut_over`. Returns its attempts.
+async fn cut_over(
+    config: &switchyard::config::Config,
+    tenant: &TenantId,
+) -> Result<Vec<switchyard::registry::Attempt>> {
+    let (mv, attempts) =
+        switchyard::cutover::request::cutover_tenant(config, tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(
+        mv.state.as_str() == "cut_over",
+        "state {} ({:?}); attempts {attempts:?}",
+        mv.state,
+        mv.last_error
+    );
+    Ok(attempts)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_carries_only_moving_tenants_and_a_copy_waits_for_older_transactions(
 ) -> Result<()> {
@@ -1175,16 +1185,7 @@ async fn the_stream_carries_only_moving_tenants_and_a_copy_waits_for_older_trans
     ];
     wait_state(&s, id, "streaming", SYNC).await?;
     assert_eq!(row_filter(&s, "countries").await?, None);
-    let tenant = TenantId::new("2")?;
-    let (mv, attempts) =
-        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
-            .await?;
-    ensure!(
-        mv.state.as_str() == "cut_over",
-        "state {} ({:?}); attempts {attempts:?}",
-        mv.state,
-        mv.last_error
-    );
+    cut_over(&config, &TenantId::new("2")?).await?;
     for w in writers {
         let (n, _, _) = w.stop().await?;
         ensure!(n > 0, "a writer wrote nothing");
