@@ -2,18 +2,26 @@
 //!
 //! ```text
 //!   batch ─► segments:  [rows rows rows] [copy+state] [rows rows] …   (in source order)
-//!   a row segment of SPREAD_MIN changes or more
-//!                ─► lane = hash(table, key) % lanes   (every lane commits its share at once)
+//!   a row segment of SPREAD_MIN changes or more, per table:
+//!       more than a lane's fair share of the segment ─► lane = hash(table, key) % lanes
+//!       else (or a table that must stay whole)      ─► the whole table to one lane,
+//!                                                      largest first to the least loaded
+//!       (every lane commits its share at once)
 //!   a barrier, or a smaller row segment
 //!                ─► lane 0 alone, recording every lane's position in its one commit
 //! ```
 //!
 //! Invariants:
-//! - Every change to one row (one replica-identity key of one table) goes to the same lane,
-//!   in source order, so each key's history is applied as the source wrote it. The lane of
-//!   a key depends only on the table, the key bytes and the lane count (FNV-1a, not the
-//!   process's random hasher), so a replay after a crash sends each change where it went
-//!   the first time; each lane then skips what its own progress row says it holds.
+//! - Inside a segment every change to one row (one key of one table) goes to the same lane,
+//!   in source order, so each key's history is applied as the source wrote it. Segments run
+//!   one after another (every lane commits a segment before any starts the next), so a key
+//!   may change lanes between segments. Where a segment's changes went is a function of the
+//!   segment alone (FNV-1a, not the process's random hasher, and ties broken by name).
+//! - A table whose changes fit a lane's fair share goes whole to one lane: the fold then
+//!   makes one statement per table and kind, where spreading a table's three rows over
+//!   three lanes costs three statements (many tenants' small tables at once are the common
+//!   case). A table with more spreads by key so that one hot table does not keep one lane
+//!   busy while the others wait.
 //! - Tables whose rows could conflict across keys (a unique or exclusion index besides the
 //!   primary key) go whole to one lane, so no lane sees a unique value before another lane
 //!   has removed it.
@@ -28,9 +36,9 @@
 //! - A spread segment gives every lane's share every tenant of the segment at the tenant's
 //!   last position in it, even with no work for it, so all lanes record the same positions
 //!   after it commits everywhere. Only a crash in the middle of a spread segment leaves them
-//!   apart, and the lowest one is where a tenant resumes. Which segments spread may differ
-//!   in a replay (it depends on how the stream was batched): the replay window of
-//!   [`super::TargetWriter::set_replay_windows`] covers that.
+//!   apart, and the lowest one is where a tenant resumes. How a replay cuts and places the
+//!   same transactions may differ (it depends on how the stream was batched): the replay
+//!   window of [`super::TargetWriter::set_replay_windows`] covers that.
 //!
 //! Order across lanes is not kept, which is why lanes are used only under
 //! `session_replication_role = replica`, where no trigger or foreign key observes it.
@@ -107,9 +115,45 @@ fn table_hash(table: &QualifiedName) -> Fnv {
     h
 }
 
-/// The lane of one table as a whole.
-pub fn table_lane(table: &QualifiedName, lanes: usize) -> usize {
-    (table_hash(table).0 % lanes.max(1) as u64) as usize
+/// Where a spread segment's changes go, per table: `Some(lane)` for a table that goes whole
+/// to one lane, `None` for one spread by key (see the module's invariants).
+fn placement(
+    segment: &Segment,
+    lanes: usize,
+    whole_table: &HashSet<QualifiedName>,
+) -> HashMap<QualifiedName, Option<usize>> {
+    let mut counts: HashMap<&QualifiedName, usize> = HashMap::new();
+    for w in segment
+        .txns
+        .iter()
+        .flat_map(|t| &t.parts)
+        .flat_map(|(_, w)| w)
+    {
+        if let Work::Row(r) = w {
+            *counts.entry(r.table()).or_default() += 1;
+        }
+    }
+    let fair = counts.values().sum::<usize>().div_ceil(lanes);
+    let mut load = vec![0usize; lanes];
+    let mut out = HashMap::with_capacity(counts.len());
+    let mut whole: Vec<(&QualifiedName, usize)> = Vec::new();
+    for (table, n) in counts {
+        if n > fair && !whole_table.contains(table) {
+            for l in load.iter_mut() {
+                *l += n / lanes;
+            }
+            out.insert(table.clone(), None);
+        } else {
+            whole.push((table, n));
+        }
+    }
+    whole.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    for (table, n) in whole {
+        let lane = (0..lanes).min_by_key(|&l| (load[l], l)).unwrap_or(0);
+        load[lane] += n;
+        out.insert(table.clone(), Some(lane));
+    }
+    out
 }
 
 /// The lane of a row change, by its table and replica-identity key; `None` for operations
@@ -157,7 +201,8 @@ fn changes(segment: &Segment) -> usize {
 /// Splits a segment over `lanes` lanes. A barrier segment, or one of fewer than
 /// `spread_min` changes, goes whole to lane 0: the result is then that one share, and
 /// lane 0's commit records every lane's position. In a row segment each change goes to its
-/// key's lane, or to its table's lane when `whole_table` names the table, inside a copy of
+/// table's lane, or its key's lane for a table spread by key (never one `whole_table`
+/// names; see [`placement`]), inside a copy of
 /// its transaction that holds only that lane's changes (a transaction with none for a lane
 /// is left out of that lane's share). Every lane's share then ends with one empty
 /// transaction per tenant of the segment, at that tenant's last position in it, so every
@@ -172,6 +217,7 @@ pub fn split(
     if segment.barrier || lanes == 1 || changes(&segment) < spread_min {
         return vec![segment.txns];
     }
+    let place = placement(&segment, lanes, whole_table);
     let mut out: Vec<Vec<SourceTxn>> = (0..lanes)
         .map(|_| Vec::with_capacity(segment.txns.len() / lanes + 1))
         .collect();
@@ -190,8 +236,10 @@ pub fn split(
             }
             for w in works {
                 let lane = match &w {
-                    Work::Row(r) if whole_table.contains(r.table()) => table_lane(r.table(), lanes),
-                    Work::Row(r) => row_lane(r, lanes).unwrap_or(0),
+                    Work::Row(r) => match place.get(r.table()) {
+                        Some(Some(lane)) => *lane,
+                        _ => row_lane(r, lanes).unwrap_or(0),
+                    },
                     // Not in a row segment (see is_barrier); lane 0 keeps it safe anyway.
                     _ => 0,
                 };
@@ -381,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_always_lands_on_the_same_lane_in_order() {
+    fn inside_a_segment_a_key_stays_on_one_lane_in_order() {
         let mut txns = Vec::new();
         for i in 0..200u64 {
             let id = (i % 37).to_string();
@@ -448,8 +496,8 @@ mod tests {
             _ => unreachable!(),
         };
         let other = QualifiedName::new("acme", "items").unwrap();
-        // Fixed values: a change of the hash would move keys between lanes across a
-        // restart, so it must be deliberate (and handled like a change of the lane count).
+        // The same lanes in every process: a replay batched as the first run was cuts and
+        // places its changes as the first run did.
         let got: Vec<usize> = (0..8)
             .map(|i| row_lane(&r(orders(), &i.to_string()), 8).unwrap())
             .collect();
@@ -539,10 +587,54 @@ mod tests {
             .iter()
             .map(|s| s.iter().map(|t| t.parts[0].1.len()).sum())
             .collect();
-        let expected = table_lane(&orders(), 3);
-        for (lane, n) in busy.iter().enumerate() {
-            assert_eq!(*n, if lane == expected { 50 } else { 0 }, "{busy:?}");
+        assert_eq!(busy, vec![50, 0, 0], "{busy:?}");
+    }
+
+    #[test]
+    fn small_tables_go_whole_to_the_least_loaded_lane_and_a_big_one_spreads() {
+        // 40 changes of orders, then 10 tables of 4 changes each (tenants' small tables).
+        let mut txns = Vec::new();
+        for i in 0..40u64 {
+            txns.push(txn(
+                i + 1,
+                vec![("acme", vec![upsert(orders(), &i.to_string(), "x")])],
+            ));
         }
+        let small = |n: usize| QualifiedName::new(&format!("t{n}"), "items").unwrap();
+        for n in 0..10 {
+            let works = (0..4)
+                .map(|k| upsert(small(n), &k.to_string(), "y"))
+                .collect();
+            txns.push(txn(100 + n as u64, vec![("acme", works)]));
+        }
+        let lanes = split(
+            Segment {
+                barrier: false,
+                txns,
+            },
+            4,
+            &HashSet::new(),
+            0,
+        );
+        let mut lanes_of: HashMap<QualifiedName, HashSet<usize>> = HashMap::new();
+        let mut load = vec![0; 4];
+        for (lane, share) in lanes.iter().enumerate() {
+            for w in share.iter().flat_map(|t| &t.parts).flat_map(|(_, w)| w) {
+                if let Work::Row(r) = w {
+                    lanes_of.entry(r.table().clone()).or_default().insert(lane);
+                    load[lane] += 1;
+                }
+            }
+        }
+        // 80 changes, a fair share of 20: orders (40) spreads by key over several lanes;
+        // each small table goes whole to one lane, and the lanes end up about even.
+        assert!(lanes_of[&orders()].len() > 1, "{lanes_of:?}");
+        for n in 0..10 {
+            assert_eq!(lanes_of[&small(n)].len(), 1, "t{n} split: {lanes_of:?}");
+        }
+        let (lo, hi) = (load.iter().min().unwrap(), load.iter().max().unwrap());
+        assert!(hi - lo <= 8, "{load:?}");
+        assert_eq!(load.iter().sum::<usize>(), 80);
     }
 
     #[test]

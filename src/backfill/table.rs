@@ -22,7 +22,7 @@ use super::chunk::ChunkTable;
 use super::{BackfillError, Cursor, Key, RekeyPlan, TableCopy, Verdict};
 use crate::apply::writer::RowShape;
 use crate::apply::CopyRows;
-use crate::decode::{Datum, Relation, Tuple};
+use crate::decode::{Datum, Relation, ReplicaIdentity, Tuple};
 use crate::lsn::Lsn;
 use crate::route::RowOp;
 use crate::sql::QualifiedName;
@@ -64,21 +64,64 @@ impl TableMove {
     /// The shape of this table's changes under `rel`'s replica identity: shared by every
     /// change until the relation's layout changes.
     pub fn shape(&mut self, rel: &Relation) -> Arc<RowShape> {
-        let current = self.shape.as_ref().is_some_and(|s| {
-            s.table == self.target
-                && s.identity
-                    .iter()
-                    .copied()
-                    .eq(rel.columns.iter().map(|c| c.is_key()))
-        });
+        let identity = self.identity(rel);
+        let current = self
+            .shape
+            .as_ref()
+            .is_some_and(|s| s.table == self.target && s.identity == identity);
         if !current {
             self.shape = Some(Arc::new(RowShape {
                 table: self.target.clone(),
-                identity: rel.columns.iter().map(|c| c.is_key()).collect(),
+                identity,
                 tenant_column: self.chunk.tenant.as_ref().map(|c| c.0.clone()),
             }));
         }
         Arc::clone(self.shape.as_ref().expect("set above"))
+    }
+
+    /// Whether `rel` is this table under REPLICA IDENTITY FULL with the primary key the
+    /// backfill reads by, at the columns the backfill knows.
+    fn full_with_key(&self, rel: &Relation) -> bool {
+        rel.replica_identity == ReplicaIdentity::Full
+            && !self.chunk.key.is_empty()
+            && rel.columns.len() == self.chunk.columns.len()
+            && self
+                .chunk
+                .key
+                .iter()
+                .all(|&(i, _)| rel.columns[i].name == self.chunk.columns[i])
+    }
+
+    /// The columns that name a row of this table in the stream. pgoutput flags every column
+    /// as key under REPLICA IDENTITY FULL, so where the table has a primary key (which the
+    /// target shares) that key names the row: lanes then spread its rows by key, and a
+    /// change of any other column is not a key change.
+    fn identity(&self, rel: &Relation) -> Vec<bool> {
+        if self.full_with_key(rel) {
+            let mut mask = vec![false; rel.columns.len()];
+            for &(i, _) in &self.chunk.key {
+                mask[i] = true;
+            }
+            mask
+        } else {
+            rel.columns.iter().map(|c| c.is_key()).collect()
+        }
+    }
+
+    /// A routed operation as this table's key sees it. Under REPLICA IDENTITY FULL every
+    /// update sends the old row, and judged by pgoutput's flags (every column) almost every
+    /// update changes the key; one that keeps the primary key is an update of that row,
+    /// which the apply folds and spreads, where a key change runs alone.
+    pub fn settle<'a>(&self, rel: &Relation, op: RowOp<'a>) -> RowOp<'a> {
+        match op {
+            RowOp::Rekey { old, new } if self.full_with_key(rel) => {
+                match (self.key_of(old), self.key_of(new)) {
+                    (Some(o), Some(n)) if o == n => RowOp::Upsert { new, update: true },
+                    _ => RowOp::Rekey { old, new },
+                }
+            }
+            op => op,
+        }
     }
 
     /// Gives up on the chunk in flight: its rows are dropped and its range is read again.
@@ -510,6 +553,77 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &full));
         assert_eq!(full.identity, vec![true, true, true]);
         assert_eq!(first.identity, vec![true, true, false]);
+    }
+
+    #[test]
+    fn under_full_identity_the_primary_key_names_the_row() {
+        use crate::decode::{Column, RelationId, ReplicaIdentity};
+        let mut table = table(TableCopy::new());
+        // What pgoutput sends for REPLICA IDENTITY FULL: every column flagged as key.
+        let rel = |identity| Relation {
+            xid: None,
+            id: RelationId(16400),
+            namespace: "public".into(),
+            name: "orders".into(),
+            replica_identity: identity,
+            columns: ["tenant_id", "id", "note"]
+                .iter()
+                .map(|name| Column {
+                    flags: 1,
+                    name: (*name).into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                })
+                .collect(),
+        };
+        let full = rel(ReplicaIdentity::Full);
+        assert_eq!(table.shape(&full).identity, vec![true, true, false]);
+        let (old, new) = (
+            row(1, Datum::Text("a".into())),
+            row(1, Datum::Text("b".into())),
+        );
+        assert_eq!(
+            table.settle(
+                &full,
+                RowOp::Rekey {
+                    old: &old,
+                    new: &new
+                }
+            ),
+            RowOp::Upsert {
+                new: &new,
+                update: true
+            }
+        );
+        // A real key change stays one, and so does a key the new row does not carry.
+        let moved = row(2, Datum::Text("b".into()));
+        let rekey = RowOp::Rekey {
+            old: &old,
+            new: &moved,
+        };
+        assert_eq!(table.settle(&full, rekey.clone()), rekey);
+        let toast = Tuple(vec![
+            Datum::Text("7".into()),
+            Datum::UnchangedToast,
+            Datum::Null,
+        ]);
+        let rekey = RowOp::Rekey {
+            old: &old,
+            new: &toast,
+        };
+        assert_eq!(table.settle(&full, rekey.clone()), rekey);
+        // Other identities keep pgoutput's flags, and their key changes.
+        let index = rel(ReplicaIdentity::Index);
+        assert_eq!(table.shape(&index).identity, vec![true, true, true]);
+        let rekey = RowOp::Rekey {
+            old: &old,
+            new: &new,
+        };
+        assert_eq!(table.settle(&index, rekey.clone()), rekey);
+        // A layout the backfill does not know (a column added): the flags again.
+        let mut wider = rel(ReplicaIdentity::Full);
+        wider.columns.push(wider.columns[2].clone());
+        assert_eq!(table.shape(&wider).identity, vec![true; 4]);
     }
 
     #[test]

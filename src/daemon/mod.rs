@@ -1115,7 +1115,8 @@ impl Engine {
                     continue;
                 };
                 self.assembler.open()?.touch(&op.tenant);
-                match table.decide(op.op).map_err(|e| Error::Move(e.into())) {
+                let row = table.settle(rel, op.op);
+                match table.decide(row).map_err(|e| Error::Move(e.into())) {
                     Ok(Some(d)) => {
                         let plan = images.plan(&message, &d);
                         planned.push((op.tenant, table.shape(rel), plan));
