@@ -600,7 +600,7 @@ mod tests {
                 vec![("acme", vec![upsert(orders(), &i.to_string(), "x")])],
             ));
         }
-        let small = |n: usize| QualifiedName::new(&format!("t{n}"), "items").unwrap();
+        let small = |n: usize| QualifiedName::new(format!("t{n}"), "items").unwrap();
         for n in 0..10 {
             let works = (0..4)
                 .map(|k| upsert(small(n), &k.to_string(), "y"))
