@@ -11,8 +11,12 @@
 //!   (connection lost, serialization failure, target restarting) are retried with backoff
 //!   on a new connection; the writer re-reads the target's applied positions, so a batch
 //!   that did commit before the connection dropped is not applied twice.
+//! - A batch ends at the transaction a cutover's catch-up waits for ([`Applier::hurry_through`])
+//!   instead of taking all that is queued: the tenant's writers are paused until that
+//!   transaction is reported applied, and a report follows only a whole batch.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,6 +84,23 @@ pub enum ApplyEvent {
 pub struct Applier {
     pub tx: mpsc::UnboundedSender<SourceTxn>,
     pub task: tokio::task::JoinHandle<()>,
+    /// The end of the transaction a cutover's catch-up waits for (0: none).
+    hurry: Arc<AtomicU64>,
+}
+
+impl Applier {
+    /// Ends the batch that reaches `end` (a transaction already handed over) there. A
+    /// position the batches already passed has no effect.
+    pub fn hurry_through(&self, end: Lsn) {
+        self.hurry.store(end.0, Ordering::Relaxed);
+    }
+}
+
+/// Whether a batch from `first` to `last` (ends of its first and last transactions)
+/// reached `hurry` (0: none) and must end: a position before the batch is an earlier
+/// wait's, already answered.
+fn hurried(first: Lsn, last: Lsn, hurry: u64) -> bool {
+    hurry != 0 && first.0 <= hurry && last.0 >= hurry
 }
 
 pub struct ApplierConfig {
@@ -98,12 +119,13 @@ pub fn spawn(
     events: mpsc::UnboundedSender<ApplyEvent>,
 ) -> Applier {
     let (tx, rx) = mpsc::unbounded_channel();
+    let hurry = Arc::new(AtomicU64::new(0));
     let span = tracing::info_span!("apply", target = %cfg.target);
     let task = tokio::spawn(tracing::Instrument::instrument(
-        run(cfg, rx, quarantine, events),
+        run(cfg, rx, quarantine, events, Arc::clone(&hurry)),
         span,
     ));
-    Applier { tx, task }
+    Applier { tx, task, hurry }
 }
 
 /// Each tenant of `batch` with the end of its last transaction there.
@@ -267,6 +289,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<SourceTxn>,
     quarantine: Quarantine,
     events: mpsc::UnboundedSender<ApplyEvent>,
+    hurry: Arc<AtomicU64>,
 ) {
     let mut lanes = Lanes {
         writers: Vec::new(),
@@ -284,8 +307,13 @@ async fn run(
     }
     while let Some(first) = rx.recv().await {
         let mut bytes = first.weight();
+        let start = first.end.lsn();
         let mut batch = vec![first];
         while batch.len() < cfg.max_txns && bytes < cfg.max_bytes {
+            let last = batch.last().map_or(start, |t| t.end.lsn());
+            if hurried(start, last, hurry.load(Ordering::Relaxed)) {
+                break;
+            }
             match rx.try_recv() {
                 Ok(t) => {
                     bytes += t.weight();
@@ -497,5 +525,23 @@ fn fail_tenants(
                 detail: detail.to_owned(),
             },
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_ends_at_the_waited_transaction_and_ignores_a_passed_wait() {
+        // No wait.
+        assert!(!hurried(Lsn(100), Lsn(300), 0));
+        // The waited transaction is not in the batch yet: go on taking more.
+        assert!(!hurried(Lsn(100), Lsn(150), 200));
+        // It is the last one taken: end here.
+        assert!(hurried(Lsn(100), Lsn(200), 200));
+        assert!(hurried(Lsn(200), Lsn(200), 200));
+        // A wait before the batch's start was answered by an earlier batch.
+        assert!(!hurried(Lsn(250), Lsn(400), 200));
     }
 }

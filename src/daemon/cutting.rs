@@ -593,10 +593,19 @@ impl Cutovers {
 
     /// The cutover marker `token` was read: `through(tenant)` is the end of the waiting
     /// tenant's last transaction before it, which its target must hold.
-    pub fn on_marker(&mut self, token: u64, through: impl Fn(&TenantId) -> Lsn) {
+    /// Returns each waiting tenant with the position it now waits for.
+    pub fn on_marker(
+        &mut self,
+        token: u64,
+        through: impl Fn(&TenantId) -> Lsn,
+    ) -> Vec<(TenantId, Lsn)> {
+        let mut set = Vec::new();
         for w in self.waits.iter_mut().filter(|w| w.token == token) {
-            w.through = Some(through(&w.tenant));
+            let at = through(&w.tenant);
+            w.through = Some(at);
+            set.push((w.tenant.clone(), at));
         }
+        set
     }
 
     /// Answers the waits whose marker was read and whose tenant's target `holds` everything
@@ -727,16 +736,17 @@ mod tests {
         c.answer_waits(|_, _| true);
         assert!(answered.try_recv().is_err());
         // Another attempt's marker does not count.
-        c.on_marker(8, |_| Lsn(500));
+        assert!(c.on_marker(8, |_| Lsn(500)).is_empty());
         c.answer_waits(|_, _| true);
         assert!(answered.try_recv().is_err());
-        c.on_marker(7, |t| {
+        let waiting = c.on_marker(7, |t| {
             if *t == tenant("a") {
                 Lsn(500)
             } else {
                 Lsn(900)
             }
         });
+        assert_eq!(waiting, vec![(tenant("a"), Lsn(500))]);
         c.answer_waits(|t, through| *t == tenant("a") && through < Lsn(500));
         assert!(
             answered.try_recv().is_err(),

@@ -1511,9 +1511,19 @@ impl Engine {
     /// tenants queued behind the last of them are not waited for.
     fn on_cutover_marker(&mut self, token: u64) {
         let tenants = &self.tenants;
-        self.cutovers.on_marker(token, |tenant| {
+        let waiting = self.cutovers.on_marker(token, |tenant| {
             tenants.get(tenant).map_or(Lsn::INVALID, |t| t.last_handed)
         });
+        // The paused tenant's last transaction ends its target's next batch, so the answer
+        // does not wait for all that was queued behind it.
+        for (tenant, through) in waiting {
+            let applier = tenants
+                .get(&tenant)
+                .and_then(|t| self.appliers.get(&t.destination.target));
+            if let (Some(a), true) = (applier, through != Lsn::INVALID) {
+                a.hurry_through(through);
+            }
+        }
         self.answer_cutover_waits();
     }
 
