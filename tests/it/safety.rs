@@ -658,8 +658,11 @@ async fn a_row_whose_tenant_is_set_to_null_leaves_the_target() -> Result<()> {
         at_target(s, 4).await? == 1,
         "note 4 is tenant 1's and was copied"
     );
+    // Under full replica identity every column is flagged as key: an update keeping the
+    // primary key is an update of that row, and one changing it moves the row.
     s.batch_execute(
         "UPDATE public.notes SET tenant_id = NULL WHERE id = 4;
+         UPDATE public.notes SET id = 100 WHERE id = 8;
          UPDATE public.notes SET body = 'after' WHERE id = 6;",
     )
     .await?;
@@ -674,6 +677,22 @@ async fn a_row_whose_tenant_is_set_to_null_leaves_the_target() -> Result<()> {
     ensure!(
         at_target(s, 4).await? == 0,
         "the row that left the tenant stayed at its target"
+    );
+    ensure!(
+        at_target(s, 8).await? == 0 && at_target(s, 100).await? == 1,
+        "the row whose key changed is not at its new key only"
+    );
+    let rows: i64 = s
+        .query_one(
+            "SELECT count(*) FROM (SELECT id, tenant_id, body FROM public.notes WHERE tenant_id = 1
+               EXCEPT SELECT id, tenant_id, body FROM t1.notes) d",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        rows == 0,
+        "{rows} of the tenant's notes differ at the target"
     );
     d.daemon.stop().await?;
     Ok(())
