@@ -64,15 +64,15 @@ impl TableMove {
     /// The shape of this table's changes under `rel`'s replica identity: shared by every
     /// change until the relation's layout changes.
     pub fn shape(&mut self, rel: &Relation) -> Arc<RowShape> {
-        let identity = self.identity(rel);
-        let current = self
-            .shape
-            .as_ref()
-            .is_some_and(|s| s.table == self.target && s.identity == identity);
+        // Called for every change: compared in place, collected only when it changed.
+        let full = self.full_with_key(rel);
+        let current = self.shape.as_ref().is_some_and(|s| {
+            s.table == self.target && s.identity.iter().copied().eq(self.identity(rel, full))
+        });
         if !current {
             self.shape = Some(Arc::new(RowShape {
                 table: self.target.clone(),
-                identity,
+                identity: self.identity(rel, full).collect(),
                 tenant_column: self.chunk.tenant.as_ref().map(|c| c.0.clone()),
             }));
         }
@@ -95,17 +95,15 @@ impl TableMove {
     /// The columns that name a row of this table in the stream. pgoutput flags every column
     /// as key under REPLICA IDENTITY FULL, so where the table has a primary key (which the
     /// target shares) that key names the row: lanes then spread its rows by key, and a
-    /// change of any other column is not a key change.
-    fn identity(&self, rel: &Relation) -> Vec<bool> {
-        if self.full_with_key(rel) {
-            let mut mask = vec![false; rel.columns.len()];
-            for &(i, _) in &self.chunk.key {
-                mask[i] = true;
+    /// change of any other column is not a key change. `full` is [`Self::full_with_key`].
+    fn identity<'r>(&'r self, rel: &'r Relation, full: bool) -> impl Iterator<Item = bool> + 'r {
+        rel.columns.iter().enumerate().map(move |(i, c)| {
+            if full {
+                self.chunk.key.iter().any(|&(k, _)| k == i)
+            } else {
+                c.is_key()
             }
-            mask
-        } else {
-            rel.columns.iter().map(|c| c.is_key()).collect()
-        }
+        })
     }
 
     /// A routed operation as this table's key sees it. Under REPLICA IDENTITY FULL every
@@ -521,16 +519,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn changes_share_one_shape_until_the_relation_layout_changes() {
-        use crate::decode::{Column, RelationId, ReplicaIdentity};
-        let mut table = table(TableCopy::new());
-        let rel = |keys: [u8; 3]| Relation {
+    /// `public.orders` (tenant_id, id, note) with these key flags.
+    fn relation(identity: crate::decode::ReplicaIdentity, keys: [u8; 3]) -> Relation {
+        use crate::decode::{Column, RelationId};
+        Relation {
             xid: None,
             id: RelationId(16400),
             namespace: "public".into(),
             name: "orders".into(),
-            replica_identity: ReplicaIdentity::Default,
+            replica_identity: identity,
             columns: ["tenant_id", "id", "note"]
                 .iter()
                 .zip(keys)
@@ -541,7 +538,14 @@ mod tests {
                     type_modifier: -1,
                 })
                 .collect(),
-        };
+        }
+    }
+
+    #[test]
+    fn changes_share_one_shape_until_the_relation_layout_changes() {
+        use crate::decode::ReplicaIdentity;
+        let mut table = table(TableCopy::new());
+        let rel = |keys: [u8; 3]| relation(ReplicaIdentity::Default, keys);
         let first = table.shape(&rel([1, 1, 0]));
         assert_eq!(first.table, QualifiedName::parse("acme.orders").unwrap());
         assert_eq!(first.identity, vec![true, true, false]);
@@ -557,25 +561,10 @@ mod tests {
 
     #[test]
     fn under_full_identity_the_primary_key_names_the_row() {
-        use crate::decode::{Column, RelationId, ReplicaIdentity};
+        use crate::decode::ReplicaIdentity;
         let mut table = table(TableCopy::new());
         // What pgoutput sends for REPLICA IDENTITY FULL: every column flagged as key.
-        let rel = |identity| Relation {
-            xid: None,
-            id: RelationId(16400),
-            namespace: "public".into(),
-            name: "orders".into(),
-            replica_identity: identity,
-            columns: ["tenant_id", "id", "note"]
-                .iter()
-                .map(|name| Column {
-                    flags: 1,
-                    name: (*name).into(),
-                    type_oid: 23,
-                    type_modifier: -1,
-                })
-                .collect(),
-        };
+        let rel = |identity| relation(identity, [1, 1, 1]);
         let full = rel(ReplicaIdentity::Full);
         assert_eq!(table.shape(&full).identity, vec![true, true, false]);
         let (old, new) = (
