@@ -310,18 +310,22 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
 }
 
 /// Runs `sql` with parameters that are all text (the SQL casts them to the column types,
-/// so their types are not inferred from the casts).
+/// so their types are not inferred from the casts). Typed, so it is one round trip: a
+/// prepared statement costs a second one, which inside a cutover's pause the tenant waits
+/// for.
 pub async fn query_text_params(
     client: &tokio_postgres::Client,
     sql: &str,
     params: &[Option<String>],
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_typed(sql, &vec![tokio_postgres::types::Type::TEXT; params.len()])
-        .await?;
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        params.iter().map(|p| p as _).collect();
-    client.query(&statement, &refs).await
+    let typed: Vec<(
+        &(dyn tokio_postgres::types::ToSql + Sync),
+        tokio_postgres::types::Type,
+    )> = params
+        .iter()
+        .map(|p| (p as _, tokio_postgres::types::Type::TEXT))
+        .collect();
+    client.query_typed(sql, &typed).await
 }
 
 /// tokio-postgres prints server errors as just "db error"; operators need the server's own

@@ -5,7 +5,8 @@
 //!                       wait out transactions older than the fence
 //!  attempt (pause):     BEGIN on the source
 //!                       advisory lock EXCLUSIVE on the tenant   lock_timeout = budget / 2
-//!                       marker = pg_logical_emit_message(false, 'switchyard.cutover', token)
+//!                       marker = pg_logical_emit_message(true, 'switchyard.cutover', token),
+//!                                committed by a second session (the lock stays held)
 //!                       wait: the pipeline saw the marker and the target holds everything
 //!                             of the tenant before it          until 9/10 of the budget
 //!                       sequences: target set past the source values
@@ -49,7 +50,8 @@ pub use policy::Step;
 /// What cutover functions fail with.
 type Error = CutoverError;
 
-/// The prefix of the cutover marker (a non-transactional logical message).
+/// The prefix of the cutover marker (a transactional logical message, committed while the
+/// fence is held).
 pub const MARKER_PREFIX: &str = "switchyard.cutover";
 
 /// Errors that stop an attempt, a rollback or an operator's request without a verdict:
@@ -475,7 +477,7 @@ pub(crate) async fn carry_sequence(
 
 /// A statement cut short by the attempt's statement_timeout (57014) or a lock_timeout
 /// (55P03): the budget ran out, which is an abort at that step, not a failure.
-fn over_budget(e: &ClusterError) -> bool {
+pub(crate) fn over_budget(e: &ClusterError) -> bool {
     matches!(e.sqlstate(), Some("57014" | "55P03"))
 }
 
@@ -509,29 +511,25 @@ pub(crate) async fn bound_by_server(
         ))
 }
 
-/// Writes the marker `token` into the WAL from inside the fence's transaction `tx`.
-async fn mark(
-    tx: &tokio_postgres::Transaction<'_>,
-    flusher: &Client,
-    token: u64,
-) -> Result<(), ClusterError> {
+/// Writes the marker `token` into the WAL while the fence is held, from `flusher`, a
+/// session of the fence's cluster other than the fence's own. Its own transaction, so its
+/// commit flushes it (a walsender sends only flushed WAL, and nothing flushes a
+/// non-transactional record on a partly filled page of an idle server; switchyard's
+/// sessions commit durably), in one round trip. It is still after everything the tenant
+/// committed: the fence's lock was granted only once every writer that held the tenant's
+/// shared lock had committed, and no writer of the tenant can commit while it is held.
+async fn mark(flusher: &Client, token: u64) -> Result<(), ClusterError> {
     // Typed: one round trip, where a statement given as text is prepared first (two).
-    tx.execute_typed(
-        "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
-        &[
-            (&MARKER_PREFIX, Type::TEXT),
-            (&token.to_string(), Type::TEXT),
-        ],
-    )
-    .await
-    .map_err(ClusterError::sql("writing the cutover marker"))?;
-    // A walsender sends only flushed WAL, and nothing flushes a non-transactional record
-    // on a partly filled page of an idle server: a committed transaction that wrote WAL
-    // flushes everything before it.
     flusher
-        .batch_execute("SELECT pg_logical_emit_message(true, 'switchyard.flush', '')")
+        .execute_typed(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+            &[
+                (&MARKER_PREFIX, Type::TEXT),
+                (&token.to_string(), Type::TEXT),
+            ],
+        )
         .await
-        .map_err(ClusterError::sql("flushing the cutover marker"))?;
+        .map_err(ClusterError::sql("writing the cutover marker"))?;
     Ok(())
 }
 
@@ -649,27 +647,11 @@ async fn fenced(
     let lock_wait = pause.elapsed();
     crate::failpoint::hit("cutover.after_lock");
 
-    if let Some(aborted) = catch_up(job, &tx, &flusher, pipeline, &clock, &pause).await? {
+    if let Some(aborted) = catch_up(job, &flusher, pipeline, &clock, &pause).await? {
         return Ok(aborted);
     }
     let catch_up = pause.elapsed() - lock_wait;
     crate::failpoint::hit("cutover.after_catch_up");
-    let mut verified = None;
-    if let Some(rows) = &unsettled {
-        match compare_paused(job, &flusher, target, rows, &clock, &pause).await? {
-            Compared::Equal(summary) => verified = Some(summary),
-            Compared::Ended(outcome) => {
-                if let Outcome::Different { summary } = &outcome {
-                    // The attempt's transaction ends here: the writers go on.
-                    drop(tx);
-                    registry
-                        .record_verification(&*source, job.mv.id, false, summary)
-                        .await?;
-                }
-                return Ok(outcome);
-            }
-        }
-    }
     let Some(left) = clock.left(pause.elapsed()) else {
         return Ok(pause.aborted(
             Step::Sequences,
@@ -683,6 +665,13 @@ async fn fenced(
     let bound = format!("statement_timeout = '{}ms'", left.as_millis().max(1));
     let at_target = cfg.cutover.rollback || !seqs.is_empty();
     let source_bound = format!("SET LOCAL {bound}");
+    // Rows that kept changing under verification are compared while the flip goes out in
+    // the same (uncommitted) transaction, which carries the verdict "equal": a difference
+    // rolls the flip back before anything commits, and the tenant waits one round trip
+    // less.
+    let verified = unsettled
+        .as_ref()
+        .map(|rows| equal_summary(count_rows(rows)));
     let rest = Rest {
         job,
         tx: &tx,
@@ -694,8 +683,29 @@ async fn fenced(
         pause: &pause,
         verified: verified.as_deref(),
     };
-    let (bounded, flipped) =
-        futures_util::future::join(tx.batch_execute(&source_bound), rest.flip()).await;
+    let compare = async {
+        match &unsettled {
+            Some(rows) => Some(compare_paused(job, &flusher, target, rows, &clock, &pause).await),
+            None => None,
+        }
+    };
+    let ((bounded, flipped), compared) = futures_util::future::join(
+        futures_util::future::join(tx.batch_execute(&source_bound), rest.flip()),
+        compare,
+    )
+    .await;
+    if let Some(compared) = compared {
+        if let Compared::Ended(outcome) = compared? {
+            // The attempt's transaction, the flip with it, ends here: the writers go on.
+            drop(tx);
+            if let Outcome::Different { summary } = &outcome {
+                registry
+                    .record_verification(&*source, job.mv.id, false, summary)
+                    .await?;
+            }
+            return Ok(outcome);
+        }
+    }
     bounded.map_err(sql("bounding the cutover's statements"))?;
     let route_version = match flipped? {
         Ok(version) => version,
@@ -831,10 +841,21 @@ impl Rest<'_> {
     }
 }
 
+/// The verification's summary when the rows compared inside the pause are equal.
+fn equal_summary(n: usize) -> String {
+    format!(
+        "ok: equal; {n} rows that kept changing under verification equal with the tenant's writes paused"
+    )
+}
+
+fn count_rows(rows: &Unsettled) -> usize {
+    rows.iter().map(|(_, keys)| keys.len()).sum()
+}
+
 /// What the comparison inside the pause found.
 enum Compared {
-    /// The rows are equal; the verification's summary.
-    Equal(String),
+    /// The rows are equal.
+    Equal,
     /// Different for good, or the budget ran out (an abort).
     Ended(Outcome),
 }
@@ -850,7 +871,7 @@ async fn compare_paused(
     clock: &policy::Clock,
     pause: &Pause,
 ) -> Result<Compared, Error> {
-    let n: usize = rows.iter().map(|(_, keys)| keys.len()).sum();
+    let n = count_rows(rows);
     let Some(left) = clock.left(pause.elapsed()) else {
         return Ok(Compared::Ended(pause.aborted(
             Step::Verify,
@@ -858,32 +879,31 @@ async fn compare_paused(
         )));
     };
     let tenant = job.mv.tenant.as_str();
-    let compare = async {
-        let mut different = Vec::new();
-        for (i, keys) in rows {
-            let Some(t) = job.tables.get(*i) else {
-                continue;
-            };
+    // Every table at once: each round trip here is the tenant's wait.
+    let tables = rows.iter().filter_map(|(i, keys)| {
+        let t = job.tables.get(*i)?;
+        Some(async move {
             let still = verify::key_diff(source, target, t, tenant, keys).await?;
-            if !still.is_empty() {
-                different.push(format!(
+            Ok::<_, verify::VerifyError>(still.first().map(|first| {
+                format!(
                     "{} ({} rows differ with the tenant's writes paused, first key {})",
                     t.chunk.source,
                     still.len(),
-                    still[0]
+                    first
                         .iter()
                         .map(crate::backfill::chunk::ChunkTable::key_text)
                         .collect::<Vec<_>>()
                         .join(", ")
-                ));
-            }
-        }
-        Ok::<_, verify::VerifyError>(different)
+                )
+            }))
+        })
+    });
+    let compare = async {
+        let found = futures_util::future::try_join_all(tables).await?;
+        Ok::<_, verify::VerifyError>(found.into_iter().flatten().collect::<Vec<_>>())
     };
     match tokio::time::timeout(left, compare).await {
-        Ok(Ok(different)) if different.is_empty() => Ok(Compared::Equal(format!(
-            "ok: equal; {n} rows that kept changing under verification equal with the tenant's writes paused"
-        ))),
+        Ok(Ok(different)) if different.is_empty() => Ok(Compared::Equal),
         Ok(Ok(different)) => Ok(Compared::Ended(Outcome::Different {
             summary: format!("different: {}", different.join("; ")),
         })),
@@ -903,7 +923,6 @@ async fn compare_paused(
 /// the target holds every change of the tenant before it. `Some` ends the attempt.
 async fn catch_up(
     job: &Job,
-    tx: &tokio_postgres::Transaction<'_>,
     flusher: &Client,
     pipeline: &mpsc::UnboundedSender<CutoverMsg>,
     clock: &policy::Clock,
@@ -924,7 +943,7 @@ async fn catch_up(
             pause.aborted(Step::CatchUp, "the pipeline is stopping".into()),
         ));
     }
-    let wait = match mark_in_budget(tx, flusher, job.token, clock, pause).await? {
+    let wait = match mark_in_budget(flusher, job.token, clock, pause).await? {
         Ok(wait) => wait,
         Err(aborted) => return Ok(Some(aborted)),
     };
@@ -948,18 +967,17 @@ async fn catch_up(
     Ok(None)
 }
 
-/// Writes the marker `token` in the fence's transaction, within the pause budget, and
-/// returns how long the catch-up may then wait for it to be answered (`Err`: the attempt's
+/// Writes the marker `token` while the fence is held ([`mark`]), within the pause budget,
+/// and returns how long the catch-up may then wait for it to be answered (`Err`: the attempt's
 /// end, aborted). Bounded: a source that stops answering must not hold the attempt (the
 /// server ends the fence's session by itself, see `bound_by_server`).
 async fn mark_in_budget(
-    tx: &tokio_postgres::Transaction<'_>,
     flusher: &Client,
     token: u64,
     clock: &policy::Clock,
     pause: &Pause,
 ) -> Result<Result<Duration, Outcome>, Error> {
-    match tokio::time::timeout(clock.budget, mark(tx, flusher, token)).await {
+    match tokio::time::timeout(clock.budget, mark(flusher, token)).await {
         Ok(r) => r?,
         Err(_) => {
             return Ok(Err(pause.aborted(

@@ -2,19 +2,20 @@
 //! the new one, so a rollback loses no write made after the cutover.
 //!
 //! ```text
-//!  at the cutover (before the pause): target gets the fence (armed), the tenant's target
-//!      tables join the target's reverse publication, and the target's one reverse slot is
-//!      created if this is the first cutover onto it; in the pause, the target's WAL
-//!      position P is recorded with the flip
+//!  at the cutover (before the pause): target gets the fence row (armed; its triggers
+//!      come with a rollback), the tenant's target tables join the target's reverse
+//!      publication, and the target's one reverse slot is created if this is the first
+//!      cutover onto it; in the pause, the target's WAL position P is recorded with the flip
 //!  after: one stream per target slot ─► decode ─► by target schema: the member (cut-over
 //!      move) ─► (target table → source table) ─► source, exactly once (a progress row per
 //!      move on the source); a member's transactions ending at or before its P skipped
 //!      (they are the forward apply's own writes)
 //!  rollback (a cutover back, bounded the same way):
-//!      target: advisory lock EXCLUSIVE (tenant) → marker → the reverse stream applied
-//!      everything before it → source sequences past the target's → target fence → moved,
-//!      COMMIT (the target refuses the tenant) → source: route back, fence removed, move →
-//!      rolled_back, COMMIT → its tables leave the publication (the slot goes with the last)
+//!      target: fence triggers installed (before the pause) → advisory lock EXCLUSIVE
+//!      (tenant) → marker → the reverse stream applied everything before it → source
+//!      sequences past the target's → target fence → moved, COMMIT (the target refuses the
+//!      tenant) → source: route back, fence removed, move → rolled_back, COMMIT → its
+//!      tables leave the publication (the slot goes with the last)
 //! ```
 //!
 //! Invariants:
@@ -33,6 +34,12 @@
 //!   "source": at no moment do both places take its writes. If the second commit fails the
 //!   tenant is refused at both places (unavailable, never split) until the rollback is
 //!   retried.
+//! - Until a rollback, writes at the new location pay nothing for its fence: the fence row
+//!   is armed at the cutover (before any application writes there, so every later
+//!   snapshot sees it) and the triggers come with the rollback, before its pause. Creating
+//!   a trigger waits for the table's open writers, so once all are in place every open
+//!   transaction that wrote the tenant there holds its shared lock, and the rollback's
+//!   exclusive lock waits for it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -106,8 +113,11 @@ pub fn target_key(tenant: &TenantId, target_schema: &str) -> TenantId {
 }
 
 /// Prepares reverse replication at the target (outside the pause; idempotent): the fence
-/// (armed, so a rollback can take it), the tenant's target tables in the target's reverse
-/// publication, and the shared slot, created if this is the first.
+/// row (armed, before any application writes there, so every later snapshot sees it), the
+/// tenant's target tables in the target's reverse publication, and the shared slot,
+/// created if this is the first. The fence's triggers are not installed here: until a
+/// rollback every write at the new location would pay a function call and a lock for
+/// nothing; [`rollback`] installs them first ([`install_target_fence`]).
 pub async fn prepare(
     target: &mut Client,
     registry_schema: &str,
@@ -129,18 +139,6 @@ pub async fn prepare(
         ))
         .await
         .map_err(ClusterError::sql("installing the fence at the target"))?;
-    for t in tables {
-        // Every row of the tenant's target tables is the tenant's.
-        fence::install(
-            target,
-            registry_schema,
-            &t.target,
-            &TenantOf::Whole(key.clone()),
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-        )
-        .await?;
-    }
     fence::arm(target, registry_schema, &key).await?;
     let names: Vec<QualifiedName> = tables.iter().map(|t| t.target.clone()).collect();
     with_slot_lock(target, slot, slot_wait, |c| {
@@ -443,7 +441,6 @@ pub(crate) async fn run(
         bypass: None,
         relations: RelationCache::new(),
         works: Vec::new(),
-        in_txn: false,
         pending: Vec::new(),
     };
     apply.refresh().await?;
@@ -459,7 +456,6 @@ pub(crate) async fn run(
             Ok(Some(SourceEvent::Message(r))) => r.message,
             Ok(Some(SourceEvent::Restarted { .. })) => {
                 apply.works.clear();
-                apply.in_txn = false;
                 continue;
             }
             Ok(None) => break Ok(()),
@@ -539,7 +535,6 @@ struct ReverseApply<'a> {
     relations: RelationCache,
     /// The transaction being gathered: (target schema, work).
     works: Vec<(String, Work)>,
-    in_txn: bool,
     pending: Vec<MarkerWait>,
 }
 
@@ -658,7 +653,6 @@ impl ReverseApply<'_> {
         match message {
             Message::Begin(_) => {
                 self.works.clear();
-                self.in_txn = true;
             }
             Message::Relation(rel) => {
                 self.relations.apply(rel.clone());
@@ -667,15 +661,14 @@ impl ReverseApply<'_> {
                 self.rows(message).await?;
             }
             Message::Commit(c) => {
-                self.in_txn = false;
                 let end = c.end();
                 let works = std::mem::take(&mut self.works);
                 self.commit(end, works).await?;
                 stream.mark_applied(end);
             }
-            Message::Message(m) if m.prefix == MARKER_PREFIX && !self.in_txn => {
-                // Everything before the marker is applied (commits are applied in order,
-                // before the next message is read).
+            Message::Message(m) if m.prefix == MARKER_PREFIX => {
+                // Everything before the marker's transaction is applied (commits are
+                // applied in order, before the next message is read).
                 let token: Option<u64> = std::str::from_utf8(&m.content)
                     .ok()
                     .and_then(|t| t.parse().ok());
@@ -826,6 +819,17 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         budget: cfg.cutover.pause_budget,
     };
     let sql = |ctx: &'static str| ClusterError::sql(ctx);
+    if let Err(e) = install_target_fence(&mut target, cfg, &key, &job.tables).await {
+        return if super::over_budget(&e) {
+            Ok(Outcome::Aborted {
+                step: Step::Arm,
+                reason: format!("waited on a lock held by another session: {e}"),
+                pause: None,
+            })
+        } else {
+            Err(e.into())
+        };
+    }
     super::bound_by_server(&target, clock.budget).await?;
     let tx = target
         .transaction()
@@ -839,7 +843,7 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
         ));
     }
     let lock_wait = pause.elapsed();
-    if let Some(aborted) = catch_up(job, &tx, &flusher, &clock, &pause).await? {
+    if let Some(aborted) = catch_up(job, &flusher, &clock, &pause).await? {
         return Ok(aborted);
     }
     let catch_up = pause.elapsed() - lock_wait;
@@ -866,11 +870,36 @@ pub(crate) async fn rollback(job: &RollbackJob) -> Result<Outcome, Error> {
     })
 }
 
+/// Installs the fence's triggers on the tenant's target tables (before the pause;
+/// idempotent). Its row was armed at the cutover, before any application wrote there, so
+/// every snapshot that writes now sees it. Creating a trigger waits for the table's open
+/// writers: once every table has it, each open transaction that wrote the tenant at the
+/// target did so through the trigger and holds the tenant's shared lock, which the
+/// rollback's exclusive lock then waits for.
+async fn install_target_fence(
+    target: &mut Client,
+    cfg: &Config,
+    key: &TenantId,
+    tables: &[FencedTable],
+) -> Result<(), ClusterError> {
+    for t in tables {
+        fence::install(
+            target,
+            &cfg.registry_schema,
+            &t.target,
+            &TenantOf::Whole(key.clone()),
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Inside the pause: waits until the reverse stream applied, at the source, everything
 /// the tenant committed at the target before the marker. `Some` ends the attempt.
 async fn catch_up(
     job: &RollbackJob,
-    tx: &tokio_postgres::Transaction<'_>,
     flusher: &Client,
     clock: &policy::Clock,
     pause: &Pause,
@@ -889,7 +918,7 @@ async fn catch_up(
             "reverse replication is not running".into(),
         )));
     }
-    let wait = match super::mark_in_budget(tx, flusher, job.token, clock, pause).await? {
+    let wait = match super::mark_in_budget(flusher, job.token, clock, pause).await? {
         Ok(wait) => wait,
         Err(aborted) => return Ok(Some(aborted)),
     };

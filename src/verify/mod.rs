@@ -486,22 +486,30 @@ pub async fn key_diff(
     tenant: &str,
     keys: &[Key],
 ) -> Result<Vec<Key>, VerifyError> {
-    let mut still = Vec::new();
-    for part in keys.chunks(1000) {
-        let a = row_hashes(
-            source,
-            t,
-            &row_hash_query(&t.chunk, &t.chunk.source, tenant, None, part),
+    // Every part on both sides at once: inside a cutover's pause each round trip is the
+    // tenant's wait, and the sessions pipeline what they are sent.
+    let parts = keys.chunks(1000).map(|part| async move {
+        let (a, b) = futures_util::future::try_join(
+            row_hashes(
+                source,
+                t,
+                &row_hash_query(&t.chunk, &t.chunk.source, tenant, None, part),
+            ),
+            row_hashes(
+                target,
+                t,
+                &row_hash_query(&t.chunk, &t.target, tenant, None, part),
+            ),
         )
         .await?;
-        let b = row_hashes(
-            target,
-            t,
-            &row_hash_query(&t.chunk, &t.target, tenant, None, part),
-        )
-        .await?;
-        still.extend(differing(&a, &b));
-    }
+        Ok::<_, VerifyError>(differing(&a, &b))
+    });
+    let mut still: Vec<Key> = futures_util::future::try_join_all(parts)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    still.sort();
     Ok(still)
 }
 

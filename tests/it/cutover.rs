@@ -792,6 +792,137 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
     Ok(())
 }
 
+/// How many of switchyard's fence triggers `table` has.
+async fn fence_triggers(c: &Client, table: &str) -> Result<i64> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname LIKE 'switchyard%'",
+        &[&table],
+    )
+    .await?
+    .get(0))
+}
+
+/// Until a rollback the new location pays nothing for its fence (no trigger on the
+/// tenant's tables there); the rollback installs it under an application writing the
+/// tenant at the new location, in transactions that stay open across a gap, and every
+/// write that committed there reaches the old location before the target refuses the
+/// tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_under_writes_at_the_new_location_fences_it_and_loses_none() -> Result<()> {
+    let src = PgCluster::start()?;
+    let dst = PgCluster::start()?;
+    src.psql(&shared_schema(&[1, 2], 300))?;
+    fence_grants(&src)?;
+    src.psql(
+        "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
+         GRANT SET ON PARAMETER session_replication_role TO switchyard;",
+    )?;
+    prepare_target(&dst)?;
+    let Running {
+        config,
+        s,
+        daemon,
+        registry,
+        _dir,
+        ..
+    } = start(
+        &src,
+        Some(&dst),
+        "[cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\n",
+    )
+    .await?;
+    let d = dst.client().await?;
+    let id = request(&s, &registry, "1", "shard2", "t1").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    let tenant = TenantId::new("1")?;
+    let (mv, attempts) =
+        switchyard::cutover::request::cutover_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(mv.state.as_str() == "cut_over", "{mv:?} {attempts:?}");
+    for table in ["t1.orders", "t1.items", "t1.events"] {
+        assert_eq!(
+            fence_triggers(&d, table).await?,
+            0,
+            "{table} before a rollback"
+        );
+    }
+
+    // The application at the new location: each transaction inserts a row, waits with the
+    // table locked for writes, updates another row and commits, until the target refuses.
+    let w = dst.client().await?;
+    let committed = Arc::new(AtomicI64::new(0));
+    let n = committed.clone();
+    let writer = tokio::spawn(async move {
+        let mut i: i64 = 0;
+        loop {
+            i += 1;
+            let first = format!(
+                "BEGIN; INSERT INTO t1.orders (tenant_id, id, note, amount) VALUES (1, {}, 'r{i}', 1)",
+                700_000 + i
+            );
+            let second = format!(
+                "UPDATE t1.orders SET note = 'r{i}' WHERE tenant_id = 1 AND id = {}; COMMIT",
+                i % 300 + 1
+            );
+            let wrote = match w.batch_execute(&first).await {
+                Ok(()) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    w.batch_execute(&second).await
+                }
+                Err(e) => Err(e),
+            };
+            match wrote {
+                Ok(()) => {
+                    n.store(i, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    let _ = w.batch_execute("ROLLBACK").await;
+                    return Ok::<_, anyhow::Error>((i - 1, e.code().map(|c| c.code().to_owned())));
+                }
+            }
+        }
+    });
+    wait_for(
+        "writes at the new location",
+        Duration::from_secs(30),
+        || async { Ok((committed.load(Ordering::SeqCst) >= 20).then_some(())) },
+    )
+    .await?;
+    let (mv, attempts) =
+        switchyard::cutover::request::rollback_tenant(&config, &tenant, Duration::from_secs(120))
+            .await?;
+    ensure!(mv.state.as_str() == "rolled_back", "{mv:?} {attempts:?}");
+    let (written, refused) = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .context("the writer must be refused at the new location after the rollback")???;
+    assert_eq!(refused.as_deref(), Some("SY001"), "refused, not failed");
+    assert!(written >= 20, "{written} transactions");
+    for table in ["t1.orders", "t1.items", "t1.events"] {
+        assert!(
+            fence_triggers(&d, table).await? > 0,
+            "{table} after the rollback"
+        );
+    }
+    // Every transaction that committed at the new location is at the old one, and no other.
+    let back: i64 = s
+        .query_one(
+            "SELECT count(*) FROM public.orders WHERE tenant_id = 1 AND id > 700000",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(back, written);
+    for table in ["orders", "items", "events"] {
+        assert_eq!(
+            digest(&s, &format!("public.{table}"), "WHERE tenant_id = 1").await?,
+            digest(&d, &format!("t1.{table}"), "").await?,
+            "{table}"
+        );
+    }
+    daemon.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_interrupted_by_a_crash_is_reset_and_the_cutover_completes() -> Result<()> {
     let src = PgCluster::start()?;

@@ -281,6 +281,85 @@ async fn hot_rows_under_tpcb_at_full_rate_verify_and_cut_over_with_async_commit(
     hot_rows_verify_and_cut_over(true).await
 }
 
+/// A row different for good among hot rows fails the move inside the pause and flips
+/// nothing. Under TPC-B at full rate the branch row is different at every re-check, so the
+/// rows still different are compared inside the pause, while the flip goes out in the same
+/// transaction; one history row changed at the target (history is insert-only, so nothing
+/// heals it) is different there too: the flip must be rolled back (no route to the target,
+/// no `moved` fence, pgbench never refused) and the move failed with the row named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_different_for_good_among_hot_rows_fails_the_move_and_flips_nothing() -> Result<()> {
+    let (src, dst) = (PgCluster::start()?, PgCluster::start()?);
+    tpcb::init(&src, 2)?;
+    prepare_target(&dst)?;
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &src,
+        Some(&dst),
+        "[tenancy]\ntenant_column = \"bid\"\n\
+         [cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\nverify = true\n",
+    )?;
+    let config = load_config(&path)?;
+    let s = src.client().await?;
+    let d = dst.client().await?;
+    let daemon = InProcess::start(config.clone(), true);
+    registry_ready(&s).await?;
+    let registry = Registry::new("switchyard")?;
+    let load = Load::start(src.port(), 0, 4, 600)?;
+    let id = request(&s, &registry, "1", "shard2", "b1").await?;
+    wait_state(&s, id, "streaming", SYNC).await?;
+    let changed = d
+        .execute(
+            "UPDATE b1.pgbench_history SET delta = delta + 1 \
+              WHERE hid = (SELECT min(hid) FROM b1.pgbench_history)",
+            &[],
+        )
+        .await?;
+    ensure!(changed == 1, "a history row of branch 1 at the target");
+    let (mv, attempts) = switchyard::cutover::request::cutover_tenant(
+        &config,
+        &TenantId::new("1")?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let errors = load.stop()?;
+    ensure!(mv.state.as_str() == "failed", "{mv:?} {attempts:?}");
+    let reason = mv.last_error.clone().unwrap_or_default();
+    ensure!(
+        reason.contains("pgbench_history") && reason.contains("with the tenant's writes paused"),
+        "the difference found inside the pause, named: {reason}"
+    );
+    let route: Option<String> = s
+        .query_opt(
+            "SELECT location FROM switchyard.routes WHERE tenant = '1'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    ensure!(route.as_deref() != Some("shard2"), "route {route:?}");
+    let moved: i64 = s
+        .query_one(
+            "SELECT count(*) FROM switchyard.fences WHERE state = 'moved'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(moved, 0, "no fence turned to moved");
+    let refused: Vec<&String> = errors.iter().filter(|l| l.contains("ERROR")).collect();
+    ensure!(refused.is_empty(), "pgbench was refused: {refused:?}");
+    let different: i64 = s
+        .query_one(
+            "SELECT count(*) FROM switchyard.cutover_attempts WHERE move_id = $1 AND result = 'different'",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    assert_eq!(different, 1, "the attempt is recorded as different");
+    daemon.stop().await?;
+    Ok(())
+}
+
 /// Tenant 1 of the shared schema moved to a schema of the same cluster and cut over, with
 /// the daemon still running.
 async fn cut_over_tenant_one(src: &PgCluster) -> Result<Running> {
