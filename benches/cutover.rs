@@ -7,9 +7,10 @@
 //! Reports, over all cutovers: the tenant's write pause as switchyard measured it (lock
 //! request to commit), the slowest write of the moving tenant during its cutover as a client
 //! writing it back to back saw it (a refused write counts until its re-routed retry
-//! succeeded), other tenants' write latency during the fenced windows against the
-//! latency outside them, attempts and aborts, and the fence trigger's cost for other
-//! tenants (write latency with the triggers installed against before).
+//! succeeded), each cutover's time from request to `cut_over`, other tenants' write latency
+//! during the fenced windows against the latency outside them, attempts and aborts, and the
+//! fence trigger's cost for other tenants (write latency with the triggers installed
+//! against before).
 //!
 //! Run: `cargo bench --bench cutover` (SWITCHYARD_BENCH_CUTOVERS, default 24, tenants cut
 //! over; SWITCHYARD_BENCH_TPS, default 1000, the offered load, over SWITCHYARD_BENCH_CLIENTS,
@@ -386,6 +387,7 @@ async fn main() -> Result<()> {
     // One cutover at a time, as an operator would run them, under the running load.
     let t0 = Instant::now();
     let mut tenant_seen = Vec::new();
+    let mut request_to_cut_over = Vec::new();
     for (n, id) in ids.iter().enumerate() {
         // The moving tenant's own writer, writing back to back through the cutover: its
         // slowest write (refusal and re-route included) is the pause the tenant saw.
@@ -399,6 +401,7 @@ async fn main() -> Result<()> {
         )
         .await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let requested = Instant::now();
         s.execute(
             "UPDATE switchyard.moves SET cutover_requested = true WHERE id = $1",
             &[id],
@@ -431,6 +434,7 @@ async fn main() -> Result<()> {
                 "move {id}: {state} after {attempts} attempts, last error {error:?}"
             )));
         }
+        request_to_cut_over.push(requested.elapsed().as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(50)).await;
         hammer_stop.store(true, Ordering::Relaxed);
         tenant_seen.push(hammer.await?? as f64 / 1e3);
@@ -528,6 +532,10 @@ async fn main() -> Result<()> {
         "other tenants' writes outside the windows (client)",
         &mut others_out,
     );
+    row(
+        "request to cut over, per tenant (verification and aborted attempts included)",
+        &mut request_to_cut_over,
+    );
     row("all writes, before any fence trigger (client)", &mut b);
     row(
         "all writes, fence triggers installed, after (client)",
@@ -561,6 +569,7 @@ async fn main() -> Result<()> {
             "aborted": aborted,
             "pause_ms": summary(&mut pauses),
             "moving_tenant_slowest_write_ms": summary(&mut tenant_seen),
+            "request_to_cut_over_ms": summary(&mut request_to_cut_over),
             "others_in_window_ms": summary(&mut others_in),
             "others_outside_ms": summary(&mut others_out),
             "before_triggers_ms": summary(&mut b),

@@ -32,6 +32,9 @@ struct CatchUpWait {
     /// The end of the last transaction read before the marker, once it was read.
     through: Option<Lsn>,
     reply: oneshot::Sender<()>,
+    /// When the attempt asked, just before it wrote the marker: how long the marker took
+    /// to come back through the stream tells a late stream from a slow apply.
+    asked: Instant,
 }
 
 /// A running reverse stream: one per target slot, while a move cut over onto it has not
@@ -479,6 +482,7 @@ impl Cutovers {
                     tenant,
                     through: None,
                     reply,
+                    asked: Instant::now(),
                 });
                 None
             }
@@ -603,6 +607,7 @@ impl Cutovers {
         for w in self.waits.iter_mut().filter(|w| w.token == token) {
             let at = through(&w.tenant);
             w.through = Some(at);
+            tracing::info!(tenant = %w.tenant, marker_ms = w.asked.elapsed().as_secs_f64() * 1e3, "cutover marker read");
             set.push((w.tenant.clone(), at));
         }
         set
