@@ -623,6 +623,16 @@ async fn a_cancelled_move_removes_what_it_wrote_at_the_target_and_leaves_the_sou
     Ok(())
 }
 
+/// What the reverse apply needs at the source: it writes the tenant's rows back (as the
+/// replica role, like an apply).
+fn rollback_grants(src: &PgCluster) -> Result<()> {
+    src.psql(
+        "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
+         GRANT SET ON PARAMETER session_replication_role TO switchyard;",
+    )?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_brings_writes_made_after_the_cutover_back_to_the_old_location() -> Result<()> {
     rollback_case(false).await
@@ -643,11 +653,7 @@ async fn rollback_case(same_cluster: bool) -> Result<()> {
     let dst = if same_cluster { &src } else { &other };
     src.psql(&shared_schema(&[1, 2], 500))?;
     fence_grants(&src)?;
-    // The reverse apply writes the tenant's rows back (as the replica role, like an apply).
-    src.psql(
-        "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
-         GRANT SET ON PARAMETER session_replication_role TO switchyard;",
-    )?;
+    rollback_grants(&src)?;
     prepare_target(dst)?;
     let Running {
         config,
@@ -813,10 +819,7 @@ async fn a_rollback_under_writes_at_the_new_location_fences_it_and_loses_none() 
     let dst = PgCluster::start()?;
     src.psql(&shared_schema(&[1, 2], 300))?;
     fence_grants(&src)?;
-    src.psql(
-        "GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO switchyard;
-         GRANT SET ON PARAMETER session_replication_role TO switchyard;",
-    )?;
+    rollback_grants(&src)?;
     prepare_target(&dst)?;
     let Running {
         config,

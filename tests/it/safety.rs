@@ -171,17 +171,15 @@ async fn after_a_cutover_under_tpcb_the_reverse_stream_replays_none_of_the_moves
     Ok(())
 }
 
-/// pgbench TPC-B (scale 2) on `src` at `tps` (0: as fast as its clients go) from the start;
-/// branch 1 moved to `dst` (schema `b1`), a few seconds in sync under the load, then cut
-/// over while pgbench still writes (with the daemon's verification if `verify`). pgbench's
-/// clients stop at their first refused write of branch 1: every error it saw must be that
-/// refusal.
-async fn tpcb_branch_one_cut_over(
+/// pgbench TPC-B (scale 2) on `src` at `tps` (0: as fast as its clients go) from the start,
+/// and branch 1 moved to `dst` (schema `b1`) until it is in sync under the load (with the
+/// daemon's verification before a cutover if `verify`).
+async fn tpcb_branch_one_streaming(
     src: &PgCluster,
     dst: &PgCluster,
     verify: bool,
     tps: u32,
-) -> Result<TpcbCutOver> {
+) -> Result<TpcbStreaming> {
     tpcb::init(src, 2)?;
     prepare_target(dst)?;
     let dir = tempfile::tempdir()?;
@@ -204,6 +202,46 @@ async fn tpcb_branch_one_cut_over(
     let load = Load::start(src.port(), tps, 4, 600)?;
     let id = request(&s, &registry, "1", "shard2", "b1").await?;
     wait_state(&s, id, "streaming", SYNC).await?;
+    Ok(TpcbStreaming {
+        config,
+        s,
+        d,
+        id,
+        daemon,
+        load,
+        dir,
+    })
+}
+
+/// Branch 1 in sync under TPC-B, pgbench still running.
+struct TpcbStreaming {
+    config: switchyard::config::Config,
+    s: Client,
+    d: Client,
+    id: i64,
+    daemon: InProcess,
+    load: Load,
+    dir: tempfile::TempDir,
+}
+
+/// [`tpcb_branch_one_streaming`], a few seconds in sync, then cut over while pgbench still
+/// writes. pgbench's clients stop at their first refused write of branch 1: every error it
+/// saw must be that refusal.
+async fn tpcb_branch_one_cut_over(
+    src: &PgCluster,
+    dst: &PgCluster,
+    verify: bool,
+    tps: u32,
+) -> Result<TpcbCutOver> {
+    let TpcbStreaming {
+        config,
+        s,
+        d,
+        id,
+        daemon,
+        load,
+        dir,
+    } = tpcb_branch_one_streaming(src, dst, verify, tps).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let tenant = TenantId::new("1")?;
     let (mv, attempts) =
@@ -290,25 +328,15 @@ async fn hot_rows_under_tpcb_at_full_rate_verify_and_cut_over_with_async_commit(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_different_for_good_among_hot_rows_fails_the_move_and_flips_nothing() -> Result<()> {
     let (src, dst) = (PgCluster::start()?, PgCluster::start()?);
-    tpcb::init(&src, 2)?;
-    prepare_target(&dst)?;
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
-        &src,
-        Some(&dst),
-        "[tenancy]\ntenant_column = \"bid\"\n\
-         [cutover]\npause_budget_ms = 1500\nretry_initial_ms = 200\nverify = true\n",
-    )?;
-    let config = load_config(&path)?;
-    let s = src.client().await?;
-    let d = dst.client().await?;
-    let daemon = InProcess::start(config.clone(), true);
-    registry_ready(&s).await?;
-    let registry = Registry::new("switchyard")?;
-    let load = Load::start(src.port(), 0, 4, 600)?;
-    let id = request(&s, &registry, "1", "shard2", "b1").await?;
-    wait_state(&s, id, "streaming", SYNC).await?;
+    let TpcbStreaming {
+        config,
+        s,
+        d,
+        id,
+        daemon,
+        load,
+        dir: _dir,
+    } = tpcb_branch_one_streaming(&src, &dst, true, 0).await?;
     let changed = d
         .execute(
             "UPDATE b1.pgbench_history SET delta = delta + 1 \
